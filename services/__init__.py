@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode LLM serving: gateway, prefill, decode and kvstore services."""

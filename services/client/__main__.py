@@ -1,0 +1,59 @@
+"""`python -m services.client [--max-tokens N] [--temperature T] [--chat] "PROMPT"`: print the
+generated text as it streams."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+
+import grpc
+
+from services.client import GatewayClient
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.client", description=__doc__)
+    parser.add_argument("prompt", help="text to complete (or the user message with --chat)")
+    parser.add_argument("--address", default=os.environ.get("GATEWAY_ADDRESS", "127.0.0.1:50051"),
+                        help="gateway host:port [env GATEWAY_ADDRESS]")
+    parser.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message with the chat template")
+    parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--usage", action="store_true", help="print token usage at the end (stderr)")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> int:
+    options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, stop=args.stop)
+    messages = None
+    if args.chat:
+        messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
+    async with GatewayClient(args.address) as client:
+        try:
+            async for chunk in client.generate(None if args.chat else args.prompt, messages=messages, **options):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                if chunk.usage and args.usage:
+                    print(f"\n[{chunk.finish_reason}] prompt {chunk.usage.prompt_tokens} + completion "
+                          f"{chunk.usage.completion_tokens} tokens", file=sys.stderr)
+        except grpc.aio.AioRpcError as error:
+            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def main() -> None:
+    sys.exit(asyncio.run(run(parse_args())))
+
+
+if __name__ == "__main__":
+    main()

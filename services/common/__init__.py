@@ -1,0 +1,1 @@
+"""Code every service shares: config, errors, logging, gRPC bootstrap, model runtime, KV codec."""

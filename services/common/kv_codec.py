@@ -1,0 +1,234 @@
+"""The KV chunk codec: how a request's KV cache is cut into chunks, encoded as raw tensor bytes,
+and validated and reassembled on the receiving side.
+
+A transfer is: one KvLayout, chunks 0..n-1 in index order, one KvEnd. Chunks run layer group
+first, then token range, so the prefill can send a layer group as soon as its forward pass
+finished those layers. Domain objects here; `kv_wire` converts them to and from protobuf.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import KvCorrupted, KvProtocolError, ModelMismatch
+from services.common.runtime import DTYPES, ModelGeometry
+
+RAW_ENCODING = "raw"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkSpan:
+    """Layers [layer_start, layer_end) x tokens [token_start, token_end)."""
+
+    layer_start: int
+    layer_end: int
+    token_start: int
+    token_end: int
+
+
+@dataclass(frozen=True, slots=True)
+class KvLayout:
+    """The whole KV cache of one request and how it is cut into chunks."""
+
+    request_id: str
+    model_fingerprint: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    num_tokens: int
+    chunk_tokens: int
+    chunk_layers: int
+    dtype: str
+    encoding: str = RAW_ENCODING
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers"):
+            if getattr(self, name) <= 0:
+                raise KvProtocolError(f"KV layout {name} must be > 0, got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise KvProtocolError(f"KV layout dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.encoding != RAW_ENCODING:
+            raise KvProtocolError(f"KV encoding {self.encoding!r} is not supported")
+
+    @property
+    def token_chunks(self) -> int:
+        return math.ceil(self.num_tokens / self.chunk_tokens)
+
+    @property
+    def layer_groups(self) -> int:
+        return math.ceil(self.num_layers / self.chunk_layers)
+
+    @property
+    def chunk_count(self) -> int:
+        return self.token_chunks * self.layer_groups
+
+    def span(self, index: int) -> ChunkSpan:
+        group, token_chunk = divmod(index, self.token_chunks)
+        layer_start, token_start = group * self.chunk_layers, token_chunk * self.chunk_tokens
+        return ChunkSpan(layer_start, min(layer_start + self.chunk_layers, self.num_layers),
+                         token_start, min(token_start + self.chunk_tokens, self.num_tokens))
+
+    def shape(self, span: ChunkSpan) -> tuple[int, int, int, int, int]:
+        return (span.layer_end - span.layer_start, 2, self.num_kv_heads,
+                span.token_end - span.token_start, self.head_dim)
+
+    def group_chunks(self, group: int) -> range:
+        """Chunk indices of one layer group."""
+        return range(group * self.token_chunks, (group + 1) * self.token_chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class KvChunk:
+    request_id: str
+    model_fingerprint: str
+    index: int
+    span: ChunkSpan
+    dtype: str
+    encoding: str
+    shape: tuple[int, ...]
+    byte_length: int
+    crc32: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class KvEnd:
+    request_id: str
+    chunk_count: int
+    first_token: int
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor in C order (works for bfloat16 too)."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch.Tensor) -> KvChunk:
+    """Chunk `index` from the layer group's keys and values, each [layers, kv_heads, tokens, head_dim]
+    covering all tokens of the group's layers."""
+    span = layout.span(index)
+    tokens = slice(span.token_start, span.token_end)
+    data = tensor_bytes(torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1))
+    return KvChunk(layout.request_id, layout.model_fingerprint, index, span, layout.dtype, layout.encoding,
+                   layout.shape(span), len(data), zlib.crc32(data), data)
+
+
+@dataclass(frozen=True, slots=True)
+class AssembledKv:
+    """A complete, verified KV cache: keys and values are [layers, kv_heads, tokens, head_dim]."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    first_token: int
+    byte_count: int
+
+
+class KvAssembler:
+    """Validates one request's transfer message by message and assembles the KV cache.
+
+    Raises KvProtocolError (malformed, out of order, duplicate, mis-shaped, oversized),
+    ModelMismatch (another model's KV) or KvCorrupted (checksum, missing chunks).
+    """
+
+    def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, max_chunk_bytes: int) -> None:
+        self._request_id = request_id
+        self._geometry = geometry
+        self._num_tokens = num_tokens
+        self._max_chunk_bytes = max_chunk_bytes
+        self._layout: KvLayout | None = None
+        self._keys = self._values = torch.empty(0)
+        self.next_index = 0
+        self.bytes_received = 0
+
+    def accept_layout(self, layout: KvLayout) -> None:
+        if self._layout is not None:
+            raise KvProtocolError("KV layout sent twice")
+        self._check_request(layout.request_id)
+        self._check_model(layout.model_fingerprint)
+        geometry = self._geometry
+        expected = (geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.dtype)
+        if (layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype) != expected:
+            raise ModelMismatch(f"KV layout (layers, kv_heads, head_dim, dtype) "
+                                f"{(layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.dtype)} "
+                                f"does not match this worker's {expected}")
+        if layout.num_tokens != self._num_tokens:
+            raise KvProtocolError(f"KV layout covers {layout.num_tokens} tokens, the prompt has {self._num_tokens}")
+        size = (geometry.num_layers, geometry.num_kv_heads, layout.num_tokens, geometry.head_dim)
+        self._keys = torch.empty(size, dtype=DTYPES[layout.dtype])
+        self._values = torch.empty(size, dtype=DTYPES[layout.dtype])
+        self._layout = layout
+
+    def accept_chunk(self, chunk: KvChunk) -> None:
+        layout = self._require_layout()
+        self._check_request(chunk.request_id)
+        self._check_model(chunk.model_fingerprint)
+        self._check_position(layout, chunk.index)
+        span, shape = layout.span(chunk.index), layout.shape(layout.span(chunk.index))
+        if chunk.span != span:
+            raise KvProtocolError(f"KV chunk {chunk.index} covers {chunk.span}, expected {span}")
+        if (chunk.dtype, chunk.encoding) != (layout.dtype, layout.encoding):
+            raise KvProtocolError(f"KV chunk {chunk.index} is {chunk.dtype}/{chunk.encoding}, "
+                                  f"expected {layout.dtype}/{layout.encoding}")
+        if chunk.shape != shape:
+            raise KvProtocolError(f"KV chunk {chunk.index} has shape {list(chunk.shape)}, expected {list(shape)}")
+        if chunk.byte_length > self._max_chunk_bytes:
+            raise KvProtocolError(f"KV chunk {chunk.index} is {chunk.byte_length} bytes, "
+                                  f"over the {self._max_chunk_bytes}-byte limit")
+        expected_bytes = math.prod(shape) * DTYPES[layout.dtype].itemsize
+        if not chunk.byte_length == len(chunk.data) == expected_bytes:
+            raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
+                                  f"{chunk.byte_length}), its shape needs {expected_bytes}")
+        if zlib.crc32(chunk.data) != chunk.crc32:
+            raise KvCorrupted(f"KV chunk {chunk.index} fails its CRC-32 check")
+        self._store(chunk, span, shape)
+
+    def _store(self, chunk: KvChunk, span: ChunkSpan, shape: tuple[int, ...]) -> None:
+        with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(shape)
+        layers, tokens = slice(span.layer_start, span.layer_end), slice(span.token_start, span.token_end)
+        self._keys[layers, :, tokens] = tensor[:, 0]
+        self._values[layers, :, tokens] = tensor[:, 1]
+        self.next_index += 1
+        self.bytes_received += chunk.byte_length
+
+    def finish(self, end: KvEnd) -> AssembledKv:
+        layout = self._require_layout()
+        self._check_request(end.request_id)
+        if end.chunk_count != layout.chunk_count:
+            raise KvProtocolError(f"KV end declares {end.chunk_count} chunks, the layout has {layout.chunk_count}")
+        self.check_complete()
+        return AssembledKv(self._keys, self._values, end.first_token, self.bytes_received)
+
+    def check_complete(self) -> None:
+        layout = self._require_layout()
+        if self.next_index != layout.chunk_count:
+            raise KvCorrupted(f"KV incomplete: received {self.next_index} of {layout.chunk_count} chunks")
+
+    def _require_layout(self) -> KvLayout:
+        if self._layout is None:
+            raise KvProtocolError("KV transfer must start with a layout")
+        return self._layout
+
+    def _check_request(self, request_id: str) -> None:
+        if request_id != self._request_id:
+            raise KvProtocolError(f"KV message for request {request_id!r} in the transfer of {self._request_id!r}")
+
+    def _check_model(self, fingerprint: str) -> None:
+        if fingerprint != self._geometry.fingerprint:
+            raise ModelMismatch(f"KV computed by model {fingerprint!r}, this worker serves "
+                                f"{self._geometry.fingerprint!r}")
+
+    def _check_position(self, layout: KvLayout, index: int) -> None:
+        if index >= layout.chunk_count:
+            raise KvProtocolError(f"KV chunk index {index} is out of range (layout has {layout.chunk_count})")
+        if index < self.next_index:
+            raise KvProtocolError(f"KV chunk {index} is a duplicate")
+        if index > self.next_index:
+            raise KvProtocolError(f"KV chunk {index} arrived before chunk {self.next_index}: "
+                                  "chunks must arrive in index order")

@@ -1,0 +1,98 @@
+"""Conversion between the KV codec's domain objects and their protobuf messages, and the keys
+under which a transfer is stored in the kvstore."""
+
+from __future__ import annotations
+
+from services.common.errors import KvProtocolError
+from services.common.kv_codec import ChunkSpan, KvChunk, KvEnd, KvLayout
+from services.common.pb import kv_pb2
+
+_DTYPE_TO_PB = {"float32": kv_pb2.KV_DTYPE_FLOAT32, "bfloat16": kv_pb2.KV_DTYPE_BFLOAT16,
+                "float16": kv_pb2.KV_DTYPE_FLOAT16}
+_DTYPE_FROM_PB = {value: key for key, value in _DTYPE_TO_PB.items()}
+_ENCODING_TO_PB = {"raw": kv_pb2.KV_ENCODING_RAW}
+_ENCODING_FROM_PB = {value: key for key, value in _ENCODING_TO_PB.items()}
+
+KvMessage = KvLayout | KvChunk | KvEnd
+
+
+def _dtype(value: int) -> str:
+    if value not in _DTYPE_FROM_PB:
+        raise KvProtocolError(f"unknown KV dtype {value}")
+    return _DTYPE_FROM_PB[value]
+
+
+def _encoding(value: int) -> str:
+    if value not in _ENCODING_FROM_PB:
+        raise KvProtocolError(f"unknown KV encoding {value}")
+    return _ENCODING_FROM_PB[value]
+
+
+def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
+    if isinstance(message, KvLayout):
+        return kv_pb2.KvTransferMessage(layout=kv_pb2.KvLayout(
+            request_id=message.request_id, model_fingerprint=message.model_fingerprint,
+            num_layers=message.num_layers, num_kv_heads=message.num_kv_heads, head_dim=message.head_dim,
+            num_tokens=message.num_tokens, chunk_tokens=message.chunk_tokens, chunk_layers=message.chunk_layers,
+            dtype=_DTYPE_TO_PB[message.dtype], encoding=_ENCODING_TO_PB[message.encoding]))
+    if isinstance(message, KvChunk):
+        span = message.span
+        return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
+            request_id=message.request_id, model_fingerprint=message.model_fingerprint, index=message.index,
+            layer_start=span.layer_start, layer_end=span.layer_end, token_start=span.token_start,
+            token_end=span.token_end, dtype=_DTYPE_TO_PB[message.dtype],
+            encoding=_ENCODING_TO_PB[message.encoding], shape=message.shape,
+            byte_length=message.byte_length, crc32=message.crc32, data=message.data))
+    return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
+        request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token))
+
+
+def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
+    kind = message.WhichOneof("kind")
+    if kind == "layout":
+        m = message.layout
+        return KvLayout(m.request_id, m.model_fingerprint, m.num_layers, m.num_kv_heads, m.head_dim,
+                        m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding))
+    if kind == "chunk":
+        c = message.chunk
+        span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
+        return KvChunk(c.request_id, c.model_fingerprint, c.index, span, _dtype(c.dtype), _encoding(c.encoding),
+                       tuple(c.shape), c.byte_length, c.crc32, c.data)
+    if kind == "end":
+        e = message.end
+        return KvEnd(e.request_id, e.chunk_count, e.first_token)
+    raise KvProtocolError("empty KV transfer message")
+
+
+def parse_stored(value: bytes) -> KvMessage:
+    """A transfer message read back from the kvstore (protobuf parsing only, never unpickling)."""
+    message = kv_pb2.KvTransferMessage()
+    try:
+        message.ParseFromString(value)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError subclasses
+        raise KvProtocolError(f"stored KV message does not parse: {exc}") from exc
+    return from_pb(message)
+
+
+def transfer_prefix(request_id: str) -> str:
+    return f"kv/{request_id}/"
+
+
+def layout_key(request_id: str) -> str:
+    return f"{transfer_prefix(request_id)}layout"
+
+
+def chunk_key(request_id: str, index: int) -> str:
+    return f"{transfer_prefix(request_id)}chunk/{index}"
+
+
+def end_key(request_id: str) -> str:
+    return f"{transfer_prefix(request_id)}end"
+
+
+def key_of(message: KvMessage) -> str:
+    if isinstance(message, KvLayout):
+        return layout_key(message.request_id)
+    if isinstance(message, KvChunk):
+        return chunk_key(message.request_id, message.index)
+    return end_key(message.request_id)

@@ -1,0 +1,83 @@
+from services.common.pb import common_pb2 as _common_pb2
+from services.common.pb import kv_pb2 as _kv_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KvSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_SOURCE_UNSPECIFIED: _ClassVar[KvSource]
+    KV_SOURCE_DIRECT: _ClassVar[KvSource]
+    KV_SOURCE_KVSTORE: _ClassVar[KvSource]
+KV_SOURCE_UNSPECIFIED: KvSource
+KV_SOURCE_DIRECT: KvSource
+KV_SOURCE_KVSTORE: KvSource
+
+class DecodeRequest(_message.Message):
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: _common_pb2.SamplingParams
+    kv_source: KvSource
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ...) -> None: ...
+
+class Accepted(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DecodeToken(_message.Message):
+    __slots__ = ("token_id", "index")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    index: int
+    def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
+
+class DecodeFinished(_message.Message):
+    __slots__ = ("reason", "completion_tokens")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    reason: _common_pb2.FinishReason
+    completion_tokens: int
+    def __init__(self, reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+
+class DecodeEvent(_message.Message):
+    __slots__ = ("accepted", "token", "finished")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    accepted: Accepted
+    token: DecodeToken
+    finished: DecodeFinished
+    def __init__(self, accepted: _Optional[_Union[Accepted, _Mapping]] = ..., token: _Optional[_Union[DecodeToken, _Mapping]] = ..., finished: _Optional[_Union[DecodeFinished, _Mapping]] = ...) -> None: ...
+
+class TransferKvReply(_message.Message):
+    __slots__ = ("bytes_received", "chunks_received")
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    chunks_received: int
+    def __init__(self, bytes_received: _Optional[int] = ..., chunks_received: _Optional[int] = ...) -> None: ...
+
+class DecodeStats(_message.Message):
+    __slots__ = ("active_requests", "awaiting_kv", "kv_bytes_held", "requests_total", "model")
+    ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_KV_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    active_requests: int
+    awaiting_kv: int
+    kv_bytes_held: int
+    requests_total: int
+    model: _common_pb2.ModelInfo
+    def __init__(self, active_requests: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,131 @@
+"""The model runtime both workers use: load a checkpoint, run a prompt forward pass that hands
+out each layer's KV as soon as the layer is done, and run decode steps over an assembled cache.
+
+Every method here is synchronous and meant for one model thread; the services call it through
+an executor so the asyncio loop never blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+from services.common.model_files import resolve_model_dir, weights_digest  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                                   "float16": torch.float16}
+
+# Called from the model thread with (layer index, keys, values); tensors are [kv_heads, tokens, head_dim].
+LayerKvCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelGeometry:
+    """What a KV cache of this model looks like, and the model's identity."""
+
+    name: str
+    fingerprint: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
+
+
+def read_geometry(model_dir: Path, name: str, dtype: str) -> ModelGeometry:
+    """Geometry and fingerprint from the checkpoint's config and weights, without loading it."""
+    config = AutoConfig.from_pretrained(model_dir)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    eos = config.eos_token_id
+    eos_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    identity = {"architectures": config.architectures, "model_type": config.model_type,
+                "weights_sha256": weights_digest(model_dir), "dtype": dtype,
+                "kv_layout": [config.num_hidden_layers, kv_heads, head_dim]}
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return ModelGeometry(name=name, fingerprint=fingerprint, dtype=dtype,
+                         num_layers=config.num_hidden_layers, num_kv_heads=kv_heads,
+                         head_dim=head_dim, max_model_len=config.max_position_embeddings,
+                         eos_token_ids=eos_ids)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class ModelRuntime:
+    """One loaded causal LM."""
+
+    def __init__(self, model: str, dtype: str, device: str, cache_dir: Path) -> None:
+        model_dir = resolve_model_dir(model, cache_dir)
+        self.geometry = read_geometry(model_dir, model, dtype)
+        self.device = resolve_device(device)
+        log.info("loading %s (%s) on %s", model_dir, dtype, self.device)
+        self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device)
+        self._model.eval()
+        self._layers = self._model.model.layers
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], on_layer: LayerKvCallback) -> torch.Tensor:
+        """Forward the whole prompt; call `on_layer` as each layer's KV is ready. Returns the
+        last position's logits (float32, on CPU)."""
+        cache = DynamicCache(config=self._model.config)
+        hooks = [layer.register_forward_hook(self._layer_hook(index, cache, on_layer))
+                 for index, layer in enumerate(self._layers)]
+        try:
+            ids = torch.tensor([token_ids], device=self.device)
+            logits = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return logits[0, -1].float().cpu()
+
+    @staticmethod
+    def _layer_hook(index: int, cache: DynamicCache, on_layer: LayerKvCallback) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            layer = cache.layers[index]
+            on_layer(index, layer.keys[0], layer.values[0])
+        return hook
+
+    def build_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
+        """A cache from assembled KV: keys and values are [layers, kv_heads, tokens, head_dim]."""
+        cache = DynamicCache(config=self._model.config)
+        for index in range(keys.shape[0]):
+            cache.update(keys[index : index + 1].to(self.device), values[index : index + 1].to(self.device), index)
+        return cache
+
+    @torch.inference_mode()
+    def decode_step(self, cache: DynamicCache, token_id: int) -> torch.Tensor:
+        """Append one token to `cache` and return the next token's logits (float32, CPU)."""
+        ids = torch.tensor([[token_id]], device=self.device)
+        logits = self._model(input_ids=ids, cache=cache, use_cache=True).logits
+        return logits[0, -1].float().cpu()
+
+    @torch.inference_mode()
+    def reference_generate(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Hugging Face `generate`, greedy: the ground truth the services must equal."""
+        ids = torch.tensor([token_ids], device=self.device)
+        out = self._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False)
+        return out[0, len(token_ids):].tolist()

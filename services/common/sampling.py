@@ -1,0 +1,83 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+
+The token at completion position i is drawn from a generator seeded by (seed, i), so the prefill
+(position 0) and the decode (positions 1..) sample consistently, on any worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import InvalidRequest
+from services.common.pb import common_pb2
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs apart
+_SEED_MASK = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Validated sampling settings of one request."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    max_tokens: int = 16
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:  # also rejects NaN
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be > 0, got {self.max_tokens}")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample(logits: torch.Tensor, params: Sampling, position: int) -> int:
+    """The token at completion position `position` given its 1-D float32 logits."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    scores = logits / params.temperature
+    if 0 < params.top_k < scores.numel():
+        kth = torch.topk(scores, params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cumulative = torch.softmax(sorted_scores, dim=-1).cumsum(dim=-1)
+        drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token
+        scores = scores.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    generator = torch.Generator().manual_seed((params.seed * _SEED_MIX + position) & _SEED_MASK)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sampling_from_pb(params: common_pb2.SamplingParams, default_max_tokens: int) -> Sampling:
+    """Domain sampling settings from the wire; unset fields take their documented defaults."""
+    return Sampling(
+        temperature=params.temperature if params.HasField("temperature") else 1.0,
+        top_p=params.top_p if params.HasField("top_p") else 1.0,
+        top_k=params.top_k,
+        seed=params.seed if params.HasField("seed") else 0,
+        max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
+        stop=tuple(params.stop),
+        ignore_eos=params.ignore_eos,
+    )
+
+
+def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
+    return common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                                     seed=params.seed, max_tokens=params.max_tokens, stop=list(params.stop),
+                                     ignore_eos=params.ignore_eos)

@@ -1,0 +1,56 @@
+"""Settings and start-up shared by the two model workers (prefill and decode)."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.config import setting
+from services.common.logs import check_log_level
+from services.common.model_files import default_cache_dir
+from services.common.runtime import DTYPES, ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    model: str = setting("default", "'default' (bundled SmolLM2-135M-Instruct), 'tiny' (random test model) "
+                                    "or a local Hugging Face Llama-family folder", "MODEL")
+    dtype: str = setting("float32", f"weights and KV dtype: {', '.join(DTYPES)}", "MODEL_DTYPE")
+    device: str = setting("auto", "torch device: auto (cuda if present), cpu, cuda, cuda:N", "DEVICE")
+    model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
+    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)", "TORCH_THREADS")
+    kvstore_address: str = setting("", "kvstore service host:port (empty: none)", "KVSTORE_ADDRESS")
+    kvstore_timeout_seconds: float = setting(10.0, "deadline of each kvstore call", "KVSTORE_TIMEOUT_SECONDS")
+    log_level: str = setting("INFO", "log level", "LOG_LEVEL")
+    grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.torch_threads < 0:
+            raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.kvstore_timeout_seconds <= 0:
+            raise ValueError("kvstore_timeout_seconds must be > 0")
+        check_log_level(self.log_level)
+
+
+def model_executor() -> ThreadPoolExecutor:
+    """The one thread that runs the model, so forward passes never block the event loop."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+
+def load_runtime(settings: WorkerSettings) -> ModelRuntime:
+    """Load the model (blocking; run it in the model thread)."""
+    import torch
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    runtime = ModelRuntime(settings.model, settings.dtype, settings.device, Path(settings.model_cache_dir))
+    runtime.prefill([1, 2, 3, 4], lambda *_: None)  # warm-up: the first forward pass is slow
+    log.info("model %s ready: fingerprint %s, %d layers, %d KV bytes/token", settings.model,
+             runtime.geometry.fingerprint, runtime.geometry.num_layers, runtime.geometry.kv_bytes_per_token)
+    return runtime

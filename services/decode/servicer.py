@@ -1,0 +1,102 @@
+"""Decode gRPC servicer: protobuf at the edge, the DecodeEngine inside."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError, grpc_edge
+from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_wire import from_pb
+from services.common.logs import request_id_var
+from services.common.model_info import model_info_pb
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
+from services.common.runtime import ModelGeometry
+from services.common.sampling import sampling_from_pb
+from services.decode.engine import FINISH_LENGTH, DecodeEngine, Finished
+
+_FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
+
+
+class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
+    """Serves once `ready` is set (after the model loaded); until then every call is UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self._ready: tuple[DecodeEngine, common_pb2.ModelInfo] | None = None
+
+    def ready(self, engine: DecodeEngine, geometry: ModelGeometry) -> None:
+        self._ready = (engine, model_info_pb(geometry))
+
+    def _state(self) -> tuple[DecodeEngine, common_pb2.ModelInfo]:
+        if self._ready is None:
+            raise BackendUnavailable("decode worker is loading its model")
+        return self._ready
+
+    @grpc_edge
+    async def Generate(self, request: decode_pb2.DecodeRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeEvent]:
+        request_id_var.set(request.request_id)
+        engine, _ = self._state()
+        sequence = engine.admit(request.request_id, list(request.prompt_token_ids),
+                                sampling_from_pb(request.sampling, default_max_tokens=16))
+        try:
+            yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted())
+            if request.kv_source == decode_pb2.KV_SOURCE_KVSTORE:
+                await engine.load_from_store(sequence)
+            async for event in engine.generate(sequence):
+                if isinstance(event, Finished):
+                    yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
+                        reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
+                else:
+                    yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
+                                                                              index=event.index))
+        finally:
+            engine.release(sequence)
+
+    @grpc_edge
+    async def TransferKv(self, request_iterator: AsyncIterator[kv_pb2.KvTransferMessage],
+                         context: grpc.aio.ServicerContext) -> decode_pb2.TransferKvReply:
+        engine, _ = self._state()
+        messages = aiter(request_iterator)
+        layout = from_pb(await anext(messages, kv_pb2.KvTransferMessage()))
+        if not isinstance(layout, KvLayout):
+            raise KvProtocolError("KV transfer must start with a layout")
+        request_id_var.set(layout.request_id)
+        assembler = engine.begin_transfer(layout.request_id)
+        try:
+            assembler.accept_layout(layout)
+            async for raw in messages:
+                message = from_pb(raw)
+                if isinstance(message, KvChunk):
+                    assembler.accept_chunk(message)
+                elif isinstance(message, KvEnd):
+                    engine.complete(layout.request_id, assembler.finish(message))
+                    return decode_pb2.TransferKvReply(bytes_received=assembler.bytes_received,
+                                                      chunks_received=assembler.next_index)
+                else:
+                    raise KvProtocolError("KV layout sent twice")
+            assembler.check_complete()
+            raise KvCorrupted("KV transfer ended without its end message")
+        except asyncio.CancelledError:
+            engine.fail(layout.request_id, KvCorrupted("KV transfer was cancelled by the sender"))
+            raise
+        except Exception as error:
+            engine.fail(layout.request_id, error)
+            raise
+
+    @grpc_edge
+    async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        return self._state()[1]
+
+    @grpc_edge
+    async def Stats(self, request: common_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> decode_pb2.DecodeStats:
+        engine, info = self._state()
+        sequences = list(engine.sequences.values())
+        return decode_pb2.DecodeStats(active_requests=len(sequences),
+                                      awaiting_kv=sum(not s.kv.done() for s in sequences),
+                                      kv_bytes_held=sum(s.kv_bytes for s in sequences),
+                                      requests_total=engine.requests_total, model=info)

@@ -1,0 +1,73 @@
+"""`python -m services.gateway`: run the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import grpc
+
+from services.common.channels import ChannelPool
+from services.common.config import parse_settings, split_addresses
+from services.common.logs import setup_logging
+from services.common.model_files import resolve_model_dir
+from services.common.pb import gateway_pb2, gateway_pb2_grpc
+from services.common.server import ServerSpec, serve
+from services.common.tasks import TaskSet
+from services.gateway.core import Gateway, GatewayLimits
+from services.gateway.routing import WorkerPool
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.text import PromptEncoder
+
+log = logging.getLogger("services.gateway")
+
+
+async def _refresh_forever(pools: list[WorkerPool], every_seconds: float) -> None:
+    while True:
+        for pool in pools:
+            await pool.refresh()
+        await asyncio.sleep(every_seconds)
+
+
+async def run(settings: GatewaySettings) -> None:
+    channels = ChannelPool()
+    background = TaskSet()
+    servicer = GatewayServicer(channels, settings.default_max_tokens)
+    pools = [WorkerPool("prefill", split_addresses(settings.prefill_addresses)),
+             WorkerPool("decode", split_addresses(settings.decode_addresses))]
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, server)
+        return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
+
+    async def warmup() -> None:
+        model_dir = await asyncio.to_thread(resolve_model_dir, settings.model, Path(settings.model_cache_dir))
+        encoder = await asyncio.to_thread(PromptEncoder, model_dir)
+        limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer)
+        servicer.ready(Gateway(encoder, pools[0], pools[1], channels, limits))
+        background.spawn(_refresh_forever(pools, settings.membership_refresh_seconds), "membership-refresh")
+        log.info("routing to prefill %s and decode %s (kv transfer: %s)", settings.prefill_addresses,
+                 settings.decode_addresses, settings.kv_transfer)
+
+    try:
+        await serve(ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds), register, warmup)
+    finally:
+        await background.cancel_all()
+        await channels.close()
+
+
+def main() -> None:
+    try:
+        settings = parse_settings(GatewaySettings, "python -m services.gateway",
+                                  "gateway: the public gRPC API; routes requests to prefill and decode workers")
+    except ValueError as exc:
+        sys.exit(f"gateway: {exc}")
+    setup_logging("gateway", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

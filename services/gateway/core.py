@@ -1,0 +1,188 @@
+"""The gateway's request path.
+
+Life of a request, as a sequence of queues:
+  validated and tokenized (chat template for conversations)
+  -> decode worker chosen (fewest requests in flight; the next one if it refuses admission)
+     and admitted: its Generate stream answers Accepted
+  -> prefill worker chosen (fewest in flight) and called with the decode worker's address: it
+     streams the KV straight to the decode worker ('direct'), or stores it in the kvstore first
+     and the decode worker is admitted afterwards ('kvstore')
+  -> the prefill's first token goes to the client at once; the decode's tokens follow
+  -> text deltas (stop strings cut the text and end the request)
+  -> finished: the final message carries the finish reason and usage. However the request
+     ends, the calls to the workers are cancelled, which frees what they hold.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, aclosing
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.channels import ChannelPool
+from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.sampling import Sampling, sampling_to_pb
+from services.gateway.routing import Worker, WorkerPool
+from services.gateway.text import PromptEncoder, TextStream
+
+log = logging.getLogger(__name__)
+
+FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# Admission failures that another decode worker may not have.
+_RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    request_id: str
+    prompt: str | None
+    messages: list[tuple[str, str]] | None
+    sampling: Sampling
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateOutput:
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    max_tokens_limit: int
+    request_timeout_seconds: float
+    kv_transfer: str
+
+
+class Gateway:
+    def __init__(self, encoder: PromptEncoder, prefill: WorkerPool, decode: WorkerPool, channels: ChannelPool,
+                 limits: GatewayLimits) -> None:
+        self._encoder = encoder
+        self.prefill_pool = prefill
+        self.decode_pool = decode
+        self._channels = channels
+        self._limits = limits
+        self.active_requests = 0
+
+    def tokenize(self, request: GenerateInput) -> list[int]:
+        if request.messages is not None:
+            ids = self._encoder.encode_chat(request.messages)
+        elif request.prompt is not None:
+            ids = self._encoder.encode_text(request.prompt)
+        else:
+            raise InvalidRequest("give a prompt or chat messages")
+        max_tokens, context = request.sampling.max_tokens, self._encoder.max_model_len
+        if max_tokens > self._limits.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens must be <= {self._limits.max_tokens_limit}, got {max_tokens}")
+        if len(ids) >= context:
+            raise InvalidRequest(f"prompt is {len(ids)} tokens; the model's context is {context} tokens")
+        if len(ids) + max_tokens > context:
+            raise InvalidRequest(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                                 f"model's context of {context} tokens")
+        return ids
+
+    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
+        prompt_ids = self.tokenize(request)
+        stream = TextStream(self._encoder.tokenizer, request.sampling.stop)
+        completion = 0
+        self.active_requests += 1
+        try:
+            async with aclosing(self._tokens(request, prompt_ids)) as tokens:
+                async for token_id, finish in tokens:
+                    if finish is not None:
+                        yield GenerateOutput([], stream.flush(), finish, Usage(len(prompt_ids), completion))
+                        return
+                    completion += 1
+                    delta, stopped = stream.add(token_id)
+                    if stopped:
+                        yield GenerateOutput([token_id], delta, "stop", Usage(len(prompt_ids), completion))
+                        return
+                    yield GenerateOutput([token_id], delta)
+        finally:
+            self.active_requests -= 1
+
+    async def _tokens(self, request: GenerateInput, prompt_ids: list[int]) -> AsyncIterator[tuple[int, str | None]]:
+        """(token, None) for each token, then (0, finish reason)."""
+        sampling = sampling_to_pb(request.sampling)
+        prefill_request = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
+                                                     sampling=sampling)
+        decode_request = decode_pb2.DecodeRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
+                                                  sampling=sampling)
+        calls: list[grpc.aio.Call] = []
+        with ExitStack() as leases:
+            try:
+                if self._limits.kv_transfer == "kvstore":
+                    prefill_request.store_kv = True
+                    async for token in self._prefill(prefill_request, calls):
+                        yield token, None
+                    decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE
+                    _, decode_call = await self._admit(decode_request, calls, leases)
+                else:
+                    decode_request.kv_source = decode_pb2.KV_SOURCE_DIRECT
+                    decode, decode_call = await self._admit(decode_request, calls, leases)
+                    prefill_request.decode_address = decode.address
+                    async for token in self._prefill(prefill_request, calls):
+                        yield token, None
+                # read() rather than `async for`: admission already read from this call
+                while (event := await decode_call.read()) is not grpc.aio.EOF:
+                    if event.HasField("finished"):
+                        yield 0, FINISH_NAMES[event.finished.reason]
+                        return
+                    yield event.token.token_id, None
+                raise KvProtocolError("decode stream ended without a finish event")
+            finally:
+                for call in calls:
+                    call.cancel()
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call]) -> AsyncIterator[int]:
+        """The first token as soon as it is sampled; returns once the KV handoff is complete."""
+        worker = self.prefill_pool.ranked()[0]
+        with WorkerPool.lease(worker):
+            async for token in self._prefill_on(worker, request, calls):
+                yield token
+
+    async def _prefill_on(self, worker: Worker, request: prefill_pb2.PrefillRequest,
+                          calls: list[grpc.aio.Call]) -> AsyncIterator[int]:
+        stub = prefill_pb2_grpc.PrefillServiceStub(self._channels.get(worker.address))
+        call = stub.Prefill(request, timeout=self._limits.request_timeout_seconds)
+        calls.append(call)
+        async for event in call:
+            if event.HasField("first_token"):
+                yield event.first_token.token_id
+            else:
+                log.debug("prefill done: %d KV bytes in %d chunks, forward %.3fs, transfer %.3fs",
+                          event.done.kv_bytes, event.done.chunk_count, event.done.forward_seconds,
+                          event.done.transfer_seconds)
+
+    async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call],
+                     leases: ExitStack) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
+        """Admit the request on the least loaded decode worker that takes it."""
+        last_error: Exception = BackendUnavailable("no decode worker admitted the request")
+        for worker in self.decode_pool.ranked():
+            stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
+            call = stub.Generate(request, timeout=self._limits.request_timeout_seconds)
+            calls.append(call)
+            try:
+                event = await call.read()
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRY_ADMISSION:
+                    raise
+                log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
+                last_error = error
+                continue
+            if event is grpc.aio.EOF or not event.HasField("accepted"):
+                raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
+            leases.enter_context(WorkerPool.lease(worker))
+            return worker, call
+        raise last_error

@@ -1,0 +1,90 @@
+"""Gateway gRPC servicer: validates the public request, runs it through the Gateway core and
+streams protobuf responses."""
+
+from __future__ import annotations
+
+import re
+import secrets
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from services.common.errors import BackendUnavailable, InvalidRequest, grpc_edge
+from services.common.logs import request_id_var
+from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from services.common.channels import ChannelPool
+from services.common.sampling import sampling_from_pb
+from services.gateway.core import Gateway, GenerateInput
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+
+
+def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int) -> GenerateInput:
+    """The domain request from the wire; validates what the wire types cannot."""
+    if request.request_id and not _REQUEST_ID.match(request.request_id):
+        raise InvalidRequest("request_id must be 1-64 letters, digits, '-' or '_'")
+    request_id = request.request_id or uuid.uuid4().hex[:16]
+    sampling_pb = common_pb2.SamplingParams()
+    sampling_pb.CopyFrom(request.sampling)
+    if not sampling_pb.HasField("seed"):
+        sampling_pb.seed = secrets.randbits(63)  # fixed per request so any worker samples alike
+    sampling = sampling_from_pb(sampling_pb, default_max_tokens)
+    kind = request.WhichOneof("input")
+    if kind == "chat":
+        messages = [(m.role, m.content) for m in request.chat.messages]
+        return GenerateInput(request_id, None, messages, sampling)
+    if kind == "prompt":
+        return GenerateInput(request_id, request.prompt, None, sampling)
+    raise InvalidRequest("prompt must not be empty (give prompt or chat)")
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    """Serves once `ready` is set (after the tokenizer loaded); until then calls are UNAVAILABLE."""
+
+    def __init__(self, channels: ChannelPool, default_max_tokens: int) -> None:
+        self._gateway: Gateway | None = None
+        self._channels = channels
+        self._default_max_tokens = default_max_tokens
+
+    def ready(self, gateway: Gateway) -> None:
+        self._gateway = gateway
+
+    def _core(self) -> Gateway:
+        if self._gateway is None:
+            raise BackendUnavailable("gateway is starting")
+        return self._gateway
+
+    @grpc_edge
+    async def Generate(self, request: gateway_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        gateway = self._core()
+        domain = generate_input(request, self._default_max_tokens)
+        request_id_var.set(domain.request_id)
+        async for output in gateway.generate(domain):
+            response = gateway_pb2.GenerateResponse(request_id=domain.request_id, token_ids=output.token_ids,
+                                                    text=output.text)
+            if output.finish_reason is not None:
+                response.finish_reason = _FINISH_PB[output.finish_reason]
+            if output.usage is not None:
+                usage = output.usage
+                response.usage.CopyFrom(gateway_pb2.Usage(
+                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                    total_tokens=usage.prompt_tokens + usage.completion_tokens))
+            yield response
+
+    @grpc_edge
+    async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        worker = self._core().decode_pool.ranked()[0]
+        stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
+        return await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
+
+    @grpc_edge
+    async def Stats(self, request: common_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayStats:
+        gateway = self._core()
+        workers = [gateway_pb2.WorkerStatus(address=w.address, role=w.role, active_requests=w.active)
+                   for pool in (gateway.prefill_pool, gateway.decode_pool) for w in pool.workers]
+        return gateway_pb2.GatewayStats(active_requests=gateway.active_requests, workers=workers)

@@ -1,0 +1,47 @@
+"""Gateway settings (flags and environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import check_port, check_positive, setting, split_addresses
+from services.common.logs import check_log_level
+from services.common.model_files import default_cache_dir
+
+KV_TRANSFER_MODES = ("direct", "kvstore")
+
+
+@dataclass(slots=True)
+class GatewaySettings:
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "GATEWAY_HOST")
+    port: int = setting(50051, "gRPC port", "GATEWAY_PORT")
+    prefill_addresses: str = setting("127.0.0.1:50052", "prefill workers, comma separated host:port; a DNS "
+                                     "name that resolves to several addresses counts as several workers",
+                                     "PREFILL_ADDRESSES")
+    decode_addresses: str = setting("127.0.0.1:50053", "decode workers, comma separated host:port (as above)",
+                                    "DECODE_ADDRESSES")
+    kv_transfer: str = setting("direct", "how KV reaches decode: 'direct' (prefill streams it to the decode "
+                               "worker) or 'kvstore' (prefill stores it, decode loads it)", "KV_TRANSFER")
+    model: str = setting("default", "model whose tokenizer and context length the gateway uses "
+                                    "(same values as the workers' --model)", "MODEL")
+    model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
+    default_max_tokens: int = setting(256, "max_tokens of a request that names none", "DEFAULT_MAX_TOKENS")
+    max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", "MAX_TOKENS_LIMIT")
+    request_timeout_seconds: float = setting(600.0, "deadline of each call to a worker", "REQUEST_TIMEOUT_SECONDS")
+    membership_refresh_seconds: float = setting(10.0, "how often worker DNS names are resolved again",
+                                                "MEMBERSHIP_REFRESH_SECONDS")
+    log_level: str = setting("INFO", "log level", "LOG_LEVEL")
+    grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
+
+    def __post_init__(self) -> None:
+        check_port("port", self.port)
+        if not split_addresses(self.prefill_addresses) or not split_addresses(self.decode_addresses):
+            raise ValueError("prefill_addresses and decode_addresses must each name at least one worker")
+        if self.kv_transfer not in KV_TRANSFER_MODES:
+            raise ValueError(f"kv_transfer must be one of {KV_TRANSFER_MODES}, got {self.kv_transfer!r}")
+        for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds",
+                     "membership_refresh_seconds"):
+            check_positive(name, getattr(self, name))
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        check_log_level(self.log_level)

@@ -1,0 +1,75 @@
+"""Tokenizer use at the gateway: prompt encoding, chat templates, and incremental detokenization
+with stop strings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+
+from services.common.errors import InvalidRequest
+
+_REPLACEMENT = "\ufffd"  # an incomplete UTF-8 sequence decodes to this
+
+
+class PromptEncoder:
+    def __init__(self, model_dir: Path) -> None:
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        self.max_model_len: int = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+
+    def encode_text(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty")
+        return list(self.tokenizer.encode(prompt, add_special_tokens=True))
+
+    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequest("chat.messages must not be empty")
+        for index, (role, _) in enumerate(messages):
+            if role not in ("system", "user", "assistant"):
+                raise InvalidRequest(f"chat.messages[{index}].role must be system, user or assistant, got {role!r}")
+        if self.tokenizer.chat_template is None:
+            raise InvalidRequest("this model has no chat template; send a prompt instead")
+        conversation = [{"role": role, "content": content} for role, content in messages]
+        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
+
+
+class TextStream:
+    """Turns tokens into text deltas. Holds back text that may still become a stop string or an
+    incomplete character, and cuts the text before the first stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._ids: list[int] = []
+        self._emitted = 0
+
+    def add(self, token_id: int) -> tuple[str, bool]:
+        """Text delta after `token_id`, and whether a stop string ended the text."""
+        self._ids.append(token_id)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        cut = self._first_stop(text)
+        if cut is not None:
+            return self._take(text, cut), True
+        safe = len(text) - self._hold
+        if text.endswith(_REPLACEMENT):
+            safe = min(safe, len(text) - 1)
+        return self._take(text, safe), False
+
+    def flush(self) -> str:
+        """The rest of the text once generation ended."""
+        return self._take(self._tokenizer.decode(self._ids, skip_special_tokens=True), None)
+
+    def _first_stop(self, text: str) -> int | None:
+        start = max(0, self._emitted - self._hold)
+        hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _take(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        if end <= self._emitted:
+            return ""
+        delta, self._emitted = text[self._emitted : end], end
+        return delta

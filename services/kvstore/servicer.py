@@ -1,0 +1,59 @@
+"""kvstore gRPC servicer: validates requests and hands them to the backend.
+
+Life of a value: Put (validated: namespace and key; evicts oldest entries to fit the budget) ->
+stored until its TTL passes, it is evicted, or Delete removes it (by key or prefix) -> Get
+returns it meanwhile, NOT_FOUND after.
+"""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+
+from services.common.errors import InvalidRequest, grpc_edge
+from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.kvstore.backend import KvBackend
+
+_NAME = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, no spaces or newlines
+
+
+def _check_name(field: str, value: str) -> None:
+    if not _NAME.match(value):
+        raise InvalidRequest(f"{field} must be 1-512 printable ASCII characters without spaces, got {value!r}")
+
+
+class KvStoreServicer(kvstore_pb2_grpc.KvStoreServiceServicer):
+    def __init__(self, backend: KvBackend, default_ttl_seconds: float) -> None:
+        self._backend = backend
+        self._default_ttl = default_ttl_seconds
+
+    @grpc_edge
+    async def Put(self, request: kvstore_pb2.PutRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.PutReply:
+        _check_name("namespace", request.namespace)
+        _check_name("key", request.key)
+        ttl = request.ttl_seconds or self._default_ttl
+        evicted = await self._backend.put(request.namespace, request.key, request.value, ttl)
+        return kvstore_pb2.PutReply(evicted=evicted)
+
+    @grpc_edge
+    async def Get(self, request: kvstore_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.GetReply:
+        _check_name("namespace", request.namespace)
+        _check_name("key", request.key)
+        return kvstore_pb2.GetReply(value=await self._backend.get(request.namespace, request.key))
+
+    @grpc_edge
+    async def Delete(self, request: kvstore_pb2.DeleteRequest,
+                     context: grpc.aio.ServicerContext) -> kvstore_pb2.DeleteReply:
+        _check_name("namespace", request.namespace)
+        for key in request.keys:
+            _check_name("key", key)
+        deleted = await self._backend.delete(request.namespace, list(request.keys), request.prefix)
+        return kvstore_pb2.DeleteReply(deleted=deleted)
+
+    @grpc_edge
+    async def Stats(self, request: common_pb2.StatsRequest,
+                    context: grpc.aio.ServicerContext) -> kvstore_pb2.KvStoreStats:
+        stats = await self._backend.stats()
+        return kvstore_pb2.KvStoreStats(backend=stats.backend, entries=stats.entries, bytes_used=stats.bytes_used,
+                                        byte_budget=stats.byte_budget, evictions_total=stats.evictions_total)

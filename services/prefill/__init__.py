@@ -1,0 +1,1 @@
+"""The prefill service: prompt forward passes and the KV handoff to decode workers."""

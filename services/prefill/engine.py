@@ -1,0 +1,156 @@
+"""The prefill engine.
+
+Life of a request, as a sequence of queues:
+  servicer -> model thread queue (one forward pass at a time, in arrival order)
+  -> forward pass: each layer's KV is put on the request's layer queue the moment the layer is done
+  -> chunk pump: a finished layer group is cut into chunks, encoded off the event loop, and sent
+     to every sink (the decode worker's TransferKv stream, the kvstore) while later layers compute
+  -> the first token is sampled from the last logits and emitted at once (TTFT)
+  -> the end message (chunk count, first token) closes each sink; the decode's acknowledgement
+     ends the request, and the summary is emitted.
+Cancelling the request's task aborts its sinks; nothing is kept after it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
+from services.common.kvstore_client import KvStoreClient
+from services.common.runtime import ModelRuntime
+from services.common.sampling import Sampling, sample
+from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
+
+LayerKv = tuple[int, torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillJob:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    decode_sink: KvSink | None  # the direct stream to the decode worker, if any
+    store_kv: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FirstToken:
+    token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillSummary:
+    kv_bytes: int
+    chunk_count: int
+    forward_seconds: float
+    transfer_seconds: float
+    stored: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkGeometry:
+    """How KV is cut for the wire."""
+
+    chunk_tokens: int
+    chunk_layers: int
+
+
+class PrefillEngine:
+    def __init__(self, runtime: ModelRuntime, executor: Executor, geometry: ChunkGeometry,
+                 store: KvStoreClient | None, checkpoint_kv: bool) -> None:
+        self._runtime = runtime
+        self._executor = executor
+        self._chunking = geometry
+        self._store = store
+        self._checkpoint = checkpoint_kv
+        self.kv_bytes_held: dict[str, int] = {}
+        self.requests_total = 0
+
+    def validate(self, prompt_ids: list[int]) -> None:
+        geometry = self._runtime.geometry
+        if not prompt_ids:
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        if len(prompt_ids) >= geometry.max_model_len:
+            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+                                 f"{geometry.max_model_len}")
+
+    def _sinks(self, job: PrefillJob) -> tuple[list[KvSink], BestEffortSink | KvStoreSink | None]:
+        sinks: list[KvSink] = [job.decode_sink] if job.decode_sink else []
+        if job.store_kv and self._store is None:
+            raise BackendUnavailable("this prefill worker has no kvstore (--kvstore-address)")
+        store_sink: BestEffortSink | KvStoreSink | None = None
+        if self._store is not None and (job.store_kv or self._checkpoint):
+            store_sink = KvStoreSink(self._store) if job.store_kv else BestEffortSink(
+                KvStoreSink(self._store), "KV checkpoint to the kvstore")
+            sinks.append(store_sink)
+        if not sinks:
+            raise InvalidRequest("give a decode_address, or set store_kv")
+        return sinks, store_sink
+
+    async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
+        self.validate(job.prompt_ids)
+        geometry = self._runtime.geometry
+        layout = KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
+                          geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens,
+                          min(self._chunking.chunk_layers, geometry.num_layers), geometry.dtype)
+        sinks, store_sink = self._sinks(job)
+        self.requests_total += 1
+        self.kv_bytes_held[job.request_id] = 0
+        pump: asyncio.Task[float] | None = None
+        try:
+            await _send_all(sinks, layout)
+            loop = asyncio.get_running_loop()
+            layers: asyncio.Queue[LayerKv] = asyncio.Queue()
+            pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
+            started = time.perf_counter()
+            logits = await loop.run_in_executor(
+                self._executor, self._runtime.prefill, job.prompt_ids,
+                lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+            forward_seconds = time.perf_counter() - started
+            first = sample(logits, job.sampling, 0)
+            yield FirstToken(first)
+            transfer_started = await pump
+            await asyncio.gather(*(sink.close(KvEnd(job.request_id, layout.chunk_count, first)) for sink in sinks))
+            transfer_seconds = time.perf_counter() - transfer_started if job.decode_sink else 0.0
+            stored = store_sink is not None and getattr(store_sink, "ok", True)
+            yield PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward_seconds,
+                                 transfer_seconds, stored)
+        finally:
+            if pump is not None and not pump.done():
+                pump.cancel()
+            for sink in sinks:
+                sink.abort()
+            self.kv_bytes_held.pop(job.request_id, None)
+
+    async def _pump(self, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
+        """Send each layer group's chunks as soon as the group's layers are computed. Returns the
+        time the first chunk went out."""
+        first_sent = 0.0
+        pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in range(layout.layer_groups):
+            group_layers = range(group * layout.chunk_layers, min((group + 1) * layout.chunk_layers,
+                                                                  layout.num_layers))
+            while not all(index in pending for index in group_layers):
+                index, keys, values = await layers.get()
+                pending[index] = (keys, values)
+            keys = torch.stack([pending[i][0] for i in group_layers])
+            values = torch.stack([pending[i][1] for i in group_layers])
+            for index in group_layers:
+                del pending[index]
+            for chunk_index in layout.group_chunks(group):
+                chunk = await asyncio.to_thread(encode_chunk, layout, chunk_index, keys, values)
+                first_sent = first_sent or time.perf_counter()
+                await _send_all(sinks, chunk)
+                self.kv_bytes_held[layout.request_id] += chunk.byte_length
+        return first_sent
+
+
+async def _send_all(sinks: list[KvSink], message: object) -> None:
+    await asyncio.gather(*(sink.send(message) for sink in sinks))  # type: ignore[arg-type]

@@ -1,0 +1,30 @@
+"""Prefill settings (flags and environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.config import check_port, check_positive, setting
+from services.common.worker import WorkerSettings
+
+
+@dataclass(slots=True)
+class PrefillSettings(WorkerSettings):
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "PREFILL_HOST")
+    port: int = setting(50052, "gRPC port", "PREFILL_PORT")
+    kv_chunk_tokens: int = setting(512, "tokens per KV chunk", "KV_CHUNK_TOKENS")
+    kv_chunk_layers: int = setting(4, "layers per KV chunk; a layer group is sent as soon as it is computed",
+                                   "KV_CHUNK_LAYERS")
+    transfer_timeout_seconds: float = setting(120.0, "deadline of one KV transfer to a decode worker",
+                                              "TRANSFER_TIMEOUT_SECONDS")
+    checkpoint_kv: bool = setting(False, "also write every request's KV to the kvstore (checkpoint)",
+                                  "CHECKPOINT_KV")
+
+    def __post_init__(self) -> None:
+        WorkerSettings.__post_init__(self)
+        check_port("port", self.port)
+        check_positive("kv_chunk_tokens", self.kv_chunk_tokens)
+        check_positive("kv_chunk_layers", self.kv_chunk_layers)
+        check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)
+        if self.checkpoint_kv and not self.kvstore_address:
+            raise ValueError("checkpoint_kv needs kvstore_address")

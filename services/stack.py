@@ -1,0 +1,163 @@
+"""`python -m services.stack` (what `make up` runs): start the four services as local processes,
+wait until each is healthy, print the addresses, and stop them all on Ctrl-C or SIGTERM.
+
+Tests use `Stack` to run the same processes on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """One service process: `python -m services.<module> <args>` with extra environment."""
+
+    name: str
+    module: str
+    port: int
+    args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def health_status(address: str, timeout: float = 1.0) -> int:
+    """The server's overall health status, or -1 if it does not answer."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return -1
+    return reply.status
+
+
+class Stack:
+    """Processes started together and stopped together."""
+
+    def __init__(self, specs: Sequence[ServiceSpec], log_dir: str | None = None) -> None:
+        self.specs = list(specs)
+        self._log_dir = log_dir
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self) -> None:
+        for spec in self.specs:
+            self.start_one(spec)
+
+    def start_one(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
+        output = open(os.path.join(self._log_dir, f"{spec.name}.log"), "ab") if self._log_dir else None
+        process = subprocess.Popen([sys.executable, "-m", f"services.{spec.module}", *spec.args], env=env,
+                                   stdout=output, stderr=subprocess.STDOUT if output else None)
+        self.processes[spec.name] = process
+        return process
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for spec in self.specs:
+            while health_status(spec.address) != health_pb2.HealthCheckResponse.SERVING:
+                process = self.processes[spec.name]
+                if process.poll() is not None:
+                    raise RuntimeError(f"{spec.name} exited with code {process.returncode} before becoming healthy")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{spec.name} at {spec.address} not healthy after {timeout:.0f}s")
+                time.sleep(0.2)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "memory", kv_transfer: str = "direct",
+                redis_url: str = "redis://127.0.0.1:6379/0", extra: Mapping[str, Sequence[str]] | None = None,
+                log_level: str = "INFO") -> list[ServiceSpec]:
+    """The four services wired to each other on loopback."""
+    extra = extra or {}
+    kvstore = f"127.0.0.1:{ports['kvstore']}"
+    common = ("--log-level", log_level)
+    worker = ("--model", model, "--kvstore-address", kvstore, *common)
+    return [
+        ServiceSpec("kvstore", "kvstore", ports["kvstore"],
+                    ("--port", str(ports["kvstore"]), "--backend", kvstore_backend, "--redis-url", redis_url,
+                     *common, *extra.get("kvstore", ()))),
+        ServiceSpec("prefill", "prefill", ports["prefill"],
+                    ("--port", str(ports["prefill"]), *worker, *extra.get("prefill", ()))),
+        ServiceSpec("decode", "decode", ports["decode"],
+                    ("--port", str(ports["decode"]), *worker, *extra.get("decode", ()))),
+        ServiceSpec("gateway", "gateway", ports["gateway"],
+                    ("--port", str(ports["gateway"]), "--prefill-addresses", f"127.0.0.1:{ports['prefill']}",
+                     "--decode-addresses", f"127.0.0.1:{ports['decode']}", "--kv-transfer", kv_transfer,
+                     "--model", model, *common, *extra.get("gateway", ()))),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__)
+    parser.add_argument("--model", default=os.environ.get("MODEL", "default"))
+    parser.add_argument("--kvstore-backend", default=os.environ.get("KVSTORE_BACKEND", "memory"),
+                        choices=("memory", "redis"))
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--kv-transfer", default=os.environ.get("KV_TRANSFER", "direct"),
+                        choices=("direct", "kvstore"))
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("BASE_PORT", "50051")),
+                        help="gateway port; prefill, decode and kvstore take the next three")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    args = parser.parse_args()
+    names = ("gateway", "prefill", "decode", "kvstore")
+    ports = {name: args.base_port + offset for offset, name in enumerate(names)}
+    stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url,
+                              log_level=args.log_level))
+    def request_stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, request_stop)
+    exit_code = 0
+    try:
+        stack.start()
+        stack.wait_healthy(timeout=600)
+        print("\nAll four services are healthy:", flush=True)
+        for spec in stack.specs:
+            print(f"  {spec.name:8s} grpc://{spec.address}", flush=True)
+        gateway = f"127.0.0.1:{ports['gateway']}"
+        print(f'\nTry: python -m services.client --address {gateway} "The capital of France is"'
+              "\nCtrl-C stops everything.", flush=True)
+        while all(p.poll() is None for p in stack.processes.values()):
+            time.sleep(0.5)
+        print("a service exited; stopping the stack", file=sys.stderr)
+        exit_code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stack.stop()
+    sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Shared fixtures: real service processes on free loopback ports, a real Redis, the real model."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+import redis
+
+from services.common.model_files import default_cache_dir, resolve_model_dir
+from services.common.runtime import ModelRuntime
+from services.gateway.text import PromptEncoder
+from services.stack import Stack, free_port, local_stack
+
+SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+]
+
+
+def _redis_alive(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis at 127.0.0.1:6379, or a private redis-server if that one is down."""
+    url = "redis://127.0.0.1:6379/0"
+    if _redis_alive(url):
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        pytest.fail("no Redis at 127.0.0.1:6379 and no redis-server on PATH")
+    port = free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+                               stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 10
+    while not _redis_alive(url):
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("private redis-server did not start")
+        time.sleep(0.1)
+    yield url
+    process.terminate()
+    process.wait()
+
+
+class RunningStack:
+    """A started Stack and the addresses of its services (extra gateways included)."""
+
+    def __init__(self, stack: Stack, addresses: dict[str, str]) -> None:
+        self.stack = stack
+        self.addresses = addresses
+
+    def __getitem__(self, name: str) -> str:
+        return self.addresses[name]
+
+
+def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redis_url: str = "",
+                extra: Mapping[str, Sequence[str]] | None = None, extra_gateways: Mapping[str, Sequence[str]] = {},
+                wait_for: Sequence[str] | None = None) -> RunningStack:
+    ports = {name: free_port() for name in SERVICE_NAMES}
+    specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
+                        extra=extra, log_level="DEBUG")
+    gateway = next(spec for spec in specs if spec.name == "gateway")
+    for name, args in extra_gateways.items():
+        port = free_port()
+        specs.append(type(gateway)(name, "gateway", port, (*gateway.args, "--port", str(port), *args)))
+    stack = Stack(specs, log_dir=str(log_dir))
+    stack.start()
+    try:
+        waited = Stack([s for s in specs if wait_for is None or s.name in wait_for])
+        waited.processes = stack.processes
+        waited.wait_healthy(timeout=300)
+    except Exception:
+        stack.stop()
+        for log in sorted(log_dir.glob("*.log")):
+            print(f"==== {log.name}\n{log.read_text()[-3000:]}")
+        raise
+    return RunningStack(stack, {spec.name: spec.address for spec in specs})
+
+
+@pytest.fixture(scope="session")
+def runtime() -> ModelRuntime:
+    """The real SmolLM2 model in float32, in the test process: the Hugging Face reference."""
+    return ModelRuntime("default", "float32", "cpu", default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def encoder() -> PromptEncoder:
+    """The gateway's tokenizer and chat template."""
+    return PromptEncoder(resolve_model_dir("default", default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """Real model; memory kvstore; the prefill checkpoints KV to it; small chunks so that a
+    transfer has many; gateways for the direct and the kvstore path."""
+    running = start_stack(
+        tmp_path_factory.mktemp("memory-stack"), "default",
+        extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
+               "decode": ("--max-chunk-mb", "2")},
+        extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore")})
+    yield running
+    running.stack.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[RunningStack]:
+    """Real model; kvstore on Redis; gateways for the direct and the kvstore path."""
+    running = start_stack(
+        tmp_path_factory.mktemp("redis-stack"), "default", "redis", redis_url,
+        extra={"prefill": ("--checkpoint-kv",),
+               "kvstore": ("--redis-key-prefix", f"disagg-test-{free_port()}", "--redis-part-mb", "0.05")},
+        extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore")})
+    yield running
+    running.stack.stop()

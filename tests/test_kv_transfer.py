@@ -1,0 +1,181 @@
+"""Bad KV chunks sent straight to a decode worker get a clear status; the worker keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Callable
+
+import grpc
+import pytest
+
+from services.client import GatewayClient
+from services.common.pb import common_pb2, decode_pb2_grpc, kv_pb2
+from services.stack import health_status
+from tests.kv_helpers import Message, admit, real_transfer, replace, send
+
+NUM_TOKENS = 5
+_ids = itertools.count()
+
+
+def corrupt_checksum(m: list[Message]) -> list[Message]:
+    chunk = m[3]
+    return [*m[:3], replace(chunk, data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:]), *m[4:]]
+
+
+def wrong_fingerprint(m: list[Message]) -> list[Message]:
+    return [replace(m[0], model_fingerprint="0123456789abcdef"), *m[1:]]
+
+
+def wrong_chunk_fingerprint(m: list[Message]) -> list[Message]:
+    return [*m[:2], replace(m[2], model_fingerprint="0123456789abcdef"), *m[3:]]
+
+
+def missing_last_chunk(m: list[Message]) -> list[Message]:
+    return [*m[:-2], m[-1]]
+
+
+def missing_middle_chunk(m: list[Message]) -> list[Message]:
+    return [*m[:2], *m[3:]]
+
+
+def out_of_order(m: list[Message]) -> list[Message]:
+    return [m[0], m[2], m[1], *m[3:]]
+
+
+def duplicate(m: list[Message]) -> list[Message]:
+    return [*m[:3], m[2], *m[3:]]
+
+
+def misshaped(m: list[Message]) -> list[Message]:
+    chunk = m[1]
+    return [m[0], replace(chunk, shape=(*chunk.shape[:-1], chunk.shape[-1] - 1)), *m[2:]]
+
+
+def wrong_byte_length(m: list[Message]) -> list[Message]:
+    chunk = m[1]
+    return [m[0], replace(chunk, data=chunk.data[:-4], byte_length=chunk.byte_length - 4), *m[2:]]
+
+
+def wrong_span(m: list[Message]) -> list[Message]:
+    chunk = m[1]
+    return [m[0], replace(chunk, span=replace(chunk.span, token_start=chunk.span.token_start + 1)), *m[2:]]
+
+
+def no_end(m: list[Message]) -> list[Message]:
+    return m[:-1]
+
+
+def chunk_before_layout(m: list[Message]) -> list[Message]:
+    return m[1:]
+
+
+CASES: list[tuple[str, Callable[[list[Message]], list[Message]], grpc.StatusCode, str]] = [
+    ("corrupt-checksum", corrupt_checksum, grpc.StatusCode.DATA_LOSS, "CRC"),
+    ("wrong-fingerprint", wrong_fingerprint, grpc.StatusCode.FAILED_PRECONDITION, "model"),
+    ("wrong-chunk-fingerprint", wrong_chunk_fingerprint, grpc.StatusCode.FAILED_PRECONDITION, "model"),
+    ("missing-last-chunk", missing_last_chunk, grpc.StatusCode.DATA_LOSS, "received"),
+    ("missing-middle-chunk", missing_middle_chunk, grpc.StatusCode.INVALID_ARGUMENT, "order"),
+    ("out-of-order", out_of_order, grpc.StatusCode.INVALID_ARGUMENT, "order"),
+    ("duplicate", duplicate, grpc.StatusCode.INVALID_ARGUMENT, "duplicate"),
+    ("misshaped", misshaped, grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+    ("wrong-byte-length", wrong_byte_length, grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+    ("wrong-span", wrong_span, grpc.StatusCode.INVALID_ARGUMENT, "covers"),
+    ("stream-without-end", no_end, grpc.StatusCode.DATA_LOSS, "end"),
+    ("chunk-before-layout", chunk_before_layout, grpc.StatusCode.INVALID_ARGUMENT, "layout"),
+]
+
+
+@pytest.fixture(scope="module")
+async def decode(memory_stack) -> tuple[decode_pb2_grpc.DecodeServiceStub, common_pb2.ModelInfo]:
+    channel = grpc.aio.insecure_channel(memory_stack["decode"])
+    stub = decode_pb2_grpc.DecodeServiceStub(channel)
+    yield stub, await stub.GetModelInfo(common_pb2.ModelInfoRequest())
+    await channel.close()
+
+
+async def _assert_idle(stub: decode_pb2_grpc.DecodeServiceStub) -> None:
+    stats = await stub.Stats(common_pb2.StatsRequest())
+    assert (stats.active_requests, stats.kv_bytes_held) == (0, 0)
+
+
+@pytest.mark.parametrize(("name", "mutate", "code", "phrase"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_transfer_gets_clear_status(decode, name, mutate, code, phrase) -> None:
+    stub, model = decode
+    request_id = f"bad-{name}-{next(_ids)}"
+    generation = await admit(stub, request_id, NUM_TOKENS)
+    messages = mutate(real_transfer(model, request_id, NUM_TOKENS, chunk_tokens=2, chunk_layers=12))
+    with pytest.raises(grpc.aio.AioRpcError) as sent:
+        await send(stub, messages)
+    assert sent.value.code() == code
+    assert phrase.lower() in sent.value.details().lower()
+    if name != "chunk-before-layout":  # the request never learned of that transfer; cancel it
+        with pytest.raises(grpc.aio.AioRpcError) as generated:
+            await generation.read()
+        assert generated.value.code() == code
+    generation.cancel()
+    await _assert_idle_soon(stub)
+
+
+async def _assert_idle_soon(stub: decode_pb2_grpc.DecodeServiceStub) -> None:
+    for _ in range(50):
+        stats = await stub.Stats(common_pb2.StatsRequest())
+        if stats.active_requests == 0:
+            break
+        await asyncio.sleep(0.1)
+    await _assert_idle(stub)
+
+
+async def test_oversized_chunk_is_refused(decode) -> None:
+    stub, model = decode
+    request_id = f"oversized-{next(_ids)}"
+    generation = await admit(stub, request_id, 100)
+    messages = real_transfer(model, request_id, 100, chunk_tokens=100, chunk_layers=model.num_layers)
+    assert len(messages[1].data) > 2 * 1024 * 1024  # the decode under test takes at most 2 MB a chunk
+    with pytest.raises(grpc.aio.AioRpcError) as sent:
+        await send(stub, messages)
+    assert sent.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limit" in sent.value.details()
+    generation.cancel()
+    await _assert_idle_soon(stub)
+
+
+async def test_transfer_for_unknown_request_is_not_found(decode) -> None:
+    stub, model = decode
+    with pytest.raises(grpc.aio.AioRpcError) as sent:
+        await send(stub, real_transfer(model, "nobody-asked", NUM_TOKENS, 2, 12))
+    assert sent.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_empty_message_is_invalid(decode) -> None:
+    stub, _ = decode
+    with pytest.raises(grpc.aio.AioRpcError) as sent:
+        await send(stub, [kv_pb2.KvTransferMessage()])
+    assert sent.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_handcrafted_good_transfer_is_decoded(decode) -> None:
+    stub, model = decode
+    request_id = f"good-{next(_ids)}"
+    generation = await admit(stub, request_id, NUM_TOKENS, max_tokens=3)
+    reply = await send(stub, real_transfer(model, request_id, NUM_TOKENS, 2, 12))
+    assert reply.chunks_received == 9
+    events = []
+    while (event := await generation.read()) is not grpc.aio.EOF:
+        events.append(event)
+    assert [e.token.index for e in events[:-1]] == [1, 2]
+    assert events[-1].finished.completion_tokens == 3
+    await _assert_idle_soon(stub)
+
+
+async def test_decode_keeps_serving_after_bad_transfers(memory_stack, decode, runtime, encoder) -> None:
+    stub, _ = decode
+    request_id = f"after-{next(_ids)}"
+    generation = await admit(stub, request_id, NUM_TOKENS)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await send(stub, corrupt_checksum(real_transfer(decode[1], request_id, NUM_TOKENS, 2, 12)))
+    generation.cancel()
+    assert health_status(memory_stack["decode"]) == 1  # SERVING
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        ids, _, _ = await client.complete("The capital of France is", max_tokens=8, temperature=0)
+    assert ids == runtime.reference_generate(encoder.encode_text("The capital of France is"), 8)
