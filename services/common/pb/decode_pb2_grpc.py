@@ -28,7 +28,8 @@ if _version_not_supported:
 
 
 class DecodeServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Decode worker: receives KV caches and generates the remaining tokens.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -59,7 +60,8 @@ class DecodeServiceStub:
 
 
 class DecodeServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Decode worker: receives KV caches and generates the remaining tokens.
+    """
 
     def Generate(self, request, context):
         """Admits a request and streams its tokens after the first. The first event is Accepted: from
@@ -81,13 +83,15 @@ class DecodeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The loaded model and its fingerprint.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Requests in flight and KV held.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -124,7 +128,8 @@ def add_DecodeServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DecodeService:
-    """Missing associated documentation comment in .proto file."""
+    """Decode worker: receives KV caches and generates the remaining tokens.
+    """
 
     @staticmethod
     def Generate(request,

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """The public API of the serving system.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class GatewayServiceStub:
 
 
 class GatewayServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """The public API of the serving system.
+    """
 
     def Generate(self, request, context):
         """Streams the generated tokens. Errors: INVALID_ARGUMENT for bad input (the message names the
@@ -104,7 +106,8 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """Missing associated documentation comment in .proto file."""
+    """The public API of the serving system.
+    """
 
     @staticmethod
     def Generate(request,

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class KvStoreServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Byte values by (namespace, key), with a TTL and a byte budget (oldest evicted first).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -58,7 +59,8 @@ class KvStoreServiceStub:
 
 
 class KvStoreServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Byte values by (namespace, key), with a TTL and a byte budget (oldest evicted first).
+    """
 
     def Put(self, request, context):
         """Stores a value. Errors: INVALID_ARGUMENT (empty key, value larger than the budget),
@@ -83,7 +85,8 @@ class KvStoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Entries, bytes and evictions.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -120,7 +123,8 @@ def add_KvStoreServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class KvStoreService:
-    """Missing associated documentation comment in .proto file."""
+    """Byte values by (namespace, key), with a TTL and a byte budget (oldest evicted first).
+    """
 
     @staticmethod
     def Put(request,

@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class PrefillServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Prefill worker: runs prompt forward passes and hands the KV cache off.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -53,7 +54,8 @@ class PrefillServiceStub:
 
 
 class PrefillServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Prefill worker: runs prompt forward passes and hands the KV cache off.
+    """
 
     def Prefill(self, request, context):
         """Runs the prompt forward pass. Streams the first token as soon as it is sampled, then a
@@ -65,13 +67,15 @@ class PrefillServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The loaded model and its fingerprint.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Requests in flight and KV held.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -103,7 +107,8 @@ def add_PrefillServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class PrefillService:
-    """Missing associated documentation comment in .proto file."""
+    """Prefill worker: runs prompt forward passes and hands the KV cache off.
+    """
 
     @staticmethod
     def Prefill(request,

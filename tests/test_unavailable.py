@@ -1,0 +1,71 @@
+"""An unreachable kvstore or Redis: UNAVAILABLE where the kvstore is required, normal serving over
+the direct stream where it is optional (the checkpoint)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.client import GatewayClient
+from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.stack import free_port
+from tests.conftest import RunningStack, start_stack
+
+
+@pytest.fixture(scope="module")
+def redis_down_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
+    """Tiny model; the kvstore's Redis is a port nobody listens on; the prefill checkpoints to it."""
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"
+    running = start_stack(tmp_path_factory.mktemp("redis-down"), "tiny", "redis", dead_redis,
+                          extra={"prefill": ("--checkpoint-kv",), "kvstore": ("--redis-url", dead_redis)},
+                          extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore")},
+                          wait_for=("prefill", "decode", "gateway", "gateway_kvstore"))
+    yield running
+    running.stack.stop()
+
+
+async def test_kvstore_path_without_redis_is_unavailable(redis_down_stack) -> None:
+    async with GatewayClient(redis_down_stack["gateway_kvstore"]) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.complete("Hello there", max_tokens=4, temperature=0)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "redis" in caught.value.details().lower() or "kvstore" in caught.value.details().lower()
+
+
+async def test_kvstore_reports_redis_unavailable(redis_down_stack) -> None:
+    async with grpc.aio.insecure_channel(redis_down_stack["kvstore"]) as channel:
+        stub = kvstore_pb2_grpc.KvStoreServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Put(kvstore_pb2.PutRequest(namespace="n", key="k", value=b"v"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_direct_path_serves_without_redis(redis_down_stack) -> None:
+    async with GatewayClient(redis_down_stack["gateway"]) as client:
+        ids, _, last = await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)
+    assert len(ids) == 6 and last.finish_reason == "length"
+
+
+async def test_kvstore_process_down_is_unavailable(redis_down_stack) -> None:
+    redis_down_stack.stack.processes["kvstore"].kill()
+    redis_down_stack.stack.processes["kvstore"].wait()
+    async with GatewayClient(redis_down_stack["gateway_kvstore"]) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.complete("Hello there", max_tokens=4, temperature=0)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    async with GatewayClient(redis_down_stack["gateway"]) as client:
+        ids, _, _ = await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)
+    assert len(ids) == 6
+
+
+async def test_decode_from_empty_kvstore_is_not_found(memory_stack) -> None:
+    from services.common.pb import decode_pb2, decode_pb2_grpc
+
+    async with grpc.aio.insecure_channel(memory_stack["decode"]) as channel:
+        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(decode_pb2.DecodeRequest(
+            request_id="never-prefilled", prompt_token_ids=[1, 2, 3],
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2), kv_source=decode_pb2.KV_SOURCE_KVSTORE))
+        assert (await call.read()).HasField("accepted")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
