@@ -16,8 +16,9 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
+
+from services.common.healthcheck import health_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,16 +40,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def health_status(address: str, timeout: float = 1.0) -> int:
-    """The server's overall health status, or -1 if it does not answer."""
-    with grpc.insecure_channel(address) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-        except grpc.RpcError:
-            return -1
-    return reply.status
 
 
 class Stack:

@@ -11,7 +11,7 @@ import pytest
 
 from services.client import GatewayClient
 from services.common.pb import common_pb2, decode_pb2_grpc, kv_pb2
-from services.stack import health_status
+from services.common.healthcheck import health_status
 from tests.kv_helpers import Message, admit, real_transfer, replace, send
 
 NUM_TOKENS = 5

@@ -51,6 +51,7 @@ class PrefillSummary:
     chunk_count: int
     forward_seconds: float
     transfer_seconds: float
+    handoff_seconds: float
     stored: bool
 
 
@@ -113,15 +114,15 @@ class PrefillEngine:
             logits = await loop.run_in_executor(
                 self._executor, self._runtime.prefill, job.prompt_ids,
                 lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
-            forward_seconds = time.perf_counter() - started
+            forward_done = time.perf_counter()
             first = sample(logits, job.sampling, 0)
             yield FirstToken(first)
             transfer_started = await pump
             await asyncio.gather(*(sink.close(KvEnd(job.request_id, layout.chunk_count, first)) for sink in sinks))
-            transfer_seconds = time.perf_counter() - transfer_started if job.decode_sink else 0.0
+            finished = time.perf_counter()
             stored = store_sink is not None and getattr(store_sink, "ok", True)
-            yield PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward_seconds,
-                                 transfer_seconds, stored)
+            yield PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward_done - started,
+                                 finished - transfer_started, finished - forward_done, stored)
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()

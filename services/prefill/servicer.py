@@ -50,7 +50,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             else:
                 yield prefill_pb2.PrefillEvent(done=prefill_pb2.PrefillDone(
                     kv_bytes=event.kv_bytes, chunk_count=event.chunk_count, forward_seconds=event.forward_seconds,
-                    transfer_seconds=event.transfer_seconds, stored=event.stored))
+                    transfer_seconds=event.transfer_seconds, handoff_seconds=event.handoff_seconds,
+                    stored=event.stored))
 
     @grpc_edge
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,

@@ -28,18 +28,20 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("kv_bytes", "chunk_count", "forward_seconds", "transfer_seconds", "stored")
+    __slots__ = ("kv_bytes", "chunk_count", "forward_seconds", "transfer_seconds", "stored", "handoff_seconds")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
     chunk_count: int
     forward_seconds: float
     transfer_seconds: float
     stored: bool
-    def __init__(self, kv_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., stored: _Optional[bool] = ...) -> None: ...
+    handoff_seconds: float
+    def __init__(self, kv_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., stored: _Optional[bool] = ..., handoff_seconds: _Optional[float] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("first_token", "done")

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m services.bench.transfer` (KV handoff throughput)."""
