@@ -88,9 +88,11 @@ class Stack:
 
 def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "memory", kv_transfer: str = "direct",
                 redis_url: str = "redis://127.0.0.1:6379/0", extra: Mapping[str, Sequence[str]] | None = None,
-                log_level: str = "INFO") -> list[ServiceSpec]:
-    """The four services wired to each other on loopback."""
-    extra = extra or {}
+                log_level: str = "INFO", metrics_ports: Mapping[str, int] | None = None) -> list[ServiceSpec]:
+    """The four services wired to each other on loopback; /metrics off unless `metrics_ports`."""
+    metrics = metrics_ports or {}
+    extra = {name: ("--metrics-port", str(metrics.get(name, 0)), *(extra or {}).get(name, ()))
+             for name in ("gateway", "prefill", "decode", "kvstore")}
     kvstore = f"127.0.0.1:{ports['kvstore']}"
     common = ("--log-level", log_level)
     worker = ("--model", model, "--kvstore-address", kvstore, *common)
@@ -119,12 +121,18 @@ def main() -> None:
                         choices=("direct", "kvstore"))
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("BASE_PORT", "50051")),
                         help="gateway port; prefill, decode and kvstore take the next three")
+    parser.add_argument("--metrics-base-port", type=int, default=int(os.environ.get("METRICS_BASE_PORT", "9100")),
+                        help="gateway /metrics port; prefill, decode and kvstore take the next three")
+    parser.add_argument("--summary", action="store_true",
+                        help="the gateway logs one line per request: TTFT, handoff latency, KV bytes, tokens/s")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     args = parser.parse_args()
     names = ("gateway", "prefill", "decode", "kvstore")
     ports = {name: args.base_port + offset for offset, name in enumerate(names)}
-    stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url,
-                              log_level=args.log_level))
+    metrics_ports = {name: args.metrics_base_port + offset for offset, name in enumerate(names)}
+    extra = {"gateway": ("--request-summary",) if args.summary else ()}
+    stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url, extra,
+                              args.log_level, metrics_ports))
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -135,7 +143,8 @@ def main() -> None:
         stack.wait_healthy(timeout=600)
         print("\nAll four services are healthy:", flush=True)
         for spec in stack.specs:
-            print(f"  {spec.name:8s} grpc://{spec.address}", flush=True)
+            print(f"  {spec.name:8s} grpc://{spec.address}   metrics http://127.0.0.1:{metrics_ports[spec.name]}/metrics",
+                  flush=True)
         gateway = f"127.0.0.1:{ports['gateway']}"
         print(f'\nTry: python -m services.client --address {gateway} "The capital of France is"'
               "\nCtrl-C stops everything.", flush=True)

@@ -14,7 +14,7 @@ import redis
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
-from services.stack import Stack, free_port, local_stack
+from services.stack import ServiceSpec, Stack, free_port, local_stack
 
 SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
 PROMPTS = [
@@ -61,9 +61,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class RunningStack:
     """A started Stack and the addresses of its services (extra gateways included)."""
 
-    def __init__(self, stack: Stack, addresses: dict[str, str]) -> None:
+    def __init__(self, stack: Stack, addresses: dict[str, str], metrics_ports: dict[str, int]) -> None:
         self.stack = stack
         self.addresses = addresses
+        self.metrics_ports = metrics_ports
 
     def __getitem__(self, name: str) -> str:
         return self.addresses[name]
@@ -71,14 +72,19 @@ class RunningStack:
 
 def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redis_url: str = "",
                 extra: Mapping[str, Sequence[str]] | None = None, extra_gateways: Mapping[str, Sequence[str]] = {},
-                wait_for: Sequence[str] | None = None) -> RunningStack:
+                wait_for: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RunningStack:
     ports = {name: free_port() for name in SERVICE_NAMES}
+    metrics_ports = {name: free_port() for name in (*SERVICE_NAMES, *extra_gateways)}
     specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
-                        extra=extra, log_level="DEBUG")
+                        extra=extra, log_level="DEBUG", metrics_ports=metrics_ports)
+    env = dict(env or {})
+    specs = [ServiceSpec(spec.name, spec.module, spec.port, spec.args, env) for spec in specs]
     gateway = next(spec for spec in specs if spec.name == "gateway")
     for name, args in extra_gateways.items():
         port = free_port()
-        specs.append(type(gateway)(name, "gateway", port, (*gateway.args, "--port", str(port), *args)))
+        specs.append(ServiceSpec(name, "gateway", port, (*gateway.args, "--port", str(port),
+                                                         "--metrics-port", str(metrics_ports[name]), *args),
+                                 env))
     stack = Stack(specs, log_dir=str(log_dir))
     stack.start()
     try:
@@ -90,7 +96,7 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
         for log in sorted(log_dir.glob("*.log")):
             print(f"==== {log.name}\n{log.read_text()[-3000:]}")
         raise
-    return RunningStack(stack, {spec.name: spec.address for spec in specs})
+    return RunningStack(stack, {spec.name: spec.address for spec in specs}, metrics_ports)
 
 
 @pytest.fixture(scope="session")

@@ -78,9 +78,10 @@ def split_addresses(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-def check_port(name: str, port: int) -> None:
-    if not 0 < port < 65536:
-        raise ValueError(f"{name} must be in 1..65535, got {port}")
+def check_port(name: str, port: int, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if not low <= port < 65536:
+        raise ValueError(f"{name} must be in {low}..65535, got {port}")
 
 
 def check_positive(name: str, value: float) -> None:

@@ -1,20 +1,13 @@
 """Domain errors and the one table that maps them to gRPC status codes.
 
-Code inside a service raises these; only the servicer edge (`grpc_edge`) turns them into a gRPC
-status. Errors from an upstream gRPC call keep their code as they pass through.
+Code inside a service raises these; only the servicer edge (`services.common.edge.grpc_edge`)
+turns them into a gRPC status. Errors from an upstream gRPC call keep their code as they pass
+through.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
-
 import grpc
-
-log = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -73,37 +66,3 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, kind):
             return code, str(error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
-    code, details = status_of(error)
-    if code == grpc.StatusCode.INTERNAL:
-        log.exception("unexpected error", exc_info=error)
-    else:
-        log.info("request failed: %s %s", code.name, details)
-    await context.abort(code, details)
-
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def grpc_edge(handler: F) -> F:
-    """Map exceptions raised by a unary or server-streaming handler to a gRPC status."""
-    if inspect.isasyncgenfunction(handler):
-        @functools.wraps(handler)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            try:
-                async for item in handler(self, request, context):
-                    yield item
-            except Exception as error:  # noqa: BLE001 - the edge reports every failure
-                await _abort(context, error)
-        return stream  # type: ignore[return-value]
-
-    @functools.wraps(handler)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Awaitable[Any]:
-        try:
-            return await handler(self, request, context)
-        except Exception as error:  # noqa: BLE001 - the edge reports every failure
-            await _abort(context, error)
-            raise  # unreachable: abort raises
-    return unary  # type: ignore[return-value]

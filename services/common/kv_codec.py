@@ -101,6 +101,7 @@ class KvEnd:
     request_id: str
     chunk_count: int
     first_token: int
+    forward_end_unix_nanos: int = 0
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -126,6 +127,7 @@ class AssembledKv:
     values: torch.Tensor
     first_token: int
     byte_count: int
+    forward_end_unix_nanos: int
 
 
 class KvAssembler:
@@ -203,7 +205,8 @@ class KvAssembler:
         if end.chunk_count != layout.chunk_count:
             raise KvProtocolError(f"KV end declares {end.chunk_count} chunks, the layout has {layout.chunk_count}")
         self.check_complete()
-        return AssembledKv(self._keys, self._values, end.first_token, self.bytes_received)
+        return AssembledKv(self._keys, self._values, end.first_token, self.bytes_received,
+                           end.forward_end_unix_nanos)
 
     def check_complete(self) -> None:
         layout = self._require_layout()

@@ -44,7 +44,8 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             encoding=_ENCODING_TO_PB[message.encoding], shape=message.shape,
             byte_length=message.byte_length, crc32=message.crc32, data=message.data))
     return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
-        request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token))
+        request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token,
+        forward_end_unix_nanos=message.forward_end_unix_nanos))
 
 
 def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
@@ -60,7 +61,7 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
                        tuple(c.shape), c.byte_length, c.crc32, c.data)
     if kind == "end":
         e = message.end
-        return KvEnd(e.request_id, e.chunk_count, e.first_token)
+        return KvEnd(e.request_id, e.chunk_count, e.first_token, e.forward_end_unix_nanos)
     raise KvProtocolError("empty KV transfer message")
 
 

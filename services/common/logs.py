@@ -1,4 +1,5 @@
-"""One log format for every service, with the request id of the current request on each line."""
+"""One log format for every service, with the request id and trace id of the current request on
+each line."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import contextvars
 import logging
 import sys
 
+from opentelemetry import trace
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(service)s [%(request_id)s] %(name)s: %(message)s"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(service)s [req=%(request_id)s trace=%(trace_id)s] %(name)s: %(message)s"
 
 
 class _ContextFilter(logging.Filter):
@@ -19,6 +22,8 @@ class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
         record.service = self._service
+        span_context = trace.get_current_span().get_span_context()
+        record.trace_id = format(span_context.trace_id, "032x") if span_context.is_valid else "-"
         return True
 
 
@@ -30,7 +35,7 @@ def setup_logging(service: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("transformers", "accelerate", "urllib3", "filelock"):
+    for noisy in ("transformers", "accelerate", "urllib3", "filelock", "grpc._cython"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

@@ -1,9 +1,10 @@
 """gRPC server bootstrap shared by the four services.
 
-Life of a server: start listening with health NOT_SERVING -> warm up (load the model) ->
-SERVING -> SIGTERM/SIGINT sets the stop event -> health NOT_SERVING for every service
-(`enter_graceful_shutdown`) -> `server.stop(grace)` lets in-flight calls finish -> exit.
-Reflection is on, so `grpcurl` can list and call every service.
+Life of a server: listen with health NOT_SERVING -> warm up (load and warm the model) -> SERVING
+-> SIGTERM/SIGINT sets the stop event -> health NOT_SERVING for every service
+(`enter_graceful_shutdown`) and new work is refused with UNAVAILABLE (draining) -> in-flight work
+finishes, up to the grace period -> `server.stop` -> exit 0. Reflection is on, so `grpcurl` can
+list and call every service. Prometheus metrics are served on their own HTTP port.
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from services.common.errors import BackendUnavailable
+from services.common.telemetry import ServiceTelemetry, client_interceptors, serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,11 +43,49 @@ class ServerSpec:
     host: str
     port: int
     grace_seconds: float
+    metrics_port: int
 
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A channel to another service of this system, with the shared message limits."""
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    """A channel to another service of this system: shared message limits, trace propagation."""
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=client_interceptors())
+
+
+class Lifecycle:
+    """Whether the server takes new work, and how much work is in flight."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @contextmanager
+    def work(self) -> Iterator[None]:
+        """Hold for the life of one piece of new work; refused while draining."""
+        if self.draining:
+            raise BackendUnavailable("server is shutting down; retry on another worker")
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait for in-flight work; False if the timeout came first."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
@@ -49,8 +94,9 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve(spec: ServerSpec, register: Callable[[grpc.aio.Server], Sequence[str]],
-                warmup: Callable[[], Awaitable[None]], stop: asyncio.Event | None = None) -> None:
+async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecycle,
+                register: Callable[[grpc.aio.Server], Sequence[str]], warmup: Callable[[], Awaitable[None]],
+                stop: asyncio.Event | None = None) -> None:
     """Run a server until SIGTERM/SIGINT (or `stop` is set), then drain and stop it.
 
     `register` adds the servicers and returns their full service names; `warmup` runs after the
@@ -67,24 +113,38 @@ async def serve(spec: ServerSpec, register: Callable[[grpc.aio.Server], Sequence
     address = f"{spec.host}:{spec.port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
+    stop_metrics = serve_metrics(telemetry.registry, spec.host, spec.metrics_port)
     await server.start()
     try:
         for name in ("", *names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("%s listening on %s, warming up", spec.name, address)
-        warm = asyncio.ensure_future(warmup())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait([warm, stopped], return_when=asyncio.FIRST_COMPLETED)
-        if warm.done():
-            warm.result()
+        log.info("%s listening on %s (metrics on port %s), warming up", spec.name, address, spec.metrics_port or "-")
+        if await _warm_up(warmup, stop):
             for name in ("", *names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             log.info("%s serving on %s", spec.name, address)
-            await stopped
-        else:
-            warm.cancel()
-        log.info("%s draining (grace %.1fs)", spec.name, spec.grace_seconds)
+            await stop.wait()
         await health_servicer.enter_graceful_shutdown()
+        started = time.monotonic()
+        log.info("%s draining: %d in flight, grace %.1fs", spec.name, lifecycle.in_flight, spec.grace_seconds)
+        if not await lifecycle.drain(spec.grace_seconds):
+            log.warning("%s: grace period over with %d still in flight", spec.name, lifecycle.in_flight)
+        log.info("%s drained in %.2fs", spec.name, time.monotonic() - started)
     finally:
-        await server.stop(spec.grace_seconds)
+        await server.stop(FINAL_STOP_SECONDS)
+        stop_metrics()
         log.info("%s stopped", spec.name)
+
+
+async def _warm_up(warmup: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Run warmup unless a stop comes first; True if it completed."""
+    warm = asyncio.ensure_future(warmup())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([warm, stopped], return_when=asyncio.FIRST_COMPLETED)
+    if warm.done():
+        stopped.cancel()
+        warm.result()
+        return True
+    warm.cancel()
+    await asyncio.gather(warm, return_exceptions=True)
+    return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,11 +35,6 @@ class WorkerSettings:
         if self.kvstore_timeout_seconds <= 0:
             raise ValueError("kvstore_timeout_seconds must be > 0")
         check_log_level(self.log_level)
-
-
-def model_executor() -> ThreadPoolExecutor:
-    """The one thread that runs the model, so forward passes never block the event loop."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
 
 
 def load_runtime(settings: WorkerSettings) -> ModelRuntime:

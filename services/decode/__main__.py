@@ -10,9 +10,12 @@ import grpc
 from services.common.config import parse_settings
 from services.common.kvstore_client import KvStoreClient
 from services.common.logs import setup_logging
+from services.common.metrics import DecodeMetrics, decode_load_gauges
+from services.common.model_thread import ModelThread
 from services.common.pb import decode_pb2, decode_pb2_grpc
-from services.common.server import ServerSpec, serve
-from services.common.worker import load_runtime, model_executor
+from services.common.server import Lifecycle, ServerSpec, serve
+from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.worker import load_runtime
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.servicer import DecodeServicer
 from services.decode.settings import DecodeSettings
@@ -21,10 +24,13 @@ MB = 1024 * 1024
 
 
 async def run(settings: DecodeSettings) -> None:
-    executor = model_executor()
-    servicer = DecodeServicer()
-    store: KvStoreClient | None = None
+    telemetry = service_telemetry("decode")
+    thread = ModelThread()
+    lifecycle = Lifecycle()
+    servicer = DecodeServicer(telemetry, lifecycle)
     engine: DecodeEngine | None = None
+    metrics = DecodeMetrics.create(telemetry.registry, thread)
+    store: KvStoreClient | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
@@ -32,33 +38,39 @@ async def run(settings: DecodeSettings) -> None:
 
     async def warmup() -> None:
         nonlocal store, engine
-        runtime = await asyncio.get_running_loop().run_in_executor(executor, load_runtime, settings)
+        runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
         limits = DecodeLimits(settings.kv_timeout_seconds, int(settings.max_chunk_mb * MB),
                               settings.max_active_requests)
-        engine = DecodeEngine(runtime, executor, limits, store)
+        engine = DecodeEngine(runtime, thread, limits, store, metrics)
+        decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)
 
+    spec = ServerSpec("decode", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(ServerSpec("decode", settings.host, settings.port, settings.grace_seconds), register, warmup)
+        await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
         if engine is not None:
             await engine.close()
         if store is not None:
             await store.close()
-        executor.shutdown(wait=False, cancel_futures=True)
+        thread.shutdown()
 
 
 def main() -> None:
     try:
         settings = parse_settings(DecodeSettings, "python -m services.decode",
                                   "decode worker: receives KV caches and generates tokens")
+        setup_logging("decode", settings.log_level)
+        tracing = setup_tracing("decode")
     except ValueError as exc:
         sys.exit(f"decode: {exc}")
-    setup_logging("decode", settings.log_level)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@ Life of a request, as a sequence of queues:
      interleave token by token (continuous batching replaces this in a later issue)
   -> finished (EOS or max_tokens), failed (bad KV, KV timeout) or cancelled by the caller
   -> released: the sequence and its KV are dropped and its stored transfer is deleted.
+
+Spans (children of the `decode.Generate` server span): `kv.handoff` (from the prefill's forward
+end, sent in the transfer's end message, to the sequence scheduled here; kv.handoff_ms, kv.bytes;
+the two ends use different hosts' clocks) and `decode.generation` (tokens, time per output token).
 """
 
 from __future__ import annotations
@@ -16,19 +20,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor
+import time
 from dataclasses import dataclass, field
 
 from services.common.errors import (BackendUnavailable, CapacityExhausted, DeadlineExceeded, InvalidRequest,
                                     KvProtocolError, UnknownRequest)
 from services.common.kv_codec import AssembledKv, KvAssembler, KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import chunk_key, end_key, layout_key, parse_stored, transfer_prefix
+from opentelemetry import trace
+
 from services.common.kvstore_client import KvStoreClient
+from services.common.metrics import DecodeLoad, DecodeMetrics
+from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling, sample
 from services.common.tasks import TaskSet
+from services.common.telemetry import perf_to_unix_nanos
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("disagg.decode")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -64,10 +74,11 @@ class Finished:
 
 
 class DecodeEngine:
-    def __init__(self, runtime: ModelRuntime, executor: Executor, limits: DecodeLimits,
-                 store: KvStoreClient | None) -> None:
+    def __init__(self, runtime: ModelRuntime, thread: ModelThread, limits: DecodeLimits,
+                 store: KvStoreClient | None, metrics: DecodeMetrics) -> None:
         self._runtime = runtime
-        self._executor = executor
+        self._thread = thread
+        self._metrics = metrics
         self._limits = limits
         self._store = store
         self._cleanup = TaskSet()
@@ -106,6 +117,7 @@ class DecodeEngine:
         if sequence is not None and not sequence.kv.done():
             sequence.kv_bytes = kv.byte_count
             sequence.kv.set_result(kv)
+            self._metrics.kv_bytes_received.inc(kv.byte_count)
 
     def fail(self, request_id: str, error: Exception) -> None:
         sequence = self.sequences.get(request_id)
@@ -136,16 +148,32 @@ class DecodeEngine:
             kv = await asyncio.wait_for(asyncio.shield(sequence.kv), self._limits.kv_timeout_seconds)
         except TimeoutError:
             raise DeadlineExceeded(f"KV did not arrive within {self._limits.kv_timeout_seconds}s") from None
-        loop = asyncio.get_running_loop()
-        cache = await loop.run_in_executor(self._executor, self._runtime.build_cache, kv.keys, kv.values)
+        cache = await self._thread.run(self._runtime.build_cache, kv.keys, kv.values)
+        self._record_handoff(kv)
         token, produced = kv.first_token, 1
         per_token = self._runtime.geometry.kv_bytes_per_token
-        while (reason := self._finish_reason(sequence.sampling, token, produced)) is None:
-            token = await loop.run_in_executor(self._executor, self._step, cache, token, sequence.sampling, produced)
-            sequence.kv_bytes += per_token
-            yield Token(token, produced)
-            produced += 1
+        with tracer.start_as_current_span("decode.generation") as span:
+            started = time.perf_counter()
+            while (reason := self._finish_reason(sequence.sampling, token, produced)) is None:
+                step = await self._thread.run_timed(self._step, cache, token, sequence.sampling, produced)
+                token = step.value
+                self._metrics.time_per_output_token.observe(step.run_seconds + step.queued_seconds)
+                sequence.kv_bytes += per_token
+                yield Token(token, produced)
+                produced += 1
+            steps = produced - 1
+            span.set_attributes({"decode.tokens": produced, "decode.finish_reason": reason,
+                                 "decode.time_per_output_token_ms":
+                                     (time.perf_counter() - started) * 1e3 / steps if steps else 0.0})
         yield Finished(reason, produced)
+
+    def _record_handoff(self, kv: AssembledKv) -> None:
+        now = perf_to_unix_nanos(time.perf_counter())
+        start = min(kv.forward_end_unix_nanos or now, now)
+        latency = (now - start) / 1e9
+        tracer.start_span("kv.handoff", start_time=start, attributes={
+            "kv.handoff_ms": latency * 1e3, "kv.bytes": kv.byte_count}).end(end_time=now)
+        self._metrics.handoff_seconds.observe(latency)
 
     def _step(self, cache: object, token: int, sampling: Sampling, position: int) -> int:
         return sample(self._runtime.decode_step(cache, token), sampling, position)  # type: ignore[arg-type]
@@ -173,6 +201,12 @@ class DecodeEngine:
             await self._store.delete_prefix(transfer_prefix(request_id))  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - stored KV also expires by TTL
             log.debug("could not delete stored KV of %s: %s", request_id, exc)
+
+    def load(self) -> DecodeLoad:
+        sequences = list(self.sequences.values())
+        awaiting = sum(not s.kv.done() for s in sequences)
+        return DecodeLoad(len(sequences), awaiting, len(sequences) - awaiting, sum(s.kv_bytes for s in sequences),
+                          len(sequences) / self._limits.max_active_requests)
 
     async def close(self) -> None:
         await self._cleanup.cancel_all()

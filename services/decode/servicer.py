@@ -7,7 +7,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError, grpc_edge
+from opentelemetry import trace
+
+from services.common.edge import grpc_edge
+from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import from_pb
 from services.common.logs import request_id_var
@@ -15,6 +18,8 @@ from services.common.model_info import model_info_pb
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
+from services.common.server import Lifecycle
+from services.common.telemetry import ServiceTelemetry
 from services.decode.engine import FINISH_LENGTH, DecodeEngine, Finished
 
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
@@ -23,7 +28,9 @@ _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.F
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     """Serves once `ready` is set (after the model loaded); until then every call is UNAVAILABLE."""
 
-    def __init__(self) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle) -> None:
+        self.telemetry = telemetry
+        self._lifecycle = lifecycle
         self._ready: tuple[DecodeEngine, common_pb2.ModelInfo] | None = None
 
     def ready(self, engine: DecodeEngine, geometry: ModelGeometry) -> None:
@@ -39,6 +46,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeEvent]:
         request_id_var.set(request.request_id)
         engine, _ = self._state()
+        with self._lifecycle.work():
+            async for event in self._generate(engine, request):
+                yield event
+
+    async def _generate(self, engine: DecodeEngine,
+                        request: decode_pb2.DecodeRequest) -> AsyncIterator[decode_pb2.DecodeEvent]:
         sequence = engine.admit(request.request_id, list(request.prompt_token_ids),
                                 sampling_from_pb(request.sampling, default_max_tokens=16))
         try:
@@ -73,6 +86,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                     assembler.accept_chunk(message)
                 elif isinstance(message, KvEnd):
                     engine.complete(layout.request_id, assembler.finish(message))
+                    trace.get_current_span().set_attributes({"kv.bytes": assembler.bytes_received,
+                                                             "kv.chunks": assembler.next_index})
                     return decode_pb2.TransferKvReply(bytes_received=assembler.bytes_received,
                                                       chunks_received=assembler.next_index)
                 else:
@@ -95,8 +110,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> decode_pb2.DecodeStats:
         engine, info = self._state()
-        sequences = list(engine.sequences.values())
-        return decode_pb2.DecodeStats(active_requests=len(sequences),
-                                      awaiting_kv=sum(not s.kv.done() for s in sequences),
-                                      kv_bytes_held=sum(s.kv_bytes for s in sequences),
-                                      requests_total=engine.requests_total, model=info)
+        load = engine.load()
+        return decode_pb2.DecodeStats(active_requests=load.active, awaiting_kv=load.awaiting_kv,
+                                      kv_bytes_held=load.kv_bytes_held, requests_total=engine.requests_total,
+                                      model=info)

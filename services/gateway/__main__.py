@@ -12,10 +12,12 @@ import grpc
 from services.common.channels import ChannelPool
 from services.common.config import parse_settings, split_addresses
 from services.common.logs import setup_logging
+from services.common.metrics import GatewayMetrics
 from services.common.model_files import resolve_model_dir
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
-from services.common.server import ServerSpec, serve
+from services.common.server import Lifecycle, ServerSpec, serve
 from services.common.tasks import TaskSet
+from services.common.telemetry import service_telemetry, setup_tracing
 from services.gateway.core import Gateway, GatewayLimits
 from services.gateway.routing import WorkerPool
 from services.gateway.servicer import GatewayServicer
@@ -33,9 +35,11 @@ async def _refresh_forever(pools: list[WorkerPool], every_seconds: float) -> Non
 
 
 async def run(settings: GatewaySettings) -> None:
+    telemetry = service_telemetry("gateway")
     channels = ChannelPool()
     background = TaskSet()
-    servicer = GatewayServicer(channels, settings.default_max_tokens)
+    lifecycle = Lifecycle()
+    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens)
     pools = [WorkerPool("prefill", split_addresses(settings.prefill_addresses)),
              WorkerPool("decode", split_addresses(settings.decode_addresses))]
 
@@ -46,14 +50,18 @@ async def run(settings: GatewaySettings) -> None:
     async def warmup() -> None:
         model_dir = await asyncio.to_thread(resolve_model_dir, settings.model, Path(settings.model_cache_dir))
         encoder = await asyncio.to_thread(PromptEncoder, model_dir)
-        limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer)
-        servicer.ready(Gateway(encoder, pools[0], pools[1], channels, limits))
+        limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer,
+                               settings.request_summary)
+        gateway = Gateway(encoder, pools[0], pools[1], channels, limits,
+                          GatewayMetrics.create(telemetry.registry, lambda: gateway.active_requests))
+        servicer.ready(gateway)
         background.spawn(_refresh_forever(pools, settings.membership_refresh_seconds), "membership-refresh")
         log.info("routing to prefill %s and decode %s (kv transfer: %s)", settings.prefill_addresses,
                  settings.decode_addresses, settings.kv_transfer)
 
+    spec = ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds), register, warmup)
+        await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
         await background.cancel_all()
         await channels.close()
@@ -63,10 +71,14 @@ def main() -> None:
     try:
         settings = parse_settings(GatewaySettings, "python -m services.gateway",
                                   "gateway: the public gRPC API; routes requests to prefill and decode workers")
+        setup_logging("gateway", settings.log_level)
+        tracing = setup_tracing("gateway")
     except ValueError as exc:
         sys.exit(f"gateway: {exc}")
-    setup_logging("gateway", settings.log_level)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

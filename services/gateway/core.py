@@ -1,12 +1,12 @@
 """The gateway's request path.
 
 Life of a request, as a sequence of queues:
-  validated and tokenized (chat template for conversations)
+  validated and tokenized (chat template for conversations)             span gateway.tokenize
   -> decode worker chosen (fewest requests in flight; the next one if it refuses admission)
-     and admitted: its Generate stream answers Accepted
-  -> prefill worker chosen (fewest in flight) and called with the decode worker's address: it
-     streams the KV straight to the decode worker ('direct'), or stores it in the kvstore first
-     and the decode worker is admitted afterwards ('kvstore')
+     and admitted: its Generate stream answers Accepted; prefill worker chosen (fewest in
+     flight)                                                              span gateway.route
+  -> the prefill streams the KV straight to the decode worker ('direct'), or stores it in the
+     kvstore and the decode worker is admitted afterwards ('kvstore')
   -> the prefill's first token goes to the client at once; the decode's tokens follow
   -> text deltas (stop strings cut the text and end the request)
   -> finished: the final message carries the finish reason and usage. However the request
@@ -16,20 +16,24 @@ Life of a request, as a sequence of queues:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from services.common.channels import ChannelPool
 from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError
+from services.common.metrics import GatewayMetrics
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.sampling import Sampling, sampling_to_pb
 from services.gateway.routing import Worker, WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("disagg.gateway")
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
 # Admission failures that another decode worker may not have.
@@ -63,16 +67,31 @@ class GatewayLimits:
     max_tokens_limit: int
     request_timeout_seconds: float
     kv_transfer: str
+    request_summary: bool  # log one line per finished request
+
+
+@dataclass(slots=True)
+class _Timeline:
+    """When a request's tokens arrived, and what its KV handoff cost."""
+
+    started: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+    handoff_seconds: float = 0.0
+    kv_bytes: int = 0
+
+    def token(self) -> None:
+        self.token_times.append(time.perf_counter())
 
 
 class Gateway:
     def __init__(self, encoder: PromptEncoder, prefill: WorkerPool, decode: WorkerPool, channels: ChannelPool,
-                 limits: GatewayLimits) -> None:
+                 limits: GatewayLimits, metrics: GatewayMetrics) -> None:
         self._encoder = encoder
         self.prefill_pool = prefill
         self.decode_pool = decode
         self._channels = channels
         self._limits = limits
+        self._metrics = metrics
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:
@@ -93,26 +112,54 @@ class Gateway:
         return ids
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
-        prompt_ids = self.tokenize(request)
+        timeline = _Timeline()
+        with tracer.start_as_current_span("gateway.tokenize") as span:
+            prompt_ids = self.tokenize(request)
+            span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
         stream = TextStream(self._encoder.tokenizer, request.sampling.stop)
-        completion = 0
         self.active_requests += 1
         try:
-            async with aclosing(self._tokens(request, prompt_ids)) as tokens:
+            async with aclosing(self._tokens(request, prompt_ids, timeline)) as tokens:
                 async for token_id, finish in tokens:
                     if finish is not None:
-                        yield GenerateOutput([], stream.flush(), finish, Usage(len(prompt_ids), completion))
+                        yield self._finish(request, prompt_ids, timeline, [], stream.flush(), finish)
                         return
-                    completion += 1
+                    timeline.token()
                     delta, stopped = stream.add(token_id)
                     if stopped:
-                        yield GenerateOutput([token_id], delta, "stop", Usage(len(prompt_ids), completion))
+                        yield self._finish(request, prompt_ids, timeline, [token_id], delta, "stop")
                         return
                     yield GenerateOutput([token_id], delta)
         finally:
             self.active_requests -= 1
 
-    async def _tokens(self, request: GenerateInput, prompt_ids: list[int]) -> AsyncIterator[tuple[int, str | None]]:
+    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: _Timeline, token_ids: list[int],
+                text: str, reason: str) -> GenerateOutput:
+        usage = Usage(len(prompt_ids), len(timeline.token_times))
+        self._observe(request.request_id, usage, timeline)
+        return GenerateOutput(token_ids, text, reason, usage)
+
+    def _observe(self, request_id: str, usage: Usage, timeline: _Timeline) -> None:
+        times, metrics = timeline.token_times, self._metrics
+        e2e = time.perf_counter() - timeline.started
+        ttft = times[0] - timeline.started if times else e2e
+        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+        metrics.ttft.observe(ttft)
+        metrics.e2e_latency.observe(e2e)
+        if len(times) > 1:
+            metrics.time_per_output_token.observe(tpot)
+        for earlier, later in zip(times, times[1:]):
+            metrics.inter_token_latency.observe(later - earlier)
+        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.completion_tokens.inc(usage.completion_tokens)
+        if self._limits.request_summary:
+            log.info("request %s: prompt %d, completion %d tokens | TTFT %.0f ms | handoff %.1f ms | KV %.2f MB"
+                     " | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
+                     usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
+                     tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
+
+    async def _tokens(self, request: GenerateInput, prompt_ids: list[int],
+                      timeline: _Timeline) -> AsyncIterator[tuple[int, str | None]]:
         """(token, None) for each token, then (0, finish reason)."""
         sampling = sampling_to_pb(request.sampling)
         prefill_request = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
@@ -124,15 +171,19 @@ class Gateway:
             try:
                 if self._limits.kv_transfer == "kvstore":
                     prefill_request.store_kv = True
-                    async for token in self._prefill(prefill_request, calls):
+                    prefill = self._route_prefill(leases)
+                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
                         yield token, None
                     decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE
-                    _, decode_call = await self._admit(decode_request, calls, leases)
+                    with tracer.start_as_current_span("gateway.route"):
+                        _, decode_call = await self._admit(decode_request, calls, leases)
                 else:
                     decode_request.kv_source = decode_pb2.KV_SOURCE_DIRECT
-                    decode, decode_call = await self._admit(decode_request, calls, leases)
+                    with tracer.start_as_current_span("gateway.route"):
+                        decode, decode_call = await self._admit(decode_request, calls, leases)
+                        prefill = self._route_prefill(leases)
                     prefill_request.decode_address = decode.address
-                    async for token in self._prefill(prefill_request, calls):
+                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
                         yield token, None
                 # read() rather than `async for`: admission already read from this call
                 while (event := await decode_call.read()) is not grpc.aio.EOF:
@@ -145,15 +196,14 @@ class Gateway:
                 for call in calls:
                     call.cancel()
 
-    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call]) -> AsyncIterator[int]:
-        """The first token as soon as it is sampled; returns once the KV handoff is complete."""
+    def _route_prefill(self, leases: ExitStack) -> Worker:
         worker = self.prefill_pool.ranked()[0]
-        with WorkerPool.lease(worker):
-            async for token in self._prefill_on(worker, request, calls):
-                yield token
+        trace.get_current_span().set_attribute("gateway.prefill_worker", worker.address)
+        return leases.enter_context(WorkerPool.lease(worker))
 
-    async def _prefill_on(self, worker: Worker, request: prefill_pb2.PrefillRequest,
-                          calls: list[grpc.aio.Call]) -> AsyncIterator[int]:
+    async def _prefill(self, worker: Worker, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
+                       timeline: _Timeline) -> AsyncIterator[int]:
+        """The first token as soon as it is sampled; returns once the KV handoff is complete."""
         stub = prefill_pb2_grpc.PrefillServiceStub(self._channels.get(worker.address))
         call = stub.Prefill(request, timeout=self._limits.request_timeout_seconds)
         calls.append(call)
@@ -161,9 +211,7 @@ class Gateway:
             if event.HasField("first_token"):
                 yield event.first_token.token_id
             else:
-                log.debug("prefill done: %d KV bytes in %d chunks, forward %.3fs, transfer %.3fs",
-                          event.done.kv_bytes, event.done.chunk_count, event.done.forward_seconds,
-                          event.done.transfer_seconds)
+                timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call],
                      leases: ExitStack) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
@@ -183,6 +231,6 @@ class Gateway:
                 continue
             if event is grpc.aio.EOF or not event.HasField("accepted"):
                 raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
-            leases.enter_context(WorkerPool.lease(worker))
-            return worker, call
+            trace.get_current_span().set_attribute("gateway.decode_worker", worker.address)
+            return leases.enter_context(WorkerPool.lease(worker)), call
         raise last_error

@@ -92,6 +92,7 @@ class WorkerPool:
     @staticmethod
     @contextmanager
     def lease(worker: Worker) -> Iterator[Worker]:
+        """Count a request on `worker` while the context is open."""
         worker.active += 1
         try:
             yield worker

@@ -9,13 +9,17 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
-from services.common.errors import BackendUnavailable, InvalidRequest, grpc_edge
+from services.common.edge import grpc_edge
+from services.common.errors import BackendUnavailable, InvalidRequest
 from services.common.logs import request_id_var
 from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import ChannelPool
 from services.common.sampling import sampling_from_pb
-from services.gateway.core import Gateway, GenerateInput
+from services.common.server import Lifecycle
+from services.common.telemetry import ServiceTelemetry
+from services.gateway.core import Gateway, GenerateInput, GenerateOutput
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
@@ -40,10 +44,25 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     raise InvalidRequest("prompt must not be empty (give prompt or chat)")
 
 
+def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateResponse:
+    response = gateway_pb2.GenerateResponse(request_id=request_id, token_ids=output.token_ids, text=output.text)
+    if output.finish_reason is not None:
+        response.finish_reason = _FINISH_PB[output.finish_reason]
+    if output.usage is not None:
+        usage = output.usage
+        response.usage.CopyFrom(gateway_pb2.Usage(prompt_tokens=usage.prompt_tokens,
+                                                  completion_tokens=usage.completion_tokens,
+                                                  total_tokens=usage.prompt_tokens + usage.completion_tokens))
+    return response
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves once `ready` is set (after the tokenizer loaded); until then calls are UNAVAILABLE."""
 
-    def __init__(self, channels: ChannelPool, default_max_tokens: int) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
+                 default_max_tokens: int) -> None:
+        self.telemetry = telemetry
+        self._lifecycle = lifecycle
         self._gateway: Gateway | None = None
         self._channels = channels
         self._default_max_tokens = default_max_tokens
@@ -62,17 +81,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         gateway = self._core()
         domain = generate_input(request, self._default_max_tokens)
         request_id_var.set(domain.request_id)
-        async for output in gateway.generate(domain):
-            response = gateway_pb2.GenerateResponse(request_id=domain.request_id, token_ids=output.token_ids,
-                                                    text=output.text)
-            if output.finish_reason is not None:
-                response.finish_reason = _FINISH_PB[output.finish_reason]
-            if output.usage is not None:
-                usage = output.usage
-                response.usage.CopyFrom(gateway_pb2.Usage(
-                    prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-                    total_tokens=usage.prompt_tokens + usage.completion_tokens))
-            yield response
+        trace.get_current_span().set_attribute("request.id", domain.request_id)
+        with self._lifecycle.work():
+            async for output in gateway.generate(domain):
+                yield _response(domain.request_id, output)
 
     @grpc_edge
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,

@@ -15,6 +15,9 @@ KV_TRANSFER_MODES = ("direct", "kvstore")
 class GatewaySettings:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "GATEWAY_HOST")
     port: int = setting(50051, "gRPC port", "GATEWAY_PORT")
+    metrics_port: int = setting(
+        9100, "HTTP port of the Prometheus /metrics endpoint (0: off)",
+        "GATEWAY_METRICS_PORT")
     prefill_addresses: str = setting("127.0.0.1:50052", "prefill workers, comma separated host:port; a DNS "
                                      "name that resolves to several addresses counts as several workers",
                                      "PREFILL_ADDRESSES")
@@ -30,11 +33,14 @@ class GatewaySettings:
     request_timeout_seconds: float = setting(600.0, "deadline of each call to a worker", "REQUEST_TIMEOUT_SECONDS")
     membership_refresh_seconds: float = setting(10.0, "how often worker DNS names are resolved again",
                                                 "MEMBERSHIP_REFRESH_SECONDS")
+    request_summary: bool = setting(False, "log one line per finished request (TTFT, handoff latency, KV bytes, "
+                                    "tokens/s)", "REQUEST_SUMMARY")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
+        check_port("metrics_port", self.metrics_port, allow_zero=True)
         if not split_addresses(self.prefill_addresses) or not split_addresses(self.decode_addresses):
             raise ValueError("prefill_addresses and decode_addresses must each name at least one worker")
         if self.kv_transfer not in KV_TRANSFER_MODES:

@@ -12,7 +12,8 @@ from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
 from services.common.logs import setup_logging
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
-from services.common.server import ServerSpec, serve
+from services.common.server import Lifecycle, ServerSpec, serve
+from services.common.telemetry import service_telemetry, setup_tracing
 from services.kvstore.backend import make_backend
 from services.kvstore.servicer import KvStoreServicer
 from services.kvstore.settings import KvStoreSettings
@@ -22,10 +23,11 @@ log = logging.getLogger("services.kvstore")
 
 async def run(settings: KvStoreSettings) -> None:
     backend = make_backend(settings.backend, settings.backend_settings())
+    telemetry = service_telemetry("kvstore")
 
     def register(server: grpc.aio.Server) -> list[str]:
         kvstore_pb2_grpc.add_KvStoreServiceServicer_to_server(
-            KvStoreServicer(backend, settings.default_ttl_seconds), server)
+            KvStoreServicer(telemetry, backend, settings.default_ttl_seconds), server)
         return [kvstore_pb2.DESCRIPTOR.services_by_name["KvStoreService"].full_name]
 
     async def warmup() -> None:
@@ -38,19 +40,25 @@ async def run(settings: KvStoreSettings) -> None:
                 log.warning("waiting for the backend: %s", exc)
                 await asyncio.sleep(1.0)
 
+    spec = ServerSpec("kvstore", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(ServerSpec("kvstore", settings.host, settings.port, settings.grace_seconds), register, warmup)
+        await serve(spec, telemetry, Lifecycle(), register, warmup)
     finally:
         await backend.close()
 
 
 def main() -> None:
     try:
-        settings = parse_settings(KvStoreSettings, "python -m services.kvstore", "kvstore service: KV chunks by key with TTL and a byte budget")
+        settings = parse_settings(KvStoreSettings, "python -m services.kvstore",
+                                  "kvstore service: KV chunks by key with TTL and a byte budget")
+        setup_logging("kvstore", settings.log_level)
+        tracing = setup_tracing("kvstore")
     except ValueError as exc:
         sys.exit(f"kvstore: {exc}")
-    setup_logging("kvstore", settings.log_level)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

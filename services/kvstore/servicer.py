@@ -11,8 +11,10 @@ import re
 
 import grpc
 
-from services.common.errors import InvalidRequest, grpc_edge
+from services.common.edge import grpc_edge
+from services.common.errors import InvalidRequest
 from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.telemetry import ServiceTelemetry
 from services.kvstore.backend import KvBackend
 
 _NAME = re.compile(r"^[\x21-\x7e]{1,512}$")  # printable ASCII, no spaces or newlines
@@ -24,7 +26,8 @@ def _check_name(field: str, value: str) -> None:
 
 
 class KvStoreServicer(kvstore_pb2_grpc.KvStoreServiceServicer):
-    def __init__(self, backend: KvBackend, default_ttl_seconds: float) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, backend: KvBackend, default_ttl_seconds: float) -> None:
+        self.telemetry = telemetry
         self._backend = backend
         self._default_ttl = default_ttl_seconds
 

@@ -15,6 +15,9 @@ MB = 1024 * 1024
 class KvStoreSettings:
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "KVSTORE_HOST")
     port: int = setting(50054, "gRPC port", "KVSTORE_PORT")
+    metrics_port: int = setting(
+        9103, "HTTP port of the Prometheus /metrics endpoint (0: off)",
+        "KVSTORE_METRICS_PORT")
     backend: str = setting("memory", f"storage backend: {', '.join(BACKEND_NAMES)}", "KVSTORE_BACKEND")
     byte_budget_mb: float = setting(1024.0, "most bytes stored; the oldest entries are evicted first",
                                     "KVSTORE_BYTE_BUDGET_MB")
@@ -28,6 +31,7 @@ class KvStoreSettings:
 
     def __post_init__(self) -> None:
         check_port("port", self.port)
+        check_port("metrics_port", self.metrics_port, allow_zero=True)
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
         for name in ("byte_budget_mb", "default_ttl_seconds", "redis_part_mb"):

@@ -11,18 +11,23 @@ from services.common.channels import ChannelPool
 from services.common.config import parse_settings
 from services.common.kvstore_client import KvStoreClient
 from services.common.logs import setup_logging
+from services.common.metrics import PrefillMetrics
+from services.common.model_thread import ModelThread
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
-from services.common.server import ServerSpec, serve
-from services.common.worker import load_runtime, model_executor
+from services.common.server import Lifecycle, ServerSpec, serve
+from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.worker import load_runtime
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
 from services.prefill.settings import PrefillSettings
 
 
 async def run(settings: PrefillSettings) -> None:
+    telemetry = service_telemetry("prefill")
     channels = ChannelPool()
-    executor = model_executor()
-    servicer = PrefillServicer(channels, settings.transfer_timeout_seconds)
+    thread = ModelThread()
+    lifecycle = Lifecycle()
+    servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds)
     store: KvStoreClient | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -31,30 +36,37 @@ async def run(settings: PrefillSettings) -> None:
 
     async def warmup() -> None:
         nonlocal store
-        runtime = await asyncio.get_running_loop().run_in_executor(executor, load_runtime, settings)
+        runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
         chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers)
-        servicer.ready(PrefillEngine(runtime, executor, chunking, store, settings.checkpoint_kv), runtime.geometry)
+        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics)
+        servicer.ready(engine, runtime.geometry)
 
+    metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: lifecycle.in_flight)
+    spec = ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds), register, warmup)
+        await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
         await channels.close()
         if store is not None:
             await store.close()
-        executor.shutdown(wait=False, cancel_futures=True)
+        thread.shutdown()
 
 
 def main() -> None:
     try:
         settings = parse_settings(PrefillSettings, "python -m services.prefill",
                                   "prefill worker: prompt forward passes, KV streamed to decode workers")
+        setup_logging("prefill", settings.log_level)
+        tracing = setup_tracing("prefill")
     except ValueError as exc:
         sys.exit(f"prefill: {exc}")
-    setup_logging("prefill", settings.log_level)
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

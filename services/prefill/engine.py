@@ -6,9 +6,13 @@ Life of a request, as a sequence of queues:
   -> chunk pump: a finished layer group is cut into chunks, encoded off the event loop, and sent
      to every sink (the decode worker's TransferKv stream, the kvstore) while later layers compute
   -> the first token is sampled from the last logits and emitted at once (TTFT)
-  -> the end message (chunk count, first token) closes each sink; the decode's acknowledgement
-     ends the request, and the summary is emitted.
+  -> the end message (chunk count, first token, forward end time) closes each sink; the decode's
+     acknowledgement ends the handoff, and the summary is emitted.
 Cancelling the request's task aborts its sinks; nothing is kept after it ends.
+
+Spans (children of the `prefill.Prefill` server span): `prefill.queue_wait`, `prefill.forward`,
+`prefill.kv_send` (kv.bytes, kv.chunks, kv.chunk_tokens, kv.chunk_layers, kv.encoding,
+kv.throughput_bytes_per_second, kv.handoff_seconds).
 """
 
 from __future__ import annotations
@@ -16,19 +20,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
+from opentelemetry import trace
 
 from services.common.errors import BackendUnavailable, InvalidRequest
 from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
 from services.common.kvstore_client import KvStoreClient
+from services.common.metrics import PrefillMetrics
+from services.common.model_thread import ModelThread, Timed
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling, sample
+from services.common.telemetry import perf_to_unix_nanos
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
+tracer = trace.get_tracer("disagg.prefill")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,13 +72,14 @@ class ChunkGeometry:
 
 
 class PrefillEngine:
-    def __init__(self, runtime: ModelRuntime, executor: Executor, geometry: ChunkGeometry,
-                 store: KvStoreClient | None, checkpoint_kv: bool) -> None:
+    def __init__(self, runtime: ModelRuntime, thread: ModelThread, geometry: ChunkGeometry,
+                 store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics) -> None:
         self._runtime = runtime
-        self._executor = executor
+        self._thread = thread
         self._chunking = geometry
         self._store = store
         self._checkpoint = checkpoint_kv
+        self._metrics = metrics
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
 
@@ -95,12 +104,15 @@ class PrefillEngine:
             raise InvalidRequest("give a decode_address, or set store_kv")
         return sinks, store_sink
 
+    def _layout(self, job: PrefillJob) -> KvLayout:
+        geometry = self._runtime.geometry
+        return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
+                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens,
+                        min(self._chunking.chunk_layers, geometry.num_layers), geometry.dtype)
+
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job.prompt_ids)
-        geometry = self._runtime.geometry
-        layout = KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
-                          geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens,
-                          min(self._chunking.chunk_layers, geometry.num_layers), geometry.dtype)
+        layout = self._layout(job)
         sinks, store_sink = self._sinks(job)
         self.requests_total += 1
         self.kv_bytes_held[job.request_id] = 0
@@ -110,25 +122,48 @@ class PrefillEngine:
             loop = asyncio.get_running_loop()
             layers: asyncio.Queue[LayerKv] = asyncio.Queue()
             pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
-            started = time.perf_counter()
-            logits = await loop.run_in_executor(
-                self._executor, self._runtime.prefill, job.prompt_ids,
-                lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+            forward = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids,
+                                                   lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
-            first = sample(logits, job.sampling, 0)
+            self._record_forward(forward)
+            first = sample(forward.value, job.sampling, 0)
             yield FirstToken(first)
-            transfer_started = await pump
-            await asyncio.gather(*(sink.close(KvEnd(job.request_id, layout.chunk_count, first)) for sink in sinks))
+            first_sent = await pump
+            end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))
+            await asyncio.gather(*(sink.close(end) for sink in sinks))
             finished = time.perf_counter()
-            stored = store_sink is not None and getattr(store_sink, "ok", True)
-            yield PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward_done - started,
-                                 finished - transfer_started, finished - forward_done, stored)
+            summary = PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward.run_seconds,
+                                     finished - first_sent, finished - forward_done,
+                                     store_sink is not None and getattr(store_sink, "ok", True))
+            self._record_send(layout, summary, first_sent, finished)
+            yield summary
         finally:
             if pump is not None and not pump.done():
                 pump.cancel()
             for sink in sinks:
                 sink.abort()
             self.kv_bytes_held.pop(job.request_id, None)
+
+    def _record_forward(self, forward: Timed[torch.Tensor]) -> None:
+        started = int(forward.started_unix * 1e9)
+        tracer.start_span("prefill.queue_wait", start_time=started - int(forward.queued_seconds * 1e9)).end(
+            end_time=started)
+        tracer.start_span("prefill.forward", start_time=started).end(
+            end_time=started + int(forward.run_seconds * 1e9))
+        self._metrics.queue_wait_seconds.observe(forward.queued_seconds)
+        self._metrics.forward_seconds.observe(forward.run_seconds)
+
+    def _record_send(self, layout: KvLayout, summary: PrefillSummary, first_sent: float, finished: float) -> None:
+        throughput = summary.kv_bytes / max(summary.transfer_seconds, 1e-9)
+        span = tracer.start_span("prefill.kv_send", start_time=perf_to_unix_nanos(first_sent), attributes={
+            "kv.bytes": summary.kv_bytes, "kv.chunks": summary.chunk_count, "kv.chunk_tokens": layout.chunk_tokens,
+            "kv.chunk_layers": layout.chunk_layers, "kv.encoding": layout.encoding, "kv.dtype": layout.dtype,
+            "kv.throughput_bytes_per_second": throughput, "kv.handoff_seconds": summary.handoff_seconds,
+            "kv.stored": summary.stored})
+        span.end(end_time=perf_to_unix_nanos(finished))
+        self._metrics.kv_bytes_sent.inc(summary.kv_bytes)
+        self._metrics.kv_throughput.observe(throughput)
+        self._metrics.handoff_seconds.observe(summary.handoff_seconds)
 
     async def _pump(self, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send each layer group's chunks as soon as the group's layers are computed. Returns the

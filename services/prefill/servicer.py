@@ -7,12 +7,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, grpc_edge
+from services.common.edge import grpc_edge
+from services.common.errors import BackendUnavailable
 from services.common.logs import request_id_var
 from services.common.model_info import model_info_pb
 from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
+from services.common.server import Lifecycle
+from services.common.telemetry import ServiceTelemetry
 from services.prefill.engine import FirstToken, PrefillEngine, PrefillJob
 from services.prefill.sinks import DecodeStreamSink
 
@@ -20,7 +23,10 @@ from services.prefill.sinks import DecodeStreamSink
 class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Serves once `ready` is set (after the model loaded); until then every call is UNAVAILABLE."""
 
-    def __init__(self, channels: ChannelPool, transfer_timeout_seconds: float) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
+                 transfer_timeout_seconds: float) -> None:
+        self.telemetry = telemetry
+        self._lifecycle = lifecycle
         self._ready: tuple[PrefillEngine, common_pb2.ModelInfo] | None = None
         self._channels = channels
         self._transfer_timeout = transfer_timeout_seconds
@@ -38,6 +44,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                       context: grpc.aio.ServicerContext) -> AsyncIterator[prefill_pb2.PrefillEvent]:
         request_id_var.set(request.request_id)
         engine, _ = self._state()
+        with self._lifecycle.work():
+            async for event in self._prefill(engine, request):
+                yield event
+
+    async def _prefill(self, engine: PrefillEngine,
+                       request: prefill_pb2.PrefillRequest) -> AsyncIterator[prefill_pb2.PrefillEvent]:
         sink = None
         if request.decode_address:
             stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))

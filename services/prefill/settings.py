@@ -12,6 +12,9 @@ from services.common.worker import WorkerSettings
 class PrefillSettings(WorkerSettings):
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "PREFILL_HOST")
     port: int = setting(50052, "gRPC port", "PREFILL_PORT")
+    metrics_port: int = setting(
+        9101, "HTTP port of the Prometheus /metrics endpoint (0: off)",
+        "PREFILL_METRICS_PORT")
     kv_chunk_tokens: int = setting(512, "tokens per KV chunk", "KV_CHUNK_TOKENS")
     kv_chunk_layers: int = setting(4, "layers per KV chunk; a layer group is sent as soon as it is computed",
                                    "KV_CHUNK_LAYERS")
@@ -23,6 +26,7 @@ class PrefillSettings(WorkerSettings):
     def __post_init__(self) -> None:
         WorkerSettings.__post_init__(self)
         check_port("port", self.port)
+        check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_positive("kv_chunk_tokens", self.kv_chunk_tokens)
         check_positive("kv_chunk_layers", self.kv_chunk_layers)
         check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)

@@ -1,0 +1,113 @@
+"""Prometheus collectors of each role, registered in the service's own registry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common.model_thread import ModelThread
+from services.common.telemetry import LATENCY_BUCKETS
+
+THROUGHPUT_BUCKETS = tuple(x * 1e9 for x in (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10))
+
+
+def _gauge(registry: CollectorRegistry, name: str, doc: str, read: Callable[[], float]) -> Gauge:
+    gauge = Gauge(name, doc, registry=registry)
+    gauge.set_function(read)
+    return gauge
+
+
+def model_loop_gauges(registry: CollectorRegistry, thread: ModelThread) -> None:
+    """Busy fraction and queue of the model thread: shows which phase is saturated."""
+    _gauge(registry, "disagg_model_loop_busy_fraction", "share of the last 10 s the model thread was busy",
+           thread.busy_fraction)
+    _gauge(registry, "disagg_model_loop_queue_depth", "model calls waiting for the model thread",
+           lambda: thread.queued)
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillMetrics:
+    forward_seconds: Histogram
+    queue_wait_seconds: Histogram
+    kv_bytes_sent: Counter
+    kv_throughput: Histogram
+    handoff_seconds: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, thread: ModelThread, active: Callable[[], int]) -> PrefillMetrics:
+        model_loop_gauges(registry, thread)
+        _gauge(registry, "disagg_prefill_active_requests", "requests being prefilled or handed off", active)
+        return cls(
+            Histogram("disagg_prefill_forward_seconds", "prompt forward pass time", buckets=LATENCY_BUCKETS,
+                      registry=registry),
+            Histogram("disagg_prefill_queue_wait_seconds", "time a prompt waited for the model thread",
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Counter("disagg_kv_transfer_bytes", "KV bytes sent to decode workers", registry=registry),
+            Histogram("disagg_kv_transfer_throughput_bytes_per_second", "KV bytes per second of one transfer",
+                      buckets=THROUGHPUT_BUCKETS, registry=registry),
+            Histogram("disagg_kv_handoff_seconds", "forward pass end to complete KV acknowledged (prefill clock)",
+                      buckets=LATENCY_BUCKETS, registry=registry))
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeMetrics:
+    handoff_seconds: Histogram
+    kv_bytes_received: Counter
+    time_per_output_token: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, thread: ModelThread) -> DecodeMetrics:
+        model_loop_gauges(registry, thread)
+        return cls(
+            Histogram("disagg_kv_handoff_seconds", "prefill forward end to KV verified and sequence scheduled",
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Counter("disagg_kv_received_bytes", "KV bytes received and verified", registry=registry),
+            Histogram("disagg_decode_time_per_output_token_seconds", "decode step time per token",
+                      buckets=LATENCY_BUCKETS, registry=registry))
+
+
+def decode_load_gauges(registry: CollectorRegistry, load: Callable[[], DecodeLoad]) -> None:
+    """Gauges of a decode engine's load, read at scrape time."""
+    _gauge(registry, "disagg_kv_pool_pressure", "share of the decode worker's KV capacity in use",
+           lambda: load().pressure)
+    _gauge(registry, "disagg_kv_bytes_held", "KV bytes held by active requests", lambda: load().kv_bytes_held)
+    _gauge(registry, "disagg_decode_running_batch_size", "sequences generating", lambda: load().running)
+    _gauge(registry, "disagg_decode_queue_depth", "admitted requests waiting for their KV",
+           lambda: load().awaiting_kv)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeLoad:
+    """A decode worker's load at one moment (Stats RPC and gauges)."""
+
+    active: int
+    awaiting_kv: int
+    running: int
+    kv_bytes_held: int
+    pressure: float
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayMetrics:
+    ttft: Histogram
+    time_per_output_token: Histogram
+    inter_token_latency: Histogram
+    e2e_latency: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, active: Callable[[], int]) -> GatewayMetrics:
+        _gauge(registry, "disagg_gateway_active_requests", "Generate calls in flight", active)
+        return cls(
+            Histogram("disagg_ttft_seconds", "time to first token", buckets=LATENCY_BUCKETS, registry=registry),
+            Histogram("disagg_time_per_output_token_seconds", "(e2e - TTFT) / (tokens - 1) per request",
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Histogram("disagg_inter_token_latency_seconds", "time between consecutive tokens",
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Histogram("disagg_e2e_latency_seconds", "request end-to-end latency", buckets=LATENCY_BUCKETS,
+                      registry=registry),
+            Counter("disagg_prompt_tokens", "prompt tokens processed", registry=registry),
+            Counter("disagg_completion_tokens", "tokens generated", registry=registry))
