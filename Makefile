@@ -24,7 +24,7 @@ proto-check: $(INSTALLED)
 
 up: $(INSTALLED)
 	$(PY) -m services.common.model_files default
-	$(PY) -m services.stack
+	$(PY) -m services.stack $(UP_ARGS)
 
 test: $(INSTALLED)
 	$(PY) -m services.common.model_files default tiny

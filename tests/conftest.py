@@ -14,6 +14,7 @@ import redis
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
+from tests.otlp_receiver import SpanSink, start_receiver
 from services.stack import ServiceSpec, Stack, free_port, local_stack
 
 SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
@@ -97,6 +98,15 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
             print(f"==== {log.name}\n{log.read_text()[-3000:]}")
         raise
     return RunningStack(stack, {spec.name: spec.address for spec in specs}, metrics_ports)
+
+
+@pytest.fixture(scope="session")
+async def receiver() -> Iterator[SpanSink]:
+    """An OTLP/gRPC trace receiver on a free loopback port (its port is `receiver.port`)."""
+    sink, server, port = await start_receiver()
+    sink.port = port
+    yield sink
+    await server.stop(0)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,9 @@ local cache) and must become healthy and serve a request."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -17,8 +19,8 @@ from services.stack import ServiceSpec, Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("kvstore", "prefill", "decode", "gateway")
-PORT_VARIABLES = {"kvstore": "KVSTORE_PORT", "prefill": "PREFILL_PORT", "decode": "DECODE_PORT",
-                  "gateway": "GATEWAY_PORT"}
+DECLARED_PORTS = {"gateway": (50051, 9100), "prefill": (50052, 9101), "decode": (50053, 9102),
+                  "kvstore": (50054, 9103)}
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +28,14 @@ def compose() -> dict:
     return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
-def _localize(value: str, ports: dict[str, int], redis_url: str) -> str:
-    """Map compose host names to loopback, the declared service ports to free ones."""
+def _localize(value: str, ports: dict[int, int], redis_url: str, otlp_port: int) -> str:
+    """Map compose host names to loopback, the declared ports to free ones, the trace viewer to
+    the test's OTLP receiver and the /models volume to the local model cache."""
     value = value.replace("redis://redis:6379/0", redis_url).replace("0.0.0.0", "127.0.0.1")
+    value = value.replace("http://jaeger:4317", f"http://127.0.0.1:{otlp_port}")
     value = value.replace("/models", str(default_cache_dir()))
-    for name, port in ports.items():
-        declared = {"kvstore": 50054, "prefill": 50052, "decode": 50053, "gateway": 50051}[name]
-        value = re.sub(rf"\b{name}:{declared}\b", f"127.0.0.1:{port}", value)
+    for declared, port in ports.items():
+        value = re.sub(rf"\b(kvstore|prefill|decode|gateway):{declared}\b", f"127.0.0.1:{port}", value)
         if value == str(declared):
             value = str(port)
     return value
@@ -40,7 +43,7 @@ def _localize(value: str, ports: dict[str, int], redis_url: str) -> str:
 
 def test_compose_declares_the_four_services_from_one_image(compose: dict) -> None:
     services = compose["services"]
-    assert set(SERVICES) | {"redis"} <= set(services)
+    assert set(SERVICES) | {"redis", "jaeger"} <= set(services)
     assert {services[name]["image"] for name in SERVICES} == {"disagg-serve:latest"}
     for name in ("prefill", "decode"):  # scalable with --scale: no fixed host ports or container names
         assert "ports" not in services[name] and "container_name" not in services[name]
@@ -55,22 +58,32 @@ def test_dockerfile_installs_what_the_services_need() -> None:
 
 
 async def test_compose_services_start_healthy_and_serve(compose: dict, redis_url: str, tmp_path: Path,
-                                                        runtime, encoder) -> None:
-    ports = {name: free_port() for name in SERVICES}
+                                                        runtime, encoder, receiver) -> None:
+    ports = {declared: free_port() for pair in DECLARED_PORTS.values() for declared in pair}
     specs = []
     for name in SERVICES:
         service = compose["services"][name]
         command = service["command"]
         assert command[:2] == ["python", "-m"] and command[2].startswith("services."), command
-        env = {key: _localize(str(value), ports, redis_url) for key, value in service["environment"].items()}
-        assert env[PORT_VARIABLES[name]] == str(ports[name])
-        specs.append(ServiceSpec(name, command[2].removeprefix("services."), ports[name], tuple(command[3:]), env))
+        env = {key: _localize(str(value), ports, redis_url, receiver.port)
+               for key, value in service["environment"].items()}
+        grpc_port, metrics_port = (ports[declared] for declared in DECLARED_PORTS[name])
+        assert env[f"{name.upper()}_PORT"] == str(grpc_port)
+        assert env[f"{name.upper()}_METRICS_PORT"] == str(metrics_port)
+        assert env["OTEL_TRACES_EXPORTER"] == "otlp"
+        specs.append(ServiceSpec(name, command[2].removeprefix("services."), grpc_port, tuple(command[3:]), env))
     stack = Stack(specs, log_dir=str(tmp_path))
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        async with GatewayClient(f"127.0.0.1:{ports['gateway']}") as client:
-            ids, _, _ = await client.complete("The capital of France is", max_tokens=8, temperature=0)
+        async with GatewayClient(specs[-1].address) as client:
+            ids, _, _ = await client.complete("The capital of France is", max_tokens=8, temperature=0,
+                                              request_id="compose-1")
         assert ids == runtime.reference_generate(encoder.encode_text("The capital of France is"), 8)
+        deadline = time.monotonic() + 15
+        while (trace_id := receiver.trace_of("gateway", "gateway.Generate", "compose-1")) is None or \
+                {owner for owner, _ in receiver.in_trace(trace_id)} < {"gateway", "prefill", "decode"}:
+            assert time.monotonic() < deadline, "compose services did not export their spans"
+            await asyncio.sleep(0.1)
     finally:
         stack.stop()

@@ -55,33 +55,38 @@ def incoming_context(context: grpc.aio.ServicerContext) -> Any:
                               if isinstance(value, str)})
 
 
-class _TracePropagation(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                        grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds the current trace context (traceparent) to every outgoing call's metadata."""
+def _with_trace_context(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
+    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                      details.wait_for_ready)
 
-    @staticmethod
-    def _details(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier)
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                          details.wait_for_ready)
 
+# grpc.aio files an interceptor under the first call kind it implements, so each kind needs its own class.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_trace_context(details), request)
 
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_with_trace_context(details), request)
 
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Callable, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(_with_trace_context(details), request_iterator)
 
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Callable, details: Any, request_iterator: Any) -> Any:
-        return await continuation(self._details(details), request_iterator)
+        return await continuation(_with_trace_context(details), request_iterator)
 
 
 def client_interceptors() -> list[Any]:
-    return [_TracePropagation()]
+    """Interceptors that add the current trace context (traceparent) to every outgoing call."""
+    return [_UnaryUnary(), _UnaryStream(), _StreamUnary(), _StreamStream()]
 
 
 @dataclass(frozen=True, slots=True)

@@ -79,9 +79,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         gateway = self._core()
+        span = trace.get_current_span()
+        span.set_attribute("request.id", request.request_id)
         domain = generate_input(request, self._default_max_tokens)
         request_id_var.set(domain.request_id)
-        trace.get_current_span().set_attribute("request.id", domain.request_id)
+        span.set_attribute("request.id", domain.request_id)
         with self._lifecycle.work():
             async for output in gateway.generate(domain):
                 yield _response(domain.request_id, output)
