@@ -93,6 +93,7 @@ def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "me
     metrics = metrics_ports or {}
     extra = {name: ("--metrics-port", str(metrics.get(name, 0)), *(extra or {}).get(name, ()))
              for name in ("gateway", "prefill", "decode", "kvstore")}
+    extra["gateway"] = ("--http-port", str(ports.get("http", 0)), *extra["gateway"])
     kvstore = f"127.0.0.1:{ports['kvstore']}"
     common = ("--log-level", log_level)
     worker = ("--model", model, "--kvstore-address", kvstore, *common)
@@ -121,6 +122,8 @@ def main() -> None:
                         choices=("direct", "kvstore"))
     parser.add_argument("--base-port", type=int, default=int(os.environ.get("BASE_PORT", "50051")),
                         help="gateway port; prefill, decode and kvstore take the next three")
+    parser.add_argument("--http-port", type=int, default=int(os.environ.get("GATEWAY_HTTP_PORT", "8000")),
+                        help="port of the gateway's OpenAI-compatible HTTP API")
     parser.add_argument("--metrics-base-port", type=int, default=int(os.environ.get("METRICS_BASE_PORT", "9100")),
                         help="gateway /metrics port; prefill, decode and kvstore take the next three")
     parser.add_argument("--summary", action="store_true",
@@ -128,7 +131,7 @@ def main() -> None:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     args = parser.parse_args()
     names = ("gateway", "prefill", "decode", "kvstore")
-    ports = {name: args.base_port + offset for offset, name in enumerate(names)}
+    ports = {name: args.base_port + offset for offset, name in enumerate(names)} | {"http": args.http_port}
     metrics_ports = {name: args.metrics_base_port + offset for offset, name in enumerate(names)}
     extra = {"gateway": ("--request-summary",) if args.summary else ()}
     stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url, extra,
@@ -146,7 +149,9 @@ def main() -> None:
             print(f"  {spec.name:8s} grpc://{spec.address}   metrics http://127.0.0.1:{metrics_ports[spec.name]}/metrics",
                   flush=True)
         gateway = f"127.0.0.1:{ports['gateway']}"
-        print(f'\nTry: python -m services.client --address {gateway} "The capital of France is"'
+        print(f"  {'http':8s} http://127.0.0.1:{args.http_port}/v1   (OpenAI-compatible API)", flush=True)
+        print(f'\nTry: .venv/bin/python -m services.client --address {gateway} "The capital of France is"'
+              f"\n     curl http://127.0.0.1:{args.http_port}/v1/models"
               "\nCtrl-C stops everything.", flush=True)
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(0.5)
@@ -155,6 +160,8 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean stop short
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
     sys.exit(exit_code)
 

@@ -74,7 +74,7 @@ class RunningStack:
 def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redis_url: str = "",
                 extra: Mapping[str, Sequence[str]] | None = None, extra_gateways: Mapping[str, Sequence[str]] = {},
                 wait_for: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RunningStack:
-    ports = {name: free_port() for name in SERVICE_NAMES}
+    ports = {name: free_port() for name in (*SERVICE_NAMES, "http")}
     metrics_ports = {name: free_port() for name in (*SERVICE_NAMES, *extra_gateways)}
     specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
                         extra=extra, log_level="DEBUG", metrics_ports=metrics_ports)
@@ -83,7 +83,7 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
     gateway = next(spec for spec in specs if spec.name == "gateway")
     for name, args in extra_gateways.items():
         port = free_port()
-        specs.append(ServiceSpec(name, "gateway", port, (*gateway.args, "--port", str(port),
+        specs.append(ServiceSpec(name, "gateway", port, (*gateway.args, "--port", str(port), "--http-port", "0",
                                                          "--metrics-port", str(metrics_ports[name]), *args),
                                  env))
     stack = Stack(specs, log_dir=str(log_dir))
@@ -97,7 +97,8 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
         for log in sorted(log_dir.glob("*.log")):
             print(f"==== {log.name}\n{log.read_text()[-3000:]}")
         raise
-    return RunningStack(stack, {spec.name: spec.address for spec in specs}, metrics_ports)
+    addresses = {spec.name: spec.address for spec in specs} | {"http": f"http://127.0.0.1:{ports['http']}"}
+    return RunningStack(stack, addresses, metrics_ports)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Sequence
 
@@ -47,8 +48,13 @@ async def admit(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str, num_to
 
 async def send(stub: decode_pb2_grpc.DecodeServiceStub, messages: Sequence[Message | kv_pb2.KvTransferMessage]
                ) -> decode_pb2.TransferKvReply:
-    async def produce():
+    """Write the messages one by one; if the decode ends the call early, its status is what counts
+    (a write into a finished call fails on the client side with a generic error)."""
+    call = stub.TransferKv(timeout=60)
+    try:
         for message in messages:
-            yield message if isinstance(message, kv_pb2.KvTransferMessage) else to_pb(message)
-
-    return await stub.TransferKv(produce(), timeout=60)
+            await call.write(message if isinstance(message, kv_pb2.KvTransferMessage) else to_pb(message))
+        await call.done_writing()
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        pass
+    return await call

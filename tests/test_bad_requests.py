@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.client import GatewayClient
+from services.client import GatewayClient, GatewayError
 
 
 @pytest.mark.parametrize(("prompt", "options", "field"), [
@@ -22,7 +22,7 @@ from services.client import GatewayClient
         "negative-temperature", "top-p-zero", "top-p-above-one", "bad-request-id"])
 async def test_bad_request_is_invalid_argument(memory_stack, prompt: str, options: dict, field: str) -> None:
     async with GatewayClient(memory_stack["gateway"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(GatewayError) as caught:
             await client.complete(prompt, **options)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in caught.value.details()
@@ -30,7 +30,7 @@ async def test_bad_request_is_invalid_argument(memory_stack, prompt: str, option
 
 async def test_bad_chat_role_is_invalid_argument(memory_stack) -> None:
     async with GatewayClient(memory_stack["gateway"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(GatewayError) as caught:
             await client.complete(messages=[("wizard", "hi")])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "role" in caught.value.details()

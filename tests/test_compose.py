@@ -19,7 +19,7 @@ from services.stack import ServiceSpec, Stack, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICES = ("kvstore", "prefill", "decode", "gateway")
-DECLARED_PORTS = {"gateway": (50051, 9100), "prefill": (50052, 9101), "decode": (50053, 9102),
+DECLARED_PORTS = {"gateway": (50051, 9100, 8000), "prefill": (50052, 9101), "decode": (50053, 9102),
                   "kvstore": (50054, 9103)}
 
 
@@ -67,7 +67,7 @@ async def test_compose_services_start_healthy_and_serve(compose: dict, redis_url
         assert command[:2] == ["python", "-m"] and command[2].startswith("services."), command
         env = {key: _localize(str(value), ports, redis_url, receiver.port)
                for key, value in service["environment"].items()}
-        grpc_port, metrics_port = (ports[declared] for declared in DECLARED_PORTS[name])
+        grpc_port, metrics_port = (ports[declared] for declared in DECLARED_PORTS[name][:2])
         assert env[f"{name.upper()}_PORT"] == str(grpc_port)
         assert env[f"{name.upper()}_METRICS_PORT"] == str(metrics_port)
         assert env["OTEL_TRACES_EXPORTER"] == "otlp"
@@ -77,8 +77,8 @@ async def test_compose_services_start_healthy_and_serve(compose: dict, redis_url
     try:
         stack.wait_healthy(timeout=300)
         async with GatewayClient(specs[-1].address) as client:
-            ids, _, _ = await client.complete("The capital of France is", max_tokens=8, temperature=0,
-                                              request_id="compose-1")
+            ids = (await client.complete("The capital of France is", max_tokens=8, temperature=0,
+                                         request_id="compose-1")).token_ids
         assert ids == runtime.reference_generate(encoder.encode_text("The capital of France is"), 8)
         deadline = time.monotonic() + 15
         while (trace_id := receiver.trace_of("gateway", "gateway.Generate", "compose-1")) is None or \

@@ -26,7 +26,8 @@ async def test_greedy_output_equals_hf_generate(request: pytest.FixtureRequest, 
     stack = request.getfixturevalue(stack_name)
     async with GatewayClient(stack[gateway]) as client:
         for prompt in PROMPTS:
-            ids, text, last = await client.complete(prompt, max_tokens=NEW_TOKENS, temperature=0)
+            result = await client.complete(prompt, max_tokens=NEW_TOKENS, temperature=0)
+            ids, text, last = result.token_ids, result.text, result
             assert ids == references[prompt], prompt
             assert text == encoder.tokenizer.decode(ids, skip_special_tokens=True)
             assert last.usage is not None
@@ -39,7 +40,8 @@ async def test_eight_concurrent_requests_are_all_exact(memory_stack, references:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(8)]
     async with GatewayClient(memory_stack["gateway"]) as client:
         results = await asyncio.gather(*(client.complete(p, max_tokens=NEW_TOKENS, temperature=0) for p in prompts))
-    for prompt, (ids, _, _) in zip(prompts, results):
+    for prompt, result in zip(prompts, results):
+        ids = result.token_ids
         assert ids == references[prompt]
 
 
@@ -49,7 +51,8 @@ async def test_chat_request_uses_the_chat_template(memory_stack, runtime: ModelR
     prompt_ids = encoder.encode_chat(messages)
     assert encoder.tokenizer.decode(prompt_ids).startswith("<|im_start|>")
     async with GatewayClient(memory_stack["gateway"]) as client:
-        ids, _, last = await client.complete(messages=messages, max_tokens=16, temperature=0)
+        last = await client.complete(messages=messages, max_tokens=16, temperature=0)
+        ids = last.token_ids
     assert ids == runtime.reference_generate(prompt_ids, 16)
     assert last.usage.prompt_tokens == len(prompt_ids)
 
@@ -58,10 +61,10 @@ async def test_seeded_sampling_is_repeatable_across_kv_paths(memory_stack) -> No
     options = dict(max_tokens=24, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     async with GatewayClient(memory_stack["gateway"]) as direct, \
             GatewayClient(memory_stack["gateway_kvstore"]) as stored:
-        first, _, _ = await direct.complete("Once upon a time", **options)
-        again, _, _ = await direct.complete("Once upon a time", **options)
-        via_store, _, _ = await stored.complete("Once upon a time", **options)
-        other_seed, _, _ = await direct.complete("Once upon a time", **{**options, "seed": 99})
+        first = (await direct.complete("Once upon a time", **options)).token_ids
+        again = (await direct.complete("Once upon a time", **options)).token_ids
+        via_store = (await stored.complete("Once upon a time", **options)).token_ids
+        other_seed = (await direct.complete("Once upon a time", **{**options, "seed": 99})).token_ids
     assert first == again == via_store
     assert len(first) == 24
     assert other_seed != first
@@ -69,10 +72,11 @@ async def test_seeded_sampling_is_repeatable_across_kv_paths(memory_stack) -> No
 
 async def test_stop_string_cuts_the_text(memory_stack) -> None:
     async with GatewayClient(memory_stack["gateway"]) as client:
-        full_ids, full_text, _ = await client.complete("The capital of France is", max_tokens=32, temperature=0)
+        full = await client.complete("The capital of France is", max_tokens=32, temperature=0)
+        full_ids, full_text = full.token_ids, full.text
         assert "." in full_text
-        ids, text, last = await client.complete("The capital of France is", max_tokens=32, temperature=0,
-                                                stop=["."])
+        last = await client.complete("The capital of France is", max_tokens=32, temperature=0, stop=["."])
+    ids, text = last.token_ids, last.text
     assert text == full_text[: full_text.index(".")]
     assert last.finish_reason == "stop"
     assert ids == full_ids[: len(ids)]

@@ -177,5 +177,5 @@ async def test_decode_keeps_serving_after_bad_transfers(memory_stack, decode, ru
     generation.cancel()
     assert health_status(memory_stack["decode"]) == 1  # SERVING
     async with GatewayClient(memory_stack["gateway"]) as client:
-        ids, _, _ = await client.complete("The capital of France is", max_tokens=8, temperature=0)
+        ids = (await client.complete("The capital of France is", max_tokens=8, temperature=0)).token_ids
     assert ids == runtime.reference_generate(encoder.encode_text("The capital of France is"), 8)

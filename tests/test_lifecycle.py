@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.client import GatewayClient
+from services.client import GatewayClient, GatewayError
 from services.common.healthcheck import health_status
 from services.stack import ServiceSpec, Stack, free_port
 from tests.conftest import RunningStack, start_stack
@@ -60,7 +60,7 @@ async def _drain_during_generation(stack: RunningStack, victim: str) -> None:
                 stack.stack.processes[victim].send_signal(signal.SIGTERM)
                 await asyncio.sleep(0.3)
                 assert await asyncio.to_thread(health_status, stack[victim]) == NOT_SERVING
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                with pytest.raises(GatewayError) as refused:
                     await client.complete("Another request", max_tokens=2)
                 assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             last = chunk
@@ -81,7 +81,7 @@ def test_launcher_stops_all_four_cleanly(tmp_path: Path) -> None:
     while any(p in range(base, base + 4) for p in range(metrics, metrics + 4)):
         metrics = free_port()
     launcher = subprocess.Popen([sys.executable, "-m", "services.stack", "--model", "tiny", "--base-port", str(base),
-                                 "--metrics-base-port", str(metrics)], cwd=ROOT, stdout=subprocess.PIPE,
+                                 "--metrics-base-port", str(metrics), "--http-port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 180

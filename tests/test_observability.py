@@ -13,7 +13,7 @@ import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.client import GatewayClient
+from services.client import GatewayClient, GatewayError
 from services.stack import free_port
 from tests.conftest import RunningStack, start_stack
 from tests.otlp_receiver import SpanSink
@@ -65,7 +65,7 @@ async def test_one_trace_spans_all_four_services(traced_stack: RunningStack, rec
 
 async def test_failed_request_spans_carry_error_status(traced_stack: RunningStack, receiver: SpanSink) -> None:
     async with GatewayClient(traced_stack["gateway"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(GatewayError):
             await client.complete("Hello", max_tokens=5, top_p=2.0, request_id="traced-bad")
     await _wait_for(lambda: receiver.trace_of("gateway", "gateway.Generate", "traced-bad") is not None)
     spans = receiver.in_trace(receiver.trace_of("gateway", "gateway.Generate", "traced-bad"))
@@ -112,7 +112,7 @@ async def test_failed_requests_are_counted_by_code(memory_stack) -> None:
     port = memory_stack.metrics_ports["gateway"]
     before = _scrape(port)["disagg_rpc_requests_total|code=INVALID_ARGUMENT|method=Generate"]
     async with GatewayClient(memory_stack["gateway"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(GatewayError):
             await client.complete("", max_tokens=4)
     assert _scrape(port)["disagg_rpc_requests_total|code=INVALID_ARGUMENT|method=Generate"] == before + 1
 

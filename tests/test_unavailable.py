@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from services.client import GatewayClient
+from services.client import GatewayClient, GatewayError
 from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.stack import free_port
 from tests.conftest import RunningStack, start_stack
@@ -26,7 +26,7 @@ def redis_down_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
 
 async def test_kvstore_path_without_redis_is_unavailable(redis_down_stack) -> None:
     async with GatewayClient(redis_down_stack["gateway_kvstore"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(GatewayError) as caught:
             await client.complete("Hello there", max_tokens=4, temperature=0)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "redis" in caught.value.details().lower() or "kvstore" in caught.value.details().lower()
@@ -42,7 +42,8 @@ async def test_kvstore_reports_redis_unavailable(redis_down_stack) -> None:
 
 async def test_direct_path_serves_without_redis(redis_down_stack) -> None:
     async with GatewayClient(redis_down_stack["gateway"]) as client:
-        ids, _, last = await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)
+        last = await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)
+        ids = last.token_ids
     assert len(ids) == 6 and last.finish_reason == "length"
 
 
@@ -50,11 +51,11 @@ async def test_kvstore_process_down_is_unavailable(redis_down_stack) -> None:
     redis_down_stack.stack.processes["kvstore"].kill()
     redis_down_stack.stack.processes["kvstore"].wait()
     async with GatewayClient(redis_down_stack["gateway_kvstore"]) as client:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
+        with pytest.raises(GatewayError) as caught:
             await client.complete("Hello there", max_tokens=4, temperature=0)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     async with GatewayClient(redis_down_stack["gateway"]) as client:
-        ids, _, _ = await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)
+        ids = (await client.complete("Hello there", max_tokens=6, temperature=0, ignore_eos=True)).token_ids
     assert len(ids) == 6
 
 

@@ -8,9 +8,7 @@ import asyncio
 import os
 import sys
 
-import grpc
-
-from services.client import GatewayClient
+from services.client import GatewayClient, GatewayError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message with the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
+    parser.add_argument("--api-key", default=os.environ.get("GATEWAY_API_KEY"),
+                        help="API key, when the gateway requires one [env GATEWAY_API_KEY]")
+    parser.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     parser.add_argument("--usage", action="store_true", help="print token usage at the end (stderr)")
     return parser.parse_args(argv)
 
@@ -36,7 +37,7 @@ async def run(args: argparse.Namespace) -> int:
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-    async with GatewayClient(args.address) as client:
+    async with GatewayClient(args.address, api_key=args.api_key, timeout_seconds=args.timeout) as client:
         try:
             async for chunk in client.generate(None if args.chat else args.prompt, messages=messages, **options):
                 sys.stdout.write(chunk.text)
@@ -44,8 +45,8 @@ async def run(args: argparse.Namespace) -> int:
                 if chunk.usage and args.usage:
                     print(f"\n[{chunk.finish_reason}] prompt {chunk.usage.prompt_tokens} + completion "
                           f"{chunk.usage.completion_tokens} tokens", file=sys.stderr)
-        except grpc.aio.AioRpcError as error:
-            print(f"\nerror: {error.code().name}: {error.details()}", file=sys.stderr)
+        except GatewayError as error:
+            print(f"\nerror: {error}", file=sys.stderr)
             return 1
     sys.stdout.write("\n")
     return 0

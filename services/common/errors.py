@@ -46,6 +46,10 @@ class DeadlineExceeded(ServiceError):
     """A wait ran out of time."""
 
 
+class Unauthenticated(ServiceError):
+    """The caller gave no API key, or a wrong one."""
+
+
 STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     KvProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -55,6 +59,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 

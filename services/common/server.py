@@ -64,19 +64,31 @@ class Lifecycle:
     def in_flight(self) -> int:
         return self._in_flight
 
-    @contextmanager
-    def work(self) -> Iterator[None]:
-        """Hold for the life of one piece of new work; refused while draining."""
+    def begin(self) -> Callable[[], None]:
+        """Count one piece of new work; returns the function that ends it. Refused while draining."""
         if self.draining:
             raise BackendUnavailable("server is shutting down; retry on another worker")
         self._in_flight += 1
         self._idle.clear()
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()
+        return end
+
+    @contextmanager
+    def work(self) -> Iterator[None]:
+        """Hold for the life of one piece of new work; refused while draining."""
+        end = self.begin()
         try:
             yield
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            end()
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work and wait for in-flight work; False if the timeout came first."""

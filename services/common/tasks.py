@@ -33,5 +33,11 @@ class TaskSet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def wait_all(self, timeout: float) -> None:
+        """Let tasks finish on their own for up to `timeout` seconds, then cancel the rest."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self.cancel_all()
+
     def __len__(self) -> int:
         return len(self._tasks)

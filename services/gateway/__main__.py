@@ -18,7 +18,10 @@ from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, serve
 from services.common.tasks import TaskSet
 from services.common.telemetry import service_telemetry, setup_tracing
+from services.gateway.auth import ApiKeys
 from services.gateway.core import Gateway, GatewayLimits
+from services.gateway.http_api import HttpApiConfig, create_app
+from services.gateway.http_server import HttpServer
 from services.gateway.routing import WorkerPool
 from services.gateway.servicer import GatewayServicer
 from services.gateway.settings import GatewaySettings
@@ -39,7 +42,9 @@ async def run(settings: GatewaySettings) -> None:
     channels = ChannelPool()
     background = TaskSet()
     lifecycle = Lifecycle()
-    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens)
+    keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
+    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens, keys)
+    http: HttpServer | None = None
     pools = [WorkerPool("prefill", split_addresses(settings.prefill_addresses)),
              WorkerPool("decode", split_addresses(settings.decode_addresses))]
 
@@ -48,6 +53,7 @@ async def run(settings: GatewaySettings) -> None:
         return [gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name]
 
     async def warmup() -> None:
+        nonlocal http
         model_dir = await asyncio.to_thread(resolve_model_dir, settings.model, Path(settings.model_cache_dir))
         encoder = await asyncio.to_thread(PromptEncoder, model_dir)
         limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer,
@@ -56,6 +62,14 @@ async def run(settings: GatewaySettings) -> None:
                           GatewayMetrics.create(telemetry.registry, lambda: gateway.active_requests))
         servicer.ready(gateway)
         background.spawn(_refresh_forever(pools, settings.membership_refresh_seconds), "membership-refresh")
+        if settings.http_port:
+            app = create_app(servicer.core, lifecycle, keys,
+                             HttpApiConfig(settings.model_id, settings.default_max_tokens))
+            http = HttpServer(app, settings.host, settings.http_port, settings.grace_seconds)
+            background.spawn(http.serve(), "http-api")
+            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", settings.host, settings.http_port,
+                     settings.model_id)
+        keys.announce()
         log.info("routing to prefill %s and decode %s (kv transfer: %s)", settings.prefill_addresses,
                  settings.decode_addresses, settings.kv_transfer)
 
@@ -63,7 +77,9 @@ async def run(settings: GatewaySettings) -> None:
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
-        await background.cancel_all()
+        if http is not None:
+            http.stop()
+        await background.wait_all(timeout=5.0)
         await channels.close()
 
 

@@ -19,6 +19,7 @@ from services.common.channels import ChannelPool
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
+from services.gateway.auth import ApiKeys
 from services.gateway.core import Gateway, GenerateInput, GenerateOutput
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -60,8 +61,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Serves once `ready` is set (after the tokenizer loaded); until then calls are UNAVAILABLE."""
 
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, keys: ApiKeys) -> None:
         self.telemetry = telemetry
+        self._keys = keys
         self._lifecycle = lifecycle
         self._gateway: Gateway | None = None
         self._channels = channels
@@ -70,15 +72,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def ready(self, gateway: Gateway) -> None:
         self._gateway = gateway
 
-    def _core(self) -> Gateway:
+    def core(self) -> Gateway:
+        """The gateway core once ready (also what the HTTP API drives)."""
         if self._gateway is None:
             raise BackendUnavailable("gateway is starting")
         return self._gateway
 
+    def _authorized_core(self, context: grpc.aio.ServicerContext) -> Gateway:
+        self._keys.check_metadata(context.invocation_metadata() or ())
+        return self.core()
+
     @grpc_edge
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        gateway = self._core()
+        gateway = self._authorized_core(context)
         span = trace.get_current_span()
         span.set_attribute("request.id", request.request_id)
         domain = generate_input(request, self._default_max_tokens)
@@ -91,14 +98,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @grpc_edge
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        worker = self._core().decode_pool.ranked()[0]
+        worker = self._authorized_core(context).decode_pool.ranked()[0]
         stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
         return await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
 
     @grpc_edge
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayStats:
-        gateway = self._core()
+        gateway = self._authorized_core(context)
         workers = [gateway_pb2.WorkerStatus(address=w.address, role=w.role, active_requests=w.active)
                    for pool in (gateway.prefill_pool, gateway.decode_pool) for w in pool.workers]
         return gateway_pb2.GatewayStats(active_requests=gateway.active_requests, workers=workers)

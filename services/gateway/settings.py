@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.config import check_port, check_positive, setting, split_addresses
 from services.common.logs import check_log_level
@@ -23,6 +24,13 @@ class GatewaySettings:
                                      "PREFILL_ADDRESSES")
     decode_addresses: str = setting("127.0.0.1:50053", "decode workers, comma separated host:port (as above)",
                                     "DECODE_ADDRESSES")
+    http_port: int = setting(8000, "port of the OpenAI-compatible HTTP API (0: off); it listens on --host",
+                             "GATEWAY_HTTP_PORT")
+    served_model_name: str = setting("", "model id of the HTTP API (default: derived from --model)",
+                                     "SERVED_MODEL_NAME")
+    api_keys: str = setting("", "comma separated API keys; when any key is set, both APIs require one",
+                            "API_KEYS")
+    api_keys_file: str = setting("", "file of API keys, one per line", "API_KEYS_FILE")
     kv_transfer: str = setting("direct", "how KV reaches decode: 'direct' (prefill streams it to the decode "
                                "worker) or 'kvstore' (prefill stores it, decode loads it)", "KV_TRANSFER")
     model: str = setting("default", "model whose tokenizer and context length the gateway uses "
@@ -41,6 +49,9 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
+        check_port("http_port", self.http_port, allow_zero=True)
+        if self.api_keys_file and not Path(self.api_keys_file).is_file():
+            raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist")
         if not split_addresses(self.prefill_addresses) or not split_addresses(self.decode_addresses):
             raise ValueError("prefill_addresses and decode_addresses must each name at least one worker")
         if self.kv_transfer not in KV_TRANSFER_MODES:
@@ -51,3 +62,11 @@ class GatewaySettings:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
         check_log_level(self.log_level)
+
+    @property
+    def model_id(self) -> str:
+        """The model's name in the HTTP API."""
+        if self.served_model_name:
+            return self.served_model_name
+        return {"default": "SmolLM2-135M-Instruct", "tiny": "tiny-random-llama"}.get(
+            self.model, Path(self.model).name)

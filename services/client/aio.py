@@ -1,0 +1,67 @@
+"""The async client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+
+from services.client.types import (Completion, GatewayError, GenerateChunk, RetryPolicy, auth_metadata,
+                                   build_request, join, to_chunk)
+from services.common.pb import common_pb2, gateway_pb2_grpc
+
+
+class GatewayClient:
+    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+        self._channel = grpc.aio.insecure_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+        self._timeout = timeout_seconds
+        self._retry = retry
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
+                       max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                       top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                       request_id: str = "", timeout: float | None = None) -> AsyncIterator[GenerateChunk]:
+        """Stream a completion of `prompt`, or of a chat `messages` list of (role, content).
+        `timeout` (seconds) bounds the whole call; failures raise GatewayError."""
+        request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+                                request_id)
+        for attempt in range(self._retry.max_retries + 1):
+            call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            received = False
+            try:
+                async for response in call:
+                    received = True
+                    yield to_chunk(response)
+                return
+            except grpc.aio.AioRpcError as error:
+                if received or error.code() not in self._retry.retry_codes or attempt == self._retry.max_retries:
+                    raise GatewayError(error.code(), error.details() or "") from None
+                await asyncio.sleep(self._retry.backoff(attempt))
+            finally:
+                call.cancel()
+
+    async def complete(self, prompt: str | None = None, **options: object) -> Completion:
+        """The whole completion (same options as generate)."""
+        return join([chunk async for chunk in self.generate(prompt, **options)])  # type: ignore[arg-type]
+
+    async def model_info(self, timeout: float | None = None) -> common_pb2.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout or self._timeout,
+                                                 metadata=self._metadata)
+        except grpc.aio.AioRpcError as error:
+            raise GatewayError(error.code(), error.details() or "") from None

@@ -1,0 +1,59 @@
+"""The blocking client (plain gRPC, no event loop)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from types import TracebackType
+
+import grpc
+
+from services.client.types import (Completion, GatewayError, GenerateChunk, RetryPolicy, auth_metadata,
+                                   build_request, join, to_chunk)
+from services.common.pb import gateway_pb2_grpc
+
+
+class SyncGatewayClient:
+    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None,
+                 timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        self._metadata = auth_metadata(api_key)
+        self._timeout = timeout_seconds
+        self._retry = retry
+
+    def __enter__(self) -> SyncGatewayClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
+                 max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 request_id: str = "", timeout: float | None = None) -> Iterator[GenerateChunk]:
+        """Stream a completion (see GatewayClient.generate)."""
+        request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
+                                request_id)
+        for attempt in range(self._retry.max_retries + 1):
+            call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
+            received = False
+            try:
+                for response in call:
+                    received = True
+                    yield to_chunk(response)
+                return
+            except grpc.RpcError as error:
+                code = error.code()  # type: ignore[attr-defined]
+                if received or code not in self._retry.retry_codes or attempt == self._retry.max_retries:
+                    raise GatewayError(code, error.details() or "") from None  # type: ignore[attr-defined]
+                time.sleep(self._retry.backoff(attempt))
+            finally:
+                call.cancel()
+
+    def complete(self, prompt: str | None = None, **options: object) -> Completion:
+        return join(list(self.generate(prompt, **options)))  # type: ignore[arg-type]

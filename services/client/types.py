@@ -1,0 +1,105 @@
+"""Typed results and errors of the gateway SDK, and the request building both clients share."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from services.common.pb import common_pb2, gateway_pb2
+
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateChunk:
+    """One streamed step: new token ids and text; the last chunk has finish_reason and usage."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A whole generation."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage | None
+
+
+class GatewayError(Exception):
+    """A call failed; `code()` is the gRPC status (INVALID_ARGUMENT, DEADLINE_EXCEEDED, ...)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Retries of calls that failed with UNAVAILABLE before any token arrived (safe to repeat)."""
+
+    max_retries: int = 3
+    initial_backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 2.0
+    retry_codes: frozenset[grpc.StatusCode] = field(default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE}))
+
+    def backoff(self, attempt: int) -> float:
+        """Full-jitter exponential backoff before retry number `attempt` (from 0)."""
+        ceiling = min(self.max_backoff_seconds, self.initial_backoff_seconds * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def build_request(prompt: str | None, messages: Sequence[tuple[str, str]] | None, max_tokens: int | None,
+                  temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
+                  stop: Sequence[str], ignore_eos: bool, request_id: str) -> gateway_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                                         max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
+    request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
+    if messages is not None:
+        request.chat.CopyFrom(gateway_pb2.ChatMessages(
+            messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in messages]))
+    else:
+        request.prompt = prompt or ""
+    return request
+
+
+def to_chunk(response: gateway_pb2.GenerateResponse) -> GenerateChunk:
+    usage = response.usage if response.HasField("usage") else None
+    return GenerateChunk(response.request_id, list(response.token_ids), response.text,
+                         _FINISH.get(response.finish_reason),
+                         Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None)
+
+
+def join(chunks: list[GenerateChunk]) -> Completion:
+    if not chunks:
+        raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without a response")
+    last = chunks[-1]
+    return Completion(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
+                      last.finish_reason, last.usage)
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()

@@ -1,0 +1,292 @@
+"""The OpenAI-compatible HTTP API of the gateway (FastAPI, served by uvicorn in the gateway's own
+event loop). It drives the same Gateway core as the gRPC API.
+
+  POST /v1/completions, POST /v1/chat/completions  (streaming as server-sent events, or not)
+  GET  /v1/models, GET /health
+
+Errors use OpenAI's shape and HTTP statuses: 400 bad JSON or field, 401 API key, 404 unknown
+model, 429/503 no capacity. A client that disconnects mid-stream cancels its request everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.common.errors import BackendUnavailable, InvalidRequest, ServiceError, status_of
+from services.common.sampling import Sampling
+from services.common.server import Lifecycle
+from services.gateway.auth import ApiKeys, bearer
+from services.gateway.core import Gateway, GenerateInput, GenerateOutput, Usage
+from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
+                                            error_body)
+
+_FIELD = re.compile(r"^([a-z_]+)")
+tracer = trace.get_tracer("disagg.gateway")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpApiConfig:
+    model_id: str
+    default_max_tokens: int
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.body = error_body(status, message, param, code)
+        self.status = status
+
+
+def _api_error(error: Exception) -> ApiError:
+    if isinstance(error, ApiError):
+        return error
+    code, details = status_of(error)
+    status = HTTP_STATUS.get(code, 500)
+    param = _FIELD.match(details).group(1) if status == 400 and _FIELD.match(details) else None
+    return ApiError(status, details, "messages" if param == "chat" else param, code.name.lower())
+
+
+def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKeys, config: HttpApiConfig) -> FastAPI:
+    app = FastAPI(title="disagg-serve", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(_: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse(error.body, status_code=error.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(400, "request body is not valid JSON"), status_code=400)
+        param = ".".join(location) or None
+        return JSONResponse(error_body(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param),
+                            status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(error.status_code, str(error.detail)), status_code=error.status_code)
+
+    def authorize(request: Request) -> None:
+        try:
+            keys.check(bearer(request.headers.get("authorization")))
+        except ServiceError as error:
+            raise ApiError(401, str(error), code="invalid_api_key") from None
+
+    def check_model(body: _Common) -> None:
+        if body.model != config.model_id:
+            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {config.model_id!r}",
+                           "model", "model_not_found")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ready = not lifecycle.draining and _ready(gateway)
+        return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_id, "object": "model", "created": 0, "owned_by": "disagg-serve"}]})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        authorize(request)
+        check_model(body)
+        _unsupported(body.n != 1, "n", "only n=1 is supported")
+        _unsupported(body.echo or body.logprobs is not None or (body.best_of or 1) != 1, "echo",
+                     "echo, logprobs and best_of are not supported")
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        _unsupported(len(prompts) != 1, "prompt", "give exactly one prompt")
+        job = _job("cmpl", prompts[0], None, body, body.max_tokens, config)
+        return await _respond(gateway, lifecycle, job, body, _CompletionFormat(job.request_id, config.model_id))
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        authorize(request)
+        check_model(body)
+        _unsupported(body.n != 1, "n", "only n=1 is supported")
+        _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
+        messages = [(message.role, message.text()) for message in body.messages]
+        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config)
+        return await _respond(gateway, lifecycle, job, body, _ChatFormat(job.request_id, config.model_id))
+
+    return app
+
+
+def _ready(gateway: Callable[[], Gateway]) -> bool:
+    try:
+        gateway()
+        return True
+    except BackendUnavailable:
+        return False
+
+
+def _unsupported(condition: bool, param: str, message: str) -> None:
+    if condition:
+        raise ApiError(400, message, param)
+
+
+def _job(prefix: str, prompt: str | None, messages: list[tuple[str, str]] | None, body: _Common,
+         max_tokens: int | None, config: HttpApiConfig) -> GenerateInput:
+    try:
+        sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
+                            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
+                            seed=secrets.randbits(63) if body.seed is None else body.seed,
+                            max_tokens=config.default_max_tokens if max_tokens is None else max_tokens,
+                            stop=body.stop_strings(), ignore_eos=body.ignore_eos)
+    except InvalidRequest as error:
+        raise _api_error(error) from None
+    return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)
+
+
+async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, job: GenerateInput, body: _Common,
+                   form: _Format) -> Any:
+    """Run the request; errors before the first token get a proper HTTP status."""
+    try:
+        end_work = lifecycle.begin()
+    except ServiceError as error:
+        raise _api_error(error) from None
+    span = tracer.start_span(f"gateway.http.{form.endpoint}", kind=SpanKind.SERVER,
+                             attributes={"request.id": job.request_id})
+    end_work = _ending_span(span, end_work)
+    outputs = gateway().generate(job)
+    try:
+        with trace.use_span(span, end_on_exit=False):  # worker calls made now join this trace
+            first = await anext(outputs)
+            if not body.stream:
+                collected = [first, *[output async for output in outputs]]
+    except BaseException as error:
+        await outputs.aclose()
+        if isinstance(error, Exception):
+            api_error = _api_error(error)
+            span.set_status(Status(StatusCode.ERROR, api_error.body["error"]["message"]))
+            end_work()
+            raise api_error from None
+        end_work()
+        raise
+    if body.stream:
+        return StreamingResponse(_sse(first, outputs, form, body.include_usage, end_work),
+                                 media_type="text/event-stream")
+    end_work()
+    return JSONResponse(form.whole(collected))
+
+
+def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[], None]:
+    def end() -> None:
+        span.end()
+        end_work()
+    return end
+
+
+async def _sse(first: GenerateOutput, outputs: AsyncIterator[GenerateOutput], form: _Format, include_usage: bool,
+               end_work: Callable[[], None]) -> AsyncIterator[str]:
+    try:
+        async with aclosing(outputs) as stream:
+            yield _event(form.first())
+            async for output in _prepend(first, stream):
+                if output.text or output.finish_reason:
+                    yield _event(form.delta(output))
+                if output.usage is not None and include_usage:
+                    yield _event(form.usage_chunk(output))
+    except Exception as error:  # noqa: BLE001 - the status line is sent; report in the stream
+        yield _event(_api_error(error).body)
+        trace.get_current_span().set_status(Status(StatusCode.ERROR, str(error)))
+    finally:
+        end_work()
+    yield "data: [DONE]\n\n"
+
+
+async def _prepend(first: GenerateOutput, rest: AsyncIterator[GenerateOutput]) -> AsyncIterator[GenerateOutput]:
+    yield first
+    async for output in rest:
+        yield output
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def _usage(output: GenerateOutput) -> dict[str, int]:
+    usage = output.usage or Usage(0, 0)
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+
+class _Format:
+    """How one endpoint shapes its objects."""
+
+    endpoint = ""
+
+    def __init__(self, request_id: str, model: str) -> None:
+        self._base = {"id": request_id, "created": int(time.time()), "model": model}
+
+    def first(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta(self, output: GenerateOutput) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage_chunk(self, output: GenerateOutput) -> dict[str, Any]:
+        return {**self._base, "object": self.chunk_object, "choices": [], "usage": _usage(output)}
+
+    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    chunk_object = ""
+
+
+class _CompletionFormat(_Format):
+    chunk_object = "text_completion"
+    endpoint = "completions"
+
+    def first(self) -> dict[str, Any]:
+        return self._chunk("", None)
+
+    def delta(self, output: GenerateOutput) -> dict[str, Any]:
+        return self._chunk(output.text, output.finish_reason)
+
+    def _chunk(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {**self._base, "object": "text_completion",
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+
+    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
+        body = self._chunk("".join(o.text for o in outputs), outputs[-1].finish_reason)
+        return {**body, "usage": _usage(outputs[-1])}
+
+
+class _ChatFormat(_Format):
+    chunk_object = "chat.completion.chunk"
+    endpoint = "chat_completions"
+
+    def first(self) -> dict[str, Any]:
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def delta(self, output: GenerateOutput) -> dict[str, Any]:
+        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason)
+
+    def _chunk(self, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        return {**self._base, "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(o.text for o in outputs)}
+        return {**self._base, "object": "chat.completion", "usage": _usage(outputs[-1]),
+                "choices": [{"index": 0, "message": message, "finish_reason": outputs[-1].finish_reason,
+                             "logprobs": None}]}
+
