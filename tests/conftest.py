@@ -18,6 +18,7 @@ from tests.otlp_receiver import SpanSink, start_receiver
 from services.stack import ServiceSpec, Stack, free_port, local_stack
 
 SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
+API_KEY = "test-key-123"
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -126,11 +127,14 @@ def encoder() -> PromptEncoder:
 def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """Real model; memory kvstore; the prefill checkpoints KV to it; small chunks so that a
     transfer has many; gateways for the direct and the kvstore path."""
+    keyed_http = free_port()
     running = start_stack(
         tmp_path_factory.mktemp("memory-stack"), "default",
         extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
                "decode": ("--max-chunk-mb", "2")},
-        extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore")})
+        extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore"),
+                        "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http))})
+    running.addresses["http_keyed"] = f"http://127.0.0.1:{keyed_http}"
     yield running
     running.stack.stop()
 
