@@ -133,7 +133,9 @@ def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
         extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
                "decode": ("--max-chunk-mb", "2")},
         extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore"),
-                        "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http))})
+                        "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http)),
+                        "gateway_unified": ("--prefill-mode", "unified"),
+                        "gateway_conditional": ("--prefill-mode", "conditional", "--conditional-threshold", "7")})
     running.addresses["http_keyed"] = f"http://127.0.0.1:{keyed_http}"
     yield running
     running.stack.stop()

@@ -118,9 +118,9 @@ async def test_bad_transfer_gets_clear_status(decode, name, mutate, code, phrase
 
 
 async def _assert_idle_soon(stub: decode_pb2_grpc.DecodeServiceStub) -> None:
-    for _ in range(50):
+    for _ in range(50):  # blocks of a request cancelled mid-step return when that step ends
         stats = await stub.Stats(common_pb2.StatsRequest())
-        if stats.active_requests == 0:
+        if (stats.active_requests, stats.kv_bytes_held) == (0, 0):
             break
         await asyncio.sleep(0.1)
     await _assert_idle(stub)

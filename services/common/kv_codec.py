@@ -12,6 +12,7 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -120,14 +121,32 @@ def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch
 
 
 @dataclass(frozen=True, slots=True)
-class AssembledKv:
-    """A complete, verified KV cache: keys and values are [layers, kv_heads, tokens, head_dim]."""
+class KvReceipt:
+    """A complete, verified KV transfer (its tensors are already in the target)."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
     first_token: int
     byte_count: int
     forward_end_unix_nanos: int
+
+
+class KvTarget(Protocol):
+    """Where an assembler puts verified chunk data: [layers, 2, kv_heads, tokens, head_dim]."""
+
+    def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None: ...
+
+
+class ContiguousTarget:
+    """Plain tensors [layers, kv_heads, tokens, head_dim] for keys and values."""
+
+    def __init__(self, layout: KvLayout) -> None:
+        size = (layout.num_layers, layout.num_kv_heads, layout.num_tokens, layout.head_dim)
+        self.keys = torch.empty(size, dtype=DTYPES[layout.dtype])
+        self.values = torch.empty(size, dtype=DTYPES[layout.dtype])
+
+    def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
+        layers, tokens = slice(span.layer_start, span.layer_end), slice(span.token_start, span.token_end)
+        self.keys[layers, :, tokens] = tensor[:, 0]
+        self.values[layers, :, tokens] = tensor[:, 1]
 
 
 class KvAssembler:
@@ -137,13 +156,14 @@ class KvAssembler:
     ModelMismatch (another model's KV) or KvCorrupted (checksum, missing chunks).
     """
 
-    def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, max_chunk_bytes: int) -> None:
+    def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, max_chunk_bytes: int,
+                 target: KvTarget) -> None:
         self._request_id = request_id
         self._geometry = geometry
         self._num_tokens = num_tokens
         self._max_chunk_bytes = max_chunk_bytes
+        self._target = target
         self._layout: KvLayout | None = None
-        self._keys = self._values = torch.empty(0)
         self.next_index = 0
         self.bytes_received = 0
 
@@ -160,9 +180,6 @@ class KvAssembler:
                                 f"does not match this worker's {expected}")
         if layout.num_tokens != self._num_tokens:
             raise KvProtocolError(f"KV layout covers {layout.num_tokens} tokens, the prompt has {self._num_tokens}")
-        size = (geometry.num_layers, geometry.num_kv_heads, layout.num_tokens, geometry.head_dim)
-        self._keys = torch.empty(size, dtype=DTYPES[layout.dtype])
-        self._values = torch.empty(size, dtype=DTYPES[layout.dtype])
         self._layout = layout
 
     def accept_chunk(self, chunk: KvChunk) -> None:
@@ -193,20 +210,17 @@ class KvAssembler:
         with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(shape)
-        layers, tokens = slice(span.layer_start, span.layer_end), slice(span.token_start, span.token_end)
-        self._keys[layers, :, tokens] = tensor[:, 0]
-        self._values[layers, :, tokens] = tensor[:, 1]
+        self._target.store(span, tensor)
         self.next_index += 1
         self.bytes_received += chunk.byte_length
 
-    def finish(self, end: KvEnd) -> AssembledKv:
+    def finish(self, end: KvEnd) -> KvReceipt:
         layout = self._require_layout()
         self._check_request(end.request_id)
         if end.chunk_count != layout.chunk_count:
             raise KvProtocolError(f"KV end declares {end.chunk_count} chunks, the layout has {layout.chunk_count}")
         self.check_complete()
-        return AssembledKv(self._keys, self._values, end.first_token, self.bytes_received,
-                           end.forward_end_unix_nanos)
+        return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos)
 
     def check_complete(self) -> None:
         layout = self._require_layout()

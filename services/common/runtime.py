@@ -86,6 +86,11 @@ class ModelRuntime:
         self._model.eval()
         self._layers = self._model.model.layers
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The Hugging Face model (for engines that run its layers themselves)."""
+        return self._model
+
     @torch.inference_mode()
     def prefill(self, token_ids: list[int], on_layer: LayerKvCallback) -> torch.Tensor:
         """Forward the whole prompt; call `on_layer` as each layer's KV is ready. Returns the

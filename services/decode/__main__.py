@@ -16,6 +16,7 @@ from services.common.pb import decode_pb2, decode_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, serve
 from services.common.telemetry import service_telemetry, setup_tracing
 from services.common.worker import load_runtime
+from services.decode.blocks import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.servicer import DecodeServicer
 from services.decode.settings import DecodeSettings
@@ -43,8 +44,12 @@ async def run(settings: DecodeSettings) -> None:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
         limits = DecodeLimits(settings.kv_timeout_seconds, int(settings.max_chunk_mb * MB),
-                              settings.max_active_requests)
-        engine = DecodeEngine(runtime, thread, limits, store, metrics)
+                              settings.max_active_requests, settings.max_batch_size, settings.reject_threshold,
+                              settings.preempt_threshold)
+        pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
+                else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
+        engine = DecodeEngine(runtime, thread, pool, limits, store, metrics)
+        engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,8 +21,10 @@ from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
-from services.decode.engine import FINISH_LENGTH, DecodeEngine, Finished
+from services.decode.engine import FINISH_LENGTH, DecodeEngine
+from services.decode.sequence import Finished
 
+tracer = trace.get_tracer("disagg.decode")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
 
 
@@ -53,18 +56,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def _generate(self, engine: DecodeEngine,
                         request: decode_pb2.DecodeRequest) -> AsyncIterator[decode_pb2.DecodeEvent]:
         sequence = engine.admit(request.request_id, list(request.prompt_token_ids),
-                                sampling_from_pb(request.sampling, default_max_tokens=16))
+                                sampling_from_pb(request.sampling, default_max_tokens=16), request.position_offset)
         try:
             yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted())
             if request.kv_source == decode_pb2.KV_SOURCE_KVSTORE:
                 await engine.load_from_store(sequence)
-            async for event in engine.generate(sequence):
-                if isinstance(event, Finished):
-                    yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
-                        reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
-                else:
-                    yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
-                                                                              index=event.index))
+            elif request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
+                await engine.prefill_locally(sequence)
+            with tracer.start_as_current_span("decode.generation") as span:
+                started, tokens = time.perf_counter(), 0
+                async for event in engine.events(sequence):
+                    if isinstance(event, Finished):
+                        span.set_attributes({"decode.tokens": event.completion_tokens,
+                                             "decode.finish_reason": event.reason,
+                                             "decode.time_per_output_token_ms":
+                                                 (time.perf_counter() - started) * 1e3 / max(tokens, 1)})
+                        yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
+                            reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
+                    else:
+                        tokens += 1
+                        yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
+                                                                                  index=event.index))
         finally:
             engine.release(sequence)
 
@@ -110,7 +122,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> decode_pb2.DecodeStats:
         engine, info = self._state()
-        load = engine.load()
+        load, blocks = engine.load(), engine.blocks
         return decode_pb2.DecodeStats(active_requests=load.active, awaiting_kv=load.awaiting_kv,
                                       kv_bytes_held=load.kv_bytes_held, requests_total=engine.requests_total,
-                                      model=info)
+                                      model=info, blocks_used=blocks.used, blocks_total=blocks.total,
+                                      block_size=blocks.block_size, kv_pool_pressure=load.pressure,
+                                      running=load.running, preemptions_total=engine.preemptions_total)

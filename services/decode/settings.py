@@ -18,12 +18,27 @@ class DecodeSettings(WorkerSettings):
     kv_timeout_seconds: float = setting(120.0, "how long an admitted request waits for its KV",
                                         "KV_TIMEOUT_SECONDS")
     max_chunk_mb: float = setting(64.0, "largest KV chunk accepted", "MAX_CHUNK_MB")
-    max_active_requests: int = setting(64, "requests admitted at once; more get RESOURCE_EXHAUSTED",
+    max_active_requests: int = setting(256, "requests admitted at once; more get RESOURCE_EXHAUSTED",
                                        "MAX_ACTIVE_REQUESTS")
+    max_batch_size: int = setting(64, "most sequences in one decode step", "MAX_BATCH_SIZE")
+    kv_pool_mb: float = setting(1024.0, "size of the paged KV pool in MB (ignored when --kv-pool-blocks is set)",
+                                "KV_POOL_MB")
+    kv_pool_blocks: int = setting(0, "size of the paged KV pool in blocks (0: from --kv-pool-mb)", "KV_POOL_BLOCKS")
+    block_size: int = setting(16, "tokens per KV block", "KV_BLOCK_SIZE")
+    reject_threshold: float = setting(0.95, "pool pressure above which new requests get RESOURCE_EXHAUSTED",
+                                      "KV_REJECT_THRESHOLD")
+    preempt_threshold: float = setting(0.85, "pool pressure above which the newest sequences are preempted",
+                                       "KV_PREEMPT_THRESHOLD")
 
     def __post_init__(self) -> None:
         WorkerSettings.__post_init__(self)
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
-        for name in ("kv_timeout_seconds", "max_chunk_mb", "max_active_requests"):
+        for name in ("kv_timeout_seconds", "max_chunk_mb", "max_active_requests", "max_batch_size", "kv_pool_mb",
+                     "block_size"):
             check_positive(name, getattr(self, name))
+        if self.kv_pool_blocks < 0:
+            raise ValueError(f"kv_pool_blocks must be >= 0, got {self.kv_pool_blocks}")
+        if not 0 < self.preempt_threshold <= self.reject_threshold <= 1:
+            raise ValueError("thresholds must satisfy 0 < preempt_threshold <= reject_threshold <= 1, got "
+                             f"{self.preempt_threshold} and {self.reject_threshold}")

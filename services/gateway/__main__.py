@@ -57,7 +57,8 @@ async def run(settings: GatewaySettings) -> None:
         model_dir = await asyncio.to_thread(resolve_model_dir, settings.model, Path(settings.model_cache_dir))
         encoder = await asyncio.to_thread(PromptEncoder, model_dir)
         limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer,
-                               settings.request_summary)
+                               settings.request_summary, settings.prefill_mode, settings.conditional_threshold,
+                               settings.max_failovers)
         gateway = Gateway(encoder, pools[0], pools[1], channels, limits,
                           GatewayMetrics.create(telemetry.registry, lambda: gateway.active_requests))
         servicer.ready(gateway)
@@ -70,8 +71,8 @@ async def run(settings: GatewaySettings) -> None:
             log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", settings.host, settings.http_port,
                      settings.model_id)
         keys.announce()
-        log.info("routing to prefill %s and decode %s (kv transfer: %s)", settings.prefill_addresses,
-                 settings.decode_addresses, settings.kv_transfer)
+        log.info("routing to prefill %s and decode %s (prefill mode %s, kv transfer %s)",
+                 settings.prefill_addresses, settings.decode_addresses, settings.prefill_mode, settings.kv_transfer)
 
     spec = ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:

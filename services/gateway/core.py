@@ -68,6 +68,20 @@ class GatewayLimits:
     request_timeout_seconds: float
     kv_transfer: str
     request_summary: bool  # log one line per finished request
+    prefill_mode: str = "disaggregated"
+    conditional_threshold: int = 256
+    max_failovers: int = 2
+
+    def prefill_locally(self, prompt_tokens: int) -> bool:
+        return self.prefill_mode == "unified" or (
+            self.prefill_mode == "conditional" and prompt_tokens < self.conditional_threshold)
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """One try at serving a request on one decode worker."""
+
+    decode_address: str = ""  # set once a decode worker admitted the request
 
 
 @dataclass(slots=True)
@@ -117,21 +131,41 @@ class Gateway:
             prompt_ids = self.tokenize(request)
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
         stream = TextStream(self._encoder.tokenizer, request.sampling.stop)
+        generated: list[int] = []
+        failed: set[str] = set()
         self.active_requests += 1
         try:
-            async with aclosing(self._tokens(request, prompt_ids, timeline)) as tokens:
-                async for token_id, finish in tokens:
-                    if finish is not None:
-                        yield self._finish(request, prompt_ids, timeline, [], stream.flush(), finish)
-                        return
-                    timeline.token()
-                    delta, stopped = stream.add(token_id)
-                    if stopped:
-                        yield self._finish(request, prompt_ids, timeline, [token_id], delta, "stop")
-                        return
-                    yield GenerateOutput([token_id], delta)
+            for failover in range(self._limits.max_failovers + 1):
+                attempt = _Attempt()
+                try:
+                    async with aclosing(self._tokens(request, prompt_ids + generated, len(generated), timeline,
+                                                     attempt, failed)) as tokens:
+                        async for token_id, finish in tokens:
+                            if finish is not None:
+                                yield self._finish(request, prompt_ids, timeline, [], stream.flush(), finish)
+                                return
+                            timeline.token()
+                            generated.append(token_id)
+                            delta, stopped = stream.add(token_id)
+                            if stopped:
+                                yield self._finish(request, prompt_ids, timeline, [token_id], delta, "stop")
+                                return
+                            yield GenerateOutput([token_id], delta)
+                except grpc.aio.AioRpcError as error:
+                    if not self._may_fail_over(error, attempt, failover):
+                        raise
+                    failed.add(attempt.decode_address)
+                    log.warning("decode worker %s failed (%s) after %d tokens; resuming elsewhere",
+                                attempt.decode_address, error.code().name, len(generated))
+                    trace.get_current_span().add_event("gateway.failover", {
+                        "decode.failed_worker": attempt.decode_address, "tokens.generated": len(generated)})
         finally:
             self.active_requests -= 1
+
+    def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: _Attempt, failover: int) -> bool:
+        """A decode worker that disappears mid-stream (UNAVAILABLE) is replaced by another one."""
+        return (error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
+                and failover < self._limits.max_failovers)
 
     def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: _Timeline, token_ids: list[int],
                 text: str, reason: str) -> GenerateOutput:
@@ -158,33 +192,40 @@ class Gateway:
                      usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
                      tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
 
-    async def _tokens(self, request: GenerateInput, prompt_ids: list[int],
-                      timeline: _Timeline) -> AsyncIterator[tuple[int, str | None]]:
-        """(token, None) for each token, then (0, finish reason)."""
+    async def _tokens(self, request: GenerateInput, prompt_ids: list[int], offset: int, timeline: _Timeline,
+                      attempt: _Attempt, failed: set[str]) -> AsyncIterator[tuple[int, str | None]]:
+        """(token, None) for each token, then (0, finish reason). `offset` tokens of the completion
+        were generated before (a failover resumes with them appended to the prompt)."""
         sampling = sampling_to_pb(request.sampling)
         prefill_request = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                                     sampling=sampling)
+                                                     sampling=sampling, position_offset=offset)
         decode_request = decode_pb2.DecodeRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                                  sampling=sampling)
+                                                  sampling=sampling, position_offset=offset)
         calls: list[grpc.aio.Call] = []
         with ExitStack() as leases:
             try:
-                if self._limits.kv_transfer == "kvstore":
+                if self._limits.prefill_locally(len(prompt_ids)):
+                    decode_request.kv_source = decode_pb2.KV_SOURCE_LOCAL
+                    with tracer.start_as_current_span("gateway.route"):
+                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
+                elif self._limits.kv_transfer == "kvstore":
                     prefill_request.store_kv = True
                     prefill = self._route_prefill(leases)
                     async for token in self._prefill(prefill, prefill_request, calls, timeline):
                         yield token, None
                     decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE
                     with tracer.start_as_current_span("gateway.route"):
-                        _, decode_call = await self._admit(decode_request, calls, leases)
+                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
                 else:
                     decode_request.kv_source = decode_pb2.KV_SOURCE_DIRECT
                     with tracer.start_as_current_span("gateway.route"):
-                        decode, decode_call = await self._admit(decode_request, calls, leases)
+                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
                         prefill = self._route_prefill(leases)
                     prefill_request.decode_address = decode.address
+                    attempt.decode_address = decode.address
                     async for token in self._prefill(prefill, prefill_request, calls, timeline):
                         yield token, None
+                attempt.decode_address = decode.address
                 # read() rather than `async for`: admission already read from this call
                 while (event := await decode_call.read()) is not grpc.aio.EOF:
                     if event.HasField("finished"):
@@ -213,11 +254,12 @@ class Gateway:
             else:
                 timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
 
-    async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call],
-                     leases: ExitStack) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
-        """Admit the request on the least loaded decode worker that takes it."""
+    async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
+                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
+        """Admit the request on the least loaded decode worker that takes it (workers that failed
+        this request go last)."""
         last_error: Exception = BackendUnavailable("no decode worker admitted the request")
-        for worker in self.decode_pool.ranked():
+        for worker in sorted(self.decode_pool.ranked(), key=lambda w: w.address in failed):
             stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
             call = stub.Generate(request, timeout=self._limits.request_timeout_seconds)
             calls.append(call)

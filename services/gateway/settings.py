@@ -10,6 +10,7 @@ from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
 
 KV_TRANSFER_MODES = ("direct", "kvstore")
+PREFILL_MODES = ("disaggregated", "unified", "conditional")
 
 
 @dataclass(slots=True)
@@ -33,6 +34,13 @@ class GatewaySettings:
     api_keys_file: str = setting("", "file of API keys, one per line", "API_KEYS_FILE")
     kv_transfer: str = setting("direct", "how KV reaches decode: 'direct' (prefill streams it to the decode "
                                "worker) or 'kvstore' (prefill stores it, decode loads it)", "KV_TRANSFER")
+    prefill_mode: str = setting("disaggregated", "where prompts are prefilled: 'disaggregated' (prefill workers), "
+                                "'unified' (the decode worker itself) or 'conditional' (the decode worker when the "
+                                "prompt is shorter than --conditional-threshold)", "PREFILL_MODE")
+    conditional_threshold: int = setting(256, "prompt length (tokens) below which conditional mode prefills on "
+                                         "the decode worker", "CONDITIONAL_THRESHOLD")
+    max_failovers: int = setting(2, "times a request moves to another decode worker when its worker fails",
+                                 "MAX_FAILOVERS")
     model: str = setting("default", "model whose tokenizer and context length the gateway uses "
                                     "(same values as the workers' --model)", "MODEL")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
@@ -54,6 +62,10 @@ class GatewaySettings:
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist")
         if not split_addresses(self.prefill_addresses) or not split_addresses(self.decode_addresses):
             raise ValueError("prefill_addresses and decode_addresses must each name at least one worker")
+        if self.prefill_mode not in PREFILL_MODES:
+            raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
+        if self.conditional_threshold < 0 or self.max_failovers < 0:
+            raise ValueError("conditional_threshold and max_failovers must be >= 0")
         if self.kv_transfer not in KV_TRANSFER_MODES:
             raise ValueError(f"kv_transfer must be one of {KV_TRANSFER_MODES}, got {self.kv_transfer!r}")
         for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds",

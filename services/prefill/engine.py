@@ -46,6 +46,7 @@ class PrefillJob:
     sampling: Sampling
     decode_sink: KvSink | None  # the direct stream to the decode worker, if any
     store_kv: bool
+    position_offset: int = 0  # completion position of the token sampled here
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ class PrefillEngine:
                                                    lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
-            first = sample(forward.value, job.sampling, 0)
+            first = sample(forward.value, job.sampling, job.position_offset)
             yield FirstToken(first)
             first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))

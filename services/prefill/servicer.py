@@ -55,7 +55,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))
             sink = DecodeStreamSink(stub, self._transfer_timeout)
         job = PrefillJob(request.request_id, list(request.prompt_token_ids),
-                         sampling_from_pb(request.sampling, default_max_tokens=16), sink, request.store_kv)
+                         sampling_from_pb(request.sampling, default_max_tokens=16), sink, request.store_kv,
+                         request.position_offset)
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=event.token_id))

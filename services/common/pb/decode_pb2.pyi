@@ -14,21 +14,25 @@ class KvSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_SOURCE_UNSPECIFIED: _ClassVar[KvSource]
     KV_SOURCE_DIRECT: _ClassVar[KvSource]
     KV_SOURCE_KVSTORE: _ClassVar[KvSource]
+    KV_SOURCE_LOCAL: _ClassVar[KvSource]
 KV_SOURCE_UNSPECIFIED: KvSource
 KV_SOURCE_DIRECT: KvSource
 KV_SOURCE_KVSTORE: KvSource
+KV_SOURCE_LOCAL: KvSource
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source", "position_offset")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     kv_source: KvSource
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ...) -> None: ...
+    position_offset: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ()
@@ -69,15 +73,27 @@ class TransferKvReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., chunks_received: _Optional[int] = ...) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("active_requests", "awaiting_kv", "kv_bytes_held", "requests_total", "model")
+    __slots__ = ("active_requests", "awaiting_kv", "kv_bytes_held", "requests_total", "model", "blocks_used", "blocks_total", "block_size", "kv_pool_pressure", "running", "preemptions_total")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     AWAITING_KV_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     awaiting_kv: int
     kv_bytes_held: int
     requests_total: int
     model: _common_pb2.ModelInfo
-    def __init__(self, active_requests: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    blocks_used: int
+    blocks_total: int
+    block_size: int
+    kv_pool_pressure: float
+    running: int
+    preemptions_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_pool_pressure: _Optional[float] = ..., running: _Optional[int] = ..., preemptions_total: _Optional[int] = ...) -> None: ...

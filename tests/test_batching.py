@@ -1,0 +1,119 @@
+"""Continuous batching over the paged KV pool: exact greedy output for concurrent requests that
+join at different times, pool usage back to zero, the three prefill modes agreeing, pool
+exhaustion handled with RESOURCE_EXHAUSTED, and preemption that does not change the output."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from services.client import GatewayClient, GatewayError
+from services.common.pb import common_pb2, decode_pb2_grpc
+from tests.conftest import RunningStack, start_stack
+
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
+    "Once upon a time, in a small village,", "The three primary colors are", "Hello, my name is",
+    "import numpy as np\n", "The best way to learn a language is", "In 1492, Columbus",
+    "The mitochondria is", "SELECT * FROM users WHERE", "My favourite recipe for pancakes:",
+    "The speed of light is", "To be or not to be,", "Photosynthesis converts", "A haiku about the sea:\n",
+]
+
+
+async def decode_stats(address: str) -> decode_pb2_grpc.DecodeServiceStub:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())
+
+
+async def wait_pool_empty(address: str) -> common_pb2.StatsRequest:
+    for _ in range(100):
+        stats = await decode_stats(address)
+        if (stats.active_requests, stats.blocks_used) == (0, 0):
+            return stats
+        await asyncio.sleep(0.1)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def references(runtime, encoder) -> dict[tuple[str, int], list[int]]:
+    return {(prompt, 8 + 2 * i): runtime.reference_generate(encoder.encode_text(prompt), 8 + 2 * i)
+            for i, prompt in enumerate(PROMPTS)}
+
+
+async def test_sixteen_staggered_requests_are_exact_and_batched(memory_stack: RunningStack, references) -> None:
+    peak_running = 0
+
+    async def watch() -> None:
+        nonlocal peak_running
+        while True:
+            peak_running = max(peak_running, (await decode_stats(memory_stack["decode"])).running)
+            await asyncio.sleep(0.02)
+
+    async def one(index: int, prompt: str, max_tokens: int) -> list[int]:
+        await asyncio.sleep(0.15 * index)  # join while the others run
+        return (await client.complete(prompt, max_tokens=max_tokens, temperature=0)).token_ids
+
+    watcher = asyncio.ensure_future(watch())
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        outputs = await asyncio.gather(*(one(i, prompt, tokens) for i, (prompt, tokens) in enumerate(references)))
+    watcher.cancel()
+    for (key, expected), output in zip(references.items(), outputs):
+        assert output == expected, key
+    assert peak_running > 1
+    stats = await wait_pool_empty(memory_stack["decode"])
+    assert (stats.active_requests, stats.blocks_used) == (0, 0) and stats.blocks_total > 0
+
+
+@pytest.mark.parametrize("gateway", ["gateway_unified", "gateway_conditional", "gateway"])
+async def test_prefill_modes_give_identical_output(memory_stack: RunningStack, references, gateway: str) -> None:
+    async with GatewayClient(memory_stack[gateway]) as client:
+        for prompt, tokens in list(references)[:5]:  # prompts of 5 to 10 tokens: conditional mixes both paths
+            assert (await client.complete(prompt, max_tokens=tokens, temperature=0)).token_ids == \
+                references[(prompt, tokens)]
+    stats = await wait_pool_empty(memory_stack["decode"])
+    assert stats.blocks_used == 0
+
+
+@pytest.fixture(scope="module")
+def small_pool_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
+    """Real model; the decode pool holds 12 blocks of 16 tokens; preempted KV swaps to the kvstore."""
+    running = start_stack(tmp_path_factory.mktemp("small-pool"), "default",
+                          extra={"decode": ("--kv-pool-blocks", "12", "--block-size", "16")})
+    yield running
+    running.stack.stop()
+
+
+async def test_preemption_keeps_greedy_output(small_pool_stack: RunningStack, runtime, encoder) -> None:
+    prompts = PROMPTS[:4]  # 4 x (~8 + 60) tokens need ~20 blocks: more than the pool's 12
+    expected = [runtime.reference_generate(encoder.encode_text(p), 60) for p in prompts]
+    before = (await decode_stats(small_pool_stack["decode"])).preemptions_total
+    async with GatewayClient(small_pool_stack["gateway"]) as client:
+        outputs = await asyncio.gather(*(client.complete(p, max_tokens=60, temperature=0, ignore_eos=True)
+                                         for p in prompts), return_exceptions=True)
+    for prompt, output, reference in zip(prompts, outputs, expected):
+        if isinstance(output, GatewayError):  # admission may be refused while the pool is nearly full
+            assert output.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            continue
+        assert output.token_ids[: len(reference)] == reference, prompt
+    assert sum(not isinstance(output, GatewayError) for output in outputs) >= 2, outputs
+    stats = await wait_pool_empty(small_pool_stack["decode"])
+    assert stats.preemptions_total > before
+    assert stats.blocks_used == 0
+
+
+async def test_pool_exhaustion_completes_or_refuses(small_pool_stack: RunningStack, runtime, encoder) -> None:
+    prompts = PROMPTS[:12]
+    async with GatewayClient(small_pool_stack["gateway"]) as client:
+        outputs = await asyncio.gather(*(client.complete(p, max_tokens=30, temperature=0) for p in prompts),
+                                       return_exceptions=True)
+    refused = 0
+    for prompt, output in zip(prompts, outputs):
+        if isinstance(output, GatewayError):
+            assert output.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, output
+            refused += 1
+        else:
+            assert output.token_ids == runtime.reference_generate(encoder.encode_text(prompt), 30), prompt
+    assert refused < len(prompts)
+    assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0
