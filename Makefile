@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test bench-transfer clean
+.PHONY: install proto proto-check up test bench-transfer bench-decode clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,7 @@ bench-transfer: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench-decode: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.decode

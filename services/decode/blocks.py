@@ -1,7 +1,8 @@
 """The decode worker's paged KV pool.
 
 KV lives in fixed-size blocks of `block_size` tokens, in one tensor per layer for keys and one for
-values ([num_blocks, kv_heads, block_size, head_dim]). The BlockManager hands blocks to sequences
+values ([num_blocks, block_size, kv_heads, head_dim]: a gathered run of blocks is already a
+[tokens, kv_heads, head_dim] sequence, no second copy needed). The BlockManager hands blocks to sequences
 and takes them back; usage (used / total blocks) is exact, and is the worker's KV pressure.
 """
 
@@ -36,7 +37,7 @@ class BlockPool:
     """The storage: per layer, keys and values of every block."""
 
     def __init__(self, config: PoolConfig, geometry: ModelGeometry, device: torch.device) -> None:
-        shape = (config.num_blocks, geometry.num_kv_heads, config.block_size, geometry.head_dim)
+        shape = (config.num_blocks, config.block_size, geometry.num_kv_heads, geometry.head_dim)
         dtype = DTYPES[geometry.dtype]
         self.block_size = config.block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
@@ -49,15 +50,15 @@ class BlockPool:
             block, offset = divmod(position, self.block_size)
             take = min(self.block_size - offset, end - position)
             rows = slice(position - start, position - start + take)
-            self.keys[layer][blocks[block], :, offset : offset + take] = keys[:, rows]
-            self.values[layer][blocks[block], :, offset : offset + take] = values[:, rows]
+            self.keys[layer][blocks[block], offset : offset + take] = keys[:, rows].transpose(0, 1)
+            self.values[layer][blocks[block], offset : offset + take] = values[:, rows].transpose(0, 1)
             position += take
 
     def read(self, blocks: list[int], layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv_heads, length, head_dim] of one layer of a sequence."""
         index = torch.tensor(blocks, device=self.keys[layer].device)
-        keys = self.keys[layer].index_select(0, index).transpose(0, 1).flatten(1, 2)[:, :length]
-        values = self.values[layer].index_select(0, index).transpose(0, 1).flatten(1, 2)[:, :length]
+        keys = self.keys[layer].index_select(0, index).flatten(0, 1)[:length].transpose(0, 1)
+        values = self.values[layer].index_select(0, index).flatten(0, 1)[:length].transpose(0, 1)
         return keys, values
 
 

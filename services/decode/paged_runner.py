@@ -1,9 +1,11 @@
 """One batched decode step over the paged KV pool (runs on the model thread).
 
 All running sequences advance one token in one forward pass: embeddings, norms, projections, MLPs
-and the LM head run on the whole batch; attention runs per sequence over its own blocks, through
-Hugging Face's SDPA attention function, so a batch of one computes exactly what the model's own
-forward pass computes. Works for Llama-family layer layouts (Llama, Mistral, Qwen2, SmolLM).
+and the LM head run on the whole batch. Attention reads each sequence's blocks: a batch of one goes
+through Hugging Face's own SDPA attention function, so it computes exactly what the model's forward
+pass computes; a larger batch gathers every sequence's blocks in one indexed copy (padded to the
+longest, masked) and runs one SDPA call per layer. Works for Llama-family layer layouts (Llama,
+Mistral, Qwen2, SmolLM).
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockPool
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Index tensors of one batched step, shared by every layer."""
+
+    current: torch.Tensor  # block of each sequence's new token
+    offsets: torch.Tensor  # its offset in that block
+    tables: torch.Tensor  # [batch, width] block tables, padded
+    valid: torch.Tensor  # [batch, 1, 1, width * block_size] attention mask
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,22 +53,35 @@ class PagedRunner:
         positions = torch.tensor([[slot.position] for slot in batch], device=self._device)
         hidden = body.embed_tokens(ids)
         rope = body.rotary_emb(hidden, positions)
+        plan = self._plan(batch) if len(batch) > 1 else None
         for index, layer in enumerate(body.layers):
             residual = hidden
-            hidden = self._attention(layer.self_attn, index, layer.input_layernorm(hidden), rope, batch)
+            hidden = self._attention(layer.self_attn, index, layer.input_layernorm(hidden), rope, batch, plan)
             hidden = residual + hidden
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
         return self._model.lm_head(body.norm(hidden))[:, -1].float().cpu()
 
+    def _plan(self, batch: list[StepSlot]) -> _Plan:
+        size, device = self._pool.block_size, self._device
+        positions = torch.tensor([slot.position for slot in batch], device=device)
+        width = max(slot.position // size + 1 for slot in batch)
+        tables = [slot.blocks[:width] + [0] * (width - len(slot.blocks[:width])) for slot in batch]
+        valid = torch.arange(width * size, device=device)[None, :] <= positions[:, None]
+        return _Plan(torch.tensor([slot.blocks[slot.position // size] for slot in batch], device=device),
+                     positions % size, torch.tensor(tables, device=device), valid[:, None, None, :])
+
     def _attention(self, attention: torch.nn.Module, layer: int, hidden: torch.Tensor,
-                   rope: tuple[torch.Tensor, torch.Tensor], batch: list[StepSlot]) -> torch.Tensor:
+                   rope: tuple[torch.Tensor, torch.Tensor], batch: list[StepSlot], plan: _Plan | None) -> torch.Tensor:
         input_shape = hidden.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
         query = attention.q_proj(hidden).view(hidden_shape).transpose(1, 2)
         key = attention.k_proj(hidden).view(hidden_shape).transpose(1, 2)
         value = attention.v_proj(hidden).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *rope)
+        if plan is not None:
+            return attention.o_proj(self._batched(attention, layer, query, key, value, plan)
+                                    .reshape(*input_shape, -1).contiguous())
         outputs = []
         for row, slot in enumerate(batch):
             self._pool.write(slot.blocks, layer, slot.position, key[row], value[row])
@@ -66,3 +91,17 @@ class PagedRunner:
                                                scaling=attention.scaling)
             outputs.append(output)
         return attention.o_proj(torch.cat(outputs).reshape(*input_shape, -1).contiguous())
+
+    def _batched(self, attention: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Attention of every sequence at once: [batch, 1, heads, head_dim]."""
+        pool_keys, pool_values = self._pool.keys[layer], self._pool.values[layer]
+        pool_keys[plan.current, plan.offsets] = key[:, :, 0]
+        pool_values[plan.current, plan.offsets] = value[:, :, 0]
+        batch, width = plan.tables.shape
+        keys = pool_keys[plan.tables].view(batch, -1, *pool_keys.shape[2:]).transpose(1, 2)
+        values = pool_values[plan.tables].view(batch, -1, *pool_values.shape[2:]).transpose(1, 2)
+        output = torch.nn.functional.scaled_dot_product_attention(
+            query, keys, values, attn_mask=plan.valid, scale=attention.scaling,
+            enable_gqa=keys.shape[1] != query.shape[1])
+        return output.transpose(1, 2)
