@@ -150,7 +150,11 @@ async def test_no_capacity_is_429_and_no_worker_is_503(capacity_stack: RunningSt
     async with httpx.AsyncClient(timeout=60) as http:
         async with http.stream("POST", capacity_stack["http"] + "/v1/completions", json=body) as busy:
             assert busy.status_code == 200
-            await anext(busy.aiter_lines())
+            lines = busy.aiter_lines()  # keep it: a collected line iterator closes the stream
+            await anext(lines)
+            async with grpc.aio.insecure_channel(capacity_stack["decode"]) as channel:
+                stats = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())
+            assert stats.active_requests == 1  # the decode worker is full now
             full = await http.post(capacity_stack["http"] + "/v1/completions",
                                    json={**body, "stream": False, "max_tokens": 2})
             assert full.status_code == 429 and full.json()["error"]["type"] == "rate_limit_error"
