@@ -78,9 +78,11 @@ async def test_prefill_modes_give_identical_output(memory_stack: RunningStack, r
 
 @pytest.fixture(scope="module")
 def small_pool_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
-    """Real model; the decode pool holds 12 blocks of 16 tokens; preempted KV swaps to the kvstore."""
+    """Real model; the decode pool holds 12 blocks of 16 tokens; preempted KV swaps to the kvstore;
+    prompts over 32 tokens are prefilled in chunks of 32."""
     running = start_stack(tmp_path_factory.mktemp("small-pool"), "default",
-                          extra={"decode": ("--kv-pool-blocks", "12", "--block-size", "16")})
+                          extra={"decode": ("--kv-pool-blocks", "12", "--block-size", "16"),
+                                 "prefill": ("--kv-chunk-tokens", "16", "--prefill-chunk-tokens", "32")})
     yield running
     running.stack.stop()
 
@@ -116,4 +118,14 @@ async def test_pool_exhaustion_completes_or_refuses(small_pool_stack: RunningSta
         else:
             assert output.token_ids == runtime.reference_generate(encoder.encode_text(prompt), 30), prompt
     assert refused < len(prompts)
+    assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0
+
+
+async def test_chunked_prefill_of_a_long_prompt(small_pool_stack: RunningStack, runtime, encoder) -> None:
+    prompt = "Here is a list of the planets of the solar system and one fact about each of them: " * 4
+    prompt_ids = encoder.encode_text(prompt)
+    assert 64 < len(prompt_ids) < 150  # three or more forward chunks of 32 tokens
+    async with GatewayClient(small_pool_stack["gateway"]) as client:
+        result = await client.complete(prompt, max_tokens=12, temperature=0)
+    assert result.token_ids == runtime.reference_generate(prompt_ids, 12)
     assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0

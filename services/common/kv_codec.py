@@ -110,11 +110,12 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch.Tensor) -> KvChunk:
+def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch.Tensor,
+                 token_offset: int = 0) -> KvChunk:
     """Chunk `index` from the layer group's keys and values, each [layers, kv_heads, tokens, head_dim]
-    covering all tokens of the group's layers."""
+    covering the group's tokens from `token_offset` on."""
     span = layout.span(index)
-    tokens = slice(span.token_start, span.token_end)
+    tokens = slice(span.token_start - token_offset, span.token_end - token_offset)
     data = tensor_bytes(torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1))
     return KvChunk(layout.request_id, layout.model_fingerprint, index, span, layout.dtype, layout.encoding,
                    layout.shape(span), len(data), zlib.crc32(data), data)

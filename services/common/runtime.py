@@ -91,12 +91,18 @@ class ModelRuntime:
         """The Hugging Face model (for engines that run its layers themselves)."""
         return self._model
 
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self._model.config)
+
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], on_layer: LayerKvCallback) -> torch.Tensor:
-        """Forward the whole prompt; call `on_layer` as each layer's KV is ready. Returns the
-        last position's logits (float32, on CPU)."""
-        cache = DynamicCache(config=self._model.config)
-        hooks = [layer.register_forward_hook(self._layer_hook(index, cache, on_layer))
+    def prefill(self, token_ids: list[int], on_layer: LayerKvCallback, cache: DynamicCache | None = None
+                ) -> torch.Tensor:
+        """Forward the prompt (or, with `cache`, its next chunk); call `on_layer` with each layer's
+        KV of these tokens as soon as the layer is done. Returns the last position's logits
+        (float32, on CPU)."""
+        cache = cache if cache is not None else self.new_cache()
+        start = cache.get_seq_length()
+        hooks = [layer.register_forward_hook(self._layer_hook(index, cache, start, on_layer))
                  for index, layer in enumerate(self._layers)]
         try:
             ids = torch.tensor([token_ids], device=self.device)
@@ -107,10 +113,10 @@ class ModelRuntime:
         return logits[0, -1].float().cpu()
 
     @staticmethod
-    def _layer_hook(index: int, cache: DynamicCache, on_layer: LayerKvCallback) -> Callable[..., None]:
+    def _layer_hook(index: int, cache: DynamicCache, start: int, on_layer: LayerKvCallback) -> Callable[..., None]:
         def hook(*_: object) -> None:
             layer = cache.layers[index]
-            on_layer(index, layer.keys[0], layer.values[0])
+            on_layer(index, layer.keys[0, :, start:], layer.values[0, :, start:])
         return hook
 
     def build_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:

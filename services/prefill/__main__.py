@@ -40,7 +40,7 @@ async def run(settings: PrefillSettings) -> None:
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
-        chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers)
+        chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers, settings.prefill_chunk_tokens)
         engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics)
         servicer.ready(engine, runtime.geometry)
 

@@ -6,6 +6,8 @@ Life of a request, as a sequence of queues:
   -> chunk pump: a finished layer group is cut into chunks, encoded off the event loop, and sent
      to every sink (the decode worker's TransferKv stream, the kvstore) while later layers compute
   -> the first token is sampled from the last logits and emitted at once (TTFT)
+  (a prompt longer than the prefill chunk runs as several forward jobs, each chunk's KV sent as
+  soon as it is computed, so one huge prompt neither blows memory nor starves the queue)
   -> the end message (chunk count, first token, forward end time) closes each sink; the decode's
      acknowledgement ends the handoff, and the summary is emitted.
 Cancelling the request's task aborts its sinks; nothing is kept after it ends.
@@ -66,10 +68,11 @@ class PrefillSummary:
 
 @dataclass(frozen=True, slots=True)
 class ChunkGeometry:
-    """How KV is cut for the wire."""
+    """How KV is cut for the wire, and how long prompts are cut for the forward pass."""
 
     chunk_tokens: int
     chunk_layers: int
+    prefill_chunk_tokens: int  # longer prompts run in forward chunks of this many tokens
 
 
 class PrefillEngine:
@@ -105,11 +108,16 @@ class PrefillEngine:
             raise InvalidRequest("give a decode_address, or set store_kv")
         return sinks, store_sink
 
+    def _chunked(self, job: PrefillJob) -> bool:
+        return len(job.prompt_ids) > self._chunking.prefill_chunk_tokens
+
     def _layout(self, job: PrefillJob) -> KvLayout:
+        """A chunked prefill finishes all layers of a token range at a time, so its KV chunks span
+        all layers (token-range order); otherwise layer groups stream as the forward pass goes."""
         geometry = self._runtime.geometry
+        layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
-                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens,
-                        min(self._chunking.chunk_layers, geometry.num_layers), geometry.dtype)
+                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype)
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job.prompt_ids)
@@ -118,18 +126,23 @@ class PrefillEngine:
         self.requests_total += 1
         self.kv_bytes_held[job.request_id] = 0
         pump: asyncio.Task[float] | None = None
+        first_sent = 0.0
         try:
             await _send_all(sinks, layout)
-            loop = asyncio.get_running_loop()
-            layers: asyncio.Queue[LayerKv] = asyncio.Queue()
-            pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
-            forward = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids,
-                                                   lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+            if self._chunked(job):
+                forward, first_sent = await self._forward_in_chunks(job, layout, sinks)
+            else:
+                loop = asyncio.get_running_loop()
+                layers: asyncio.Queue[LayerKv] = asyncio.Queue()
+                pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
+                forward = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids,
+                                                       lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
             first = sample(forward.value, job.sampling, job.position_offset)
             yield FirstToken(first)
-            first_sent = await pump
+            if pump is not None:
+                first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))
             await asyncio.gather(*(sink.close(end) for sink in sinks))
             finished = time.perf_counter()
@@ -165,6 +178,28 @@ class PrefillEngine:
         self._metrics.kv_bytes_sent.inc(summary.kv_bytes)
         self._metrics.kv_throughput.observe(throughput)
         self._metrics.handoff_seconds.observe(summary.handoff_seconds)
+
+    async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout,
+                                 sinks: list[KvSink]) -> tuple[Timed[torch.Tensor], float]:
+        """Chunked prefill: each forward chunk is its own job on the model thread, so other
+        requests' work runs in between and activations stay bounded; its KV chunks go out at once."""
+        cache, step = self._runtime.new_cache(), self._chunking.prefill_chunk_tokens
+        queued = run = 0.0
+        first_sent, started_unix = 0.0, 0.0
+        for start in range(0, len(job.prompt_ids), step):
+            kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            part = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids[start : start + step],
+                                                lambda index, k, v: kv.__setitem__(index, (k, v)), cache)
+            queued, run = queued + part.queued_seconds, run + part.run_seconds
+            started_unix = started_unix or part.started_unix
+            keys, values = torch.stack([kv[i][0] for i in sorted(kv)]), torch.stack([kv[i][1] for i in sorted(kv)])
+            end = min(start + step, len(job.prompt_ids))
+            for index in range(start // layout.chunk_tokens, -(-end // layout.chunk_tokens)):
+                chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
+                first_sent = first_sent or time.perf_counter()
+                await _send_all(sinks, chunk)
+                self.kv_bytes_held[layout.request_id] += chunk.byte_length
+        return Timed(part.value, queued, run, started_unix), first_sent
 
     async def _pump(self, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send each layer group's chunks as soon as the group's layers are computed. Returns the

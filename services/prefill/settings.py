@@ -18,6 +18,8 @@ class PrefillSettings(WorkerSettings):
     kv_chunk_tokens: int = setting(512, "tokens per KV chunk", "KV_CHUNK_TOKENS")
     kv_chunk_layers: int = setting(4, "layers per KV chunk; a layer group is sent as soon as it is computed",
                                    "KV_CHUNK_LAYERS")
+    prefill_chunk_tokens: int = setting(2048, "prompts longer than this are prefilled in chunks of this many "
+                                        "tokens (a multiple of --kv-chunk-tokens)", "PREFILL_CHUNK_TOKENS")
     transfer_timeout_seconds: float = setting(120.0, "deadline of one KV transfer to a decode worker",
                                               "TRANSFER_TIMEOUT_SECONDS")
     checkpoint_kv: bool = setting(False, "also write every request's KV to the kvstore (checkpoint)",
@@ -29,6 +31,9 @@ class PrefillSettings(WorkerSettings):
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_positive("kv_chunk_tokens", self.kv_chunk_tokens)
         check_positive("kv_chunk_layers", self.kv_chunk_layers)
+        if self.prefill_chunk_tokens <= 0 or self.prefill_chunk_tokens % self.kv_chunk_tokens:
+            raise ValueError(f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must be a positive multiple of "
+                             f"kv_chunk_tokens ({self.kv_chunk_tokens})")
         check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)
         if self.checkpoint_kv and not self.kvstore_address:
             raise ValueError("checkpoint_kv needs kvstore_address")
