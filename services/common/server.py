@@ -12,17 +12,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
-from services.common.telemetry import ServiceTelemetry, client_interceptors, serve_metrics
+from services.common.logs import setup_logging
+from services.common.telemetry import ServiceTelemetry, client_interceptors, serve_metrics, setup_tracing
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+S = TypeVar("S")
 FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
 
 
@@ -160,3 +165,19 @@ async def _warm_up(warmup: Callable[[], Awaitable[None]], stop: asyncio.Event) -
     warm.cancel()
     await asyncio.gather(warm, return_exceptions=True)
     return False
+
+
+def run_service(name: str, settings_type: type[S], description: str,
+                run: Callable[[S], Awaitable[None]]) -> None:
+    """The `main()` of a service: settings (exit with a message when invalid), logging, tracing,
+    the asyncio run, and a final flush of buffered spans."""
+    try:
+        settings = parse_settings(settings_type, f"python -m services.{name}", description)
+        setup_logging(name, settings.log_level)  # type: ignore[attr-defined]
+        tracing = setup_tracing(name)
+    except ValueError as exc:
+        sys.exit(f"{name}: {exc}")
+    try:
+        asyncio.run(run(settings))
+    finally:
+        tracing.shutdown()

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import grpc
 
-from services.common.config import parse_settings
 from services.common.kvstore_client import KvStoreClient
-from services.common.logs import setup_logging
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
 from services.common.pb import decode_pb2, decode_pb2_grpc
-from services.common.server import Lifecycle, ServerSpec, serve
-from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.server import Lifecycle, ServerSpec, run_service, serve
+from services.common.telemetry import service_telemetry
 from services.common.worker import load_runtime
 from services.decode.blocks import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
@@ -65,17 +62,7 @@ async def run(settings: DecodeSettings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = parse_settings(DecodeSettings, "python -m services.decode",
-                                  "decode worker: receives KV caches and generates tokens")
-        setup_logging("decode", settings.log_level)
-        tracing = setup_tracing("decode")
-    except ValueError as exc:
-        sys.exit(f"decode: {exc}")
-    try:
-        asyncio.run(run(settings))
-    finally:
-        tracing.shutdown()
+    run_service("decode", DecodeSettings, "decode worker: receives KV caches and generates tokens", run)
 
 
 if __name__ == "__main__":

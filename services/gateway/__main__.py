@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from pathlib import Path
 
 import grpc
 
 from services.common.channels import ChannelPool
 from services.common.config import parse_settings, split_addresses
-from services.common.logs import setup_logging
 from services.common.metrics import GatewayMetrics
 from services.common.model_files import resolve_model_dir
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
-from services.common.server import Lifecycle, ServerSpec, serve
+from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.tasks import TaskSet
-from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.telemetry import service_telemetry
 from services.gateway.auth import ApiKeys
 from services.gateway.core import Gateway, GatewayLimits
 from services.gateway.http_api import HttpApiConfig, create_app
@@ -85,17 +83,8 @@ async def run(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = parse_settings(GatewaySettings, "python -m services.gateway",
-                                  "gateway: the public gRPC API; routes requests to prefill and decode workers")
-        setup_logging("gateway", settings.log_level)
-        tracing = setup_tracing("gateway")
-    except ValueError as exc:
-        sys.exit(f"gateway: {exc}")
-    try:
-        asyncio.run(run(settings))
-    finally:
-        tracing.shutdown()
+    run_service("gateway", GatewaySettings,
+                "gateway: the public gRPC API; routes requests to prefill and decode workers", run)
 
 
 if __name__ == "__main__":

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 
 import grpc
 
-from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
-from services.common.logs import setup_logging
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
-from services.common.server import Lifecycle, ServerSpec, serve
-from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.server import Lifecycle, ServerSpec, run_service, serve
+from services.common.telemetry import service_telemetry
 from services.kvstore.backend import make_backend
 from services.kvstore.servicer import KvStoreServicer
 from services.kvstore.settings import KvStoreSettings
@@ -48,17 +45,8 @@ async def run(settings: KvStoreSettings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = parse_settings(KvStoreSettings, "python -m services.kvstore",
-                                  "kvstore service: KV chunks by key with TTL and a byte budget")
-        setup_logging("kvstore", settings.log_level)
-        tracing = setup_tracing("kvstore")
-    except ValueError as exc:
-        sys.exit(f"kvstore: {exc}")
-    try:
-        asyncio.run(run(settings))
-    finally:
-        tracing.shutdown()
+    run_service("kvstore", KvStoreSettings,
+                "kvstore service: KV chunks by key with TTL and a byte budget", run)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import grpc
 
 from services.common.channels import ChannelPool
-from services.common.config import parse_settings
 from services.common.kvstore_client import KvStoreClient
-from services.common.logs import setup_logging
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
-from services.common.server import Lifecycle, ServerSpec, serve
-from services.common.telemetry import service_telemetry, setup_tracing
+from services.common.server import Lifecycle, ServerSpec, run_service, serve
+from services.common.telemetry import service_telemetry
 from services.common.worker import load_runtime
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
@@ -56,17 +53,8 @@ async def run(settings: PrefillSettings) -> None:
 
 
 def main() -> None:
-    try:
-        settings = parse_settings(PrefillSettings, "python -m services.prefill",
-                                  "prefill worker: prompt forward passes, KV streamed to decode workers")
-        setup_logging("prefill", settings.log_level)
-        tracing = setup_tracing("prefill")
-    except ValueError as exc:
-        sys.exit(f"prefill: {exc}")
-    try:
-        asyncio.run(run(settings))
-    finally:
-        tracing.shutdown()
+    run_service("prefill", PrefillSettings,
+                "prefill worker: prompt forward passes, KV streamed to decode workers", run)
 
 
 if __name__ == "__main__":
