@@ -36,10 +36,24 @@ class ServiceSpec:
         return f"127.0.0.1:{self.port}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class PortAllocator:
+    """Free loopback ports, never the same one twice: the kernel may hand a just-released port out
+    again, and two services given one port collide."""
+
+    def __init__(self) -> None:
+        self._issued: set[int] = set()
+
+    def take(self) -> int:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = int(sock.getsockname()[1])
+            if port not in self._issued:
+                self._issued.add(port)
+                return port
+
+
+free_port = PortAllocator().take
 
 
 class Stack:
