@@ -129,3 +129,49 @@ async def test_chunked_prefill_of_a_long_prompt(small_pool_stack: RunningStack, 
         result = await client.complete(prompt, max_tokens=12, temperature=0)
     assert result.token_ids == runtime.reference_generate(prompt_ids, 12)
     assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0
+
+
+async def test_request_over_its_kv_budget_yields_to_others(memory_stack: RunningStack, runtime, encoder) -> None:
+    before = (await decode_stats(memory_stack["decode"])).preemptions_total
+    long_prompt, short_prompt = PROMPTS[3], PROMPTS[4]
+    expected_long = runtime.reference_generate(encoder.encode_text(long_prompt), 40)
+    expected_short = runtime.reference_generate(encoder.encode_text(short_prompt), 12)
+
+    async def later() -> list[int]:
+        await asyncio.sleep(0.5)  # joins while the budgeted request is running
+        return (await client.complete(short_prompt, max_tokens=12, temperature=0)).token_ids
+
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        budgeted, normal = await asyncio.gather(
+            client.complete(long_prompt, max_tokens=40, temperature=0, ignore_eos=True, max_cache_budget_mb=0.5),
+            later())
+    assert budgeted.token_ids == expected_long  # swapped out and back in, bit for bit
+    assert normal == expected_short
+    stats = await wait_pool_empty(memory_stack["decode"])
+    assert stats.preemptions_total > before and stats.blocks_used == 0
+
+
+@pytest.fixture(scope="module")
+def batching_prefill_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
+    """Tiny model; the prefill batches prompts for up to 300 ms and 4,096 tokens."""
+    running = start_stack(tmp_path_factory.mktemp("prefill-batch"), "tiny",
+                          extra={"prefill": ("--prefill-batch-tokens", "4096", "--prefill-batch-wait-ms", "300")})
+    yield running
+    running.stack.stop()
+
+
+async def test_prefill_batches_queued_prompts(batching_prefill_stack: RunningStack) -> None:
+    from tests.test_observability import _scrape
+
+    port = batching_prefill_stack.metrics_ports["prefill"]
+    before = _scrape(port)
+    async with GatewayClient(batching_prefill_stack["gateway"]) as client:
+        results = await asyncio.gather(*(client.complete(p, max_tokens=6, temperature=0, ignore_eos=True)
+                                         for p in PROMPTS[:4]))
+        alone = await client.complete(PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True)
+    assert [len(r.token_ids) for r in results] == [6, 6, 6, 6] and len(alone.token_ids) == 6
+    after = _scrape(port)
+    batches = after["disagg_prefill_batch_size_count"] - before["disagg_prefill_batch_size_count"]
+    prompts = after["disagg_prefill_batch_size_sum"] - before["disagg_prefill_batch_size_sum"]
+    assert prompts == 5 and batches < 5  # the four concurrent prompts shared forward passes
+    assert (await wait_pool_empty(batching_prefill_stack["decode"])).blocks_used == 0

@@ -35,11 +35,13 @@ class GatewayClient:
     async def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                        top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
-                       request_id: str = "", timeout: float | None = None) -> AsyncIterator[GenerateChunk]:
+                       request_id: str = "", timeout: float | None = None,
+                       max_cache_budget_mb: float = 0.0) -> AsyncIterator[GenerateChunk]:
         """Stream a completion of `prompt`, or of a chat `messages` list of (role, content).
-        `timeout` (seconds) bounds the whole call; failures raise GatewayError."""
+        `timeout` (seconds) bounds the whole call; `max_cache_budget_mb` caps the KV the request
+        may hold while others need the decode pool. Failures raise GatewayError."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-                                request_id)
+                                request_id, max_cache_budget_mb)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

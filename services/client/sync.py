@@ -35,10 +35,11 @@ class SyncGatewayClient:
     def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
-                 request_id: str = "", timeout: float | None = None) -> Iterator[GenerateChunk]:
+                 request_id: str = "", timeout: float | None = None,
+                 max_cache_budget_mb: float = 0.0) -> Iterator[GenerateChunk]:
         """Stream a completion (see GatewayClient.generate)."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-                                request_id)
+                                request_id, max_cache_budget_mb)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

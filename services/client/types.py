@@ -74,10 +74,12 @@ class RetryPolicy:
 
 def build_request(prompt: str | None, messages: Sequence[tuple[str, str]] | None, max_tokens: int | None,
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
-                  stop: Sequence[str], ignore_eos: bool, request_id: str) -> gateway_pb2.GenerateRequest:
+                  stop: Sequence[str], ignore_eos: bool, request_id: str,
+                  max_cache_budget_mb: float = 0.0) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
-    request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id)
+    request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
+                                          max_cache_budget_mb=max_cache_budget_mb)
     if messages is not None:
         request.chat.CopyFrom(gateway_pb2.ChatMessages(
             messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in messages]))

@@ -34,6 +34,7 @@ class PrefillMetrics:
     kv_bytes_sent: Counter
     kv_throughput: Histogram
     handoff_seconds: Histogram
+    batch_size: Histogram
 
     @classmethod
     def create(cls, registry: CollectorRegistry, thread: ModelThread, active: Callable[[], int]) -> PrefillMetrics:
@@ -48,7 +49,9 @@ class PrefillMetrics:
             Histogram("disagg_kv_transfer_throughput_bytes_per_second", "KV bytes per second of one transfer",
                       buckets=THROUGHPUT_BUCKETS, registry=registry),
             Histogram("disagg_kv_handoff_seconds", "forward pass end to complete KV acknowledged (prefill clock)",
-                      buckets=LATENCY_BUCKETS, registry=registry))
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Histogram("disagg_prefill_batch_size", "prompts per batched forward pass",
+                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry))
 
 
 @dataclass(frozen=True, slots=True)

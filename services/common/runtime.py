@@ -112,6 +112,35 @@ class ModelRuntime:
                 hook.remove()
         return logits[0, -1].float().cpu()
 
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[list[int]], on_layer: list[LayerKvCallback]) -> list[torch.Tensor]:
+        """Forward several prompts in one right-padded batch; `on_layer[i]` gets prompt i's KV of each
+        layer. Returns each prompt's last logits. (Padding changes matmul shapes, so the results may
+        differ in the last bits from one prompt alone.)"""
+        lengths = torch.tensor([len(prompt) for prompt in prompts])
+        ids = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        mask = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
+        cache = self.new_cache()
+
+        def hook(index: int) -> Callable[..., None]:
+            def deliver(*_: object) -> None:
+                layer = cache.layers[index]
+                for row, callback in enumerate(on_layer):
+                    callback(index, layer.keys[row, :, : lengths[row]], layer.values[row, :, : lengths[row]])
+            return deliver
+
+        hooks = [layer.register_forward_hook(hook(index)) for index, layer in enumerate(self._layers)]
+        try:
+            hidden = self._model.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                       cache=cache, use_cache=True).last_hidden_state
+        finally:
+            for handle in hooks:
+                handle.remove()
+        last = hidden[torch.arange(len(prompts)), lengths.to(self.device) - 1]
+        return list(self._model.lm_head(last).float().cpu())
+
     @staticmethod
     def _layer_hook(index: int, cache: DynamicCache, start: int, on_layer: LayerKvCallback) -> Callable[..., None]:
         def hook(*_: object) -> None:

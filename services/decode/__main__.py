@@ -42,7 +42,7 @@ async def run(settings: DecodeSettings) -> None:
                                   settings.kvstore_timeout_seconds)
         limits = DecodeLimits(settings.kv_timeout_seconds, int(settings.max_chunk_mb * MB),
                               settings.max_active_requests, settings.max_batch_size, settings.reject_threshold,
-                              settings.preempt_threshold)
+                              settings.preempt_threshold, settings.max_cache_budget_mb)
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
         engine = DecodeEngine(runtime, thread, pool, limits, store, metrics)

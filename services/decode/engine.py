@@ -58,6 +58,7 @@ class DecodeLimits:
     max_batch_size: int
     reject_threshold: float  # pool pressure above which new requests are refused
     preempt_threshold: float  # pool pressure above which running sequences are preempted
+    max_cache_budget_mb: float = 0.0  # default per-request KV budget (0: none)
 
 
 class DecodeEngine:
@@ -86,7 +87,8 @@ class DecodeEngine:
         self._tasks.spawn(self._loop(), "decode-loop")
 
     # admission and KV arrival -------------------------------------------------------------
-    def admit(self, request_id: str, prompt_ids: list[int], sampling: Sampling, position_offset: int = 0) -> Sequence:
+    def admit(self, request_id: str, prompt_ids: list[int], sampling: Sampling, position_offset: int = 0,
+              budget_mb: float = 0.0) -> Sequence:
         if not request_id:
             raise InvalidRequest("request_id must not be empty")
         if request_id in self.sequences:
@@ -101,7 +103,10 @@ class DecodeEngine:
         if self.blocks.pressure > self._limits.reject_threshold:  # checked before anything is reserved
             raise CapacityExhausted(f"KV pool pressure {self.blocks.pressure:.2f} is above the reject threshold")
         self.blocks.allocate(request_id, len(prompt_ids))
-        sequence = Sequence(request_id, prompt_ids, sampling, position_offset)
+        budget = budget_mb or self._limits.max_cache_budget_mb
+        if budget < 0:
+            raise InvalidRequest(f"max_cache_budget_mb must be >= 0, got {budget}")
+        sequence = Sequence(request_id, prompt_ids, sampling, position_offset, int(budget * 1024 * 1024))
         self.sequences[request_id] = sequence
         self.requests_total += 1
         asyncio.get_running_loop().call_later(self._limits.kv_timeout_seconds, self._kv_deadline, sequence)
@@ -204,8 +209,9 @@ class DecodeEngine:
 
     async def _schedule(self) -> list[Sequence]:
         preempt_at = self._limits.preempt_threshold
-        while self._preempted and self._fits_below(self._preempted[0].kv_tokens + 1, preempt_at):
-            await self._resume(self._preempted.popleft())
+        while (waiting := self._next_to_resume()) and self._fits_below(waiting.kv_tokens + 1, preempt_at):
+            self._preempted.remove(waiting)
+            await self._resume(waiting)
         while self._ready and len(self._running) < self._limits.max_batch_size:
             sequence = self._ready.popleft()
             if sequence.state is State.READY:
@@ -216,7 +222,21 @@ class DecodeEngine:
                 await self._preempt(max(self._running, key=lambda s: s.admitted_at))
         while self.blocks.pressure > preempt_at and len(self._running) > 1:
             await self._preempt(max(self._running, key=lambda s: s.admitted_at))
+        per_token = self._runtime.geometry.kv_bytes_per_token
+        for sequence in [s for s in self._running if s.over_budget(per_token)]:
+            if len(self._running) > 1 or self._ready:  # over budget yields to others, never to nobody
+                await self._preempt(sequence)
         return list(self._running)
+
+    def _next_to_resume(self) -> Sequence | None:
+        """Oldest preempted sequence; one over its KV budget only when nothing else waits or runs."""
+        per_token = self._runtime.geometry.kv_bytes_per_token
+        for sequence in self._preempted:
+            if not sequence.over_budget(per_token):
+                return sequence
+        if self._preempted and not self._running and not self._ready:
+            return self._preempted[0]
+        return None
 
     def _fits_below(self, tokens: int, threshold: float) -> bool:
         """Whether `tokens` more tokens of KV keep the pool at or under `threshold` (no thrashing:

@@ -43,6 +43,7 @@ class Sequence:
     prompt_ids: list[int]
     sampling: Sampling
     position_offset: int = 0  # completion tokens produced before this worker took over (failover)
+    budget_bytes: int = 0  # KV it may hold while others need the pool (0: no budget)
     state: State = State.AWAITING_KV
     generated: list[int] = field(default_factory=list)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
@@ -55,6 +56,9 @@ class Sequence:
     def kv_tokens(self) -> int:
         """Tokens whose KV is in the pool: the prompt and every generated token but the last."""
         return len(self.prompt_ids) + max(0, len(self.generated) - 1)
+
+    def over_budget(self, bytes_per_token: int) -> bool:
+        return 0 < self.budget_bytes < self.kv_tokens * bytes_per_token
 
     @property
     def completion_index(self) -> int:

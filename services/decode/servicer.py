@@ -56,7 +56,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     async def _generate(self, engine: DecodeEngine,
                         request: decode_pb2.DecodeRequest) -> AsyncIterator[decode_pb2.DecodeEvent]:
         sequence = engine.admit(request.request_id, list(request.prompt_token_ids),
-                                sampling_from_pb(request.sampling, default_max_tokens=16), request.position_offset)
+                                sampling_from_pb(request.sampling, default_max_tokens=16), request.position_offset,
+                                request.max_cache_budget_mb)
         try:
             yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted())
             if request.kv_source == decode_pb2.KV_SOURCE_KVSTORE:

@@ -25,6 +25,9 @@ class DecodeSettings(WorkerSettings):
                                 "KV_POOL_MB")
     kv_pool_blocks: int = setting(0, "size of the paged KV pool in blocks (0: from --kv-pool-mb)", "KV_POOL_BLOCKS")
     block_size: int = setting(16, "tokens per KV block", "KV_BLOCK_SIZE")
+    max_cache_budget_mb: float = setting(0.0, "default per-request KV budget: a request holding more is "
+                                         "preempted while others need the pool (0: no budget)",
+                                         "MAX_CACHE_BUDGET_MB")
     reject_threshold: float = setting(0.95, "pool pressure above which new requests get RESOURCE_EXHAUSTED",
                                       "KV_REJECT_THRESHOLD")
     preempt_threshold: float = setting(0.85, "pool pressure above which the newest sequences are preempted",
@@ -37,6 +40,8 @@ class DecodeSettings(WorkerSettings):
         for name in ("kv_timeout_seconds", "max_chunk_mb", "max_active_requests", "max_batch_size", "kv_pool_mb",
                      "block_size"):
             check_positive(name, getattr(self, name))
+        if self.max_cache_budget_mb < 0:
+            raise ValueError(f"max_cache_budget_mb must be >= 0, got {self.max_cache_budget_mb}")
         if self.kv_pool_blocks < 0:
             raise ValueError(f"kv_pool_blocks must be >= 0, got {self.kv_pool_blocks}")
         if not 0 < self.preempt_threshold <= self.reject_threshold <= 1:

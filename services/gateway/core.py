@@ -46,6 +46,7 @@ class GenerateInput:
     prompt: str | None
     messages: list[tuple[str, str]] | None
     sampling: Sampling
+    max_cache_budget_mb: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +201,8 @@ class Gateway:
         prefill_request = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
                                                      sampling=sampling, position_offset=offset)
         decode_request = decode_pb2.DecodeRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                                  sampling=sampling, position_offset=offset)
+                                                  sampling=sampling, position_offset=offset,
+                                                  max_cache_budget_mb=request.max_cache_budget_mb)
         calls: list[grpc.aio.Call] = []
         with ExitStack() as leases:
             try:

@@ -36,12 +36,14 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     if not sampling_pb.HasField("seed"):
         sampling_pb.seed = secrets.randbits(63)  # fixed per request so any worker samples alike
     sampling = sampling_from_pb(sampling_pb, default_max_tokens)
+    if not request.max_cache_budget_mb >= 0:
+        raise InvalidRequest(f"max_cache_budget_mb must be >= 0, got {request.max_cache_budget_mb}")
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages = [(m.role, m.content) for m in request.chat.messages]
-        return GenerateInput(request_id, None, messages, sampling)
+        return GenerateInput(request_id, None, messages, sampling, request.max_cache_budget_mb)
     if kind == "prompt":
-        return GenerateInput(request_id, request.prompt, None, sampling)
+        return GenerateInput(request_id, request.prompt, None, sampling, request.max_cache_budget_mb)
     raise InvalidRequest("prompt must not be empty (give prompt or chat)")
 
 

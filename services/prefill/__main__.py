@@ -14,6 +14,7 @@ from services.common.pb import prefill_pb2, prefill_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
 from services.common.worker import load_runtime
+from services.prefill.batcher import PrefillBatcher
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
 from services.prefill.settings import PrefillSettings
@@ -26,19 +27,23 @@ async def run(settings: PrefillSettings) -> None:
     lifecycle = Lifecycle()
     servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds)
     store: KvStoreClient | None = None
+    batcher: PrefillBatcher | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)
         return [prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name]
 
     async def warmup() -> None:
-        nonlocal store
+        nonlocal store, batcher
         runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
         chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers, settings.prefill_chunk_tokens)
-        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics)
+        if settings.prefill_batch_tokens:
+            batcher = PrefillBatcher(runtime, thread, settings.prefill_batch_tokens,
+                                     settings.prefill_batch_wait_ms / 1000, metrics.batch_size.observe)
+        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher)
         servicer.ready(engine, runtime.geometry)
 
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: lifecycle.in_flight)
@@ -46,6 +51,8 @@ async def run(settings: PrefillSettings) -> None:
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
+        if batcher is not None:
+            await batcher.close()
         await channels.close()
         if store is not None:
             await store.close()

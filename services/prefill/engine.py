@@ -2,6 +2,7 @@
 
 Life of a request, as a sequence of queues:
   servicer -> model thread queue (one forward pass at a time, in arrival order)
+  -> batcher (optional): queued prompts grouped up to a token budget, waiting briefly for company
   -> forward pass: each layer's KV is put on the request's layer queue the moment the layer is done
   -> chunk pump: a finished layer group is cut into chunks, encoded off the event loop, and sent
      to every sink (the decode worker's TransferKv stream, the kvstore) while later layers compute
@@ -32,9 +33,10 @@ from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread, Timed
-from services.common.runtime import ModelRuntime
+from services.common.runtime import LayerKvCallback, ModelRuntime
 from services.common.sampling import Sampling, sample
 from services.common.telemetry import perf_to_unix_nanos
+from services.prefill.batcher import PrefillBatcher
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
@@ -77,9 +79,11 @@ class ChunkGeometry:
 
 class PrefillEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, geometry: ChunkGeometry,
-                 store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics) -> None:
+                 store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics,
+                 batcher: PrefillBatcher | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
+        self._batcher = batcher
         self._chunking = geometry
         self._store = store
         self._checkpoint = checkpoint_kv
@@ -135,8 +139,8 @@ class PrefillEngine:
                 loop = asyncio.get_running_loop()
                 layers: asyncio.Queue[LayerKv] = asyncio.Queue()
                 pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
-                forward = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids,
-                                                       lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+                forward = await self._forward(job.prompt_ids,
+                                              lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
             first = sample(forward.value, job.sampling, job.position_offset)
@@ -178,6 +182,11 @@ class PrefillEngine:
         self._metrics.kv_bytes_sent.inc(summary.kv_bytes)
         self._metrics.kv_throughput.observe(throughput)
         self._metrics.handoff_seconds.observe(summary.handoff_seconds)
+
+    async def _forward(self, prompt_ids: list[int], on_layer: LayerKvCallback) -> Timed[torch.Tensor]:
+        if self._batcher is not None:
+            return await self._batcher.forward(prompt_ids, on_layer)
+        return await self._thread.run_timed(self._runtime.prefill, prompt_ids, on_layer)
 
     async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout,
                                  sinks: list[KvSink]) -> tuple[Timed[torch.Tensor], float]:

@@ -20,6 +20,11 @@ class PrefillSettings(WorkerSettings):
                                    "KV_CHUNK_LAYERS")
     prefill_chunk_tokens: int = setting(2048, "prompts longer than this are prefilled in chunks of this many "
                                         "tokens (a multiple of --kv-chunk-tokens)", "PREFILL_CHUNK_TOKENS")
+    prefill_batch_tokens: int = setting(0, "batch queued prompts into one forward pass up to this many tokens "
+                                        "(0: off; batched results may differ in the last bits)",
+                                        "PREFILL_BATCH_TOKENS")
+    prefill_batch_wait_ms: float = setting(5.0, "longest a prompt waits for others to batch with",
+                                           "PREFILL_BATCH_WAIT_MS")
     transfer_timeout_seconds: float = setting(120.0, "deadline of one KV transfer to a decode worker",
                                               "TRANSFER_TIMEOUT_SECONDS")
     checkpoint_kv: bool = setting(False, "also write every request's KV to the kvstore (checkpoint)",
@@ -35,5 +40,7 @@ class PrefillSettings(WorkerSettings):
             raise ValueError(f"prefill_chunk_tokens ({self.prefill_chunk_tokens}) must be a positive multiple of "
                              f"kv_chunk_tokens ({self.kv_chunk_tokens})")
         check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)
+        if self.prefill_batch_tokens < 0 or self.prefill_batch_wait_ms < 0:
+            raise ValueError("prefill_batch_tokens and prefill_batch_wait_ms must be >= 0")
         if self.checkpoint_kv and not self.kvstore_address:
             raise ValueError("checkpoint_kv needs kvstore_address")

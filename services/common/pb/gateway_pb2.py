@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"\x96\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.disagg.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\"F\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\"Q\n\x0cGatewayStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.disagg.v1.WorkerStatus2\xd5\x01\n\x0eGatewayService\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.GatewayStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"\xb3\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.disagg.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1b\n\x13max_cache_budget_mb\x18\x05 \x01(\x01\x42\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\"F\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\"Q\n\x0cGatewayStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.disagg.v1.WorkerStatus2\xd5\x01\n\x0eGatewayService\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.GatewayStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=108
   _globals['_CHATMESSAGES']._serialized_end=164
   _globals['_GENERATEREQUEST']._serialized_start=167
-  _globals['_GENERATEREQUEST']._serialized_end=317
-  _globals['_USAGE']._serialized_start=319
-  _globals['_USAGE']._serialized_end=398
-  _globals['_GENERATERESPONSE']._serialized_start=401
-  _globals['_GENERATERESPONSE']._serialized_end=553
-  _globals['_WORKERSTATUS']._serialized_start=555
-  _globals['_WORKERSTATUS']._serialized_end=625
-  _globals['_GATEWAYSTATS']._serialized_start=627
-  _globals['_GATEWAYSTATS']._serialized_end=708
-  _globals['_GATEWAYSERVICE']._serialized_start=711
-  _globals['_GATEWAYSERVICE']._serialized_end=924
+  _globals['_GENERATEREQUEST']._serialized_end=346
+  _globals['_USAGE']._serialized_start=348
+  _globals['_USAGE']._serialized_end=427
+  _globals['_GENERATERESPONSE']._serialized_start=430
+  _globals['_GENERATERESPONSE']._serialized_end=582
+  _globals['_WORKERSTATUS']._serialized_start=584
+  _globals['_WORKERSTATUS']._serialized_end=654
+  _globals['_GATEWAYSTATS']._serialized_start=656
+  _globals['_GATEWAYSTATS']._serialized_end=737
+  _globals['_GATEWAYSERVICE']._serialized_start=740
+  _globals['_GATEWAYSERVICE']._serialized_end=953
 # @@protoc_insertion_point(module_scope)
