@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test bench-transfer bench-decode clean
+.PHONY: install proto proto-check up test bench bench-transfer bench-decode bench-interference clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,10 @@ clean:
 bench-decode: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.decode
+
+bench: $(INSTALLED)
+	$(PY) -m services.bench $(BENCH_ARGS)
+
+bench-interference: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.interference

@@ -30,6 +30,7 @@ class ServiceSpec:
     port: int
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    cpus: frozenset[int] | None = None  # pin the process to these cores
 
     @property
     def address(self) -> str:
@@ -71,8 +72,10 @@ class Stack:
     def start_one(self, spec: ServiceSpec) -> subprocess.Popen[bytes]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
         output = open(os.path.join(self._log_dir, f"{spec.name}.log"), "ab") if self._log_dir else None
+        cpus = spec.cpus
         process = subprocess.Popen([sys.executable, "-m", f"services.{spec.module}", *spec.args], env=env,
-                                   stdout=output, stderr=subprocess.STDOUT if output else None)
+                                   stdout=output, stderr=subprocess.STDOUT if output else None,
+                                   preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.processes[spec.name] = process
         return process
 

@@ -1,0 +1,147 @@
+"""`python -m services.bench` (also `make bench`): drive a workload against this gateway's gRPC API
+or any OpenAI-compatible HTTP endpoint and report TTFT, TPOT, ITL and end-to-end latency
+percentiles, throughput and goodput.
+
+    python -m services.bench --grpc 127.0.0.1:50051 --concurrency 8 --num-requests 32
+    python -m services.bench --openai-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct \\
+        --rates 0.5,1,2 --num-requests 20 --json
+
+Ctrl-C prints what was measured so far. `python -m services.bench profile` measures the model on
+this machine and advises prefill/decode worker counts (services.bench.advisor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from services.bench.report import Slo, summarize, table
+from services.bench.targets import GrpcTarget, OpenAITarget, RequestRecord, Target
+from services.bench.workload import BenchRequest, build
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        self._total, self._label, self._enabled, self.done = total, label, enabled, 0
+
+    def step(self) -> None:
+        self.done += 1
+        if self._enabled:
+            filled = int(30 * self.done / max(self._total, 1))
+            sys.stderr.write(f"\r{self._label:>14} [{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self._total}")
+            if self.done == self._total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+async def run_workload(target: Target, requests: list[BenchRequest], concurrency: int | None,
+                       records: list[RequestRecord], progress: Progress) -> float:
+    """Send every request (at most `concurrency` at once, or at its arrival time); returns wall seconds."""
+    limit = asyncio.Semaphore(concurrency or len(requests) or 1)
+    started = time.perf_counter()
+
+    async def one(request: BenchRequest) -> None:
+        await asyncio.sleep(max(0.0, started + request.arrival - time.perf_counter()))
+        async with limit:
+            records.append(await target.send(request))
+            progress.step()
+
+    tasks = [asyncio.ensure_future(one(request)) for request in requests]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+    return time.perf_counter() - started
+
+
+def make_target(args: argparse.Namespace) -> Target:
+    if args.openai_url:
+        return OpenAITarget(args.openai_url, args.model, args.api_key)
+    return GrpcTarget(args.grpc, args.api_key)
+
+
+async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: list[RequestRecord]) -> None:
+    slo = Slo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
+    target = make_target(args)
+    try:
+        if args.warmup:
+            warm = build(args.warmup, args.prompt_tokens, args.output_tokens, None, args.seed + 1, args.prompts_file)
+            await run_workload(target, warm, args.concurrency or 4, [], Progress(0, "", False))
+        for rate in args.rates or [None]:
+            label = f"rate {rate:g}/s" if rate else f"conc {args.concurrency}"
+            requests = build(args.num_requests, args.prompt_tokens, args.output_tokens, rate, args.seed,
+                             args.prompts_file)
+            live.clear()
+            started = time.perf_counter()
+            try:
+                wall = await run_workload(target, requests, None if rate else args.concurrency, live,
+                                          Progress(len(requests), label, not args.json))
+            finally:
+                runs.append(summarize(list(live), time.perf_counter() - started, slo, label))
+            runs[-1]["duration_s"] = wall
+    finally:
+        await target.close()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--grpc", default="127.0.0.1:50051", help="gateway gRPC address (default)")
+    where.add_argument("--openai-url", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model id for --openai-url")
+    parser.add_argument("--api-key", default=None)
+    load = parser.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    load.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")],
+                      help="Poisson arrival rates (requests/s), comma separated: a sweep")
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--prompt-tokens", default="128", help="N or LOW:HIGH (uniform)")
+    parser.add_argument("--output-tokens", default="64", help="N or LOW:HIGH (uniform)")
+    parser.add_argument("--prompts-file", type=Path, help='JSONL of {"prompt": ..., "max_tokens": ...}')
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    parser.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--plot", type=Path, help="save latency percentiles and goodput per run as a PNG")
+    args = parser.parse_args(argv)
+    if args.rates:
+        args.concurrency = None
+    if args.num_requests <= 0 or (args.concurrency is not None and args.concurrency <= 0):
+        parser.error("--num-requests and --concurrency must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile"]:
+        from services.bench.profile import main as profile_main
+
+        profile_main(argv[1:])
+        return
+    args = parse_args(argv)
+    runs: list[dict[str, object]] = []
+    live: list[RequestRecord] = []
+    interrupted = False
+    try:
+        asyncio.run(bench(args, runs, live))
+    except KeyboardInterrupt:
+        interrupted = True
+    print(json.dumps({"runs": runs, "interrupted": interrupted}, indent=2) if args.json else
+          table(runs) + ("\n(interrupted: figures so far)" if interrupted else ""))
+    if args.plot and runs:
+        from services.bench.plot import plot
+
+        plot(runs, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""`python -m services.bench profile`: measure prefill tokens/s against prompt length and decode
+step time against batch size for the served model on this machine, then advise worker counts for
+a described workload (see services.bench.advisor for the model)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+
+import torch
+
+from services.bench.advisor import Profile, Workload, advise
+from services.common.model_files import default_cache_dir
+from services.common.runtime import ModelRuntime
+from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.paged_runner import PagedRunner, StepSlot
+
+TRANSFER_BYTES_PER_S = 0.5e9  # measured by `make bench-transfer` on this machine (gRPC stream)
+
+
+def measure(model: str, prompt_lengths: list[int], batches: list[int], context: int) -> Profile:
+    runtime = ModelRuntime(model, "float32", "auto", default_cache_dir())
+    prefill: dict[int, float] = {}
+    for length in prompt_lengths:
+        ids = torch.randint(10, 1000, (length,)).tolist()
+        runtime.prefill(ids[:8], lambda *_: None)
+        started = time.perf_counter()
+        runtime.prefill(ids, lambda *_: None)
+        prefill[length] = length / (time.perf_counter() - started)
+    config = PoolConfig(max(batches) * (context // 16 + 2), 16)
+    pool, blocks = BlockPool(config, runtime.geometry, runtime.device), BlockManager(config)
+    runner = PagedRunner(runtime, pool)
+    steps: dict[int, float] = {}
+    for batch in batches:
+        slots = [StepSlot(blocks.allocate(f"b{batch}-{i}", context + 1), context, 100 + i) for i in range(batch)]
+        runner.step(slots)
+        started = time.perf_counter()
+        for _ in range(3):
+            runner.step(slots)
+        steps[batch] = (time.perf_counter() - started) / 3
+        for i in range(batch):
+            blocks.free(f"b{batch}-{i}")
+    return Profile(prefill, steps, runtime.geometry.kv_bytes_per_token, TRANSFER_BYTES_PER_S)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m services.bench profile", description=__doc__)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[64, 256, 1024, 2048])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32])
+    parser.add_argument("--context", type=int, default=256, help="KV length of each sequence while timing decode")
+    parser.add_argument("--rate", type=float, default=1.0, help="workload: requests/s")
+    parser.add_argument("--prompt-tokens", type=float, default=1024)
+    parser.add_argument("--output-tokens", type=float, default=128)
+    parser.add_argument("--slo-ttft-ms", type=float, default=2000)
+    parser.add_argument("--slo-tpot-ms", type=float, default=200)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    profile = measure(args.model, args.prompt_lengths, args.batches, args.context)
+    advice = advise(profile, Workload(args.rate, args.prompt_tokens, args.output_tokens, args.slo_ttft_ms / 1000,
+                                      args.slo_tpot_ms / 1000))
+    if args.json:
+        print(json.dumps({"profile": asdict(profile), "advice": asdict(advice)}, indent=2))
+        return
+    print("prefill tokens/s by prompt length: " + ", ".join(f"{k}: {v:.0f}" for k, v in
+                                                              profile.prefill_tokens_per_s.items()))
+    print("decode step ms by batch size:      " + ", ".join(f"{k}: {v * 1e3:.0f}" for k, v in
+                                                              profile.decode_step_seconds.items()))
+    print(f"workload: {args.rate:g} req/s, prompt {args.prompt_tokens:g}, output {args.output_tokens:g} tokens, "
+          f"SLO TTFT {args.slo_ttft_ms:g} ms / TPOT {args.slo_tpot_ms:g} ms")
+    print(f"advice: {advice.prefill_workers} prefill + {advice.decode_workers} decode workers "
+          f"(decode batch up to {advice.decode_batch}); disaggregate: {advice.disaggregate}")
+    for reason in advice.reasons:
+        print(f"  - {reason}")

@@ -1,0 +1,52 @@
+"""What a benchmark sends: prompts and output lengths (fixed, uniform, or from a JSONL file) and
+when (fixed concurrency, or Poisson arrivals at a rate), all repeatable from a seed."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+_WORDS = ("river", "mountain", "quiet", "engine", "garden", "signal", "paper", "window", "orbit", "honey",
+          "silver", "market", "forest", "letter", "planet", "motion", "candle", "bridge", "winter", "story")
+
+
+@dataclass(frozen=True, slots=True)
+class BenchRequest:
+    prompt: str
+    max_tokens: int
+    arrival: float  # seconds after the start (0 for every request under fixed concurrency)
+
+
+def parse_length(spec: str) -> tuple[int, int]:
+    """'128' (fixed) or '64:256' (uniform, inclusive)."""
+    low, _, high = spec.partition(":")
+    bounds = (int(low), int(high or low))
+    if bounds[0] <= 0 or bounds[1] < bounds[0]:
+        raise ValueError(f"length {spec!r}: use N or LOW:HIGH with 0 < LOW <= HIGH")
+    return bounds
+
+
+def synthetic_prompt(rng: random.Random, words: int) -> str:
+    """About one token per word for common tokenizers."""
+    return " ".join(rng.choice(_WORDS) for _ in range(words))
+
+
+def build(num_requests: int, prompt_tokens: str, output_tokens: str, rate: float | None, seed: int,
+          prompts_file: Path | None = None) -> list[BenchRequest]:
+    rng = random.Random(seed)
+    prompt_range, output_range = parse_length(prompt_tokens), parse_length(output_tokens)
+    records = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()] \
+        if prompts_file else []
+    requests, clock = [], 0.0
+    for index in range(num_requests):
+        if records:
+            record = records[index % len(records)]
+            prompt, max_tokens = record["prompt"], int(record.get("max_tokens", rng.randint(*output_range)))
+        else:
+            prompt, max_tokens = synthetic_prompt(rng, rng.randint(*prompt_range)), rng.randint(*output_range)
+        if rate:
+            clock += rng.expovariate(rate)
+        requests.append(BenchRequest(prompt, max_tokens, clock if rate else 0.0))
+    return requests

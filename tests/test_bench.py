@@ -1,0 +1,122 @@
+"""The serving benchmark: JSON with every figure against a running stack (gRPC and OpenAI HTTP),
+and latency figures that move the way they must against a deliberately slow endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from services.bench.__main__ import main as bench_main
+from services.stack import free_port
+from tests.conftest import RunningStack, start_stack
+
+FIELDS = {"label", "requests", "completed", "failed", "duration_s", "request_throughput",
+          "output_token_throughput", "goodput", "slo", "ttft_s", "tpot_s", "itl_s", "e2e_s", "errors"}
+
+
+@pytest.fixture(scope="module")
+def tiny_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
+    http = free_port()
+    running = start_stack(tmp_path_factory.mktemp("bench"), "tiny", extra={"gateway": ("--http-port", str(http))})
+    running.addresses["http"] = f"http://127.0.0.1:{http}"
+    yield running
+    running.stack.stop()
+
+
+def run_bench(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:
+    bench_main([*argv, "--json", "--warmup", "0", "--prompt-tokens", "4:12", "--output-tokens", "6",
+                "--num-requests", "6"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_grpc_and_openai_targets_report_every_field(tiny_stack: RunningStack, capsys) -> None:
+    grpc_report = run_bench(capsys, "--grpc", tiny_stack["gateway"], "--concurrency", "3")
+    http_report = run_bench(capsys, "--openai-url", tiny_stack["http"] + "/v1", "--model", "tiny-random-llama",
+                            "--rates", "20,40")
+    for run in grpc_report["runs"] + http_report["runs"]:
+        assert FIELDS <= set(run) and run["completed"] == 6 and run["failed"] == 0, run
+        assert run["output_token_throughput"] > 0 and run["ttft_s"]["p50"] > 0
+        assert set(run["ttft_s"]) == {"p50", "p90", "p99", "mean"}
+    assert [run["label"] for run in http_report["runs"]] == ["rate 20/s", "rate 40/s"]
+
+
+def slow_app(first_token_delay: float, token_delay: float) -> FastAPI:
+    """An OpenAI-compatible completions endpoint that is as slow as told."""
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(body: dict) -> StreamingResponse:
+        async def events() -> Iterator[str]:
+            await asyncio.sleep(first_token_delay)
+            for index in range(body["max_tokens"]):
+                if index:
+                    await asyncio.sleep(token_delay)
+                yield f"data: {json.dumps({'choices': [{'index': 0, 'text': ' x'}]})}\n\n"
+            usage = {"prompt_tokens": 1, "completion_tokens": body["max_tokens"], "total_tokens": 0}
+            yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+    return app
+
+
+@contextlib.contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_latency_figures_follow_a_slow_endpoint(capsys, tmp_path: Path) -> None:
+    slo = ("--slo-ttft-ms", "150", "--slo-tpot-ms", "40")
+    with serving(slow_app(0.0, 0.0)) as fast_url:
+        fast = run_bench(capsys, "--openai-url", fast_url, "--concurrency", "3", *slo)["runs"][0]
+    with serving(slow_app(0.3, 0.06)) as slow_url:
+        slow = run_bench(capsys, "--openai-url", slow_url, "--rates", "5,10", *slo, "--plot",
+                         str(tmp_path / "slow.png"))["runs"][0]
+    assert (tmp_path / "slow.png").stat().st_size > 10_000
+    assert slow["ttft_s"]["p50"] >= 0.3 > fast["ttft_s"]["p50"]
+    assert slow["tpot_s"]["p50"] >= 0.06 > fast["tpot_s"]["p50"]
+    assert slow["itl_s"]["p50"] >= 0.05 and slow["e2e_s"]["p50"] > fast["e2e_s"]["p50"]
+    assert slow["goodput"] == 0 < fast["goodput"]
+
+
+def test_prompts_file_workload(tmp_path: Path, capsys) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hello there", "max_tokens": 3}\n{"prompt": "general kenobi", "max_tokens": 5}\n')
+    with serving(slow_app(0.0, 0.0)) as url:
+        run = run_bench(capsys, "--openai-url", url, "--prompts-file", str(prompts))["runs"][0]
+    assert run["completed"] == 6 and run["output_token_throughput"] > 0
+
+
+def test_advisor_follows_the_length_mix() -> None:
+    from services.bench.advisor import Profile, Workload, advise
+
+    profile = Profile({64: 800.0, 512: 700.0, 2048: 600.0}, {1: 0.04, 8: 0.09, 32: 0.15}, 46080, 0.5e9)
+    long_prompts = advise(profile, Workload(rate=2.0, prompt_tokens=2000, output_tokens=32, ttft_slo_s=10,
+                                            tpot_slo_s=0.2))
+    long_outputs = advise(profile, Workload(rate=2.0, prompt_tokens=64, output_tokens=2000, ttft_slo_s=10,
+                                            tpot_slo_s=0.2))
+    assert long_prompts.disaggregate and long_prompts.prefill_workers > long_prompts.decode_workers
+    assert long_outputs.decode_workers > long_prompts.decode_workers
+    assert not long_outputs.disaggregate and long_outputs.prefill_workers == 0  # short prompts: unified is enough
+    tight = advise(profile, Workload(rate=2.0, prompt_tokens=2000, output_tokens=32, ttft_slo_s=10,
+                                     tpot_slo_s=0.05))
+    assert tight.decode_batch == 1 and tight.decode_workers >= long_prompts.decode_workers
