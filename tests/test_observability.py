@@ -8,7 +8,6 @@ import time
 import urllib.request
 from collections import defaultdict
 
-import grpc
 import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 from prometheus_client.parser import text_string_to_metric_families

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 
 from services.common.channels import ChannelPool
-from services.common.config import parse_settings, split_addresses
+from services.common.config import split_addresses
 from services.common.metrics import GatewayMetrics
 from services.common.model_files import resolve_model_dir
 from services.common.pb import gateway_pb2, gateway_pb2_grpc
