@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test bench bench-transfer bench-decode bench-interference clean
+.PHONY: install proto proto-check up test bench bench-transfer bench-decode bench-interference soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,3 +47,9 @@ bench: $(INSTALLED)
 bench-interference: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.interference
+
+# Robustness soak: 64 concurrent streams for 5 minutes with random lengths, cancels and bad input;
+# exits 1 on a leak, a hang or an unexpected error. SOAK_ARGS="--streams 8 --seconds 30" for a quick one.
+soak: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.soak $(SOAK_ARGS)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
-import redis
 
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
 from tests.otlp_receiver import SpanSink, start_receiver
+from tests.redis_server import RedisServer, redis_alive
 from services.stack import ServiceSpec, Stack, free_port, local_stack
 
 SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
@@ -28,36 +25,26 @@ PROMPTS = [
 ]
 
 
-def _redis_alive(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The machine's Redis at 127.0.0.1:6379, or a private redis-server if that one is down."""
     url = "redis://127.0.0.1:6379/0"
-    if _redis_alive(url):
+    if redis_alive(url):
         yield url
         return
-    if shutil.which("redis-server") is None:
-        pytest.fail("no Redis at 127.0.0.1:6379 and no redis-server on PATH")
-    port = free_port()
-    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
-                               stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while not _redis_alive(url):
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("private redis-server did not start")
-        time.sleep(0.1)
-    yield url
-    process.terminate()
-    process.wait()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill and restart."""
+    server = RedisServer(tmp_path_factory.mktemp("private-redis"))
+    server.start()
+    yield server
+    server.stop()
 
 
 class RunningStack:
@@ -100,6 +87,23 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
         raise
     addresses = {spec.name: spec.address for spec in specs} | {"http": f"http://127.0.0.1:{ports['http']}"}
     return RunningStack(stack, addresses, metrics_ports)
+
+
+def add_service(running: RunningStack, name: str, like: str, *args: str) -> str:
+    """Start one more process like the stack's service `like`, on a free port, with `args` added (a
+    later flag wins over an earlier one); wait until it is SERVING; return its address."""
+    base = next(spec for spec in running.stack.specs if spec.name == like)
+    port = free_port()
+    spec = ServiceSpec(name, base.module, port, (*base.args, "--port", str(port), "--metrics-port", "0",
+                                                 *(("--http-port", "0") if base.module == "gateway" else ()),
+                                                 *args), base.env)
+    running.stack.specs.append(spec)
+    running.stack.start_one(spec)
+    waiting = Stack([spec])
+    waiting.processes = running.stack.processes
+    waiting.wait_healthy(timeout=300)
+    running.addresses[name] = spec.address
+    return spec.address
 
 
 @pytest.fixture(scope="session")

@@ -17,11 +17,11 @@ Message = KvLayout | KvChunk | KvEnd
 
 
 def real_transfer(model: common_pb2.ModelInfo, request_id: str, num_tokens: int, chunk_tokens: int,
-                  chunk_layers: int, first_token: int = 42) -> list[Message]:
-    """A well-formed transfer of random KV with the model's geometry."""
+                  chunk_layers: int, first_token: int = 42, seed: int = 0) -> list[Message]:
+    """A well-formed transfer of random KV (drawn from `seed`) with the model's geometry."""
     layout = KvLayout(request_id, model.fingerprint, model.num_layers, model.num_kv_heads, model.head_dim,
                       num_tokens, chunk_tokens, chunk_layers, model.dtype)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     size = (model.num_layers, model.num_kv_heads, num_tokens, model.head_dim)
     keys, values = torch.randn(size, generator=generator), torch.randn(size, generator=generator)
     messages: list[Message] = [layout]
@@ -36,10 +36,10 @@ def replace(message: Message, **changes: object) -> Message:
 
 
 async def admit(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str, num_tokens: int,
-                max_tokens: int = 4) -> grpc.aio.UnaryStreamCall:
+                max_tokens: int = 4, ignore_eos: bool = False) -> grpc.aio.UnaryStreamCall:
     call = stub.Generate(decode_pb2.DecodeRequest(
         request_id=request_id, prompt_token_ids=list(range(1, num_tokens + 1)),
-        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens),
+        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos),
         kv_source=decode_pb2.KV_SOURCE_DIRECT), timeout=60)
     first = await call.read()
     assert first.HasField("accepted")
@@ -58,3 +58,12 @@ async def send(stub: decode_pb2_grpc.DecodeServiceStub, messages: Sequence[Messa
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         pass
     return await call
+
+
+async def read_tokens(call: grpc.aio.UnaryStreamCall) -> list[int]:
+    """The token ids of an admitted decode Generate call, until its finish event."""
+    tokens = []
+    while (event := await call.read()) is not grpc.aio.EOF:
+        if event.HasField("token"):
+            tokens.append(event.token.token_id)
+    return tokens

@@ -21,10 +21,11 @@ class SpanSink(trace_service_pb2_grpc.TraceServiceServicer):
                 self.spans.extend((attributes.get("service.name", "?"), span) for span in scope.spans)
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def trace_of(self, service: str, name: str, request_id: str) -> bytes | None:
+    def trace_of(self, service: str, name: str, label: str) -> bytes | None:
+        """The trace of the request the client labelled `label` (its own request id)."""
         for owner, span in self.spans:
             attributes = {a.key: a.value.string_value for a in span.attributes}
-            if owner == service and span.name == name and attributes.get("request.id") == request_id:
+            if owner == service and span.name == name and attributes.get("request.label") == label:
                 return span.trace_id
         return None
 

@@ -66,6 +66,36 @@ async def test_sixteen_staggered_requests_are_exact_and_batched(memory_stack: Ru
     assert (stats.active_requests, stats.blocks_used) == (0, 0) and stats.blocks_total > 0
 
 
+MORE_PROMPTS = PROMPTS + [
+    "The largest ocean on Earth is", "Rain falls because", "A good password should", "The recipe calls for",
+    "In the year 3000,", "My cat likes to", "The train leaves at", "Shakespeare wrote",
+]
+
+
+async def test_twenty_four_simultaneous_greedy_requests_equal_hf_generate(memory_stack: RunningStack, runtime,
+                                                                          encoder) -> None:
+    """The default batch allows 64 sequences a step; matrix products over many rows round
+    differently from one row, so large batches must still give exactly HF's tokens."""
+    expected = [runtime.reference_generate(encoder.encode_text(p), 24) for p in MORE_PROMPTS]
+    peak_running = 0
+
+    async def watch() -> None:
+        nonlocal peak_running
+        while True:
+            peak_running = max(peak_running, (await decode_stats(memory_stack["decode"])).running)
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.ensure_future(watch())
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        outputs = await asyncio.gather(*(client.complete(p, max_tokens=24, temperature=0,
+                                                         timeout=300) for p in MORE_PROMPTS))
+    watcher.cancel()
+    assert peak_running >= 16
+    mismatched = [p for p, out, ref in zip(MORE_PROMPTS, outputs, expected) if out.token_ids != ref]
+    assert mismatched == []
+    assert (await wait_pool_empty(memory_stack["decode"])).blocks_used == 0
+
+
 @pytest.mark.parametrize("gateway", ["gateway_unified", "gateway_conditional", "gateway"])
 async def test_prefill_modes_give_identical_output(memory_stack: RunningStack, references, gateway: str) -> None:
     async with GatewayClient(memory_stack[gateway]) as client:

@@ -109,3 +109,23 @@ async def test_kvstore_service_api(request: pytest.FixtureRequest, stack_name: s
             assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stats = await stub.Stats(common_pb2.StatsRequest())
         assert stats.backend == stack_name.split("_")[0]
+
+
+async def test_redis_prefix_delete_uses_the_key_index_not_a_keyspace_scan(private_redis) -> None:
+    """Deleting a request's keys used to SCAN every key in Redis, on every request."""
+    store = make_backend("redis", BackendSettings(byte_budget=10_000, redis_url=private_redis.url,
+                                                  redis_key_prefix="p", redis_part_bytes=64))
+    try:
+        for index in range(5):
+            await store.put("ns", f"kv/req-a/t0/chunk/{index}", b"x" * 100, 60)
+        await store.put("ns", "kv/req-ab/t0/layout", b"y", 60)  # shares the text prefix "kv/req-a"
+        await store.put("other", "kv/req-a/t0/layout", b"z", 60)  # another namespace
+        client = redis.Redis.from_url(private_redis.url)
+        scans = client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0)
+        assert await store.delete("ns", [], "kv/req-a/") == 5
+        assert client.info("commandstats").get("cmdstat_scan", {}).get("calls", 0) == scans
+        assert await store.get("ns", "kv/req-ab/t0/layout") == b"y"
+        assert await store.get("other", "kv/req-a/t0/layout") == b"z"
+        assert (await store.stats()).entries == 2
+    finally:
+        await store.close()

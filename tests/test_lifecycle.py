@@ -96,3 +96,66 @@ def test_launcher_stops_all_four_cleanly(tmp_path: Path) -> None:
             launcher.kill()
     for port in range(base, base + 4):
         assert health_status(f"127.0.0.1:{port}", timeout=0.3) == -1
+
+
+def test_kvstore_drain_waits_for_calls_in_flight(tmp_path: Path, private_redis) -> None:
+    """SIGTERM to the kvstore while a Get waits on Redis: the call finishes within --grace-seconds
+    (the drain used to see nothing in flight and cut it off), then the process exits 0."""
+    import redis as redis_client
+
+    from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
+
+    port = free_port()
+    stack = Stack([ServiceSpec("kvstore", "kvstore", port, (
+        "--port", str(port), "--metrics-port", "0", "--backend", "redis", "--redis-url", private_redis.url,
+        "--grace-seconds", "20"))], log_dir=str(tmp_path))
+    stack.start()
+    try:
+        stack.wait_healthy(timeout=60)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = kvstore_pb2_grpc.KvStoreServiceStub(channel)
+            stub.Put(kvstore_pb2.PutRequest(namespace="n", key="k", value=b"value"), timeout=10)
+            redis_pid = redis_client.Redis.from_url(private_redis.url).info("server")["process_id"]
+            os.kill(redis_pid, signal.SIGSTOP)
+            try:
+                pending = stub.Get.future(kvstore_pb2.GetRequest(namespace="n", key="k"), timeout=30)
+                time.sleep(0.5)
+                stack.processes["kvstore"].send_signal(signal.SIGTERM)
+                time.sleep(2.5)  # longer than the final stop allows a call the drain does not know of
+            finally:
+                os.kill(redis_pid, signal.SIGCONT)
+            assert pending.result().value == b"value"
+        assert stack.processes["kvstore"].wait(30) == 0
+    finally:
+        stack.stop()
+
+
+async def test_a_worker_that_can_no_longer_serve_says_not_serving_and_stops(tmp_path: Path) -> None:
+    """`Lifecycle.fail` (the decode loop died, a step hung): health turns NOT_SERVING at once, the
+    server stops without draining, and serve() raises FatalStop (the process exits non-zero)."""
+    from grpc_health.v1 import health_pb2_grpc
+
+    from services.common.server import FatalStop, Lifecycle, ServerSpec, serve
+    from services.common.telemetry import service_telemetry
+
+    port, lifecycle, statuses = free_port(), Lifecycle(), []
+
+    async def watch_then_fail() -> None:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            async for reply in stream:
+                statuses.append(reply.status)
+                if reply.status == SERVING:
+                    lifecycle.fail("the decode loop ended")
+                elif statuses[-2:] == [SERVING, NOT_SERVING]:
+                    return
+
+    async def warmup() -> None:
+        watcher.append(asyncio.ensure_future(watch_then_fail()))
+
+    watcher: list[asyncio.Future[None]] = []
+    with pytest.raises(FatalStop, match="decode loop ended"):
+        await serve(ServerSpec("test", "127.0.0.1", port, 30.0, 0), service_telemetry("test"), lifecycle,
+                    lambda server: [], warmup)
+    await asyncio.wait_for(watcher[0], 10)
+    assert statuses[-2:] == [SERVING, NOT_SERVING]

@@ -10,6 +10,7 @@ from services.client import GatewayClient, GatewayError
 from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
 from services.stack import free_port
 from tests.conftest import RunningStack, start_stack
+from tests.kv_helpers import real_transfer, replace
 
 
 @pytest.fixture(scope="module")
@@ -59,14 +60,21 @@ async def test_kvstore_process_down_is_unavailable(redis_down_stack) -> None:
     assert len(ids) == 6
 
 
-async def test_decode_from_empty_kvstore_is_not_found(memory_stack) -> None:
+async def test_kv_announced_in_an_empty_kvstore_is_not_found(memory_stack) -> None:
+    """A transfer that announces its chunks in the kvstore, which does not have them."""
     from services.common.pb import decode_pb2, decode_pb2_grpc
+    from tests.kv_helpers import send
 
     async with grpc.aio.insecure_channel(memory_stack["decode"]) as channel:
-        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(decode_pb2.DecodeRequest(
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        model = await stub.GetModelInfo(common_pb2.ModelInfoRequest())
+        call = stub.Generate(decode_pb2.DecodeRequest(
             request_id="never-prefilled", prompt_token_ids=[1, 2, 3],
             sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2), kv_source=decode_pb2.KV_SOURCE_KVSTORE))
         assert (await call.read()).HasField("accepted")
+        layout, *_, end = real_transfer(model, "never-prefilled", 3, 3, model.num_layers)
+        with pytest.raises(grpc.aio.AioRpcError) as announced:
+            await send(stub, [replace(layout, chunks_in_kvstore=True), end])
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call.read()
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert announced.value.code() == caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from collections.abc import Sequence
 from typing import Any, TypeVar, get_type_hints
@@ -85,5 +86,5 @@ def check_port(name: str, port: int, allow_zero: bool = False) -> None:
 
 
 def check_positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
+    if not 0 < value < math.inf:  # also refuses NaN
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")

@@ -4,9 +4,11 @@
   `<service>.<Method>`, whose status is ERROR when the call fails;
 - maps exceptions to a gRPC status through the one table in `errors` (upstream gRPC errors keep
   their code);
-- counts the call by final status code and times it (Prometheus).
+- counts the call by final status code and times it (Prometheus);
+- counts it as in flight in the server's Lifecycle, so SIGTERM drains wait for it, and refuses calls
+  that start new work once the drain has begun.
 
-A servicer using it has a `telemetry: ServiceTelemetry` attribute.
+A servicer using it has `telemetry: ServiceTelemetry` and `lifecycle: Lifecycle` attributes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.common.errors import status_of
+from services.common.errors import FAULT_ROLE_KEY, UpstreamError, status_of
 from services.common.telemetry import ServiceTelemetry, incoming_context
 
 log = logging.getLogger(__name__)
@@ -62,37 +64,52 @@ class _Call:
         self._span_manager.__exit__(None, None, None)
 
 
-def grpc_edge(handler: F) -> F:
-    """Wrap a unary, server-streaming or client-streaming handler (see the module docstring)."""
-    method = handler.__name__
+def grpc_edge(*, new_work: bool) -> Callable[[F], F]:
+    """Wrap a unary, server-streaming or client-streaming handler (see the module docstring).
+    `new_work`: the call starts new work, refused with UNAVAILABLE while the server drains; other
+    calls (parts of work already admitted, status queries) are served until the server stops.
+    Either way the call counts as in flight, so a drain waits for it."""
 
-    if inspect.isasyncgenfunction(handler):
+    def wrap(handler: F) -> F:
+        method = handler.__name__
+
+        if inspect.isasyncgenfunction(handler):
+            @functools.wraps(handler)
+            async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call = _Call(self.telemetry, method, context)
+                try:
+                    with self.lifecycle.work(new=new_work):
+                        async for item in handler(self, request, context):
+                            yield item
+                except asyncio.CancelledError as error:
+                    call.failed(error)
+                    raise
+                except Exception as error:  # noqa: BLE001 - the edge reports every failure
+                    await _abort(context, call, error)
+                finally:
+                    call.close()
+            return stream  # type: ignore[return-value]
+
         @functools.wraps(handler)
-        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(self.telemetry, method, context)
             try:
-                async for item in handler(self, request, context):
-                    yield item
+                with self.lifecycle.work(new=new_work):
+                    return await handler(self, request, context)
             except asyncio.CancelledError as error:
                 call.failed(error)
                 raise
             except Exception as error:  # noqa: BLE001 - the edge reports every failure
-                await context.abort(*call.failed(error))
+                await _abort(context, call, error)
             finally:
                 call.close()
-        return stream  # type: ignore[return-value]
+        return unary  # type: ignore[return-value]
 
-    @functools.wraps(handler)
-    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        call = _Call(self.telemetry, method, context)
-        try:
-            return await handler(self, request, context)
-        except asyncio.CancelledError as error:
-            call.failed(error)
-            raise
-        except Exception as error:  # noqa: BLE001 - the edge reports every failure
-            await context.abort(*call.failed(error))
-        finally:
-            call.close()
-    return unary  # type: ignore[return-value]
+    return wrap
 
+
+async def _abort(context: grpc.aio.ServicerContext, call: _Call, error: Exception) -> None:
+    """End the call with the error's status; an upstream worker's fault is named in the trailers."""
+    if isinstance(error, UpstreamError):
+        context.set_trailing_metadata(((FAULT_ROLE_KEY, error.role),))
+    await context.abort(*call.failed(error))

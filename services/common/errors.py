@@ -50,6 +50,30 @@ class Unauthenticated(ServiceError):
     """The caller gave no API key, or a wrong one."""
 
 
+class AlreadyExists(ServiceError):
+    """A request with this id is already live on this worker."""
+
+
+class RequestCancelled(ServiceError):
+    """The request was cancelled, or its KV superseded, while this call was still working for it;
+    what the call carried was dropped."""
+
+
+class InternalFailure(ServiceError):
+    """Something broke inside this worker (a failed decode step); the message names the cause."""
+
+
+class UpstreamError(ServiceError):
+    """Another worker failed a call this one made on the request's behalf. Carries that worker's
+    status code, and its role so the gateway knows whose fault it was (trailing metadata
+    `disagg-fault-role`)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, role: str) -> None:
+        super().__init__(f"{role} worker: {details}")
+        self.code = code
+        self.role = role
+
+
 STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     KvProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -60,13 +84,19 @@ STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     BackendUnavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    RequestCancelled: grpc.StatusCode.CANCELLED,
+    InternalFailure: grpc.StatusCode.INTERNAL,
 }
+FAULT_ROLE_KEY = "disagg-fault-role"  # trailing metadata: which worker's fault an error was
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a client should get for `error`."""
     if isinstance(error, grpc.aio.AioRpcError):
         return error.code(), error.details() or error.code().name
+    if isinstance(error, UpstreamError):
+        return error.code, str(error)
     for kind, code in STATUS_BY_ERROR.items():
         if isinstance(error, kind):
             return code, str(error)

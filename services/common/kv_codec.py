@@ -46,6 +46,8 @@ class KvLayout:
     chunk_layers: int
     dtype: str
     encoding: str = RAW_ENCODING
+    transfer_attempt: int = 0  # a retried transfer (higher attempt) supersedes an unfinished one
+    chunks_in_kvstore: bool = False  # the stream carries layout and end; chunks are in the kvstore
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers"):
@@ -136,33 +138,29 @@ class KvTarget(Protocol):
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None: ...
 
 
-class ContiguousTarget:
-    """Plain tensors [layers, kv_heads, tokens, head_dim] for keys and values."""
+@dataclass(frozen=True, slots=True)
+class AssemblyLimits:
+    """What a receiving worker accepts: the largest chunk, and whether chunk values must be finite
+    (a NaN or infinity that passed its CRC would poison every sequence of a batch)."""
 
-    def __init__(self, layout: KvLayout) -> None:
-        size = (layout.num_layers, layout.num_kv_heads, layout.num_tokens, layout.head_dim)
-        self.keys = torch.empty(size, dtype=DTYPES[layout.dtype])
-        self.values = torch.empty(size, dtype=DTYPES[layout.dtype])
-
-    def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
-        layers, tokens = slice(span.layer_start, span.layer_end), slice(span.token_start, span.token_end)
-        self.keys[layers, :, tokens] = tensor[:, 0]
-        self.values[layers, :, tokens] = tensor[:, 1]
+    max_chunk_bytes: int
+    check_finite: bool = True
 
 
 class KvAssembler:
     """Validates one request's transfer message by message and assembles the KV cache.
 
-    Raises KvProtocolError (malformed, out of order, duplicate, mis-shaped, oversized),
-    ModelMismatch (another model's KV) or KvCorrupted (checksum, missing chunks).
+    Raises KvProtocolError (malformed, out of order, duplicate, mis-shaped, oversized, a first
+    token outside the vocabulary), ModelMismatch (another model's KV) or KvCorrupted (checksum,
+    non-finite values, missing chunks). Errors of the target (a revoked lease) pass through.
     """
 
-    def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, max_chunk_bytes: int,
+    def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, limits: AssemblyLimits,
                  target: KvTarget) -> None:
         self._request_id = request_id
         self._geometry = geometry
         self._num_tokens = num_tokens
-        self._max_chunk_bytes = max_chunk_bytes
+        self._limits = limits
         self._target = target
         self._layout: KvLayout | None = None
         self.next_index = 0
@@ -196,9 +194,9 @@ class KvAssembler:
                                   f"expected {layout.dtype}/{layout.encoding}")
         if chunk.shape != shape:
             raise KvProtocolError(f"KV chunk {chunk.index} has shape {list(chunk.shape)}, expected {list(shape)}")
-        if chunk.byte_length > self._max_chunk_bytes:
+        if chunk.byte_length > self._limits.max_chunk_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} is {chunk.byte_length} bytes, "
-                                  f"over the {self._max_chunk_bytes}-byte limit")
+                                  f"over the {self._limits.max_chunk_bytes}-byte limit")
         expected_bytes = math.prod(shape) * DTYPES[layout.dtype].itemsize
         if not chunk.byte_length == len(chunk.data) == expected_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
@@ -211,6 +209,8 @@ class KvAssembler:
         with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(shape)
+        if self._limits.check_finite and not bool(torch.isfinite(tensor).all()):
+            raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
         self._target.store(span, tensor)
         self.next_index += 1
         self.bytes_received += chunk.byte_length
@@ -220,6 +220,9 @@ class KvAssembler:
         self._check_request(end.request_id)
         if end.chunk_count != layout.chunk_count:
             raise KvProtocolError(f"KV end declares {end.chunk_count} chunks, the layout has {layout.chunk_count}")
+        if not 0 <= end.first_token < self._geometry.vocab_size:
+            raise KvProtocolError(f"KV end's first_token {end.first_token} is outside the model's vocabulary "
+                                  f"of {self._geometry.vocab_size}")
         self.check_complete()
         return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos)
 

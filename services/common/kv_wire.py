@@ -1,5 +1,7 @@
 """Conversion between the KV codec's domain objects and their protobuf messages, and the keys
-under which a transfer is stored in the kvstore."""
+under which a transfer is stored in the kvstore: `kv/<request id>/t<attempt>/` for a prefill's
+transfer, `kv/<request id>/s<n>/` for a swapped-out sequence; request ids are the gateway's
+internal ids, so no client can name another request's keys."""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             request_id=message.request_id, model_fingerprint=message.model_fingerprint,
             num_layers=message.num_layers, num_kv_heads=message.num_kv_heads, head_dim=message.head_dim,
             num_tokens=message.num_tokens, chunk_tokens=message.chunk_tokens, chunk_layers=message.chunk_layers,
-            dtype=_DTYPE_TO_PB[message.dtype], encoding=_ENCODING_TO_PB[message.encoding]))
+            dtype=_DTYPE_TO_PB[message.dtype], encoding=_ENCODING_TO_PB[message.encoding],
+            transfer_attempt=message.transfer_attempt, chunks_in_kvstore=message.chunks_in_kvstore))
     if isinstance(message, KvChunk):
         span = message.span
         return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
@@ -53,7 +56,8 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
     if kind == "layout":
         m = message.layout
         return KvLayout(m.request_id, m.model_fingerprint, m.num_layers, m.num_kv_heads, m.head_dim,
-                        m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding))
+                        m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding),
+                        m.transfer_attempt, m.chunks_in_kvstore)
     if kind == "chunk":
         c = message.chunk
         span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
@@ -75,25 +79,37 @@ def parse_stored(value: bytes) -> KvMessage:
     return from_pb(message)
 
 
-def transfer_prefix(request_id: str) -> str:
+def request_prefix(request_id: str) -> str:
+    """Every key a request's KV is stored under starts with this (one delete clears them all)."""
     return f"kv/{request_id}/"
 
 
-def layout_key(request_id: str) -> str:
-    return f"{transfer_prefix(request_id)}layout"
+def transfer_prefix(request_id: str, attempt: int) -> str:
+    """Keys of one transfer attempt from a prefill worker (retries never share keys)."""
+    return f"{request_prefix(request_id)}t{attempt}/"
 
 
-def chunk_key(request_id: str, index: int) -> str:
-    return f"{transfer_prefix(request_id)}chunk/{index}"
+def swap_prefix(request_id: str, swap: int) -> str:
+    """Keys of a preempted sequence's KV, swap number `swap` of that request."""
+    return f"{request_prefix(request_id)}s{swap}/"
 
 
-def end_key(request_id: str) -> str:
-    return f"{transfer_prefix(request_id)}end"
+def layout_key(prefix: str) -> str:
+    return f"{prefix}layout"
 
 
-def key_of(message: KvMessage) -> str:
+def chunk_key(prefix: str, index: int) -> str:
+    return f"{prefix}chunk/{index}"
+
+
+def end_key(prefix: str) -> str:
+    return f"{prefix}end"
+
+
+def key_of(prefix: str, message: KvMessage) -> str:
+    """The key a message of the transfer stored under `prefix` goes to."""
     if isinstance(message, KvLayout):
-        return layout_key(message.request_id)
+        return layout_key(prefix)
     if isinstance(message, KvChunk):
-        return chunk_key(message.request_id, message.index)
-    return end_key(message.request_id)
+        return chunk_key(prefix, message.index)
+    return end_key(prefix)

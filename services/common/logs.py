@@ -11,6 +11,11 @@ from opentelemetry import trace
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
+
+def request_tag(internal_id: str, label: str) -> str:
+    """How a request appears in log lines: the client's label (if any) and the internal id."""
+    return f"{label}/{internal_id}" if label and label != internal_id else internal_id
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(service)s [req=%(request_id)s trace=%(trace_id)s] %(name)s: %(message)s"
 
 

@@ -1,5 +1,6 @@
-"""The model runtime both workers use: load a checkpoint, run a prompt forward pass that hands
-out each layer's KV as soon as the layer is done, and run decode steps over an assembled cache.
+"""The model runtime both workers use: load a checkpoint and run a prompt forward pass that hands
+out each layer's KV as soon as the layer is done (decode steps run over the paged pool, in
+services/decode/paged_runner.py).
 
 Every method here is synchronous and meant for one model thread; the services call it through
 an executor so the asyncio loop never blocks.
@@ -44,6 +45,7 @@ class ModelGeometry:
     head_dim: int
     max_model_len: int
     eos_token_ids: frozenset[int]
+    vocab_size: int
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -65,7 +67,7 @@ def read_geometry(model_dir: Path, name: str, dtype: str) -> ModelGeometry:
     return ModelGeometry(name=name, fingerprint=fingerprint, dtype=dtype,
                          num_layers=config.num_hidden_layers, num_kv_heads=kv_heads,
                          head_dim=head_dim, max_model_len=config.max_position_embeddings,
-                         eos_token_ids=eos_ids)
+                         eos_token_ids=eos_ids, vocab_size=config.vocab_size)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -147,20 +149,6 @@ class ModelRuntime:
             layer = cache.layers[index]
             on_layer(index, layer.keys[0, :, start:], layer.values[0, :, start:])
         return hook
-
-    def build_cache(self, keys: torch.Tensor, values: torch.Tensor) -> DynamicCache:
-        """A cache from assembled KV: keys and values are [layers, kv_heads, tokens, head_dim]."""
-        cache = DynamicCache(config=self._model.config)
-        for index in range(keys.shape[0]):
-            cache.update(keys[index : index + 1].to(self.device), values[index : index + 1].to(self.device), index)
-        return cache
-
-    @torch.inference_mode()
-    def decode_step(self, cache: DynamicCache, token_id: int) -> torch.Tensor:
-        """Append one token to `cache` and return the next token's logits (float32, CPU)."""
-        ids = torch.tensor([[token_id]], device=self.device)
-        logits = self._model(input_ids=ids, cache=cache, use_cache=True).logits
-        return logits[0, -1].float().cpu()
 
     @torch.inference_mode()
     def reference_generate(self, token_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InternalFailure, InvalidRequest
 from services.common.pb import common_pb2
+from services.common.validation import check_temperature
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs apart
 _SEED_MASK = (1 << 63) - 1
@@ -30,8 +31,7 @@ class Sampling:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:  # also rejects NaN
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        check_temperature(self.temperature)
         if not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -47,10 +47,15 @@ class Sampling:
 
 
 def sample(logits: torch.Tensor, params: Sampling, position: int) -> int:
-    """The token at completion position `position` given its 1-D float32 logits."""
+    """The token at completion position `position` given its 1-D float32 logits. Logits holding NaN
+    or +inf (a broken model or KV) raise InternalFailure instead of yielding an arbitrary token."""
+    peak = logits.max()
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(peak)):
+        raise InternalFailure("the model produced non-finite logits")
     if params.greedy:
         return int(torch.argmax(logits))
-    scores = logits / params.temperature
+    # Shifted so the best score is 0: dividing by any allowed temperature cannot overflow.
+    scores = (logits.float() - peak) / params.temperature
     if 0 < params.top_k < scores.numel():
         kth = torch.topk(scores, params.top_k).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -57,21 +57,34 @@ def insecure_channel(address: str) -> grpc.aio.Channel:
 
 
 class Lifecycle:
-    """Whether the server takes new work, and how much work is in flight."""
+    """Whether the server takes new work, how much work is in flight, and whether it must stop: on
+    a signal, or because a part it cannot serve without died (`fail`: the process then exits
+    non-zero so its supervisor restarts it)."""
 
     def __init__(self) -> None:
         self.draining = False
+        self.fatal: str | None = None
+        self.stop = asyncio.Event()
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def fail(self, reason: str) -> None:
+        """This worker can no longer serve: stop (health NOT_SERVING at once) and exit non-zero."""
+        if self.fatal is None:
+            self.fatal = reason
+            log.error("cannot serve any more: %s", reason)
+        self.stop.set()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    def begin(self) -> Callable[[], None]:
-        """Count one piece of new work; returns the function that ends it. Refused while draining."""
-        if self.draining:
+    def begin(self, new: bool = True) -> Callable[[], None]:
+        """Count one piece of work in flight; returns the function that ends it (idempotent). New
+        work is refused with UNAVAILABLE once draining; work that belongs to already admitted work
+        (new=False) is not."""
+        if new and self.draining:
             raise BackendUnavailable("server is shutting down; retry on another worker")
         self._in_flight += 1
         self._idle.clear()
@@ -87,9 +100,9 @@ class Lifecycle:
         return end
 
     @contextmanager
-    def work(self) -> Iterator[None]:
-        """Hold for the life of one piece of new work; refused while draining."""
-        end = self.begin()
+    def work(self, new: bool = True) -> Iterator[None]:
+        """`begin` for the life of a `with` block."""
+        end = self.begin(new)
         try:
             yield
         finally:
@@ -105,23 +118,33 @@ class Lifecycle:
             return False
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def _install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+
+
+def _remove_signal_handlers() -> None:
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.remove_signal_handler(sig)
 
 
 async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecycle,
                 register: Callable[[grpc.aio.Server], Sequence[str]], warmup: Callable[[], Awaitable[None]],
-                stop: asyncio.Event | None = None) -> None:
-    """Run a server until SIGTERM/SIGINT (or `stop` is set), then drain and stop it.
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+    """Run a server until SIGTERM/SIGINT (or `lifecycle.stop` is set), then drain and stop it.
 
     `register` adds the servicers and returns their full service names; `warmup` runs after the
-    port is open and before health turns SERVING.
+    port is open and before health turns SERVING. After a `lifecycle.fail` the drain is skipped
+    (the worker cannot finish its work) and FatalStop is raised.
     """
-    stop = stop or asyncio.Event()
+    stop = lifecycle.stop
     _install_signal_handlers(stop)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -142,15 +165,27 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
             log.info("%s serving on %s", spec.name, address)
             await stop.wait()
         await health_servicer.enter_graceful_shutdown()
-        started = time.monotonic()
-        log.info("%s draining: %d in flight, grace %.1fs", spec.name, lifecycle.in_flight, spec.grace_seconds)
-        if not await lifecycle.drain(spec.grace_seconds):
-            log.warning("%s: grace period over with %d still in flight", spec.name, lifecycle.in_flight)
-        log.info("%s drained in %.2fs", spec.name, time.monotonic() - started)
+        if lifecycle.fatal is None:
+            await _drain(spec, lifecycle)
     finally:
         await server.stop(FINAL_STOP_SECONDS)
         stop_metrics()
+        _remove_signal_handlers()
         log.info("%s stopped", spec.name)
+    if lifecycle.fatal is not None:
+        raise FatalStop(lifecycle.fatal)
+
+
+class FatalStop(Exception):
+    """The server stopped because it could no longer serve (the process exits non-zero)."""
+
+
+async def _drain(spec: ServerSpec, lifecycle: Lifecycle) -> None:
+    started = time.monotonic()
+    log.info("%s draining: %d in flight, grace %.1fs", spec.name, lifecycle.in_flight, spec.grace_seconds)
+    if not await lifecycle.drain(spec.grace_seconds):
+        log.warning("%s: grace period over with %d still in flight", spec.name, lifecycle.in_flight)
+    log.info("%s drained in %.2fs", spec.name, time.monotonic() - started)
 
 
 async def _warm_up(warmup: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
@@ -179,5 +214,7 @@ def run_service(name: str, settings_type: type[S], description: str,
         sys.exit(f"{name}: {exc}")
     try:
         asyncio.run(run(settings))
+    except FatalStop as stopped:
+        sys.exit(f"{name}: stopped, cannot serve: {stopped}")
     finally:
         tracing.shutdown()

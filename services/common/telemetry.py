@@ -22,7 +22,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -102,6 +102,7 @@ class ServiceTelemetry:
 
 def service_telemetry(service: str) -> ServiceTelemetry:
     registry = CollectorRegistry()
+    ProcessCollector(registry=registry)  # process_resident_memory_bytes, CPU seconds, open fds
     requests = Counter("disagg_rpc_requests", "RPCs handled, by method and final gRPC status code",
                        ["service", "method", "code"], registry=registry)
     latency = Histogram("disagg_rpc_duration_seconds", "RPC handling time, by method", ["service", "method"],

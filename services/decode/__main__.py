@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.kv_codec import AssemblyLimits
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
@@ -12,12 +13,23 @@ from services.common.pb import decode_pb2, decode_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
 from services.common.worker import load_runtime
+from services.decode.admission import AdmissionLimits
 from services.decode.blocks import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.servicer import DecodeServicer
 from services.decode.settings import DecodeSettings
 
 MB = 1024 * 1024
+
+
+def decode_limits(settings: DecodeSettings) -> DecodeLimits:
+    return DecodeLimits(
+        kv_timeout_seconds=settings.kv_timeout_seconds,
+        assembly=AssemblyLimits(int(settings.max_chunk_mb * MB), settings.check_kv_finite),
+        admission=AdmissionLimits(settings.max_active_requests, settings.reject_threshold,
+                                  settings.max_cache_budget_mb),
+        max_batch_size=settings.max_batch_size, preempt_threshold=settings.preempt_threshold,
+        step_timeout_seconds=settings.step_timeout_seconds)
 
 
 async def run(settings: DecodeSettings) -> None:
@@ -39,12 +51,9 @@ async def run(settings: DecodeSettings) -> None:
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds)
-        limits = DecodeLimits(settings.kv_timeout_seconds, int(settings.max_chunk_mb * MB),
-                              settings.max_active_requests, settings.max_batch_size, settings.reject_threshold,
-                              settings.preempt_threshold, settings.max_cache_budget_mb)
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
-        engine = DecodeEngine(runtime, thread, pool, limits, store, metrics)
+        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail)
         engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)

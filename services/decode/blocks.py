@@ -3,17 +3,27 @@
 KV lives in fixed-size blocks of `block_size` tokens, in one tensor per layer for keys and one for
 values ([num_blocks, block_size, kv_heads, head_dim]: a gathered run of blocks is already a
 [tokens, kv_heads, head_dim] sequence, no second copy needed). The BlockManager hands blocks to sequences
-and takes them back; usage (used / total blocks) is exact, and is the worker's KV pressure.
+and takes them back; usage (used / total blocks) is exact, and is the worker's KV pressure. Every
+reservation carries a lease, and every writer proves it still holds one (see BlockManager).
 """
 
 from __future__ import annotations
 
+import itertools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from services.common.errors import CapacityExhausted
+from services.common.errors import CapacityExhausted, RequestCancelled
+from services.common.kv_codec import ChunkSpan
 from services.common.runtime import DTYPES, ModelGeometry
+
+
+class LeaseRevoked(RequestCancelled):
+    """A write on a lease that was revoked: the request was released, or a newer writer took over."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,18 +72,40 @@ class BlockPool:
         return keys, values
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to write into one owner's blocks. Valid until the owner's blocks are freed or a
+    newer lease supersedes it (a retried transfer, a resume); epochs never repeat."""
+
+    owner: str
+    epoch: int
+
+
 class BlockManager:
-    """Which blocks belong to which sequence."""
+    """Which blocks belong to which sequence, and who may write into them.
+
+    Writers (chunk assembly on the event loop, local prefills and swap-ins on the model thread)
+    write under `writing(lease)`, which holds a lock while it checks the lease and the write runs;
+    `free` takes the same lock, so no write can land in blocks that were freed and handed on. The
+    decode step writes without a lease: the scheduler never frees a sequence while it is in a step.
+    """
 
     def __init__(self, config: PoolConfig) -> None:
         self.block_size = config.block_size
         self.total = config.num_blocks
         self._free = list(range(config.num_blocks - 1, -1, -1))
-        self.tables: dict[str, list[int]] = {}
+        self._tables: dict[str, list[int]] = {}
+        self._epochs: dict[str, int] = {}
+        self._next_epoch = itertools.count(1)
+        self._lock = threading.Lock()
 
     @property
     def used(self) -> int:
         return self.total - len(self._free)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
 
     @property
     def pressure(self) -> float:
@@ -85,25 +117,81 @@ class BlockManager:
     def can_fit(self, tokens: int) -> bool:
         return self.blocks_for(tokens) <= len(self._free)
 
-    def allocate(self, owner: str, tokens: int) -> list[int]:
-        """Blocks for `tokens` tokens of a new owner."""
-        table = self.tables.setdefault(owner, [])
-        try:
-            self.ensure(owner, tokens)
-        except CapacityExhausted:
-            del self.tables[owner]
-            raise
-        return table
+    def allocate(self, owner: str, tokens: int) -> Lease:
+        """Blocks for `tokens` tokens of a new owner, and the lease to write them."""
+        if owner in self._tables:
+            raise ValueError(f"{owner!r} already holds blocks")
+        needed = self.blocks_for(tokens)
+        if needed > len(self._free):
+            raise CapacityExhausted(f"KV pool full: {needed} blocks needed, {len(self._free)} free")
+        with self._lock:
+            self._tables[owner] = [self._free.pop() for _ in range(needed)]
+            return self._grant(owner)
 
-    def ensure(self, owner: str, tokens: int) -> None:
-        """Grow the owner's table to hold `tokens` tokens."""
-        table = self.tables[owner]
+    def renew(self, owner: str) -> Lease:
+        """A new lease on the owner's blocks; every older lease is revoked."""
+        with self._lock:
+            if owner not in self._tables:
+                raise LeaseRevoked(f"{owner!r} holds no blocks")
+            return self._grant(owner)
+
+    def _grant(self, owner: str) -> Lease:
+        self._epochs[owner] = next(self._next_epoch)
+        return Lease(owner, self._epochs[owner])
+
+    def holds(self, lease: Lease) -> bool:
+        return self._epochs.get(lease.owner) == lease.epoch
+
+    def ensure(self, owner: str, tokens: int) -> bool:
+        """Grow the owner's table to hold `tokens` tokens; False (nothing taken) if the pool is short."""
+        table = self._tables[owner]
         missing = self.blocks_for(tokens) - len(table)
         if missing > len(self._free):
-            raise CapacityExhausted(f"KV pool full: {missing} more blocks needed, {len(self._free)} free")
+            return False
         table.extend(self._free.pop() for _ in range(max(0, missing)))
+        return True
+
+    def table(self, owner: str) -> list[int]:
+        """The owner's blocks (for the decode step, which the scheduler keeps them alive through)."""
+        return self._tables[owner]
+
+    def holds_blocks(self, owner: str) -> bool:
+        return owner in self._tables
+
+    def blocks_of(self, owner: str) -> int:
+        return len(self._tables.get(owner, ()))
+
+    @contextmanager
+    def writing(self, lease: Lease) -> Iterator[list[int]]:
+        """The lease's blocks, locked against `free` while the caller writes into them."""
+        with self._lock:
+            if not self.holds(lease):
+                raise LeaseRevoked(f"the KV blocks of {lease.owner!r} were released or handed to a newer writer")
+            yield self._tables[lease.owner]
 
     def free(self, owner: str) -> int:
-        table = self.tables.pop(owner, [])
+        """Give the owner's blocks back and revoke its leases (waits for a write in progress)."""
+        with self._lock:
+            table = self._tables.pop(owner, [])
+            self._epochs.pop(owner, None)
         self._free.extend(reversed(table))
         return len(table)
+
+
+class LeasedWriter:
+    """Writes one sequence's KV into its blocks; every write checks the lease (LeaseRevoked)."""
+
+    def __init__(self, pool: BlockPool, blocks: BlockManager, lease: Lease) -> None:
+        self._pool = pool
+        self._blocks = blocks
+        self.lease = lease
+
+    def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
+        with self._blocks.writing(self.lease) as table:
+            self._pool.write(table, layer, start, keys, values)
+
+    def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
+        """A verified chunk [layers, 2, kv_heads, tokens, head_dim] (the assembler's KvTarget)."""
+        for offset, layer in enumerate(range(span.layer_start, span.layer_end)):
+            self.write(layer, span.token_start, tensor[offset, 0], tensor[offset, 1])

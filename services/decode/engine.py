@@ -1,20 +1,24 @@
-"""The decode engine: admission, KV assembly into the paged pool, and one continuous-batching loop.
+"""The decode engine: admission, KV arrival into the paged pool, and one continuous-batching loop.
 
 Life of a request, as a sequence of queues:
-  admit (reject above the reject threshold or when the prompt's blocks do not fit; else reserve
-  the prompt's blocks)                                                        -> AWAITING_KV
-  -> its KV lands straight in those blocks: a TransferKv stream from a prefill worker, the
-     kvstore, or a local prefill (unified mode); every chunk is verified      -> READY queue
-  -> the loop: schedule (resume preempted sequences, join ready ones, grow blocks, preempt the
-     newest sequences above the preempt threshold) -> run (one batched forward for every
-     running sequence, on the model thread) -> postprocess (append, stream, finish and free)
-  -> finished (EOS, max_tokens), failed (bad KV, KV timeout) or cancelled; however it ends, its
-     blocks return to the pool and its stored KV is deleted.
-Preempted sequences swap their KV to the kvstore (or drop it, to be recomputed by a local
-prefill) and resume, oldest first, once the pool is below the preempt threshold again.
+  admit (refuse what can never fit the pool, what is above the reject threshold, ids already live;
+  else reserve the prompt's blocks under a lease)                             -> AWAITING_KV
+  -> its KV lands straight in those blocks, every write checking the lease: a TransferKv stream
+     (chunks inline, or announced there and loaded from the kvstore; a retried transfer with a
+     higher attempt supersedes an unfinished one) or a local prefill (unified mode, a background
+     transfer); every chunk is verified                                       -> READY queue
+  -> the loop: schedule (pure bookkeeping, see scheduler.py) -> execute (one model-thread job:
+     copy out the KV of sequences being preempted, then one batched decode step) -> postprocess
+     (append, stream, finish and free; start the swap transfers the plan asked for)
+  -> finished (EOS, max_tokens), failed (bad KV, KV timeout, a failed step) or cancelled;
+     however it ends, its blocks return to the pool, its lease is revoked (late writes are
+     dropped) and its stored KV is deleted.
+A failing step fails only its own sequences. If the loop itself ever ends, `on_fatal` is called
+(the worker turns NOT_SERVING and exits non-zero); a step running past --step-timeout-seconds is
+treated the same way, since the model thread cannot be interrupted.
 
 Spans: `kv.handoff` (prefill forward end -> sequence ready here; kv.handoff_ms, kv.bytes; the two
-ends use different hosts' clocks) and `decode.preempt` / `decode.resume` events.
+ends use different hosts' clocks) and `decode.preempt` events in the log.
 """
 
 from __future__ import annotations
@@ -22,158 +26,153 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
 from opentelemetry import trace
 
-from services.common.errors import (BackendUnavailable, CapacityExhausted, DeadlineExceeded, InvalidRequest,
-                                    KvProtocolError, UnknownRequest)
-from services.common.kv_codec import KvAssembler, KvReceipt
+from services.common.errors import DeadlineExceeded, InternalFailure, RequestCancelled
+from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
-from services.common.sampling import Sampling, sample
+from services.common.sampling import sample
 from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
-from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.admission import Admission, AdmissionLimits
+from services.decode.blocks import BlockManager, BlockPool, Lease, LeasedWriter, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
-from services.decode.sequence import Event, Finished, PoolTarget, Sequence, State, Token
+from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
+from services.decode.sequence import Event, Finished, Sequence, State, Token
 from services.decode.swap import KvSwapper
+from services.decode.transfers import Transfer
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("disagg.decode")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
+FORGET_WAIT_SECONDS = 30.0  # how long cleanup waits for a cancelled transfer to stop writing
 
 
 @dataclass(frozen=True, slots=True)
 class DecodeLimits:
     kv_timeout_seconds: float
-    max_chunk_bytes: int
-    max_active_requests: int
+    assembly: AssemblyLimits
+    admission: AdmissionLimits
     max_batch_size: int
-    reject_threshold: float  # pool pressure above which new requests are refused
     preempt_threshold: float  # pool pressure above which running sequences are preempted
-    max_cache_budget_mb: float = 0.0  # default per-request KV budget (0: none)
+    step_timeout_seconds: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Executed:
+    """What one model-thread job returns: each run sequence's token (or why it has none) and the
+    copied-out KV of each sequence being preempted."""
+
+    tokens: list[int | Exception]
+    swapped_out: list[list[object]]
 
 
 class DecodeEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, pool: PoolConfig, limits: DecodeLimits,
-                 store: KvStoreClient | None, metrics: DecodeMetrics) -> None:
+                 store: KvStoreClient | None, metrics: DecodeMetrics, on_fatal: Callable[[str], None]) -> None:
         self._runtime = runtime
         self._thread = thread
         self._limits = limits
-        self._store = store
         self._metrics = metrics
+        self._on_fatal = on_fatal
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
         self.blocks = BlockManager(pool)
         self._runner = PagedRunner(runtime, self._pool)
-        self._swapper = KvSwapper(runtime, thread, self._pool, self.blocks, store, limits.max_chunk_bytes)
+        self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
+        self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
+                                                                 runtime.geometry.kv_bytes_per_token))
+        self._admission = Admission(runtime.geometry, self.blocks, limits.admission)
         self.sequences: dict[str, Sequence] = {}
-        self._ready: deque[Sequence] = deque()
-        self._preempted: deque[Sequence] = deque()
-        self._running: list[Sequence] = []
-        self._in_step: set[str] = set()
+        self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wake = asyncio.Event()
         self._tasks = TaskSet()
         self.requests_total = 0
         self.preemptions_total = 0
 
     def start(self) -> None:
-        self._tasks.spawn(self._loop(), "decode-loop")
+        loop = self._tasks.spawn(self._loop(), "decode-loop")
+        loop.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self._on_fatal(f"the decode loop ended: {task.exception()!r}")
 
     # admission and KV arrival -------------------------------------------------------------
-    def admit(self, request_id: str, prompt_ids: list[int], sampling: Sampling, position_offset: int = 0,
-              budget_mb: float = 0.0) -> Sequence:
-        if not request_id:
-            raise InvalidRequest("request_id must not be empty")
-        if request_id in self.sequences:
-            raise InvalidRequest(f"request {request_id!r} is already active on this worker")
-        if not prompt_ids:
-            raise InvalidRequest("prompt_token_ids must not be empty")
-        if len(prompt_ids) + sampling.max_tokens - position_offset > self._runtime.geometry.max_model_len:
-            raise InvalidRequest(f"prompt ({len(prompt_ids)}) + max_tokens ({sampling.max_tokens}) exceeds the "
-                                 f"model's context of {self._runtime.geometry.max_model_len}")
-        if len(self.sequences) >= self._limits.max_active_requests:
-            raise CapacityExhausted(f"decode worker is full ({self._limits.max_active_requests} active requests)")
-        if self.blocks.pressure > self._limits.reject_threshold:  # checked before anything is reserved
-            raise CapacityExhausted(f"KV pool pressure {self.blocks.pressure:.2f} is above the reject threshold")
-        self.blocks.allocate(request_id, len(prompt_ids))
-        budget = budget_mb or self._limits.max_cache_budget_mb
-        if budget < 0:
-            raise InvalidRequest(f"max_cache_budget_mb must be >= 0, got {budget}")
-        sequence = Sequence(request_id, prompt_ids, sampling, position_offset, int(budget * 1024 * 1024))
-        self.sequences[request_id] = sequence
+    def budget_bytes(self, requested_mb: float) -> int:
+        return self._admission.budget_bytes(requested_mb)
+
+    def admit(self, request: Sequence) -> Sequence:
+        """Admit a request (validated here, before anything is reserved) and reserve its prompt's blocks."""
+        self._admission.check(request, self.sequences)
+        request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids))
+        self.sequences[request.request_id] = request
         self.requests_total += 1
-        asyncio.get_running_loop().call_later(self._limits.kv_timeout_seconds, self._kv_deadline, sequence)
-        return sequence
+        self._deadlines[request.request_id] = asyncio.get_running_loop().call_later(
+            self._limits.kv_timeout_seconds, self._kv_deadline, request)
+        return request
 
     def _kv_deadline(self, sequence: Sequence) -> None:
         if sequence.state is State.AWAITING_KV:
             self._fail(sequence, DeadlineExceeded(f"KV did not arrive within {self._limits.kv_timeout_seconds}s"))
 
-    def begin_transfer(self, request_id: str) -> KvAssembler:
-        """An assembler writing the request's KV into its blocks; one transfer per request."""
-        sequence = self.sequences.get(request_id)
-        if sequence is None or sequence.state is not State.AWAITING_KV:
-            raise UnknownRequest(f"no request {request_id!r} is waiting for KV on this worker")
-        if sequence.transfer_started:
-            raise KvProtocolError(f"request {request_id!r} already has a KV transfer")
-        sequence.transfer_started = True
-        return KvAssembler(request_id, self._runtime.geometry, len(sequence.prompt_ids),
-                           self._limits.max_chunk_bytes, PoolTarget(self._pool, self.blocks.tables[request_id]))
+    def begin_transfer(self, layout: KvLayout) -> tuple[Sequence, KvAssembler]:
+        """An assembler writing a pushed transfer into the request's blocks under a fresh lease."""
+        sequence = self._admission.transfer_target(layout, self.sequences)
+        sequence.lease = self.blocks.renew(sequence.request_id)  # an older, unfinished transfer loses its lease
+        sequence.transfer_attempt = layout.transfer_attempt
+        writer = LeasedWriter(self._pool, self.blocks, sequence.lease)
+        return sequence, KvAssembler(sequence.request_id, self._runtime.geometry, len(sequence.prompt_ids),
+                                     self._limits.assembly, writer)
 
-    def complete(self, request_id: str, receipt: KvReceipt) -> None:
-        sequence = self.sequences.get(request_id)
-        if sequence is None or sequence.state is not State.AWAITING_KV:
-            return
+    def complete(self, sequence: Sequence, lease: Lease, receipt: KvReceipt) -> None:
+        """A pushed transfer is complete and verified; refused if the request no longer wants it."""
+        if sequence.state is not State.AWAITING_KV or not self.blocks.holds(lease):
+            raise RequestCancelled(f"request {sequence.request_id!r} was cancelled or its KV superseded")
         sequence.kv_bytes_received = receipt.byte_count
         self._metrics.kv_bytes_received.inc(receipt.byte_count)
         self._record_handoff(receipt)
-        self._first_token(sequence, receipt.first_token)
+        self._kv_arrived(sequence, receipt.first_token)
 
-    def fail(self, request_id: str, error: Exception) -> None:
-        sequence = self.sequences.get(request_id)
-        if sequence is not None and sequence.state is State.AWAITING_KV:
+    def transfer_failed(self, sequence: Sequence, lease: Lease, error: Exception) -> None:
+        """A pushed transfer was bad: the request fails with its status, unless a newer transfer
+        already took over or the request is gone."""
+        if sequence.state is State.AWAITING_KV and self.blocks.holds(lease):
             self._fail(sequence, error)
 
-    def _fail(self, sequence: Sequence, error: Exception) -> None:
-        sequence.state = State.FINISHED
-        sequence.events.put_nowait(error)
+    def prefill_locally(self, sequence: Sequence) -> None:
+        """Unified mode: compute the prompt's KV here, as a background fill the scheduler polls;
+        the first token is streamed too."""
+        writer = LeasedWriter(self._pool, self.blocks, sequence.lease)  # type: ignore[arg-type]
+        transfer = Transfer.start(self._tasks, self._local_prefill(sequence, writer),
+                                  f"prefill-{sequence.request_id}", self._wake.set)
+        self._scheduler.watch(sequence, transfer)
 
-    async def load_from_store(self, sequence: Sequence) -> None:
-        """Take the request's KV from the kvstore instead of a direct stream."""
-        if self._store is None:
-            raise BackendUnavailable("this decode worker has no kvstore (--kvstore-address)")
-        assembler = self.begin_transfer(sequence.request_id)
-        try:
-            receipt = await self._swapper.load(sequence.request_id, assembler)
-        except Exception as error:
-            self.fail(sequence.request_id, error)
-            raise
-        self.complete(sequence.request_id, receipt)
-
-    async def prefill_locally(self, sequence: Sequence) -> None:
-        """Unified mode: compute the prompt's KV here; the first token is streamed too."""
-        blocks = self.blocks.tables[sequence.request_id]
-        sequence.transfer_started = True
+    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> int:
         logits = await self._thread.run(self._runtime.prefill, sequence.prompt_ids,
-                                        lambda layer, k, v: self._pool.write(blocks, layer, 0, k, v))
-        first = await asyncio.to_thread(sample, logits, sequence.sampling, sequence.position_offset)
-        if sequence.state is State.AWAITING_KV:
-            sequence.events.put_nowait(Token(first, sequence.position_offset))
-            self._first_token(sequence, first)
+                                        lambda layer, k, v: writer.write(layer, 0, k, v))
+        first = sample(logits, sequence.sampling, sequence.position_offset)
+        sequence.events.put_nowait(Token(first, sequence.position_offset))
+        return first
 
-    def _first_token(self, sequence: Sequence, token: int) -> None:
-        sequence.generated.append(token)
+    def _kv_arrived(self, sequence: Sequence, first_token: int) -> None:
+        sequence.generated.append(first_token)
         if self._finish(sequence) is None:
-            sequence.state = State.READY
-            self._ready.append(sequence)
+            self._scheduler.ready(sequence)
             self._wake.set()
+
+    def _fail(self, sequence: Sequence, error: BaseException) -> None:
+        self._scheduler.finish(sequence)
+        sequence.events.put_nowait(error if isinstance(error, Exception) else RequestCancelled(str(error)))
+        self._wake.set()
 
     def _record_handoff(self, receipt: KvReceipt) -> None:
         now = perf_to_unix_nanos(time.perf_counter())
@@ -198,74 +197,75 @@ class DecodeEngine:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while batch := await self._schedule():
-                self._in_step = {sequence.request_id for sequence in batch}
-                try:
-                    step = await self._thread.run_timed(self._step, batch)
-                finally:
-                    self._in_step = set()
-                self._metrics.time_per_output_token.observe(step.run_seconds)
-                self._postprocess(batch, step.value)
+            while True:
+                plan = self._scheduler.schedule()
+                self._apply(plan)
+                if not plan.needs_model:
+                    break
+                await self._execute(plan)
 
-    async def _schedule(self) -> list[Sequence]:
-        preempt_at = self._limits.preempt_threshold
-        while (waiting := self._next_to_resume()) and self._fits_below(waiting.kv_tokens + 1, preempt_at):
-            self._preempted.remove(waiting)
-            await self._resume(waiting)
-        while self._ready and len(self._running) < self._limits.max_batch_size:
-            sequence = self._ready.popleft()
-            if sequence.state is State.READY:
-                sequence.state = State.RUNNING
-                self._running.append(sequence)
-        for sequence in sorted(self._running, key=lambda s: s.admitted_at):
-            while sequence.state is State.RUNNING and not self._grow(sequence):
-                await self._preempt(max(self._running, key=lambda s: s.admitted_at))
-        while self.blocks.pressure > preempt_at and len(self._running) > 1:
-            await self._preempt(max(self._running, key=lambda s: s.admitted_at))
-        per_token = self._runtime.geometry.kv_bytes_per_token
-        for sequence in [s for s in self._running if s.over_budget(per_token)]:
-            if len(self._running) > 1 or self._ready:  # over budget yields to others, never to nobody
-                await self._preempt(sequence)
-        return list(self._running)
+    def _apply(self, plan: StepPlan) -> None:
+        """What the plan says before the step: arrivals join, failures are told, swap-ins start."""
+        for sequence, first_token in plan.arrived:
+            self._kv_arrived(sequence, first_token)
+        for sequence, error in plan.failed:
+            self._fail(sequence, error)
+        for sequence in plan.swap_in:
+            writer = LeasedWriter(self._pool, self.blocks, sequence.lease)  # type: ignore[arg-type]
+            self._scheduler.watch(sequence, Transfer.start(self._tasks, self.swapper.swap_in(sequence, writer),
+                                                           f"swap-in-{sequence.request_id}", self._wake.set))
+        self.preemptions_total += len(plan.swap_out)
 
-    def _next_to_resume(self) -> Sequence | None:
-        """Oldest preempted sequence; one over its KV budget only when nothing else waits or runs."""
-        per_token = self._runtime.geometry.kv_bytes_per_token
-        for sequence in self._preempted:
-            if not sequence.over_budget(per_token):
-                return sequence
-        if self._preempted and not self._running and not self._ready:
-            return self._preempted[0]
-        return None
-
-    def _fits_below(self, tokens: int, threshold: float) -> bool:
-        """Whether `tokens` more tokens of KV keep the pool at or under `threshold` (no thrashing:
-        a resumed sequence must not push the pool straight back over the preempt threshold)."""
-        needed = self.blocks.blocks_for(tokens)
-        if not self.blocks.can_fit(tokens):
-            return False
-        return (self.blocks.used + needed) / self.blocks.total <= threshold or not self._running
-
-    def _grow(self, sequence: Sequence) -> bool:
+    async def _execute(self, plan: StepPlan) -> None:
+        job = asyncio.ensure_future(self._thread.run_timed(self._run_job, plan))
         try:
-            self.blocks.ensure(sequence.request_id, sequence.kv_tokens + 1)
-            return True
-        except CapacityExhausted:
-            return False
+            done = await asyncio.wait_for(asyncio.shield(job), self._limits.step_timeout_seconds)
+        except TimeoutError:
+            self._on_fatal(f"a decode step ran past {self._limits.step_timeout_seconds}s")
+            raise
+        except Exception as error:  # noqa: BLE001 - a failing step fails its own sequences only
+            log.exception("decode step failed")
+            self._scheduler.step_ended()
+            for sequence in plan.run + plan.swap_out:
+                self._fail(sequence, InternalFailure(f"decode step failed: {type(error).__name__}: {error}"))
+            return
+        self._metrics.time_per_output_token.observe(done.run_seconds)
+        self._scheduler.step_ended()
+        self._postprocess(plan, done.value)
 
-    def _step(self, batch: list[Sequence]) -> list[int]:
-        slots = [StepSlot(self.blocks.tables[s.request_id], s.kv_tokens, s.generated[-1]) for s in batch]
+    def _run_job(self, plan: StepPlan) -> _Executed:
+        """On the model thread: copy out what is being preempted (before the step may reuse its
+        blocks), then one decode step for every running sequence, sampled per sequence."""
+        swapped = [self.swapper.copy_out(s, self.blocks.table(s.request_id)) for s in plan.swap_out]
+        if not plan.run:
+            return _Executed([], swapped)
+        slots = [StepSlot(self.blocks.table(s.request_id), s.kv_tokens, s.generated[-1]) for s in plan.run]
         logits = self._runner.step(slots)
-        return [sample(logits[row], s.sampling, s.completion_index) for row, s in enumerate(batch)]
+        return _Executed([self._sample(logits[row], s) for row, s in enumerate(plan.run)], swapped)
 
-    def _postprocess(self, batch: list[Sequence], tokens: list[int]) -> None:
-        for sequence, token in zip(batch, tokens):
+    @staticmethod
+    def _sample(logits: torch.Tensor, sequence: Sequence) -> int | Exception:
+        try:
+            return sample(logits, sequence.sampling, sequence.completion_index)
+        except Exception as error:  # noqa: BLE001 - only this sequence fails
+            return error
+
+    def _postprocess(self, plan: StepPlan, executed: _Executed) -> None:
+        for sequence, token in zip(plan.run, executed.tokens):
             if sequence.state is not State.RUNNING:  # released while the step ran
-                self.blocks.free(sequence.request_id)
+                continue
+            if isinstance(token, Exception):
+                self._fail(sequence, token if isinstance(token, InternalFailure) else InternalFailure(str(token)))
                 continue
             sequence.generated.append(token)
             sequence.events.put_nowait(Token(token, sequence.completion_index - 1))
             self._finish(sequence)
+        for sequence, messages in zip(plan.swap_out, executed.swapped_out):
+            self._scheduler.copied_out(sequence)
+            if sequence.state is State.SWAPPING_OUT:
+                store = self.swapper.swap_out(sequence, messages, lambda s=sequence: s.state is State.SWAPPING_OUT)
+                self._scheduler.watch(sequence, Transfer.start(self._tasks, store, f"swap-out-{sequence.request_id}",
+                                                               self._wake.set))
 
     def _finish(self, sequence: Sequence) -> str | None:
         token, produced = sequence.generated[-1], sequence.completion_index
@@ -276,57 +276,32 @@ class DecodeEngine:
             reason = FINISH_LENGTH
         if reason is not None:
             sequence.events.put_nowait(Finished(reason, produced))
-            self._leave(sequence)
+            self._scheduler.finish(sequence)
         return reason
-
-    def _leave(self, sequence: Sequence) -> None:
-        """Take the sequence out of every queue and give its blocks back (after an in-flight step)."""
-        sequence.state = State.FINISHED
-        if sequence in self._running:
-            self._running.remove(sequence)
-        if sequence.request_id not in self._in_step:
-            self.blocks.free(sequence.request_id)
-
-    # preemption ---------------------------------------------------------------------------
-    async def _preempt(self, sequence: Sequence) -> None:
-        self._running.remove(sequence)
-        sequence.state = State.PREEMPTED
-        with tracer.start_as_current_span("decode.preempt", attributes={"request.id": sequence.request_id,
-                                                                        "kv.tokens": sequence.kv_tokens}):
-            await self._swapper.swap_out(sequence)
-        self.blocks.free(sequence.request_id)
-        self._preempted.append(sequence)
-        self.preemptions_total += 1
-        log.info("preempted %s (%d tokens of KV); pool pressure now %.2f", sequence.request_id,
-                 sequence.kv_tokens, self.blocks.pressure)
-
-    async def _resume(self, sequence: Sequence) -> None:
-        if sequence.state is not State.PREEMPTED:
-            return
-        self.blocks.allocate(sequence.request_id, sequence.kv_tokens + 1)
-        with tracer.start_as_current_span("decode.resume", attributes={"request.id": sequence.request_id}):
-            await self._swapper.swap_in(sequence)
-        sequence.state = State.READY
-        self._ready.append(sequence)
 
     # end of a request ---------------------------------------------------------------------
     def release(self, sequence: Sequence) -> None:
         """Drop everything the request holds, however it ended."""
         if self.sequences.get(sequence.request_id) is sequence:
             del self.sequences[sequence.request_id]
-        for queue in (self._ready, self._preempted):
-            if sequence in queue:
-                queue.remove(sequence)
-        self._leave(sequence)
+        if (deadline := self._deadlines.pop(sequence.request_id, None)) is not None:
+            deadline.cancel()
+        transfer = sequence.transfer
+        self._scheduler.finish(sequence)
         self._wake.set()  # freed blocks may let a preempted sequence resume
-        if self._store is not None:
-            self._tasks.spawn(self._swapper.forget(sequence.request_id), f"forget-{sequence.request_id}")
+        if self.swapper.has_store:
+            self._tasks.spawn(self._forget(sequence.request_id, transfer), f"forget-{sequence.request_id}")
+
+    async def _forget(self, request_id: str, transfer: Transfer[object] | None) -> None:
+        if transfer is not None:  # a cancelled swap-out must stop writing before its keys go
+            await transfer.settled(FORGET_WAIT_SECONDS)
+        await self.swapper.forget(request_id)
 
     def load(self) -> DecodeLoad:
         sequences = list(self.sequences.values())
         awaiting = sum(s.state is State.AWAITING_KV for s in sequences)
         block_bytes = self._runtime.geometry.kv_bytes_per_token * self.blocks.block_size
-        return DecodeLoad(len(sequences), awaiting, len(self._running), self.blocks.used * block_bytes,
+        return DecodeLoad(len(sequences), awaiting, self._scheduler.running, self.blocks.used * block_bytes,
                           self.blocks.pressure)
 
     async def close(self) -> None:

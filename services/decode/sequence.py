@@ -7,18 +7,18 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-import torch
-
-from services.common.kv_codec import ChunkSpan
 from services.common.sampling import Sampling
-from services.decode.blocks import BlockPool
+from services.decode.blocks import Lease
+from services.decode.transfers import Transfer
 
 
 class State(enum.Enum):
-    AWAITING_KV = "awaiting_kv"  # admitted; prompt blocks reserved; KV arriving
+    AWAITING_KV = "awaiting_kv"  # admitted; prompt blocks reserved; KV arriving (pushed, or a fill transfer)
     READY = "ready"  # KV complete, waiting to join the running batch
     RUNNING = "running"
-    PREEMPTED = "preempted"  # blocks given back; KV swapped to the kvstore or to be recomputed
+    SWAPPING_OUT = "swapping_out"  # preempted; its KV was copied out of the pool and is on its way to the kvstore
+    PREEMPTED = "preempted"  # holds no blocks; KV in the kvstore (swapped) or to be recomputed
+    SWAPPING_IN = "swapping_in"  # blocks reserved again; KV coming back (swap-in or recompute)
     FINISHED = "finished"
 
 
@@ -37,25 +37,34 @@ class Finished:
 Event = Token | Finished | Exception
 
 
-@dataclass(slots=True)
+@dataclass(eq=False, slots=True)
 class Sequence:
-    request_id: str
+    request_id: str  # the gateway's internal id
     prompt_ids: list[int]
     sampling: Sampling
     position_offset: int = 0  # completion tokens produced before this worker took over (failover)
     budget_bytes: int = 0  # KV it may hold while others need the pool (0: no budget)
+    label: str = ""  # the client's own id, for logs
     state: State = State.AWAITING_KV
     generated: list[int] = field(default_factory=list)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
-    transfer_started: bool = False
+    lease: Lease | None = None  # the current writer's right to its blocks
+    transfer: Transfer | None = None  # a background KV move in flight (fill, swap-out, swap-in)
+    transfer_attempt: int = -1  # highest pushed transfer attempt accepted so far (-1: none yet)
+    swapped: bool = False  # while preempted: its KV is in the kvstore (else it is recomputed)
+    swaps: int = 0  # times it was swapped out (names its kvstore keys)
     admitted_at: float = field(default_factory=time.monotonic)
-    forward_end_unix_nanos: int = 0
     kv_bytes_received: int = 0
 
     @property
     def kv_tokens(self) -> int:
         """Tokens whose KV is in the pool: the prompt and every generated token but the last."""
         return len(self.prompt_ids) + max(0, len(self.generated) - 1)
+
+    @property
+    def peak_kv_tokens(self) -> int:
+        """Most tokens of KV the sequence can ever need: the last token sampled is never fed back."""
+        return len(self.prompt_ids) + self.sampling.max_tokens - self.position_offset - 1
 
     def over_budget(self, bytes_per_token: int) -> bool:
         return 0 < self.budget_bytes < self.kv_tokens * bytes_per_token
@@ -64,15 +73,3 @@ class Sequence:
     def completion_index(self) -> int:
         """Completion position of the next token to sample."""
         return self.position_offset + len(self.generated)
-
-
-class PoolTarget:
-    """Puts verified KV chunks straight into a sequence's pool blocks."""
-
-    def __init__(self, pool: BlockPool, blocks: list[int]) -> None:
-        self._pool = pool
-        self._blocks = blocks
-
-    def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
-        for offset, layer in enumerate(range(span.layer_start, span.layer_end)):
-            self._pool.write(self._blocks, layer, span.token_start, tensor[offset, 0], tensor[offset, 1])

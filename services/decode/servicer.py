@@ -7,14 +7,13 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-
 from opentelemetry import trace
 
 from services.common.edge import grpc_edge
-from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout
-from services.common.kv_wire import from_pb
-from services.common.logs import request_id_var
+from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError, RequestCancelled
+from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
+from services.common.kv_wire import from_pb, transfer_prefix
+from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 from services.common.runtime import ModelGeometry
@@ -22,10 +21,11 @@ from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.decode.engine import FINISH_LENGTH, DecodeEngine
-from services.decode.sequence import Finished
+from services.decode.sequence import Finished, Sequence
 
 tracer = trace.get_tracer("disagg.decode")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
+TransferStream = AsyncIterator[kv_pb2.KvTransferMessage]
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -33,7 +33,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle) -> None:
         self.telemetry = telemetry
-        self._lifecycle = lifecycle
+        self.lifecycle = lifecycle
         self._ready: tuple[DecodeEngine, common_pb2.ModelInfo] | None = None
 
     def ready(self, engine: DecodeEngine, geometry: ModelGeometry) -> None:
@@ -44,45 +44,44 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise BackendUnavailable("decode worker is loading its model")
         return self._ready
 
-    @grpc_edge
+    @grpc_edge(new_work=True)
     async def Generate(self, request: decode_pb2.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[decode_pb2.DecodeEvent]:
-        request_id_var.set(request.request_id)
+        request_id_var.set(request_tag(request.request_id, request.client_request_id))
+        trace.get_current_span().set_attributes({"request.id": request.request_id,
+                                                 "request.label": request.client_request_id})
         engine, _ = self._state()
-        with self._lifecycle.work():
-            async for event in self._generate(engine, request):
-                yield event
-
-    async def _generate(self, engine: DecodeEngine,
-                        request: decode_pb2.DecodeRequest) -> AsyncIterator[decode_pb2.DecodeEvent]:
-        sequence = engine.admit(request.request_id, list(request.prompt_token_ids),
-                                sampling_from_pb(request.sampling, default_max_tokens=16), request.position_offset,
-                                request.max_cache_budget_mb)
+        sequence = engine.admit(Sequence(
+            request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
+            request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id))
         try:
             yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted())
-            if request.kv_source == decode_pb2.KV_SOURCE_KVSTORE:
-                await engine.load_from_store(sequence)
-            elif request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
-                await engine.prefill_locally(sequence)
-            with tracer.start_as_current_span("decode.generation") as span:
-                started, tokens = time.perf_counter(), 0
-                async for event in engine.events(sequence):
-                    if isinstance(event, Finished):
-                        span.set_attributes({"decode.tokens": event.completion_tokens,
-                                             "decode.finish_reason": event.reason,
-                                             "decode.time_per_output_token_ms":
-                                                 (time.perf_counter() - started) * 1e3 / max(tokens, 1)})
-                        yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
-                            reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
-                    else:
-                        tokens += 1
-                        yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
-                                                                                  index=event.index))
+            if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
+                engine.prefill_locally(sequence)
+            async for event in self._generation(engine, sequence):
+                yield event
         finally:
             engine.release(sequence)
 
-    @grpc_edge
-    async def TransferKv(self, request_iterator: AsyncIterator[kv_pb2.KvTransferMessage],
+    @staticmethod
+    async def _generation(engine: DecodeEngine, sequence: Sequence) -> AsyncIterator[decode_pb2.DecodeEvent]:
+        with tracer.start_as_current_span("decode.generation") as span:
+            started, tokens = time.perf_counter(), 0
+            async for event in engine.events(sequence):
+                if isinstance(event, Finished):
+                    span.set_attributes({"decode.tokens": event.completion_tokens,
+                                         "decode.finish_reason": event.reason,
+                                         "decode.time_per_output_token_ms":
+                                             (time.perf_counter() - started) * 1e3 / max(tokens, 1)})
+                    yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
+                        reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
+                else:
+                    tokens += 1
+                    yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
+                                                                              index=event.index))
+
+    @grpc_edge(new_work=False)  # part of an admitted request's work: accepted while draining
+    async def TransferKv(self, request_iterator: TransferStream,
                          context: grpc.aio.ServicerContext) -> decode_pb2.TransferKvReply:
         engine, _ = self._state()
         messages = aiter(request_iterator)
@@ -90,36 +89,56 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if not isinstance(layout, KvLayout):
             raise KvProtocolError("KV transfer must start with a layout")
         request_id_var.set(layout.request_id)
-        assembler = engine.begin_transfer(layout.request_id)
+        sequence, assembler = engine.begin_transfer(layout)
+        lease = sequence.lease
         try:
-            assembler.accept_layout(layout)
-            async for raw in messages:
-                message = from_pb(raw)
-                if isinstance(message, KvChunk):
-                    assembler.accept_chunk(message)
-                elif isinstance(message, KvEnd):
-                    engine.complete(layout.request_id, assembler.finish(message))
-                    trace.get_current_span().set_attributes({"kv.bytes": assembler.bytes_received,
-                                                             "kv.chunks": assembler.next_index})
-                    return decode_pb2.TransferKvReply(bytes_received=assembler.bytes_received,
-                                                      chunks_received=assembler.next_index)
-                else:
-                    raise KvProtocolError("KV layout sent twice")
-            assembler.check_complete()
-            raise KvCorrupted("KV transfer ended without its end message")
-        except asyncio.CancelledError:
-            engine.fail(layout.request_id, KvCorrupted("KV transfer was cancelled by the sender"))
+            if layout.chunks_in_kvstore:
+                receipt = await self._load_announced(engine, layout, messages, assembler)
+            else:
+                receipt = await self._receive(layout, messages, assembler)
+            engine.complete(sequence, lease, receipt)  # type: ignore[arg-type]
+        except (asyncio.CancelledError, RequestCancelled):
+            # The sender vanished (a retry may follow; the KV deadline bounds the wait), or the
+            # request is gone or superseded: nothing to fail.
             raise
         except Exception as error:
-            engine.fail(layout.request_id, error)
+            engine.transfer_failed(sequence, lease, error)  # type: ignore[arg-type]
             raise
+        trace.get_current_span().set_attributes({"kv.bytes": assembler.bytes_received,
+                                                 "kv.chunks": assembler.next_index})
+        return decode_pb2.TransferKvReply(bytes_received=assembler.bytes_received,
+                                          chunks_received=assembler.next_index)
 
-    @grpc_edge
+    @staticmethod
+    async def _receive(layout: KvLayout, messages: TransferStream, assembler: KvAssembler) -> KvReceipt:
+        assembler.accept_layout(layout)
+        async for raw in messages:
+            message = from_pb(raw)
+            if isinstance(message, KvChunk):
+                assembler.accept_chunk(message)
+            elif isinstance(message, KvEnd):
+                return assembler.finish(message)
+            else:
+                raise KvProtocolError("KV layout sent twice")
+        assembler.check_complete()
+        raise KvCorrupted("KV transfer ended without its end message")
+
+    @staticmethod
+    async def _load_announced(engine: DecodeEngine, layout: KvLayout, messages: TransferStream,
+                              assembler: KvAssembler) -> KvReceipt:
+        """The stream announces KV the prefill stored in the kvstore: its end says all of it is
+        there; the chunks are loaded and verified like streamed ones."""
+        end = from_pb(await anext(messages, kv_pb2.KvTransferMessage()))
+        if not isinstance(end, KvEnd):
+            raise KvProtocolError("a KV transfer announced in the kvstore carries only its layout and end")
+        return await engine.swapper.load(transfer_prefix(layout.request_id, layout.transfer_attempt), assembler)
+
+    @grpc_edge(new_work=False)
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
         return self._state()[1]
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> decode_pb2.DecodeStats:
         engine, info = self._state()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
@@ -32,16 +33,20 @@ class DecodeSettings(WorkerSettings):
                                       "KV_REJECT_THRESHOLD")
     preempt_threshold: float = setting(0.85, "pool pressure above which the newest sequences are preempted",
                                        "KV_PREEMPT_THRESHOLD")
+    check_kv_finite: bool = setting(True, "refuse KV chunks holding NaN or infinity (DATA_LOSS); a cheap check "
+                                    "(one pass over the bytes) that can be turned off", "CHECK_KV_FINITE")
+    step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
+                                          "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
     def __post_init__(self) -> None:
         WorkerSettings.__post_init__(self)
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         for name in ("kv_timeout_seconds", "max_chunk_mb", "max_active_requests", "max_batch_size", "kv_pool_mb",
-                     "block_size"):
+                     "block_size", "step_timeout_seconds"):
             check_positive(name, getattr(self, name))
-        if self.max_cache_budget_mb < 0:
-            raise ValueError(f"max_cache_budget_mb must be >= 0, got {self.max_cache_budget_mb}")
+        if not 0 <= self.max_cache_budget_mb < math.inf:
+            raise ValueError(f"max_cache_budget_mb must be a finite number >= 0, got {self.max_cache_budget_mb}")
         if self.kv_pool_blocks < 0:
             raise ValueError(f"kv_pool_blocks must be >= 0, got {self.kv_pool_blocks}")
         if not 0 < self.preempt_threshold <= self.reject_threshold <= 1:

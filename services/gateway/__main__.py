@@ -16,7 +16,7 @@ from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.tasks import TaskSet
 from services.common.telemetry import service_telemetry
-from services.gateway.auth import ApiKeys
+from services.gateway.auth import ApiKeyInterceptor, ApiKeys
 from services.gateway.core import Gateway, GatewayLimits
 from services.gateway.http_api import HttpApiConfig, create_app
 from services.gateway.http_server import HttpServer
@@ -41,7 +41,7 @@ async def run(settings: GatewaySettings) -> None:
     background = TaskSet()
     lifecycle = Lifecycle()
     keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
-    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens, keys)
+    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens)
     http: HttpServer | None = None
     pools = [WorkerPool("prefill", split_addresses(settings.prefill_addresses)),
              WorkerPool("decode", split_addresses(settings.decode_addresses))]
@@ -74,7 +74,8 @@ async def run(settings: GatewaySettings) -> None:
 
     spec = ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(spec, telemetry, lifecycle, register, warmup)
+        service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+        await serve(spec, telemetry, lifecycle, register, warmup, [ApiKeyInterceptor(keys, service, telemetry)])
     finally:
         if http is not None:
             http.stop()

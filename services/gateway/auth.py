@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+import grpc
 
 from services.common.config import split_addresses
 from services.common.errors import Unauthenticated
+from services.common.telemetry import ServiceTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -55,3 +59,43 @@ def bearer(header: str | None) -> str | None:
     if header and header[:7].lower() == "bearer ":
         return header[7:].strip()
     return None
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Checks the API key of every call to `service` before any handler runs, so no method can
+    forget it; health checks and reflection stay open. A refused call ends UNAUTHENTICATED and is
+    counted like any other call (`disagg_rpc_requests_total`)."""
+
+    def __init__(self, keys: ApiKeys, service: str, telemetry: ServiceTelemetry) -> None:
+        self._keys = keys
+        self._prefix = f"/{service}/"
+        self._telemetry = telemetry
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(self._prefix):
+            return handler
+        try:
+            self._keys.check_metadata(details.invocation_metadata or ())
+        except Unauthenticated as error:
+            method = details.method.rsplit("/", 1)[-1]
+            self._telemetry.requests.labels(self._telemetry.service, method, "UNAUTHENTICATED").inc()
+            return _refusal(handler, str(error))
+        return handler
+
+
+def _refusal(handler: Any, message: str) -> Any:
+    """A handler of the same shape as `handler` that ends the call UNAUTHENTICATED."""
+    async def refuse(_: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - abort raises
+
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
+             (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse_stream if handler.response_streaming else refuse,
+                request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

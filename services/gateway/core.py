@@ -2,11 +2,12 @@
 
 Life of a request, as a sequence of queues:
   validated and tokenized (chat template for conversations)             span gateway.tokenize
+  -> an internal request id is made (the client's id is only a label)
   -> decode worker chosen (fewest requests in flight; the next one if it refuses admission)
      and admitted: its Generate stream answers Accepted; prefill worker chosen (fewest in
      flight)                                                              span gateway.route
   -> the prefill streams the KV straight to the decode worker ('direct'), or stores it in the
-     kvstore and the decode worker is admitted afterwards ('kvstore')
+     kvstore and announces it on the same stream ('kvstore')
   -> the prefill's first token goes to the client at once; the decode's tokens follow
   -> text deltas (stop strings cut the text and end the request)
   -> finished: the final message carries the finish reason and usage. However the request
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from services.common.errors import BackendUnavailable, InvalidRequest, KvProtoco
 from services.common.metrics import GatewayMetrics
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.sampling import Sampling, sampling_to_pb
+from services.common.validation import check_budget_mb
 from services.gateway.routing import Worker, WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
 
@@ -36,17 +39,31 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("disagg.gateway")
 
 FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-# Admission failures that another decode worker may not have.
-_RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Admission failures that another decode worker may not have (ALREADY_EXISTS: a worker the
+# request failed over from still holds it).
+_RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS)
 
 
 @dataclass(frozen=True, slots=True)
 class GenerateInput:
-    request_id: str
+    request_id: str  # internal: made here, never chosen by a client (workers and store keys use it)
     prompt: str | None
     messages: list[tuple[str, str]] | None
     sampling: Sampling
     max_cache_budget_mb: float = 0.0
+    label: str = ""  # the client's own id, echoed in responses, logs and traces (default: request_id)
+
+    def __post_init__(self) -> None:
+        check_budget_mb(self.max_cache_budget_mb)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.request_id
+
+
+def new_request_id() -> str:
+    """An internal request id: random, so no client can guess or collide with another's."""
+    return uuid.uuid4().hex
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,7 @@ class GatewayLimits:
 class _Attempt:
     """One try at serving a request on one decode worker."""
 
+    number: int = 0  # 0, then 1 per failover
     decode_address: str = ""  # set once a decode worker admitted the request
 
 
@@ -137,7 +155,7 @@ class Gateway:
         self.active_requests += 1
         try:
             for failover in range(self._limits.max_failovers + 1):
-                attempt = _Attempt()
+                attempt = _Attempt(failover)
                 try:
                     async with aclosing(self._tokens(request, prompt_ids + generated, len(generated), timeline,
                                                      attempt, failed)) as tokens:
@@ -171,7 +189,7 @@ class Gateway:
     def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: _Timeline, token_ids: list[int],
                 text: str, reason: str) -> GenerateOutput:
         usage = Usage(len(prompt_ids), len(timeline.token_times))
-        self._observe(request.request_id, usage, timeline)
+        self._observe(request.name, usage, timeline)
         return GenerateOutput(token_ids, text, reason, usage)
 
     def _observe(self, request_id: str, usage: Usage, timeline: _Timeline) -> None:
@@ -198,11 +216,16 @@ class Gateway:
         """(token, None) for each token, then (0, finish reason). `offset` tokens of the completion
         were generated before (a failover resumes with them appended to the prompt)."""
         sampling = sampling_to_pb(request.sampling)
-        prefill_request = prefill_pb2.PrefillRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
-                                                     sampling=sampling, position_offset=offset)
-        decode_request = decode_pb2.DecodeRequest(request_id=request.request_id, prompt_token_ids=prompt_ids,
+        # Failovers keep the internal id: the decode that finishes the request then deletes what
+        # the failed one left in the kvstore (everything of a request shares one key prefix).
+        attempt_id = request.request_id
+        prefill_request = prefill_pb2.PrefillRequest(request_id=attempt_id, prompt_token_ids=prompt_ids,
+                                                     sampling=sampling, position_offset=offset,
+                                                     client_request_id=request.name)
+        decode_request = decode_pb2.DecodeRequest(request_id=attempt_id, prompt_token_ids=prompt_ids,
                                                   sampling=sampling, position_offset=offset,
-                                                  max_cache_budget_mb=request.max_cache_budget_mb)
+                                                  max_cache_budget_mb=request.max_cache_budget_mb,
+                                                  client_request_id=request.name)
         calls: list[grpc.aio.Call] = []
         with ExitStack() as leases:
             try:
@@ -210,16 +233,13 @@ class Gateway:
                     decode_request.kv_source = decode_pb2.KV_SOURCE_LOCAL
                     with tracer.start_as_current_span("gateway.route"):
                         decode, decode_call = await self._admit(decode_request, calls, leases, failed)
-                elif self._limits.kv_transfer == "kvstore":
-                    prefill_request.store_kv = True
-                    prefill = self._route_prefill(leases)
-                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
-                        yield token, None
-                    decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE
-                    with tracer.start_as_current_span("gateway.route"):
-                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
                 else:
-                    decode_request.kv_source = decode_pb2.KV_SOURCE_DIRECT
+                    # The decode worker is admitted first either way, so it owns the request's KV
+                    # (and its cleanup) from the start; with 'kvstore' the prefill stores the
+                    # chunks and the TransferKv stream only announces them.
+                    stored = self._limits.kv_transfer == "kvstore"
+                    decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE if stored else decode_pb2.KV_SOURCE_DIRECT
+                    prefill_request.store_kv = stored
                     with tracer.start_as_current_span("gateway.route"):
                         decode, decode_call = await self._admit(decode_request, calls, leases, failed)
                         prefill = self._route_prefill(leases)

@@ -163,7 +163,7 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, job: Ge
     except ServiceError as error:
         raise _api_error(error) from None
     span = tracer.start_span(f"gateway.http.{form.endpoint}", kind=SpanKind.SERVER,
-                             attributes={"request.id": job.request_id})
+                             attributes={"request.id": job.request_id, "request.label": job.name})
     end_work = _ending_span(span, end_work)
     outputs = gateway().generate(job)
     try:

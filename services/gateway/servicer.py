@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import secrets
-import uuid
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,37 +12,36 @@ from opentelemetry import trace
 
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest
-from services.common.logs import request_id_var
+from services.common.logs import request_id_var, request_tag
 from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import ChannelPool
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
-from services.gateway.auth import ApiKeys
-from services.gateway.core import Gateway, GenerateInput, GenerateOutput
+from services.gateway.core import Gateway, GenerateInput, GenerateOutput, new_request_id
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
 
 def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int) -> GenerateInput:
-    """The domain request from the wire; validates what the wire types cannot."""
+    """The domain request from the wire; validates what the wire types cannot. The request gets an
+    internal id; the client's request_id (if any) is only its label."""
     if request.request_id and not _REQUEST_ID.match(request.request_id):
         raise InvalidRequest("request_id must be 1-64 letters, digits, '-' or '_'")
-    request_id = request.request_id or uuid.uuid4().hex[:16]
     sampling_pb = common_pb2.SamplingParams()
     sampling_pb.CopyFrom(request.sampling)
     if not sampling_pb.HasField("seed"):
         sampling_pb.seed = secrets.randbits(63)  # fixed per request so any worker samples alike
     sampling = sampling_from_pb(sampling_pb, default_max_tokens)
-    if not request.max_cache_budget_mb >= 0:
-        raise InvalidRequest(f"max_cache_budget_mb must be >= 0, got {request.max_cache_budget_mb}")
+    internal_id = new_request_id()
     kind = request.WhichOneof("input")
     if kind == "chat":
         messages = [(m.role, m.content) for m in request.chat.messages]
-        return GenerateInput(request_id, None, messages, sampling, request.max_cache_budget_mb)
+        return GenerateInput(internal_id, None, messages, sampling, request.max_cache_budget_mb, request.request_id)
     if kind == "prompt":
-        return GenerateInput(request_id, request.prompt, None, sampling, request.max_cache_budget_mb)
+        return GenerateInput(internal_id, request.prompt, None, sampling, request.max_cache_budget_mb,
+                             request.request_id)
     raise InvalidRequest("prompt must not be empty (give prompt or chat)")
 
 
@@ -60,13 +58,13 @@ def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateRe
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    """Serves once `ready` is set (after the tokenizer loaded); until then calls are UNAVAILABLE."""
+    """Serves once `ready` is set (after the tokenizer loaded); until then calls are UNAVAILABLE.
+    API keys are checked before any handler runs (`ApiKeyInterceptor`)."""
 
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
-                 default_max_tokens: int, keys: ApiKeys) -> None:
+                 default_max_tokens: int) -> None:
         self.telemetry = telemetry
-        self._keys = keys
-        self._lifecycle = lifecycle
+        self.lifecycle = lifecycle
         self._gateway: Gateway | None = None
         self._channels = channels
         self._default_max_tokens = default_max_tokens
@@ -80,34 +78,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise BackendUnavailable("gateway is starting")
         return self._gateway
 
-    def _authorized_core(self, context: grpc.aio.ServicerContext) -> Gateway:
-        self._keys.check_metadata(context.invocation_metadata() or ())
-        return self.core()
-
-    @grpc_edge
+    @grpc_edge(new_work=True)
     async def Generate(self, request: gateway_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.GenerateResponse]:
-        gateway = self._authorized_core(context)
+        gateway = self.core()
         span = trace.get_current_span()
-        span.set_attribute("request.id", request.request_id)
+        span.set_attribute("request.label", request.request_id)
         domain = generate_input(request, self._default_max_tokens)
-        request_id_var.set(domain.request_id)
+        request_id_var.set(request_tag(domain.request_id, domain.label))
         span.set_attribute("request.id", domain.request_id)
-        with self._lifecycle.work():
-            async for output in gateway.generate(domain):
-                yield _response(domain.request_id, output)
+        async for output in gateway.generate(domain):
+            yield _response(domain.name, output)
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        worker = self._authorized_core(context).decode_pool.ranked()[0]
+        worker = self.core().decode_pool.ranked()[0]
         stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
         return await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayStats:
-        gateway = self._authorized_core(context)
+        gateway = self.core()
         workers = [gateway_pb2.WorkerStatus(address=w.address, role=w.role, active_requests=w.active)
                    for pool in (gateway.prefill_pool, gateway.decode_pool) for w in pool.workers]
         return gateway_pb2.GatewayStats(active_requests=gateway.active_requests, workers=workers)

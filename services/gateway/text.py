@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from services.common.errors import InvalidRequest
-
-_REPLACEMENT = "\ufffd"  # an incomplete UTF-8 sequence decodes to this
-
 
 class PromptEncoder:
     def __init__(self, model_dir: Path) -> None:
@@ -36,40 +34,37 @@ class PromptEncoder:
 
 
 class TextStream:
-    """Turns tokens into text deltas. Holds back text that may still become a stop string or an
-    incomplete character, and cuts the text before the first stop string."""
+    """Turns tokens into text deltas, incrementally (each token is decoded once, by the tokenizer's
+    own streaming decoder, which holds back incomplete characters). Holds back text that may still
+    become a stop string, and cuts the text before the first stop string."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]) -> None:
-        self._tokenizer = tokenizer
+        self._backend = tokenizer.backend_tokenizer
+        self._decoder = DecodeStream(skip_special_tokens=True)
         self._stop = stop
         self._hold = max((len(s) for s in stop), default=1) - 1
-        self._ids: list[int] = []
+        self._text = ""
         self._emitted = 0
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Text delta after `token_id`, and whether a stop string ended the text."""
-        self._ids.append(token_id)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        cut = self._first_stop(text)
+        self._text += self._decoder.step(self._backend, token_id) or ""
+        cut = self._first_stop()
         if cut is not None:
-            return self._take(text, cut), True
-        safe = len(text) - self._hold
-        if text.endswith(_REPLACEMENT):
-            safe = min(safe, len(text) - 1)
-        return self._take(text, safe), False
+            return self._take(cut), True
+        return self._take(len(self._text) - self._hold), False
 
     def flush(self) -> str:
         """The rest of the text once generation ended."""
-        return self._take(self._tokenizer.decode(self._ids, skip_special_tokens=True), None)
+        return self._take(len(self._text))
 
-    def _first_stop(self, text: str) -> int | None:
+    def _first_stop(self) -> int | None:
         start = max(0, self._emitted - self._hold)
-        hits = [i for i in (text.find(s, start) for s in self._stop) if i >= 0]
+        hits = [i for i in (self._text.find(s, start) for s in self._stop) if i >= 0]
         return min(hits) if hits else None
 
-    def _take(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else end
+    def _take(self, end: int) -> str:
         if end <= self._emitted:
             return ""
-        delta, self._emitted = text[self._emitted : end], end
+        delta, self._emitted = self._text[self._emitted : end], end
         return delta

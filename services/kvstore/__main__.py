@@ -21,10 +21,11 @@ log = logging.getLogger("services.kvstore")
 async def run(settings: KvStoreSettings) -> None:
     backend = make_backend(settings.backend, settings.backend_settings())
     telemetry = service_telemetry("kvstore")
+    lifecycle = Lifecycle()
 
     def register(server: grpc.aio.Server) -> list[str]:
         kvstore_pb2_grpc.add_KvStoreServiceServicer_to_server(
-            KvStoreServicer(telemetry, backend, settings.default_ttl_seconds), server)
+            KvStoreServicer(telemetry, lifecycle, backend, settings.default_ttl_seconds), server)
         return [kvstore_pb2.DESCRIPTOR.services_by_name["KvStoreService"].full_name]
 
     async def warmup() -> None:
@@ -39,7 +40,7 @@ async def run(settings: KvStoreSettings) -> None:
 
     spec = ServerSpec("kvstore", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
-        await serve(spec, telemetry, Lifecycle(), register, warmup)
+        await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
         await backend.close()
 

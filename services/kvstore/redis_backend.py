@@ -6,6 +6,8 @@ Layout under the key prefix P (keys are namespaced by model fingerprint N):
   P:idx:order   sorted set of "N\\nKEY" by insertion sequence (oldest evicted first)
   P:idx:exp     sorted set of "N\\nKEY" by expiry time, to keep the byte count exact after TTLs
   P:idx:size    hash "N\\nKEY" -> value size;  P:idx:bytes, P:idx:seq, P:idx:evictions counters
+  P:idx:keys:N  sorted set of every KEY of namespace N, all at score 0: a prefix delete is one
+                ZRANGEBYLEX over it (a request's keys share a prefix), never a SCAN of the keyspace
 Every value key also carries a Redis TTL, so nothing outlives its TTL even if this service dies.
 """
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -26,7 +27,6 @@ from services.common.errors import BackendUnavailable, UnknownRequest
 from services.kvstore.backend import StoreStats, check_fits
 
 T = TypeVar("T")
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 
 
 class RedisBackend:
@@ -50,6 +50,9 @@ class RedisBackend:
     def _part_key(self, namespace: str, key: str, index: int) -> str:
         return f"{self._p}:{namespace}:v:{key}:{index}"
 
+    def _names_key(self, namespace: str) -> str:
+        return f"{self._p}:idx:keys:{namespace}"
+
     async def _remove(self, member: str) -> None:
         namespace, key = member.split("\n", 1)
         count = await self._redis.get(self._count_key(namespace, key))
@@ -59,6 +62,7 @@ class RedisBackend:
             keys = [self._count_key(namespace, key)] + [self._part_key(namespace, key, i) for i in range(parts)]
             pipe.delete(*keys)
             pipe.zrem(f"{self._p}:idx:order", member)
+            pipe.zrem(self._names_key(namespace), key)
             pipe.zrem(f"{self._p}:idx:exp", member)
             pipe.hdel(f"{self._p}:idx:size", member)
             if size is not None:
@@ -103,6 +107,7 @@ class RedisBackend:
                 pipe.set(self._part_key(namespace, key, index), part, px=ttl_ms)
             pipe.set(self._count_key(namespace, key), parts, px=ttl_ms)  # written last: marks the value complete
             pipe.zadd(f"{self._p}:idx:order", {member: sequence})
+            pipe.zadd(self._names_key(namespace), {key: 0})
             pipe.zadd(f"{self._p}:idx:exp", {member: time.time() * 1000 + ttl_ms})
             pipe.hset(f"{self._p}:idx:size", member, len(value))
             pipe.incrby(f"{self._p}:idx:bytes", len(value))
@@ -125,15 +130,14 @@ class RedisBackend:
         return await self._call(lambda: self._delete(namespace, keys, prefix))
 
     async def _delete(self, namespace: str, keys: list[str], prefix: str) -> int:
-        members = {f"{namespace}\n{key}" for key in keys}
-        if prefix:
-            pattern = self._count_key(namespace, _GLOB_SPECIAL.sub(r"\\\1", prefix)) + "*"
-            head = len(self._count_key(namespace, ""))
-            members |= {f"{namespace}\n{found.decode()[head:]}"
-                        async for found in self._redis.scan_iter(match=pattern, count=500)}
         deleted = 0
-        async with self._lock:
-            for member in members:
+        async with self._lock:  # after any put in progress, so a key it is writing goes too
+            names = set(keys)
+            if prefix:
+                found = await self._redis.zrangebylex(self._names_key(namespace), b"[" + prefix.encode(),
+                                                      b"[" + prefix.encode() + b"\xff")
+                names |= {name.decode() for name in found}
+            for member in (f"{namespace}\n{name}" for name in names):
                 if await self._redis.hexists(f"{self._p}:idx:size", member):
                     await self._remove(member)
                     deleted += 1

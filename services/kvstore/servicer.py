@@ -14,6 +14,7 @@ import grpc
 from services.common.edge import grpc_edge
 from services.common.errors import InvalidRequest
 from services.common.pb import common_pb2, kvstore_pb2, kvstore_pb2_grpc
+from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.kvstore.backend import KvBackend
 
@@ -26,12 +27,14 @@ def _check_name(field: str, value: str) -> None:
 
 
 class KvStoreServicer(kvstore_pb2_grpc.KvStoreServiceServicer):
-    def __init__(self, telemetry: ServiceTelemetry, backend: KvBackend, default_ttl_seconds: float) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, backend: KvBackend,
+                 default_ttl_seconds: float) -> None:
         self.telemetry = telemetry
+        self.lifecycle = lifecycle
         self._backend = backend
         self._default_ttl = default_ttl_seconds
 
-    @grpc_edge
+    @grpc_edge(new_work=True)
     async def Put(self, request: kvstore_pb2.PutRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.PutReply:
         _check_name("namespace", request.namespace)
         _check_name("key", request.key)
@@ -39,13 +42,13 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServiceServicer):
         evicted = await self._backend.put(request.namespace, request.key, request.value, ttl)
         return kvstore_pb2.PutReply(evicted=evicted)
 
-    @grpc_edge
+    @grpc_edge(new_work=True)
     async def Get(self, request: kvstore_pb2.GetRequest, context: grpc.aio.ServicerContext) -> kvstore_pb2.GetReply:
         _check_name("namespace", request.namespace)
         _check_name("key", request.key)
         return kvstore_pb2.GetReply(value=await self._backend.get(request.namespace, request.key))
 
-    @grpc_edge
+    @grpc_edge(new_work=True)
     async def Delete(self, request: kvstore_pb2.DeleteRequest,
                      context: grpc.aio.ServicerContext) -> kvstore_pb2.DeleteReply:
         _check_name("namespace", request.namespace)
@@ -54,7 +57,7 @@ class KvStoreServicer(kvstore_pb2_grpc.KvStoreServiceServicer):
         deleted = await self._backend.delete(request.namespace, list(request.keys), request.prefix)
         return kvstore_pb2.DeleteReply(deleted=deleted)
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> kvstore_pb2.KvStoreStats:
         stats = await self._backend.stats()

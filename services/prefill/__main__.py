@@ -27,13 +27,14 @@ async def run(settings: PrefillSettings) -> None:
     servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds)
     store: KvStoreClient | None = None
     batcher: PrefillBatcher | None = None
+    engine: PrefillEngine | None = None
 
     def register(server: grpc.aio.Server) -> list[str]:
         prefill_pb2_grpc.add_PrefillServiceServicer_to_server(servicer, server)
         return [prefill_pb2.DESCRIPTOR.services_by_name["PrefillService"].full_name]
 
     async def warmup() -> None:
-        nonlocal store, batcher
+        nonlocal store, batcher, engine
         runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
@@ -45,13 +46,15 @@ async def run(settings: PrefillSettings) -> None:
         engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher)
         servicer.ready(engine, runtime.geometry)
 
-    metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: lifecycle.in_flight)
+    metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)
     spec = ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
         if batcher is not None:
             await batcher.close()
+        if engine is not None:
+            await engine.close()
         await channels.close()
         if store is not None:
             await store.close()

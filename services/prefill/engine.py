@@ -28,14 +28,17 @@ from dataclasses import dataclass
 import torch
 from opentelemetry import trace
 
-from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.errors import AlreadyExists, BackendUnavailable, InvalidRequest
 from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
+from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread, Timed
 from services.common.runtime import LayerKvCallback, ModelRuntime
 from services.common.sampling import Sampling, sample
+from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
+from services.common.validation import check_token_ids
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
@@ -45,12 +48,18 @@ tracer = trace.get_tracer("disagg.prefill")
 
 @dataclass(frozen=True, slots=True)
 class PrefillJob:
-    request_id: str
+    request_id: str  # the gateway's internal id
     prompt_ids: list[int]
     sampling: Sampling
-    decode_sink: KvSink | None  # the direct stream to the decode worker, if any
-    store_kv: bool
+    decode_sink: KvSink  # the TransferKv stream to the decode worker that admitted the request
+    store_kv: bool  # the chunks go to the kvstore; the decode stream only announces them
     position_offset: int = 0  # completion position of the token sampled here
+    transfer_attempt: int = 0  # retries of this request's transfer (on other prefill workers)
+
+    @property
+    def key(self) -> str:
+        """What identifies this work on this worker (a second one is refused while it is live)."""
+        return work_key(self.request_id, self.transfer_attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,29 +97,32 @@ class PrefillEngine:
         self._store = store
         self._checkpoint = checkpoint_kv
         self._metrics = metrics
+        self._tasks = TaskSet()
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
 
-    def validate(self, prompt_ids: list[int]) -> None:
+    def validate(self, job: PrefillJob) -> None:
         geometry = self._runtime.geometry
-        if not prompt_ids:
+        if not job.request_id:
+            raise InvalidRequest("request_id must not be empty")
+        if not job.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
-        if len(prompt_ids) >= geometry.max_model_len:
-            raise InvalidRequest(f"prompt has {len(prompt_ids)} tokens; the model's context is "
+        check_token_ids("prompt_token_ids", job.prompt_ids, geometry.vocab_size)
+        if len(job.prompt_ids) >= geometry.max_model_len:
+            raise InvalidRequest(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                  f"{geometry.max_model_len}")
+        if job.key in self.kv_bytes_held:
+            raise AlreadyExists(f"request {job.request_id!r} (transfer attempt {job.transfer_attempt}) is already "
+                                "being prefilled on this worker")
 
-    def _sinks(self, job: PrefillJob) -> tuple[list[KvSink], BestEffortSink | KvStoreSink | None]:
-        sinks: list[KvSink] = [job.decode_sink] if job.decode_sink else []
+    def _store_sink(self, job: PrefillJob) -> BestEffortSink | KvStoreSink | None:
+        """The kvstore copy of the transfer: required with store_kv, best effort as a checkpoint."""
         if job.store_kv and self._store is None:
             raise BackendUnavailable("this prefill worker has no kvstore (--kvstore-address)")
-        store_sink: BestEffortSink | KvStoreSink | None = None
-        if self._store is not None and (job.store_kv or self._checkpoint):
-            store_sink = KvStoreSink(self._store) if job.store_kv else BestEffortSink(
-                KvStoreSink(self._store), "KV checkpoint to the kvstore")
-            sinks.append(store_sink)
-        if not sinks:
-            raise InvalidRequest("give a decode_address, or set store_kv")
-        return sinks, store_sink
+        if self._store is None or not (job.store_kv or self._checkpoint):
+            return None
+        sink = KvStoreSink(self._store, transfer_prefix(job.request_id, job.transfer_attempt), self._tasks)
+        return sink if job.store_kv else BestEffortSink(sink, "KV checkpoint to the kvstore")
 
     def _chunked(self, job: PrefillJob) -> bool:
         return len(job.prompt_ids) > self._chunking.prefill_chunk_tokens
@@ -121,14 +133,17 @@ class PrefillEngine:
         geometry = self._runtime.geometry
         layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
-                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype)
+                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype,
+                        transfer_attempt=job.transfer_attempt, chunks_in_kvstore=job.store_kv)
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
-        self.validate(job.prompt_ids)
+        self.validate(job)
         layout = self._layout(job)
-        sinks, store_sink = self._sinks(job)
+        store_sink = self._store_sink(job)
+        # The kvstore copy first: it is complete before the decode can finish and delete it.
+        sinks: list[KvSink] = [sink for sink in (store_sink, job.decode_sink) if sink is not None]
         self.requests_total += 1
-        self.kv_bytes_held[job.request_id] = 0
+        self.kv_bytes_held[job.key] = 0
         pump: asyncio.Task[float] | None = None
         first_sent = 0.0
         try:
@@ -148,9 +163,10 @@ class PrefillEngine:
             if pump is not None:
                 first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))
-            await asyncio.gather(*(sink.close(end) for sink in sinks))
+            for sink in sinks:
+                await sink.close(end)
             finished = time.perf_counter()
-            summary = PrefillSummary(self.kv_bytes_held[job.request_id], layout.chunk_count, forward.run_seconds,
+            summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
                                      finished - first_sent, finished - forward_done,
                                      store_sink is not None and getattr(store_sink, "ok", True))
             self._record_send(layout, summary, first_sent, finished)
@@ -160,7 +176,10 @@ class PrefillEngine:
                 pump.cancel()
             for sink in sinks:
                 sink.abort()
-            self.kv_bytes_held.pop(job.request_id, None)
+            self.kv_bytes_held.pop(job.key, None)
+
+    async def close(self) -> None:
+        await self._tasks.cancel_all()
 
     def _record_forward(self, forward: Timed[torch.Tensor]) -> None:
         started = int(forward.started_unix * 1e9)
@@ -207,7 +226,7 @@ class PrefillEngine:
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
-                self.kv_bytes_held[layout.request_id] += chunk.byte_length
+                self.kv_bytes_held[_key(layout)] += chunk.byte_length
         return Timed(part.value, queued, run, started_unix), first_sent
 
     async def _pump(self, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
@@ -229,8 +248,16 @@ class PrefillEngine:
                 chunk = await asyncio.to_thread(encode_chunk, layout, chunk_index, keys, values)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
-                self.kv_bytes_held[layout.request_id] += chunk.byte_length
+                self.kv_bytes_held[_key(layout)] += chunk.byte_length
         return first_sent
+
+
+def work_key(request_id: str, transfer_attempt: int) -> str:
+    return f"{request_id}/t{transfer_attempt}"
+
+
+def _key(layout: KvLayout) -> str:
+    return work_key(layout.request_id, layout.transfer_attempt)
 
 
 async def _send_all(sinks: list[KvSink], message: object) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
 
 from services.common.channels import ChannelPool
 from services.common.edge import grpc_edge
-from services.common.errors import BackendUnavailable
-from services.common.logs import request_id_var
+from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
 from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelGeometry
@@ -26,7 +27,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
                  transfer_timeout_seconds: float) -> None:
         self.telemetry = telemetry
-        self._lifecycle = lifecycle
+        self.lifecycle = lifecycle
         self._ready: tuple[PrefillEngine, common_pb2.ModelInfo] | None = None
         self._channels = channels
         self._transfer_timeout = transfer_timeout_seconds
@@ -39,24 +40,25 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise BackendUnavailable("prefill worker is loading its model")
         return self._ready
 
-    @grpc_edge
+    @property
+    def active_requests(self) -> int:
+        return len(self._ready[0].kv_bytes_held) if self._ready else 0
+
+    @grpc_edge(new_work=True)
     async def Prefill(self, request: prefill_pb2.PrefillRequest,
                       context: grpc.aio.ServicerContext) -> AsyncIterator[prefill_pb2.PrefillEvent]:
-        request_id_var.set(request.request_id)
+        request_id_var.set(request_tag(request.request_id, request.client_request_id))
+        trace.get_current_span().set_attributes({"request.id": request.request_id,
+                                                 "request.label": request.client_request_id,
+                                                 "kv.transfer_attempt": request.transfer_attempt})
         engine, _ = self._state()
-        with self._lifecycle.work():
-            async for event in self._prefill(engine, request):
-                yield event
-
-    async def _prefill(self, engine: PrefillEngine,
-                       request: prefill_pb2.PrefillRequest) -> AsyncIterator[prefill_pb2.PrefillEvent]:
-        sink = None
-        if request.decode_address:
-            stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))
-            sink = DecodeStreamSink(stub, self._transfer_timeout)
-        job = PrefillJob(request.request_id, list(request.prompt_token_ids),
-                         sampling_from_pb(request.sampling, default_max_tokens=16), sink, request.store_kv,
-                         request.position_offset)
+        if not request.decode_address:
+            raise InvalidRequest("decode_address must name the decode worker that admitted the request")
+        sampling = sampling_from_pb(request.sampling, default_max_tokens=16)
+        stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))
+        sink = DecodeStreamSink(stub, self._transfer_timeout, chunks=not request.store_kv)
+        job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
+                         request.position_offset, request.transfer_attempt)
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=event.token_id))
@@ -66,12 +68,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     transfer_seconds=event.transfer_seconds, handoff_seconds=event.handoff_seconds,
                     stored=event.stored))
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
         return self._state()[1]
 
-    @grpc_edge
+    @grpc_edge(new_work=False)
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillStats:
         engine, info = self._state()

@@ -1,5 +1,6 @@
-"""Where a prefill sends a request's KV transfer: a decode worker's TransferKv stream and/or the
-kvstore. A sink takes the layout, the chunks in order and the end; it never blocks the model."""
+"""Where a prefill sends a request's KV transfer: the decode worker's TransferKv stream (chunks
+inline, or only the layout and end when the chunks go to the kvstore) and/or the kvstore. A sink
+takes the layout, the chunks in order and the end; it never blocks the model."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from typing import Protocol
 
 import grpc
 
-from services.common.errors import KvProtocolError
+from services.common.errors import UpstreamError
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage, key_of, to_pb
 from services.common.kvstore_client import KvStoreClient
 from services.common.pb import decode_pb2_grpc
+from services.common.tasks import TaskSet
 
 log = logging.getLogger(__name__)
+DECODE_ROLE = "decode"
 
 
 class KvSink(Protocol):
@@ -27,63 +30,99 @@ class KvSink(Protocol):
 
 
 class DecodeStreamSink:
-    """Streams the transfer to a decode worker over one TransferKv call."""
+    """Streams the transfer to a decode worker over one TransferKv call. Whatever the decode worker
+    answers or does (refuses, dies, is unreachable) surfaces as an UpstreamError naming the decode
+    role, so the gateway does not blame this prefill worker for it."""
 
-    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, timeout_seconds: float) -> None:
-        self._call = stub.TransferKv(timeout=timeout_seconds)
+    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, timeout_seconds: float, chunks: bool = True) -> None:
+        self._stub = stub
+        self._timeout = timeout_seconds
+        self._chunks = chunks  # False: the chunks go to the kvstore; the stream announces them
+        self._opened: grpc.aio.StreamUnaryCall | None = None
+
+    @property
+    def _call(self) -> grpc.aio.StreamUnaryCall:
+        """The TransferKv call, opened by the first message (nothing is opened for a refused job)."""
+        if self._opened is None:
+            self._opened = self._stub.TransferKv(timeout=self._timeout)
+        return self._opened
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        await self._write(message)
+        if self._chunks or not isinstance(message, KvChunk):
+            await self._write(message)
 
     async def close(self, end: KvEnd) -> None:
         await self._write(end)
-        await self._call.done_writing()
-        await self._call  # raises AioRpcError with the decode's status if it refused the KV
+        try:
+            await self._call.done_writing()
+            await self._call  # the decode's verdict on the whole transfer
+        except grpc.aio.AioRpcError as error:
+            raise _decode_fault(error) from None
 
     async def _write(self, message: KvMessage) -> None:
         try:
             await self._call.write(to_pb(message))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            await self._call  # the decode ended the call: surface its status
-            raise KvProtocolError("decode worker closed the KV stream early") from None
+            try:
+                await self._call  # the decode ended the call: surface its status
+            except grpc.aio.AioRpcError as error:
+                raise _decode_fault(error) from None
+            raise UpstreamError(grpc.StatusCode.INTERNAL, "closed the KV stream early", DECODE_ROLE) from None
 
     def abort(self) -> None:
-        if not self._call.done():
-            self._call.cancel()
+        if self._opened is not None and not self._opened.done():
+            self._opened.cancel()
+
+
+def _decode_fault(error: grpc.aio.AioRpcError) -> UpstreamError:
+    return UpstreamError(error.code(), error.details() or error.code().name, DECODE_ROLE)
 
 
 class KvStoreSink:
-    """Writes the transfer to the kvstore, one key per message; the end is written last."""
+    """Writes the transfer to the kvstore under `prefix`, one key per message, the end last. A
+    transfer that does not reach its end deletes what it wrote (in the background)."""
 
-    def __init__(self, store: KvStoreClient) -> None:
+    def __init__(self, store: KvStoreClient, prefix: str, tasks: TaskSet) -> None:
         self._store = store
+        self._prefix = prefix
+        self._tasks = tasks
+        self._closed = False
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        await self._store.put(key_of(message), to_pb(message).SerializeToString())
+        await self._store.put(key_of(self._prefix, message), to_pb(message).SerializeToString())
 
     async def close(self, end: KvEnd) -> None:
-        await self._store.put(key_of(end), to_pb(end).SerializeToString())
+        await self._store.put(key_of(self._prefix, end), to_pb(end).SerializeToString())
+        self._closed = True
 
     def abort(self) -> None:
-        """Nothing to undo: a partial transfer has no end key and expires with its TTL."""
+        if not self._closed:
+            self._tasks.spawn(self._delete(), f"delete-{self._prefix}")
+
+    async def _delete(self) -> None:
+        try:
+            await self._store.delete_prefix(self._prefix)
+        except Exception as error:  # noqa: BLE001 - best effort; the TTL is the backstop
+            log.debug("could not delete the partial transfer %s: %s", self._prefix, error)
 
 
 class BestEffortSink:
     """Wraps an optional sink (a checkpoint): its first failure is logged and it goes quiet."""
 
     def __init__(self, inner: KvSink, what: str) -> None:
-        self._inner: KvSink | None = inner
+        self._inner = inner
+        self._failed = False
         self._what = what
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        if self._inner is not None:
+        if not self._failed:
             try:
                 await self._inner.send(message)
             except Exception as exc:  # noqa: BLE001 - optional path: log and carry on
                 self._give_up(exc)
 
     async def close(self, end: KvEnd) -> None:
-        if self._inner is not None:
+        if not self._failed:
             try:
                 await self._inner.close(end)
             except Exception as exc:  # noqa: BLE001 - optional path: log and carry on
@@ -91,12 +130,13 @@ class BestEffortSink:
 
     def _give_up(self, exc: Exception) -> None:
         log.warning("%s failed, continuing without it: %s", self._what, exc)
-        self._inner = None
+        self._failed = True
+        self._inner.abort()  # deletes what it wrote
 
     @property
     def ok(self) -> bool:
-        return self._inner is not None
+        return not self._failed
 
     def abort(self) -> None:
-        if self._inner is not None:
+        if not self._failed:
             self._inner.abort()

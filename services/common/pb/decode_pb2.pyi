@@ -21,20 +21,22 @@ KV_SOURCE_KVSTORE: KvSource
 KV_SOURCE_LOCAL: KvSource
 
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source", "position_offset", "max_cache_budget_mb")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source", "position_offset", "max_cache_budget_mb", "client_request_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     KV_SOURCE_FIELD_NUMBER: _ClassVar[int]
     POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHE_BUDGET_MB_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
     kv_source: KvSource
     position_offset: int
     max_cache_budget_mb: float
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ..., max_cache_budget_mb: _Optional[float] = ...) -> None: ...
+    client_request_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ..., max_cache_budget_mb: _Optional[float] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
     __slots__ = ()

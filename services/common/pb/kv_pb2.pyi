@@ -26,7 +26,7 @@ KV_ENCODING_UNSPECIFIED: KvEncoding
 KV_ENCODING_RAW: KvEncoding
 
 class KvLayout(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding")
+    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class KvLayout(_message.Message):
     CHUNK_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    CHUNKS_IN_KVSTORE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     num_layers: int
@@ -47,7 +49,9 @@ class KvLayout(_message.Message):
     chunk_layers: int
     dtype: KvDtype
     encoding: KvEncoding
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ...) -> None: ...
+    transfer_attempt: int
+    chunks_in_kvstore: bool
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ...) -> None: ...
 
 class KvChunk(_message.Message):
     __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data")

@@ -1,0 +1,73 @@
+"""Who may enter the decode worker, checked before anything is reserved: a request (valid, not a
+live id, able to fit the pool at all, and room for it now), and a pushed KV transfer (for a
+request still waiting for its KV, and newer than any transfer it already has)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, \
+    UnknownRequest
+from services.common.kv_codec import KvLayout
+from services.common.runtime import ModelGeometry
+from services.common.validation import budget_bytes, check_token_ids
+from services.decode.blocks import BlockManager
+from services.decode.sequence import Sequence, State
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    max_active_requests: int
+    reject_threshold: float  # pool pressure above which new requests are refused
+    default_budget_mb: float = 0.0  # per-request KV budget of a request that names none (0: none)
+
+
+class Admission:
+    def __init__(self, geometry: ModelGeometry, blocks: BlockManager, limits: AdmissionLimits) -> None:
+        self._geometry = geometry
+        self._blocks = blocks
+        self._limits = limits
+
+    def budget_bytes(self, requested_mb: float) -> int:
+        """A request's KV budget in bytes (InvalidRequest unless finite and >= 0)."""
+        budget_bytes(requested_mb)
+        return budget_bytes(requested_mb or self._limits.default_budget_mb)
+
+    def check(self, request: Sequence, live: dict[str, Sequence]) -> None:
+        if not request.request_id:
+            raise InvalidRequest("request_id must not be empty")
+        if request.request_id in live:
+            raise AlreadyExists(f"request {request.request_id!r} is already live on this worker")
+        if not request.prompt_ids:
+            raise InvalidRequest("prompt_token_ids must not be empty")
+        check_token_ids("prompt_token_ids", request.prompt_ids, self._geometry.vocab_size)
+        total = len(request.prompt_ids) + request.sampling.max_tokens - request.position_offset
+        if total > self._geometry.max_model_len:
+            raise InvalidRequest(f"prompt ({len(request.prompt_ids)}) + max_tokens ({request.sampling.max_tokens}) "
+                                 f"exceeds the model's context of {self._geometry.max_model_len}")
+        peak = max(len(request.prompt_ids), request.peak_kv_tokens)
+        if self._blocks.blocks_for(peak) > self._blocks.total:
+            raise CapacityExhausted(f"prompt + max_tokens need {peak} tokens of KV, more than this worker's whole "
+                                    f"KV pool ({self._blocks.total} blocks of {self._blocks.block_size} tokens) "
+                                    "can ever hold")
+        if len(live) >= self._limits.max_active_requests:
+            raise CapacityExhausted(f"decode worker is full ({self._limits.max_active_requests} active requests)")
+        if self._blocks.pressure > self._limits.reject_threshold:
+            raise CapacityExhausted(f"KV pool pressure {self._blocks.pressure:.2f} is above the reject threshold")
+        if not self._blocks.can_fit(len(request.prompt_ids)):
+            raise CapacityExhausted(f"KV pool full: the prompt needs {self._blocks.blocks_for(len(request.prompt_ids))}"
+                                    f" blocks, {self._blocks.free_blocks} free")
+
+    @staticmethod
+    def transfer_target(layout: KvLayout, live: dict[str, Sequence]) -> Sequence:
+        """The request a pushed transfer is for (NOT_FOUND unless it still waits for pushed KV;
+        INVALID_ARGUMENT for a transfer not newer than one it already has)."""
+        sequence = live.get(layout.request_id)
+        if sequence is None or sequence.state is not State.AWAITING_KV:
+            raise UnknownRequest(f"no request {layout.request_id!r} is waiting for KV on this worker")
+        if sequence.transfer is not None:
+            raise KvProtocolError(f"request {layout.request_id!r} computes its KV on this worker")
+        if layout.transfer_attempt <= sequence.transfer_attempt:
+            raise KvProtocolError(f"request {layout.request_id!r} already has a KV transfer "
+                                  f"(attempt {sequence.transfer_attempt}; this one is {layout.transfer_attempt})")
+        return sequence
