@@ -11,6 +11,7 @@ from services.common.model_thread import ModelThread
 from services.common.pb import decode_pb2, decode_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
+from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.blocks import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
@@ -28,6 +29,7 @@ async def run(settings: DecodeSettings) -> None:
     engine: DecodeEngine | None = None
     metrics = DecodeMetrics.create(telemetry.registry, thread)
     store: KvStoreClient | None = None
+    factory, server_tls = tls_services(settings)
 
     def register(server: grpc.aio.Server) -> list[str]:
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
@@ -38,7 +40,7 @@ async def run(settings: DecodeSettings) -> None:
         runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
-                                  settings.kvstore_timeout_seconds)
+                                  settings.kvstore_timeout_seconds, factory)
         limits = DecodeLimits(settings.kv_timeout_seconds, int(settings.max_chunk_mb * MB),
                               settings.max_active_requests, settings.max_batch_size, settings.reject_threshold,
                               settings.preempt_threshold, settings.max_cache_budget_mb)
@@ -49,7 +51,8 @@ async def run(settings: DecodeSettings) -> None:
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)
 
-    spec = ServerSpec("decode", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
+    spec = ServerSpec("decode", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
+                      server_tls)
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
