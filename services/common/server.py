@@ -118,7 +118,8 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
     """
     stop = stop or asyncio.Event()
     _install_signal_handlers(stop)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    # No SO_REUSEPORT: a second server on a taken port fails at start instead of silently sharing it.
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
