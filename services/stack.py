@@ -1,5 +1,7 @@
 """`python -m services.stack` (what `make up` runs): start the four services as local processes,
-wait until each is healthy, print the addresses, and stop them all on Ctrl-C or SIGTERM.
+wait until each is healthy, print the addresses, and stop them all on Ctrl-C or SIGTERM. With
+`--tls`, a throwaway CA and a certificate per service (and one for a client) are written to
+`--tls-dir` (.tls/) and every service runs with TLS and mutual TLS between the services.
 
 Tests use `Stack` to run the same processes on free ports.
 """
@@ -15,10 +17,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from grpc_health.v1 import health_pb2
 
 from services.common.healthcheck import health_status
+from services.common.pki import write_stack_pki
+from services.common.tls import TlsFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +65,10 @@ free_port = PortAllocator().take
 class Stack:
     """Processes started together and stopped together."""
 
-    def __init__(self, specs: Sequence[ServiceSpec], log_dir: str | None = None) -> None:
+    def __init__(self, specs: Sequence[ServiceSpec], log_dir: str | None = None, tls: TlsFiles | None = None) -> None:
         self.specs = list(specs)
         self._log_dir = log_dir
+        self.tls = tls  # what health checks present to TLS services
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self) -> None:
@@ -82,7 +88,7 @@ class Stack:
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         for spec in self.specs:
-            while health_status(spec.address) != health_pb2.HealthCheckResponse.SERVING:
+            while health_status(spec.address, tls=self.tls) != health_pb2.HealthCheckResponse.SERVING:
                 process = self.processes[spec.name]
                 if process.poll() is not None:
                     raise RuntimeError(f"{spec.name} exited with code {process.returncode} before becoming healthy")
@@ -105,8 +111,10 @@ class Stack:
 
 def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "memory", kv_transfer: str = "direct",
                 redis_url: str = "redis://127.0.0.1:6379/0", extra: Mapping[str, Sequence[str]] | None = None,
-                log_level: str = "INFO", metrics_ports: Mapping[str, int] | None = None) -> list[ServiceSpec]:
-    """The four services wired to each other on loopback; /metrics off unless `metrics_ports`."""
+                log_level: str = "INFO", metrics_ports: Mapping[str, int] | None = None,
+                tls: Mapping[str, TlsFiles] | None = None) -> list[ServiceSpec]:
+    """The four services wired to each other on loopback; /metrics off unless `metrics_ports`; each
+    service with its TLS files when `tls` names them."""
     metrics = metrics_ports or {}
     extra = {name: ("--metrics-port", str(metrics.get(name, 0)), *(extra or {}).get(name, ()))
              for name in ("gateway", "prefill", "decode", "kvstore")}
@@ -114,7 +122,7 @@ def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "me
     kvstore = f"127.0.0.1:{ports['kvstore']}"
     common = ("--log-level", log_level)
     worker = ("--model", model, "--kvstore-address", kvstore, *common)
-    return [
+    specs = [
         ServiceSpec("kvstore", "kvstore", ports["kvstore"],
                     ("--port", str(ports["kvstore"]), "--backend", kvstore_backend, "--redis-url", redis_url,
                      *common, *extra.get("kvstore", ()))),
@@ -127,6 +135,17 @@ def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "me
                      "--decode-addresses", f"127.0.0.1:{ports['decode']}", "--kv-transfer", kv_transfer,
                      "--model", model, *common, *extra.get("gateway", ()))),
     ]
+    tls = tls or {}
+    return [ServiceSpec(s.name, s.module, s.port, s.args, tls[s.name].environment() if s.name in tls else {})
+            for s in specs]
+
+
+def tls_hint(client: TlsFiles) -> str:
+    """How to call a stack that `--tls` started."""
+    return (f"\nTLS is on: certificates of a throwaway CA ({client.ca}); the internal services require client "
+            f"certificates (mutual TLS).\n  The gateway (gRPC and HTTPS) is verified with --tls-ca {client.ca}; "
+            f"an internal service also wants a client certificate:\n  grpcurl -cacert {client.ca} -cert {client.cert} "
+            f"-key {client.key} 127.0.0.1:PORT list\n")
 
 
 def main() -> None:
@@ -146,13 +165,17 @@ def main() -> None:
     parser.add_argument("--summary", action="store_true",
                         help="the gateway logs one line per request: TTFT, handoff latency, KV bytes, tokens/s")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--tls", action="store_true", help="TLS everywhere, mutual TLS between the services, with "
+                        "a throwaway CA and certificates written to --tls-dir")
+    parser.add_argument("--tls-dir", type=Path, default=Path(".tls"), help="where --tls writes them (default .tls)")
     args = parser.parse_args()
     names = ("gateway", "prefill", "decode", "kvstore")
     ports = {name: args.base_port + offset for offset, name in enumerate(names)} | {"http": args.http_port}
     metrics_ports = {name: args.metrics_base_port + offset for offset, name in enumerate(names)}
     extra = {"gateway": ("--request-summary",) if args.summary else ()}
+    tls = write_stack_pki(args.tls_dir, (*names, "client")) if args.tls else None
     stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url, extra,
-                              args.log_level, metrics_ports))
+                              args.log_level, metrics_ports, tls), tls=tls["client"] if tls else None)
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 
@@ -165,10 +188,12 @@ def main() -> None:
         for spec in stack.specs:
             print(f"  {spec.name:8s} grpc://{spec.address}   metrics http://127.0.0.1:{metrics_ports[spec.name]}/metrics",
                   flush=True)
-        gateway = f"127.0.0.1:{ports['gateway']}"
-        print(f"  {'http':8s} http://127.0.0.1:{args.http_port}/v1   (OpenAI-compatible API)", flush=True)
-        print(f'\nTry: .venv/bin/python -m services.client --address {gateway} "The capital of France is"'
-              f"\n     curl http://127.0.0.1:{args.http_port}/v1/models"
+        gateway, scheme = f"127.0.0.1:{ports['gateway']}", "https" if tls else "http"
+        print(f"  {'http':8s} {scheme}://127.0.0.1:{args.http_port}/v1   (OpenAI-compatible API)", flush=True)
+        print(tls_hint(tls["client"]) if tls else "", end="", flush=True)
+        ca = f" --tls-ca {tls['client'].ca}" if tls else ""
+        print(f'\nTry: .venv/bin/python -m services.client --address {gateway}{ca} "The capital of France is"'
+              f"\n     curl{ca.replace('--tls-ca', '--cacert')} {scheme}://127.0.0.1:{args.http_port}/v1/models"
               "\nCtrl-C stops everything.", flush=True)
         while all(p.poll() is None for p in stack.processes.values()):
             time.sleep(0.5)

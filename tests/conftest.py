@@ -9,6 +9,7 @@ import pytest
 
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
+from services.common.tls import TlsFiles
 from services.gateway.text import PromptEncoder
 from tests.otlp_receiver import SpanSink, start_receiver
 from tests.redis_server import RedisServer, redis_alive
@@ -61,23 +62,26 @@ class RunningStack:
 
 def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redis_url: str = "",
                 extra: Mapping[str, Sequence[str]] | None = None, extra_gateways: Mapping[str, Sequence[str]] = {},
-                wait_for: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> RunningStack:
+                wait_for: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
+                tls: Mapping[str, TlsFiles] | None = None) -> RunningStack:
+    """`tls`: TLS files per service name (extra gateways use the gateway's); "client" is what the
+    health checks present."""
     ports = {name: free_port() for name in (*SERVICE_NAMES, "http")}
     metrics_ports = {name: free_port() for name in (*SERVICE_NAMES, *extra_gateways)}
     specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
-                        extra=extra, log_level="DEBUG", metrics_ports=metrics_ports)
+                        extra=extra, log_level="DEBUG", metrics_ports=metrics_ports, tls=tls)
     env = dict(env or {})
-    specs = [ServiceSpec(spec.name, spec.module, spec.port, spec.args, env) for spec in specs]
+    specs = [ServiceSpec(spec.name, spec.module, spec.port, spec.args, {**spec.env, **env}) for spec in specs]
     gateway = next(spec for spec in specs if spec.name == "gateway")
     for name, args in extra_gateways.items():
         port = free_port()
         specs.append(ServiceSpec(name, "gateway", port, (*gateway.args, "--port", str(port), "--http-port", "0",
                                                          "--metrics-port", str(metrics_ports[name]), *args),
-                                 env))
-    stack = Stack(specs, log_dir=str(log_dir))
+                                 gateway.env))
+    stack = Stack(specs, log_dir=str(log_dir), tls=(tls or {}).get("client"))
     stack.start()
     try:
-        waited = Stack([s for s in specs if wait_for is None or s.name in wait_for])
+        waited = Stack([s for s in specs if wait_for is None or s.name in wait_for], tls=stack.tls)
         waited.processes = stack.processes
         waited.wait_healthy(timeout=300)
     except Exception:
@@ -85,7 +89,8 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
         for log in sorted(log_dir.glob("*.log")):
             print(f"==== {log.name}\n{log.read_text()[-3000:]}")
         raise
-    addresses = {spec.name: spec.address for spec in specs} | {"http": f"http://127.0.0.1:{ports['http']}"}
+    scheme = "https" if tls else "http"
+    addresses = {spec.name: spec.address for spec in specs} | {"http": f"{scheme}://127.0.0.1:{ports['http']}"}
     return RunningStack(stack, addresses, metrics_ports)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from services.bench.report import Slo, summarize, table
 from services.bench.targets import GrpcTarget, OpenAITarget, RequestRecord, Target
 from services.bench.workload import BenchRequest, build
+from services.common.tls_settings import add_tls_arguments, client_tls, sdk_tls_options
 
 
 class Progress:
@@ -63,8 +64,9 @@ async def run_workload(target: Target, requests: list[BenchRequest], concurrency
 
 def make_target(args: argparse.Namespace) -> Target:
     if args.openai_url:
-        return OpenAITarget(args.openai_url, args.model, args.api_key)
-    return GrpcTarget(args.grpc, args.api_key)
+        tls = client_tls(args)
+        return OpenAITarget(args.openai_url, args.model, args.api_key, tls.ssl_context() if tls else True)
+    return GrpcTarget(args.grpc, args.api_key, sdk_tls_options(args))
 
 
 async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: list[RequestRecord]) -> None:
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--openai-url", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model id for --openai-url")
     parser.add_argument("--api-key", default=None)
+    add_tls_arguments(parser)
     load = parser.add_mutually_exclusive_group()
     load.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
     load.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")],

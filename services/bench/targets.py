@@ -4,9 +4,10 @@ HTTP endpoint (this gateway's, vLLM's, ...). Each records when every piece of a 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
 
@@ -48,8 +49,8 @@ class Target(Protocol):
 
 
 class GrpcTarget:
-    def __init__(self, address: str, api_key: str | None) -> None:
-        self._client = GatewayClient(address, api_key=api_key)
+    def __init__(self, address: str, api_key: str | None, tls: dict[str, Any] | None = None) -> None:
+        self._client = GatewayClient(address, api_key=api_key, **(tls or {}))  # tls: the SDK's tls_* arguments
 
     async def send(self, request: BenchRequest) -> RequestRecord:
         record = RequestRecord(time.perf_counter())
@@ -72,9 +73,9 @@ class GrpcTarget:
 class OpenAITarget:
     """POST /v1/completions with stream=true and stream_options.include_usage."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None) -> None:
+    def __init__(self, base_url: str, model: str, api_key: str | None, verify: ssl.SSLContext | bool = True) -> None:
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=600)
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), headers=headers, timeout=600, verify=verify)
         self._model = model
 
     async def send(self, request: BenchRequest) -> RequestRecord:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from services.client import GatewayClient, GatewayError
+from services.common.tls_settings import add_tls_arguments, sdk_tls_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="API key, when the gateway requires one [env GATEWAY_API_KEY]")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     parser.add_argument("--usage", action="store_true", help="print token usage at the end (stderr)")
+    add_tls_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -37,7 +39,8 @@ async def run(args: argparse.Namespace) -> int:
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
-    async with GatewayClient(args.address, api_key=args.api_key, timeout_seconds=args.timeout) as client:
+    async with GatewayClient(args.address, api_key=args.api_key, timeout_seconds=args.timeout,
+                             **sdk_tls_options(args)) as client:
         try:
             async for chunk in client.generate(None if args.chat else args.prompt, messages=messages, **options):
                 sys.stdout.write(chunk.text)

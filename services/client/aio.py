@@ -11,12 +11,18 @@ import grpc
 from services.client.types import (Completion, GatewayError, GenerateChunk, RetryPolicy, auth_metadata,
                                    build_request, join, to_chunk)
 from services.common.pb import common_pb2, gateway_pb2_grpc
+from services.common.tls import client_channel, client_files
 
 
 class GatewayClient:
     def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None,
-                 timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy()) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+                 timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy(), tls: bool = False,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 tls_server_name: str | None = None) -> None:
+        """TLS is on with `tls_ca` (the CA to verify the gateway with), `tls_cert` and `tls_key` (a
+        client certificate, for a gateway that requires one) or `tls=True` (the system's roots)."""
+        self._channel = client_channel(grpc.aio, address, client_files(tls, tls_ca, tls_cert, tls_key,
+                                                                       tls_server_name))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)
         self._timeout = timeout_seconds

@@ -1,22 +1,46 @@
-"""One gRPC channel per peer address, reused across requests and closed on shutdown."""
+"""One gRPC channel per peer address, reused across requests and closed on shutdown.
+
+Channels come from a ChannelFactory (plaintext or TLS). When the TLS files change, `get` makes a
+new channel with the new material; the old one is retired: closed once its calls finished (at
+most `retire_grace_seconds` later), so a rotation never cuts a stream short."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
-from services.common.server import insecure_channel
+from services.common.channel_factory import ChannelFactory
+from services.common.tls import TlsMaterial
 
 
 class ChannelPool:
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, factory: ChannelFactory, retire_grace_seconds: float = 600.0) -> None:
+        self.factory = factory
+        self._grace = retire_grace_seconds
+        self._channels: dict[str, tuple[TlsMaterial | None, grpc.aio.Channel]] = {}
+        self._retiring: dict[grpc.aio.Channel, asyncio.Task[None]] = {}
 
     def get(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = insecure_channel(address)
-        return self._channels[address]
+        material = self.factory.material()
+        entry = self._channels.get(address)
+        if entry is None or entry[0] is not material:
+            if entry is not None:
+                self._retire(entry[1])
+            entry = material, self.factory.create(address, material)
+            self._channels[address] = entry
+        return entry[1]
+
+    def _retire(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.ensure_future(channel.close(self._grace))
+        self._retiring[channel] = task
+        task.add_done_callback(lambda _: self._retiring.pop(channel, None))
 
     async def close(self) -> None:
-        channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
+        channels, self._channels = [channel for _, channel in self._channels.values()], {}
+        retiring, self._retiring = self._retiring, {}
+        for task in retiring.values():
+            task.cancel()
+        await asyncio.gather(*retiring.values(), return_exceptions=True)
+        for channel in [*channels, *retiring]:
             await channel.close()

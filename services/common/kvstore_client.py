@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.channel_factory import ChannelFactory
+from services.common.channels import ChannelPool
 from services.common.errors import BackendUnavailable, UnknownRequest
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
-from services.common.server import insecure_channel
 
 
 class KvStoreClient:
     """Puts, gets and deletes values in one namespace (normally the model fingerprint)."""
 
-    def __init__(self, address: str, namespace: str, timeout_seconds: float) -> None:
+    def __init__(self, address: str, namespace: str, timeout_seconds: float, channels: ChannelFactory) -> None:
         self.address = address
         self._namespace = namespace
         self._timeout = timeout_seconds
-        self._channel = insecure_channel(address)
-        self._stub = kvstore_pb2_grpc.KvStoreServiceStub(self._channel)
+        self._channels = ChannelPool(channels)  # a new channel when the TLS files rotate
+
+    @property
+    def _stub(self) -> kvstore_pb2_grpc.KvStoreServiceStub:
+        return kvstore_pb2_grpc.KvStoreServiceStub(self._channels.get(self.address))
 
     def _translate(self, error: grpc.aio.AioRpcError, key: str) -> Exception:
         if error.code() == grpc.StatusCode.NOT_FOUND:
@@ -50,4 +54,4 @@ class KvStoreClient:
         return reply.deleted
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channels.close()

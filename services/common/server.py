@@ -26,7 +26,8 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
 from services.common.logs import setup_logging
-from services.common.telemetry import ServiceTelemetry, client_interceptors, serve_metrics, setup_tracing
+from services.common.telemetry import ServiceTelemetry, serve_metrics, setup_tracing
+from services.common.tls import ServerTls, add_port
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +50,7 @@ class ServerSpec:
     port: int
     grace_seconds: float
     metrics_port: int
-
-
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    """A channel to another service of this system: shared message limits, trace propagation."""
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=client_interceptors())
+    tls: ServerTls | None = None  # None: plaintext
 
 
 class Lifecycle:
@@ -144,21 +141,23 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
     """
     stop = lifecycle.stop
     _install_signal_handlers(stop)
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
+    # No SO_REUSEPORT: a second server on a taken port fails at start instead of silently sharing it.
+    server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors))
     names = list(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
     address = f"{spec.host}:{spec.port}"
-    if server.add_insecure_port(address) == 0:
+    if add_port(server, address, spec.tls) == 0:
         raise OSError(f"cannot listen on {address}")
     stop_metrics = serve_metrics(telemetry.registry, spec.host, spec.metrics_port)
     await server.start()
     try:
         for name in ("", *names):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        log.info("%s listening on %s (metrics on port %s), warming up", spec.name, address, spec.metrics_port or "-")
+        log.info("%s listening on %s (%s; metrics on port %s), warming up", spec.name, address,
+                 spec.tls.describe() if spec.tls else "plaintext", spec.metrics_port or "-")
         if await _warm_up(warmup, stop):
             for name in ("", *names):
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

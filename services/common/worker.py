@@ -10,12 +10,13 @@ from services.common.config import setting
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
 from services.common.runtime import DTYPES, ModelRuntime
+from services.common.tls_settings import TlsSettings
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class WorkerSettings:
+class WorkerSettings(TlsSettings):
     model: str = setting("default", "'default' (bundled SmolLM2-135M-Instruct), 'tiny' (random test model) "
                                     "or a local Hugging Face Llama-family folder", "MODEL")
     dtype: str = setting("float32", f"weights and KV dtype: {', '.join(DTYPES)}", "MODEL_DTYPE")
@@ -28,6 +29,7 @@ class WorkerSettings:
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 
     def __post_init__(self) -> None:
+        TlsSettings.__post_init__(self)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.torch_threads < 0:

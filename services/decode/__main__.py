@@ -12,6 +12,7 @@ from services.common.model_thread import ModelThread
 from services.common.pb import decode_pb2, decode_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
+from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
 from services.decode.blocks import PoolConfig
@@ -40,6 +41,7 @@ async def run(settings: DecodeSettings) -> None:
     engine: DecodeEngine | None = None
     metrics = DecodeMetrics.create(telemetry.registry, thread)
     store: KvStoreClient | None = None
+    factory, server_tls = tls_services(settings)
 
     def register(server: grpc.aio.Server) -> list[str]:
         decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
@@ -50,7 +52,7 @@ async def run(settings: DecodeSettings) -> None:
         runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
-                                  settings.kvstore_timeout_seconds)
+                                  settings.kvstore_timeout_seconds, factory)
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
         engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail)
@@ -58,7 +60,8 @@ async def run(settings: DecodeSettings) -> None:
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)
 
-    spec = ServerSpec("decode", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
+    spec = ServerSpec("decode", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
+                      server_tls)
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:

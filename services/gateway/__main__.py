@@ -16,6 +16,7 @@ from services.common.pb import gateway_pb2, gateway_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.tasks import TaskSet
 from services.common.telemetry import service_telemetry
+from services.common.tls_settings import tls_services
 from services.gateway.auth import ApiKeyInterceptor, ApiKeys
 from services.gateway.core import Gateway, GatewayLimits
 from services.gateway.http_api import HttpApiConfig, create_app
@@ -37,7 +38,8 @@ async def _refresh_forever(pools: list[WorkerPool], every_seconds: float) -> Non
 
 async def run(settings: GatewaySettings) -> None:
     telemetry = service_telemetry("gateway")
-    channels = ChannelPool()
+    factory, server_tls = tls_services(settings)
+    channels = ChannelPool(factory)
     background = TaskSet()
     lifecycle = Lifecycle()
     keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
@@ -64,15 +66,16 @@ async def run(settings: GatewaySettings) -> None:
         if settings.http_port:
             app = create_app(servicer.core, lifecycle, keys,
                              HttpApiConfig(settings.model_id, settings.default_max_tokens))
-            http = HttpServer(app, settings.host, settings.http_port, settings.grace_seconds)
+            http = HttpServer(app, settings.host, settings.http_port, settings.grace_seconds, server_tls)
             background.spawn(http.serve(), "http-api")
-            log.info("OpenAI-compatible HTTP API on http://%s:%d/v1 (model %r)", settings.host, settings.http_port,
-                     settings.model_id)
+            log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (model %r)", "https" if server_tls else "http",
+                     settings.host, settings.http_port, settings.model_id)
         keys.announce()
         log.info("routing to prefill %s and decode %s (prefill mode %s, kv transfer %s)",
                  settings.prefill_addresses, settings.decode_addresses, settings.prefill_mode, settings.kv_transfer)
 
-    spec = ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
+    spec = ServerSpec("gateway", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
+                      server_tls)
     try:
         service = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
         await serve(spec, telemetry, lifecycle, register, warmup, [ApiKeyInterceptor(keys, service, telemetry)])

@@ -9,6 +9,9 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
+from services.common.tls import ServerTls
+from services.common.tls_http import ReloadingSslContext
+
 
 class _EmbeddedServer(uvicorn.Server):
     @contextlib.contextmanager
@@ -17,9 +20,11 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float) -> None:
+    def __init__(self, app: FastAPI, host: str, port: int, grace_seconds: float, tls: ServerTls | None = None) -> None:
+        context = ReloadingSslContext(tls).listening if tls else None  # HTTPS only, certificates reloaded
         config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=int(grace_seconds) or 1)
+                                timeout_graceful_shutdown=int(grace_seconds) or 1,
+                                ssl_context_factory=(lambda _config, _default: context) if context else None)
         self._server = _EmbeddedServer(config)
 
     async def serve(self) -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 from services.common.config import check_port, check_positive, setting, split_addresses
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
+from services.common.tls_settings import PublicTlsSettings
 
 KV_TRANSFER_MODES = ("direct", "kvstore")
 PREFILL_MODES = ("disaggregated", "unified", "conditional")
 
 
 @dataclass(slots=True)
-class GatewaySettings:
+class GatewaySettings(PublicTlsSettings):
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "GATEWAY_HOST")
     port: int = setting(50051, "gRPC port", "GATEWAY_PORT")
     metrics_port: int = setting(
@@ -55,6 +56,7 @@ class GatewaySettings:
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 
     def __post_init__(self) -> None:
+        PublicTlsSettings.__post_init__(self)
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_port("http_port", self.http_port, allow_zero=True)

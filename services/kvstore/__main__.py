@@ -11,6 +11,7 @@ from services.common.errors import BackendUnavailable
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
+from services.common.tls_settings import tls_services
 from services.kvstore.backend import make_backend
 from services.kvstore.servicer import KvStoreServicer
 from services.kvstore.settings import KvStoreSettings
@@ -38,7 +39,8 @@ async def run(settings: KvStoreSettings) -> None:
                 log.warning("waiting for the backend: %s", exc)
                 await asyncio.sleep(1.0)
 
-    spec = ServerSpec("kvstore", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
+    spec = ServerSpec("kvstore", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
+                      tls_services(settings)[1])
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
 from services.common.logs import check_log_level
+from services.common.tls_settings import TlsSettings
 from services.kvstore.backend import BACKEND_NAMES, BackendSettings
 
 MB = 1024 * 1024
 
 
 @dataclass(slots=True)
-class KvStoreSettings:
+class KvStoreSettings(TlsSettings):
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)", "KVSTORE_HOST")
     port: int = setting(50054, "gRPC port", "KVSTORE_PORT")
     metrics_port: int = setting(
@@ -30,6 +31,7 @@ class KvStoreSettings:
     grace_seconds: float = setting(10.0, "how long in-flight calls may finish after SIGTERM", "GRACE_SECONDS")
 
     def __post_init__(self) -> None:
+        TlsSettings.__post_init__(self)
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         if self.backend not in BACKEND_NAMES:

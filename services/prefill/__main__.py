@@ -12,6 +12,7 @@ from services.common.model_thread import ModelThread
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
+from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.engine import ChunkGeometry, PrefillEngine
@@ -21,7 +22,8 @@ from services.prefill.settings import PrefillSettings
 
 async def run(settings: PrefillSettings) -> None:
     telemetry = service_telemetry("prefill")
-    channels = ChannelPool()
+    factory, server_tls = tls_services(settings)
+    channels = ChannelPool(factory)
     thread = ModelThread()
     lifecycle = Lifecycle()
     servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds)
@@ -38,7 +40,7 @@ async def run(settings: PrefillSettings) -> None:
         runtime = await thread.run(load_runtime, settings)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
-                                  settings.kvstore_timeout_seconds)
+                                  settings.kvstore_timeout_seconds, factory)
         chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers, settings.prefill_chunk_tokens)
         if settings.prefill_batch_tokens:
             batcher = PrefillBatcher(runtime, thread, settings.prefill_batch_tokens,
@@ -47,7 +49,8 @@ async def run(settings: PrefillSettings) -> None:
         servicer.ready(engine, runtime.geometry)
 
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)
-    spec = ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds, settings.metrics_port)
+    spec = ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
+                      server_tls)
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
