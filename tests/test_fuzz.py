@@ -6,6 +6,7 @@ once the calls are over."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Iterator
 
@@ -25,6 +26,7 @@ FUZZ = settings(max_examples=30, deadline=None, suppress_health_check=[HealthChe
                                                                          HealthCheck.too_slow])
 NEVER = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DEADLINE_EXCEEDED}
 CALL_SECONDS = 30
+_ids = itertools.count()
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.sampled_from([0.0, 1e-38, 1.0]))
 doubles = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1e308]))
 uint32 = st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1))
@@ -126,10 +128,10 @@ _FIELD_VALUES = st.one_of(st.integers(-(2**31), 2**32 - 1), text, st.binary(max_
 
 
 @st.composite
-def mutated_transfers(draw: st.DrawFn, model: common_pb2.ModelInfo) -> list[kv_pb2.KvTransferMessage]:
-    """A valid transfer for the admitted request 'fuzzed', with messages dropped, repeated,
-    reordered or with one field of one message replaced."""
-    messages = real_transfer(model, "fuzzed", 4, 2, 2, first_token=draw(st.integers(0, 2**32 - 1)))
+def mutated_transfers(draw: st.DrawFn, model: common_pb2.ModelInfo, request_id: str) -> list[kv_pb2.KvTransferMessage]:
+    """A valid transfer for the admitted request, with messages dropped, repeated, reordered or
+    with one field of one message replaced."""
+    messages = real_transfer(model, request_id, 4, 2, 2, first_token=draw(st.integers(0, 2**32 - 1)))
     index = draw(st.integers(0, len(messages) - 1))
     target = messages[index]
     fields = [f.name for f in dataclasses.fields(target)]
@@ -148,20 +150,28 @@ def mutated_transfers(draw: st.DrawFn, model: common_pb2.ModelInfo) -> list[kv_p
 def test_decode_transfer_answers_any_stream_with_a_status(stack, channels, data) -> None:
     stub = decode_pb2_grpc.DecodeServiceStub(channels["decode"])
     model = stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
+    request_id = f"fuzzed-{next(_ids)}"
     generation = stub.Generate(decode_pb2.DecodeRequest(
-        request_id="fuzzed", prompt_token_ids=[1, 2, 3, 4], kv_source=decode_pb2.KV_SOURCE_DIRECT,
+        request_id=request_id, prompt_token_ids=[1, 2, 3, 4], kv_source=decode_pb2.KV_SOURCE_DIRECT,
         sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2)), timeout=CALL_SECONDS)
-    assert next(generation).HasField("accepted")
-    messages = data.draw(st.one_of(mutated_transfers(model), st.lists(st.builds(
-        kv_pb2.KvTransferMessage, layout=st.builds(kv_pb2.KvLayout, request_id=st.just("fuzzed"),
+    try:
+        assert next(generation).HasField("accepted")
+        _fuzz_transfer(stub, data, model, request_id)
+    finally:
+        generation.cancel()
+    assert_pool_empty(channels)
+
+
+def _fuzz_transfer(stub: decode_pb2_grpc.DecodeServiceStub, data: st.DataObject, model: common_pb2.ModelInfo,
+                   request_id: str) -> None:
+    messages = data.draw(st.one_of(mutated_transfers(model, request_id), st.lists(st.builds(
+        kv_pb2.KvTransferMessage, layout=st.builds(kv_pb2.KvLayout, request_id=st.just(request_id),
                                                    num_layers=uint32, num_tokens=uint32, chunk_tokens=uint32,
                                                    chunk_layers=uint32, dtype=uint32, encoding=uint32,
                                                    transfer_attempt=uint32, chunks_in_kvstore=st.booleans())),
         max_size=3)))
     code = outcome(lambda: stub.TransferKv(iter(messages), timeout=CALL_SECONDS))
-    assert code not in NEVER
-    generation.cancel()
-    assert_pool_empty(channels)
+    assert code not in NEVER, code
 
 
 @FUZZ

@@ -4,7 +4,8 @@ Hugging Face `generate`, in one run.
 Starts a prefill, a decode and a gateway (default model, float32), then for 1, 8 and 32 concurrent
 streams (prompt ~128 tokens, 128 new tokens each, EOS ignored) measures generated tokens per second
 of wall time; and the same kind of request done one after another with `generate` in this
-process. Prints the figures side by side with their ratio.
+process. Runs the decode worker in its default mode and with --batch-invariant (every sequence
+bit-identical to a batch of one), and prints the figures side by side with their ratios.
 """
 
 from __future__ import annotations
@@ -53,16 +54,32 @@ def hf_sequential(runtime: ModelRuntime, encoder: PromptEncoder, prompts: list[s
     return produced / (time.perf_counter() - started)
 
 
+MODES = {"default": (), "batch-invariant": ("--batch-invariant",)}
+
+
 async def run(args: argparse.Namespace) -> dict[str, float]:
     encoder = PromptEncoder(resolve_model_dir(args.model, default_cache_dir()))
     prompts = [make_prompt(encoder, args.prompt_tokens, seed) for seed in range(max(args.streams))]
+    figures: dict[str, float] = {}
+    for mode in args.modes:
+        for streams, value in (await run_mode(args, prompts, MODES[mode])).items():
+            figures[f"{mode}_{streams}_streams_tokens_per_s"] = value
+    runtime = ModelRuntime(args.model, "float32", "cpu", default_cache_dir())
+    figures["hf_generate_sequential_tokens_per_s"] = hf_sequential(runtime, encoder, prompts[: args.baseline_requests],
+                                                                   args.new_tokens)
+    return figures
+
+
+async def run_mode(args: argparse.Namespace, prompts: list[str], decode_flags: tuple[str, ...]) -> dict[int, float]:
+    """Tokens per second for each stream count against a fresh stack."""
     ports = {name: free_port() for name in ("prefill", "decode", "gateway")}
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
     # One intra-op thread for the prefill: two processes each spinning two OpenMP threads on two
     # cores slow each other down several times over.
     specs = [ServiceSpec("prefill", "prefill", ports["prefill"],
                          ("--port", str(ports["prefill"]), "--torch-threads", "1", *worker)),
-             ServiceSpec("decode", "decode", ports["decode"], ("--port", str(ports["decode"]), *worker)),
+             ServiceSpec("decode", "decode", ports["decode"],
+                         ("--port", str(ports["decode"]), *worker, *decode_flags)),
              ServiceSpec("gateway", "gateway", ports["gateway"],
                          ("--port", str(ports["gateway"]), "--model", args.model, "--log-level", "WARNING",
                           "--metrics-port", "0", "--http-port", "0",
@@ -70,18 +87,15 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
                           "--decode-addresses", f"127.0.0.1:{ports['decode']}"))]
     stack = Stack(specs, log_dir=tempfile.mkdtemp(prefix="bench-decode-"))
     stack.start()
-    figures: dict[str, float] = {}
+    figures: dict[int, float] = {}
     try:
         stack.wait_healthy(timeout=300)
         await run_streams(specs[2].address, prompts[:1], 8)  # warm-up
         for streams in args.streams:
             tokens, elapsed = await run_streams(specs[2].address, prompts[:streams], args.new_tokens)
-            figures[f"services_{streams}_streams_tokens_per_s"] = tokens / elapsed
+            figures[streams] = tokens / elapsed
     finally:
         stack.stop()
-    runtime = ModelRuntime(args.model, "float32", "cpu", default_cache_dir())
-    figures["hf_generate_sequential_tokens_per_s"] = hf_sequential(runtime, encoder, prompts[: args.baseline_requests],
-                                                                   args.new_tokens)
     return figures
 
 
@@ -93,6 +107,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--baseline-requests", type=int, default=2, help="sequential generate calls to time")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+                        help="decode worker modes to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     figures = asyncio.run(run(args))
@@ -103,9 +119,15 @@ def main() -> None:
     print(f"Decode throughput: model {args.model} (float32), prompt ~{args.prompt_tokens} tokens, "
           f"{args.new_tokens} new tokens per stream")
     print(f"  {'sequential HF generate':28s} {baseline:8.1f} tokens/s   1.00x")
-    for streams in args.streams:
-        value = figures[f"services_{streams}_streams_tokens_per_s"]
-        print(f"  {f'services, {streams} streams':28s} {value:8.1f} tokens/s   {value / baseline:5.2f}x")
+    for mode in args.modes:
+        for streams in args.streams:
+            value = figures[f"{mode}_{streams}_streams_tokens_per_s"]
+            print(f"  {f'{mode}, {streams} streams':28s} {value:8.1f} tokens/s   {value / baseline:5.2f}x")
+    if len(args.modes) == 2:
+        ratios = {streams: figures[f"batch-invariant_{streams}_streams_tokens_per_s"]
+                  / figures[f"default_{streams}_streams_tokens_per_s"] for streams in args.streams}
+        costs = ", ".join(f"{streams} streams {ratio:.2f}x" for streams, ratio in ratios.items())
+        print(f"  batch-invariant / default: {costs}")
 
 
 if __name__ == "__main__":

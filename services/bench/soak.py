@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -164,9 +164,10 @@ def main() -> None:
     finally:
         stack.stop()
     report = {"streams": args.streams, "seconds": args.seconds, "model": args.model, "requests": tally.done,
-              **{k: v for k, v in asdict(tally).items() if k != "unexpected"}, "unexpected": len(tally.unexpected),
-              "unexpected_examples": tally.unexpected[:5], "leftover": leftover, "rss_mb_start": rss_start,
-              "rss_mb_end": rss_end}
+              "completed": tally.completed, "cancelled": tally.cancelled, "refused_as_bad": tally.refused_as_bad,
+              "errors": dict(tally.errors), "unexpected": len(tally.unexpected),
+              "unexpected_examples": tally.unexpected[:5], "hung": tally.hung, "leftover": leftover,
+              "rss_mb_start": rss_start, "rss_mb_end": rss_end}
     print(json.dumps(report, indent=2) if args.json else _table(report))
     sys.exit(1 if tally.unexpected or tally.hung or any(leftover.values()) else 0)
 

@@ -30,7 +30,7 @@ def decode_limits(settings: DecodeSettings) -> DecodeLimits:
         admission=AdmissionLimits(settings.max_active_requests, settings.reject_threshold,
                                   settings.max_cache_budget_mb),
         max_batch_size=settings.max_batch_size, preempt_threshold=settings.preempt_threshold,
-        step_timeout_seconds=settings.step_timeout_seconds)
+        step_timeout_seconds=settings.step_timeout_seconds, batch_invariant=settings.batch_invariant)
 
 
 async def run(settings: DecodeSettings) -> None:

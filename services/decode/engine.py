@@ -65,6 +65,7 @@ class DecodeLimits:
     max_batch_size: int
     preempt_threshold: float  # pool pressure above which running sequences are preempted
     step_timeout_seconds: float = 300.0
+    batch_invariant: bool = False  # every sequence's logits bit-identical to a batch of one (slower)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +87,7 @@ class DecodeEngine:
         self._on_fatal = on_fatal
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
         self.blocks = BlockManager(pool)
-        self._runner = PagedRunner(runtime, self._pool)
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))

@@ -6,6 +6,13 @@ through Hugging Face's own SDPA attention function, so it computes exactly what 
 pass computes; a larger batch gathers every sequence's blocks in one indexed copy (padded to the
 longest, masked) and runs one SDPA call per layer. Works for Llama-family layer layouts (Llama,
 Mistral, Qwen2, SmolLM).
+
+Matrix products over several rows round differently from one row (measured on the development CPU:
+`F.linear` with 1 row is a GEMV whose results differ in the last bits from any batch of 2 or more),
+so a batched step's logits are not bit-identical to a batch of one. In batch-invariant mode
+(`--batch-invariant`) every projection runs row by row as the GEMV a batch of one uses (the weights
+of one matrix, or of one slice of the LM head, stay in cache across the rows) and attention runs per
+sequence: every sequence's logits are bit-identical to a batch of one, at any batch size.
 """
 
 from __future__ import annotations
@@ -39,11 +46,40 @@ class StepSlot:
     token: int
 
 
+ROW_SLICE_BYTES = 8 * 1024 * 1024  # a weight slice this large stays in cache while every row passes
+
+
+def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed for each row on its own (as a batch of one would), slice
+    by slice of the weight so the slice is read from memory once for all rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    step = max(1, ROW_SLICE_BYTES // (weight.shape[1] * weight.element_size()))
+    for start in range(0, weight.shape[0], step):
+        part = weight[start : start + step]
+        for row in range(rows.shape[0]):
+            out[row, start : start + step] = torch.nn.functional.linear(rows[row : row + 1], part)[0]
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class PagedRunner:
-    def __init__(self, runtime: ModelRuntime, pool: BlockPool) -> None:
+    def __init__(self, runtime: ModelRuntime, pool: BlockPool, batch_invariant: bool = False) -> None:
         self._model = runtime.model
         self._device = runtime.device
         self._pool = pool
+        self._batch_invariant = batch_invariant
+
+    def _project(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self._batch_invariant and x.shape[0] > 1:
+            return rowwise_linear(x, module.weight, module.bias)
+        return module(x)
+
+    def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self._batch_invariant or x.shape[0] == 1:
+            return mlp(x)
+        return self._project(mlp.down_proj, mlp.act_fn(self._project(mlp.gate_proj, x)) * self._project(mlp.up_proj, x))
 
     @torch.inference_mode()
     def step(self, batch: list[StepSlot]) -> torch.Tensor:
@@ -53,14 +89,14 @@ class PagedRunner:
         positions = torch.tensor([[slot.position] for slot in batch], device=self._device)
         hidden = body.embed_tokens(ids)
         rope = body.rotary_emb(hidden, positions)
-        plan = self._plan(batch) if len(batch) > 1 else None
+        plan = self._plan(batch) if len(batch) > 1 and not self._batch_invariant else None
         for index, layer in enumerate(body.layers):
             residual = hidden
             hidden = self._attention(layer.self_attn, index, layer.input_layernorm(hidden), rope, batch, plan)
             hidden = residual + hidden
             residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self._model.lm_head(body.norm(hidden))[:, -1].float().cpu()
+            hidden = residual + self._mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+        return self._project(self._model.lm_head, body.norm(hidden))[:, -1].float().cpu()
 
     def _plan(self, batch: list[StepSlot]) -> _Plan:
         size, device = self._pool.block_size, self._device
@@ -75,13 +111,13 @@ class PagedRunner:
                    rope: tuple[torch.Tensor, torch.Tensor], batch: list[StepSlot], plan: _Plan | None) -> torch.Tensor:
         input_shape = hidden.shape[:-1]
         hidden_shape = (*input_shape, -1, attention.head_dim)
-        query = attention.q_proj(hidden).view(hidden_shape).transpose(1, 2)
-        key = attention.k_proj(hidden).view(hidden_shape).transpose(1, 2)
-        value = attention.v_proj(hidden).view(hidden_shape).transpose(1, 2)
+        query = self._project(attention.q_proj, hidden).view(hidden_shape).transpose(1, 2)
+        key = self._project(attention.k_proj, hidden).view(hidden_shape).transpose(1, 2)
+        value = self._project(attention.v_proj, hidden).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *rope)
         if plan is not None:
-            return attention.o_proj(self._batched(attention, layer, query, key, value, plan)
-                                    .reshape(*input_shape, -1).contiguous())
+            return self._project(attention.o_proj, self._batched(attention, layer, query, key, value, plan)
+                                 .reshape(*input_shape, -1).contiguous())
         outputs = []
         for row, slot in enumerate(batch):
             self._pool.write(slot.blocks, layer, slot.position, key[row], value[row])
@@ -90,7 +126,7 @@ class PagedRunner:
                                                values.unsqueeze(0).contiguous(), None, dropout=0.0,
                                                scaling=attention.scaling)
             outputs.append(output)
-        return attention.o_proj(torch.cat(outputs).reshape(*input_shape, -1).contiguous())
+        return self._project(attention.o_proj, torch.cat(outputs).reshape(*input_shape, -1).contiguous())
 
     def _batched(self, attention: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, plan: _Plan) -> torch.Tensor:

@@ -35,6 +35,9 @@ class DecodeSettings(WorkerSettings):
                                        "KV_PREEMPT_THRESHOLD")
     check_kv_finite: bool = setting(True, "refuse KV chunks holding NaN or infinity (DATA_LOSS); a cheap check "
                                     "(one pass over the bytes) that can be turned off", "CHECK_KV_FINITE")
+    batch_invariant: bool = setting(False, "compute every sequence of a batched step exactly as a batch of one "
+                                    "(bit-identical logits at any batch size; slower: see the README)",
+                                    "BATCH_INVARIANT")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
