@@ -153,6 +153,7 @@ class Gateway:
                                 return
                             yield GenerateOutput([token_id], delta)
                 except grpc.aio.AioRpcError as error:
+                    self._report_decode(error, attempt)
                     if not self._may_fail_over(error, attempt, failover):
                         raise
                     failed.add(attempt.decode_address)
@@ -162,6 +163,11 @@ class Gateway:
                         "decode.failed_worker": attempt.decode_address, "tokens.generated": len(generated)})
         finally:
             self.active_requests -= 1
+
+    def _report_decode(self, error: grpc.aio.AioRpcError, attempt: _Attempt) -> None:
+        """A decode worker that disappeared (UNAVAILABLE) is skipped with backoff."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address:
+            self.decode_pool.report_failure(attempt.decode_address, f"Generate UNAVAILABLE: {error.details()}")
 
     def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: _Attempt, failover: int) -> bool:
         """A decode worker that disappears mid-stream (UNAVAILABLE) is replaced by another one."""
@@ -271,6 +277,8 @@ class Gateway:
                 if error.code() not in _RETRY_ADMISSION:
                     raise
                 log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {error.details()}")
                 last_error = error
                 continue
             if event is grpc.aio.EOF or not event.HasField("accepted"):
