@@ -103,6 +103,7 @@ class GatewayMetrics:
     e2e_latency: Histogram
     prompt_tokens: Counter
     completion_tokens: Counter
+    prefill_retries: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, active: Callable[[], int]) -> GatewayMetrics:
@@ -116,7 +117,9 @@ class GatewayMetrics:
             Histogram("disagg_e2e_latency_seconds", "request end-to-end latency", buckets=LATENCY_BUCKETS,
                       registry=registry),
             Counter("disagg_prompt_tokens", "prompt tokens processed", registry=registry),
-            Counter("disagg_completion_tokens", "tokens generated", registry=registry))
+            Counter("disagg_completion_tokens", "tokens generated", registry=registry),
+            Counter("disagg_gateway_prefill_retries", "prefills moved to another prefill worker after its worker "
+                    "failed", registry=registry))
 
 
 @dataclass(frozen=True, slots=True)

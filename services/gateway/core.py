@@ -27,8 +27,9 @@ from opentelemetry import trace
 from services.common.channels import ChannelPool
 from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError
 from services.common.metrics import GatewayMetrics
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
+from services.gateway.prefill_route import PrefillRoute
 from services.gateway.routing import Worker, WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
 
@@ -72,6 +73,8 @@ class GatewayLimits:
     prefill_mode: str = "disaggregated"
     conditional_threshold: int = 256
     max_failovers: int = 2
+    max_prefill_retries: int = 2
+    prefill_timeout_seconds: float = 60.0
 
     def prefill_locally(self, prompt_tokens: int) -> bool:
         return self.prefill_mode == "unified" or (
@@ -107,6 +110,8 @@ class Gateway:
         self._channels = channels
         self._limits = limits
         self._metrics = metrics
+        self._prefill_route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds,
+                                           limits.max_prefill_retries, metrics.prefill_retries)
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:
@@ -218,8 +223,7 @@ class Gateway:
                         decode, decode_call = await self._admit(decode_request, calls, leases, failed)
                 elif self._limits.kv_transfer == "kvstore":
                     prefill_request.store_kv = True
-                    prefill = self._route_prefill(leases)
-                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
+                    async for token in self._prefill(prefill_request, calls, timeline):
                         yield token, None
                     decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE
                     with tracer.start_as_current_span("gateway.route"):
@@ -228,10 +232,9 @@ class Gateway:
                     decode_request.kv_source = decode_pb2.KV_SOURCE_DIRECT
                     with tracer.start_as_current_span("gateway.route"):
                         decode, decode_call = await self._admit(decode_request, calls, leases, failed)
-                        prefill = self._route_prefill(leases)
                     prefill_request.decode_address = decode.address
                     attempt.decode_address = decode.address
-                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
+                    async for token in self._prefill(prefill_request, calls, timeline, decode_call):
                         yield token, None
                 attempt.decode_address = decode.address
                 # read() rather than `async for`: admission already read from this call
@@ -245,18 +248,11 @@ class Gateway:
                 for call in calls:
                     call.cancel()
 
-    def _route_prefill(self, leases: ExitStack) -> Worker:
-        worker = self.prefill_pool.ranked()[0]
-        trace.get_current_span().set_attribute("gateway.prefill_worker", worker.address)
-        return leases.enter_context(WorkerPool.lease(worker))
-
-    async def _prefill(self, worker: Worker, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
-                       timeline: _Timeline) -> AsyncIterator[int]:
-        """The first token as soon as it is sampled; returns once the KV handoff is complete."""
-        stub = prefill_pb2_grpc.PrefillServiceStub(self._channels.get(worker.address))
-        call = stub.Prefill(request, timeout=self._limits.request_timeout_seconds)
-        calls.append(call)
-        async for event in call:
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: _Timeline,
+                       decode_call: grpc.aio.Call | None = None) -> AsyncIterator[int]:
+        """The first token as soon as it is sampled; returns once the KV handoff is complete. A
+        failing prefill worker is replaced by another one (services/gateway/prefill_route.py)."""
+        async for event in self._prefill_route.events(request, calls, decode_call):
             if event.HasField("first_token"):
                 yield event.first_token.token_id
             else:

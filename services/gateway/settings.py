@@ -48,6 +48,12 @@ class GatewaySettings:
                                          "the decode worker", "CONDITIONAL_THRESHOLD")
     max_failovers: int = setting(2, "times a request moves to another decode worker when its worker fails",
                                  "MAX_FAILOVERS")
+    max_prefill_retries: int = setting(2, "times a prefill moves to another prefill worker when its worker fails "
+                                       "(UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the decode keeps the request",
+                                       "MAX_PREFILL_RETRIES")
+    prefill_timeout_seconds: float = setting(60.0, "deadline of one prefill call (forward pass + KV transfer); past "
+                                             "it the prefill worker is given up on and the prefill retried",
+                                             "PREFILL_TIMEOUT_SECONDS")
     model: str = setting("default", "model whose tokenizer and context length the gateway uses "
                                     "(same values as the workers' --model)", "MODEL")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
@@ -79,11 +85,11 @@ class GatewaySettings:
         self._check_addresses()
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
-        if self.conditional_threshold < 0 or self.max_failovers < 0:
-            raise ValueError("conditional_threshold and max_failovers must be >= 0")
+        if min(self.conditional_threshold, self.max_failovers, self.max_prefill_retries) < 0:
+            raise ValueError("conditional_threshold, max_failovers and max_prefill_retries must be >= 0")
         if self.kv_transfer not in KV_TRANSFER_MODES:
             raise ValueError(f"kv_transfer must be one of {KV_TRANSFER_MODES}, got {self.kv_transfer!r}")
-        for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds",
+        for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds", "prefill_timeout_seconds",
                      "membership_refresh_seconds", "health_timeout_seconds", "health_retry_max_seconds",
                      "failure_backoff_seconds"):
             check_positive(name, getattr(self, name))
