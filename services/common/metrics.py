@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from services.common.model_thread import ModelThread
 from services.common.telemetry import LATENCY_BUCKETS
@@ -100,6 +103,7 @@ class GatewayMetrics:
     e2e_latency: Histogram
     prompt_tokens: Counter
     completion_tokens: Counter
+    prefill_retries: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, active: Callable[[], int]) -> GatewayMetrics:
@@ -113,4 +117,43 @@ class GatewayMetrics:
             Histogram("disagg_e2e_latency_seconds", "request end-to-end latency", buckets=LATENCY_BUCKETS,
                       registry=registry),
             Counter("disagg_prompt_tokens", "prompt tokens processed", registry=registry),
-            Counter("disagg_completion_tokens", "tokens generated", registry=registry))
+            Counter("disagg_completion_tokens", "tokens generated", registry=registry),
+            Counter("disagg_gateway_prefill_retries", "prefills moved to another prefill worker after its worker "
+                    "failed", registry=registry))
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """One worker as the gateway sees it."""
+
+    role: str
+    address: str
+    state: str
+    routable: bool
+
+
+class WorkerStateCollector(Collector):
+    """The gateway's workers at scrape time: a worker that left has no series."""
+
+    def __init__(self, rows: Callable[[], Sequence[WorkerRow]], roles: Sequence[str], states: Sequence[str]) -> None:
+        self._rows = rows
+        self._roles = roles
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self._rows()
+        up = GaugeMetricFamily("disagg_gateway_worker_up", "1 while the gateway routes requests to the worker",
+                               labels=["role", "address"])
+        state = GaugeMetricFamily("disagg_gateway_worker_state", "1 for the worker's current state, 0 for the others",
+                                  labels=["role", "address", "state"])
+        counts = GaugeMetricFamily("disagg_gateway_workers", "workers the gateway knows, by state",
+                                   labels=["role", "state"])
+        for row in rows:
+            up.add_metric([row.role, row.address], float(row.routable))
+            for name in self._states:
+                state.add_metric([row.role, row.address, name], float(name == row.state))
+        tally = Tally((row.role, row.state) for row in rows)
+        for role in self._roles:
+            for name in self._states:
+                counts.add_metric([role, name], tally[(role, name)])
+        yield from (up, state, counts)

@@ -1,7 +1,8 @@
 """gRPC server bootstrap shared by the four services.
 
 Life of a server: listen with health NOT_SERVING -> warm up (load and warm the model) -> SERVING
--> SIGTERM/SIGINT sets the stop event -> health NOT_SERVING for every service
+(a server given a `Readiness` is SERVING only while it says ready: the gateway while it has
+workers) -> SIGTERM/SIGINT sets the stop event -> health NOT_SERVING for every service
 (`enter_graceful_shutdown`) and new work is refused with UNAVAILABLE (draining) -> in-flight work
 finishes, up to the grace period -> `server.stop` -> exit 0. Reflection is on, so `grpcurl` can
 list and call every service. Prometheus metrics are served on their own HTTP port.
@@ -36,6 +37,10 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    # A channel to a peer that was down retries its connection at least every second (gRPC's
+    # default backoff grows to 120 s), so a worker that comes back is seen at once.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 S = TypeVar("S")
 FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
@@ -118,6 +123,28 @@ class Lifecycle:
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Readiness:
+    """Whether a warmed-up server may report SERVING, for a server whose readiness depends on
+    others (the gateway on its workers); its health follows every change."""
+
+    def __init__(self, ready: bool = False) -> None:
+        self._ready = ready
+        self._changed = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def set(self, ready: bool) -> None:
+        if ready != self._ready:
+            self._ready = ready
+            self._changed.set()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+        self._changed.clear()
+
+
 def _install_signal_handlers(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
@@ -132,12 +159,13 @@ def _remove_signal_handlers() -> None:
 
 async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecycle,
                 register: Callable[[grpc.aio.Server], Sequence[str]], warmup: Callable[[], Awaitable[None]],
-                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> None:
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = (), readiness: Readiness | None = None) -> None:
     """Run a server until SIGTERM/SIGINT (or `lifecycle.stop` is set), then drain and stop it.
 
     `register` adds the servicers and returns their full service names; `warmup` runs after the
-    port is open and before health turns SERVING. After a `lifecycle.fail` the drain is skipped
-    (the worker cannot finish its work) and FatalStop is raised.
+    port is open and before health turns SERVING (and with `readiness`, only while it is ready).
+    After a `lifecycle.fail` the drain is skipped (the worker cannot finish its work) and FatalStop
+    is raised.
     """
     stop = lifecycle.stop
     _install_signal_handlers(stop)
@@ -159,10 +187,7 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
         log.info("%s listening on %s (%s; metrics on port %s), warming up", spec.name, address,
                  spec.tls.describe() if spec.tls else "plaintext", spec.metrics_port or "-")
         if await _warm_up(warmup, stop):
-            for name in ("", *names):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-            log.info("%s serving on %s", spec.name, address)
-            await stop.wait()
+            await _serve_until_stopped(spec, health_servicer, ["", *names], stop, readiness or Readiness(True))
         await health_servicer.enter_graceful_shutdown()
         if lifecycle.fatal is None:
             await _drain(spec, lifecycle)
@@ -185,6 +210,26 @@ async def _drain(spec: ServerSpec, lifecycle: Lifecycle) -> None:
     if not await lifecycle.drain(spec.grace_seconds):
         log.warning("%s: grace period over with %d still in flight", spec.name, lifecycle.in_flight)
     log.info("%s drained in %.2fs", spec.name, time.monotonic() - started)
+
+
+async def _serve_until_stopped(spec: ServerSpec, health_servicer: health.aio.HealthServicer, names: list[str],
+                               stop: asyncio.Event, readiness: Readiness) -> None:
+    """Health SERVING while `readiness` says ready, NOT_SERVING otherwise, until `stop`."""
+    serving = None
+    while not stop.is_set():
+        if readiness.ready != serving:
+            serving = readiness.ready
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in names:
+                await health_servicer.set(name, status)
+            log.info("%s %s on %s:%d", spec.name, "serving" if serving else "not serving (not ready)", spec.host,
+                     spec.port)
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(readiness.changed())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
 
 async def _warm_up(warmup: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:

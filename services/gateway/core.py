@@ -27,11 +27,12 @@ import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError
+from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError, UpstreamError
 from services.common.metrics import GatewayMetrics
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
 from services.common.validation import check_budget_mb
+from services.gateway.prefill_route import PrefillRoute, fault_role
 from services.gateway.routing import Worker, WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
 
@@ -89,6 +90,8 @@ class GatewayLimits:
     prefill_mode: str = "disaggregated"
     conditional_threshold: int = 256
     max_failovers: int = 2
+    max_prefill_retries: int = 2
+    prefill_timeout_seconds: float = 60.0
 
     def prefill_locally(self, prompt_tokens: int) -> bool:
         return self.prefill_mode == "unified" or (
@@ -125,6 +128,8 @@ class Gateway:
         self._channels = channels
         self._limits = limits
         self._metrics = metrics
+        self._prefill_route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds,
+                                           limits.max_prefill_retries, metrics.prefill_retries)
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:
@@ -171,6 +176,7 @@ class Gateway:
                                 return
                             yield GenerateOutput([token_id], delta)
                 except grpc.aio.AioRpcError as error:
+                    self._report_decode(error, attempt)
                     if not self._may_fail_over(error, attempt, failover):
                         raise
                     failed.add(attempt.decode_address)
@@ -180,6 +186,11 @@ class Gateway:
                         "decode.failed_worker": attempt.decode_address, "tokens.generated": len(generated)})
         finally:
             self.active_requests -= 1
+
+    def _report_decode(self, error: grpc.aio.AioRpcError, attempt: _Attempt) -> None:
+        """A decode worker that disappeared (UNAVAILABLE) is skipped with backoff."""
+        if error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address:
+            self.decode_pool.report_failure(attempt.decode_address, f"Generate UNAVAILABLE: {error.details()}")
 
     def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: _Attempt, failover: int) -> bool:
         """A decode worker that disappears mid-stream (UNAVAILABLE) is replaced by another one."""
@@ -242,10 +253,9 @@ class Gateway:
                     prefill_request.store_kv = stored
                     with tracer.start_as_current_span("gateway.route"):
                         decode, decode_call = await self._admit(decode_request, calls, leases, failed)
-                        prefill = self._route_prefill(leases)
                     prefill_request.decode_address = decode.address
                     attempt.decode_address = decode.address
-                    async for token in self._prefill(prefill, prefill_request, calls, timeline):
+                    async for token in self._prefill(prefill_request, calls, timeline, decode_call, attempt):
                         yield token, None
                 attempt.decode_address = decode.address
                 # read() rather than `async for`: admission already read from this call
@@ -259,22 +269,25 @@ class Gateway:
                 for call in calls:
                     call.cancel()
 
-    def _route_prefill(self, leases: ExitStack) -> Worker:
-        worker = self.prefill_pool.ranked()[0]
-        trace.get_current_span().set_attribute("gateway.prefill_worker", worker.address)
-        return leases.enter_context(WorkerPool.lease(worker))
-
-    async def _prefill(self, worker: Worker, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
-                       timeline: _Timeline) -> AsyncIterator[int]:
-        """The first token as soon as it is sampled; returns once the KV handoff is complete."""
-        stub = prefill_pb2_grpc.PrefillServiceStub(self._channels.get(worker.address))
-        call = stub.Prefill(request, timeout=self._limits.request_timeout_seconds)
-        calls.append(call)
-        async for event in call:
-            if event.HasField("first_token"):
-                yield event.first_token.token_id
-            else:
-                timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: _Timeline,
+                       decode_call: grpc.aio.Call, attempt: _Attempt) -> AsyncIterator[int]:
+        """The first token as soon as it is sampled; returns once the KV handoff is complete. A
+        failing prefill worker is replaced by another one (services/gateway/prefill_route.py). An
+        error that is the decode's passes on as it came (the decode failover rules apply); any
+        other (a kvstore that is down, a request the prefill refuses) ends the request with its
+        status and is never taken for a decode failure."""
+        first_attempt = attempt.number * self._prefill_route.attempts
+        try:
+            async for event in self._prefill_route.events(request, calls, decode_call, first_attempt):
+                if event.HasField("first_token"):
+                    yield event.first_token.token_id
+                else:
+                    timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
+        except grpc.aio.AioRpcError as error:
+            role = fault_role(error)
+            if role == "decode" or decode_call.done():
+                raise
+            raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
                      failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
@@ -291,6 +304,8 @@ class Gateway:
                 if error.code() not in _RETRY_ADMISSION:
                     raise
                 log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {error.details()}")
                 last_error = error
                 continue
             if event is grpc.aio.EOF or not event.HasField("accepted"):

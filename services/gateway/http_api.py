@@ -61,7 +61,8 @@ def _api_error(error: Exception) -> ApiError:
     return ApiError(status, details, "messages" if param == "chat" else param, code.name.lower())
 
 
-def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKeys, config: HttpApiConfig) -> FastAPI:
+def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKeys, config: HttpApiConfig,
+               workers_ready: Callable[[], bool] = lambda: True) -> FastAPI:
     app = FastAPI(title="disagg-serve", docs_url=None, redoc_url=None)
 
     @app.exception_handler(ApiError)
@@ -95,7 +96,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ready = not lifecycle.draining and _ready(gateway)
+        ready = not lifecycle.draining and _ready(gateway) and workers_ready()
         return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
 
     @app.get("/v1/models")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -19,6 +20,7 @@ from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.gateway.core import Gateway, GenerateInput, GenerateOutput, new_request_id
+from services.gateway.routing import Worker
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
@@ -101,6 +103,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     async def Stats(self, request: common_pb2.StatsRequest,
                     context: grpc.aio.ServicerContext) -> gateway_pb2.GatewayStats:
         gateway = self.core()
-        workers = [gateway_pb2.WorkerStatus(address=w.address, role=w.role, active_requests=w.active)
-                   for pool in (gateway.prefill_pool, gateway.decode_pool) for w in pool.workers]
+        now = time.monotonic()
+        workers = [_worker_status(w, now) for pool in (gateway.prefill_pool, gateway.decode_pool) for w in pool.workers]
         return gateway_pb2.GatewayStats(active_requests=gateway.active_requests, workers=workers)
+
+
+def _worker_status(worker: Worker, now: float) -> gateway_pb2.WorkerStatus:
+    return gateway_pb2.WorkerStatus(
+        address=worker.address, role=worker.role, active_requests=worker.active,
+        state=gateway_pb2.WorkerState.Value(f"WORKER_STATE_{worker.state.name}"),
+        consecutive_failures=worker.failures, backoff_seconds=worker.backoff_left(now),
+        last_failure=worker.last_failure)

@@ -9,9 +9,11 @@ from services.common.config import check_port, check_positive, setting, split_ad
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
 from services.common.tls_settings import PublicTlsSettings
+from services.gateway.addresses import split_host_port
 
 KV_TRANSFER_MODES = ("direct", "kvstore")
 PREFILL_MODES = ("disaggregated", "unified", "conditional")
+DEFAULT_PREFILL, DEFAULT_DECODE = "127.0.0.1:50052", "127.0.0.1:50053"
 
 
 @dataclass(slots=True)
@@ -21,11 +23,16 @@ class GatewaySettings(PublicTlsSettings):
     metrics_port: int = setting(
         9100, "HTTP port of the Prometheus /metrics endpoint (0: off)",
         "GATEWAY_METRICS_PORT")
-    prefill_addresses: str = setting("127.0.0.1:50052", "prefill workers, comma separated host:port; a DNS "
-                                     "name that resolves to several addresses counts as several workers",
+    prefill_addresses: str = setting("", "prefill workers, comma separated host:port; a DNS name stands for every "
+                                     "address it resolves to, resolved again every --membership-refresh-seconds "
+                                     f"(empty and no --prefill-addresses-file: {DEFAULT_PREFILL})",
                                      "PREFILL_ADDRESSES")
-    decode_addresses: str = setting("127.0.0.1:50053", "decode workers, comma separated host:port (as above)",
-                                    "DECODE_ADDRESSES")
+    prefill_addresses_file: str = setting("", "file of prefill workers, one host:port a line, '#' comments (a "
+                                          "mounted ConfigMap); read again when it changes", "PREFILL_ADDRESSES_FILE")
+    decode_addresses: str = setting("", "decode workers, comma separated host:port (as above; empty and no "
+                                    f"--decode-addresses-file: {DEFAULT_DECODE})", "DECODE_ADDRESSES")
+    decode_addresses_file: str = setting("", "file of decode workers (as --prefill-addresses-file)",
+                                         "DECODE_ADDRESSES_FILE")
     http_port: int = setting(8000, "port of the OpenAI-compatible HTTP API (0: off); it listens on --host",
                              "GATEWAY_HTTP_PORT")
     served_model_name: str = setting("", "model id of the HTTP API (default: derived from --model)",
@@ -42,14 +49,29 @@ class GatewaySettings(PublicTlsSettings):
                                          "the decode worker", "CONDITIONAL_THRESHOLD")
     max_failovers: int = setting(2, "times a request moves to another decode worker when its worker fails",
                                  "MAX_FAILOVERS")
+    max_prefill_retries: int = setting(2, "times a prefill moves to another prefill worker when its worker fails "
+                                       "(UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the decode keeps the request",
+                                       "MAX_PREFILL_RETRIES")
+    prefill_timeout_seconds: float = setting(60.0, "deadline of one prefill call (forward pass + KV transfer); past "
+                                             "it the prefill worker is given up on and the prefill retried",
+                                             "PREFILL_TIMEOUT_SECONDS")
     model: str = setting("default", "model whose tokenizer and context length the gateway uses "
                                     "(same values as the workers' --model)", "MODEL")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
     default_max_tokens: int = setting(256, "max_tokens of a request that names none", "DEFAULT_MAX_TOKENS")
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", "MAX_TOKENS_LIMIT")
     request_timeout_seconds: float = setting(600.0, "deadline of each call to a worker", "REQUEST_TIMEOUT_SECONDS")
-    membership_refresh_seconds: float = setting(10.0, "how often worker DNS names are resolved again",
-                                                "MEMBERSHIP_REFRESH_SECONDS")
+    membership_refresh_seconds: float = setting(1.0, "how often worker DNS names are resolved again and address "
+                                                "files checked for changes", "MEMBERSHIP_REFRESH_SECONDS")
+    health_timeout_seconds: float = setting(2.0, "deadline of a worker health check, and of a health watch's "
+                                            "first answer", "HEALTH_TIMEOUT_SECONDS")
+    health_retry_max_seconds: float = setting(1.0, "longest wait before re-establishing a broken worker health "
+                                              "watch (exponential backoff with jitter from 0.1 s)",
+                                              "HEALTH_RETRY_MAX_SECONDS")
+    failure_backoff_seconds: float = setting(1.0, "a worker whose call failed (UNAVAILABLE, prefill deadline) is "
+                                             "skipped this long, then until a health check passes; doubles per "
+                                             "failed check", "FAILURE_BACKOFF_SECONDS")
+    failure_backoff_max_seconds: float = setting(10.0, "cap of that backoff", "FAILURE_BACKOFF_MAX_SECONDS")
     request_summary: bool = setting(False, "log one line per finished request (TTFT, handoff latency, KV bytes, "
                                     "tokens/s)", "REQUEST_SUMMARY")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
@@ -62,20 +84,40 @@ class GatewaySettings(PublicTlsSettings):
         check_port("http_port", self.http_port, allow_zero=True)
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist")
-        if not split_addresses(self.prefill_addresses) or not split_addresses(self.decode_addresses):
-            raise ValueError("prefill_addresses and decode_addresses must each name at least one worker")
+        self._check_addresses()
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
-        if self.conditional_threshold < 0 or self.max_failovers < 0:
-            raise ValueError("conditional_threshold and max_failovers must be >= 0")
+        if min(self.conditional_threshold, self.max_failovers, self.max_prefill_retries) < 0:
+            raise ValueError("conditional_threshold, max_failovers and max_prefill_retries must be >= 0")
         if self.kv_transfer not in KV_TRANSFER_MODES:
             raise ValueError(f"kv_transfer must be one of {KV_TRANSFER_MODES}, got {self.kv_transfer!r}")
-        for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds",
-                     "membership_refresh_seconds"):
+        for name in ("default_max_tokens", "max_tokens_limit", "request_timeout_seconds", "prefill_timeout_seconds",
+                     "membership_refresh_seconds", "health_timeout_seconds", "health_retry_max_seconds",
+                     "failure_backoff_seconds"):
             check_positive(name, getattr(self, name))
+        if self.failure_backoff_max_seconds < self.failure_backoff_seconds:
+            raise ValueError("failure_backoff_max_seconds must be >= failure_backoff_seconds")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
         check_log_level(self.log_level)
+
+    def _check_addresses(self) -> None:
+        """Each role needs the list, the file or both; without either it takes its default address."""
+        for role, default in (("prefill", DEFAULT_PREFILL), ("decode", DEFAULT_DECODE)):
+            listed, file = f"{role}_addresses", f"{role}_addresses_file"
+            value, path = getattr(self, listed), getattr(self, file)
+            if not value and not path:
+                value = default
+                setattr(self, listed, value)
+            if value and not split_addresses(value):
+                raise ValueError(f"{listed} must name at least one host:port worker, got {value!r}")
+            for address in split_addresses(value):
+                try:
+                    split_host_port(address)
+                except ValueError as exc:
+                    raise ValueError(f"{listed}: {exc}") from None
+            if path and not Path(path).is_file():
+                raise ValueError(f"{file} {path!r} does not exist")
 
     @property
     def model_id(self) -> str:

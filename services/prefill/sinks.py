@@ -10,7 +10,7 @@ from typing import Protocol
 
 import grpc
 
-from services.common.errors import UpstreamError
+from services.common.errors import BackendUnavailable, UpstreamError
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage, key_of, to_pb
 from services.common.kvstore_client import KvStoreClient
@@ -19,6 +19,7 @@ from services.common.tasks import TaskSet
 
 log = logging.getLogger(__name__)
 DECODE_ROLE = "decode"
+KVSTORE_ROLE = "kvstore"
 
 
 class KvSink(Protocol):
@@ -89,11 +90,17 @@ class KvStoreSink:
         self._closed = False
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        await self._store.put(key_of(self._prefix, message), to_pb(message).SerializeToString())
+        await self._put(message)
 
     async def close(self, end: KvEnd) -> None:
-        await self._store.put(key_of(self._prefix, end), to_pb(end).SerializeToString())
+        await self._put(end)
         self._closed = True
+
+    async def _put(self, message: KvMessage) -> None:
+        try:
+            await self._store.put(key_of(self._prefix, message), to_pb(message).SerializeToString())
+        except BackendUnavailable as error:  # the kvstore's fault, not this prefill worker's
+            raise UpstreamError(grpc.StatusCode.UNAVAILABLE, str(error), KVSTORE_ROLE) from None
 
     def abort(self) -> None:
         if not self._closed:

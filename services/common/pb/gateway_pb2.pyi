@@ -1,11 +1,27 @@
 from services.common.pb import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    WORKER_STATE_UNKNOWN: _ClassVar[WorkerState]
+    WORKER_STATE_SERVING: _ClassVar[WorkerState]
+    WORKER_STATE_NOT_SERVING: _ClassVar[WorkerState]
+    WORKER_STATE_UNREACHABLE: _ClassVar[WorkerState]
+    WORKER_STATE_BACKOFF: _ClassVar[WorkerState]
+WORKER_STATE_UNSPECIFIED: WorkerState
+WORKER_STATE_UNKNOWN: WorkerState
+WORKER_STATE_SERVING: WorkerState
+WORKER_STATE_NOT_SERVING: WorkerState
+WORKER_STATE_UNREACHABLE: WorkerState
+WORKER_STATE_BACKOFF: WorkerState
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -60,14 +76,22 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("address", "role", "active_requests")
+    __slots__ = ("address", "role", "active_requests", "state", "consecutive_failures", "backoff_seconds", "last_failure")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FAILURE_FIELD_NUMBER: _ClassVar[int]
     address: str
     role: str
     active_requests: int
-    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    state: WorkerState
+    consecutive_failures: int
+    backoff_seconds: float
+    last_failure: str
+    def __init__(self, address: _Optional[str] = ..., role: _Optional[str] = ..., active_requests: _Optional[int] = ..., state: _Optional[_Union[WorkerState, str]] = ..., consecutive_failures: _Optional[int] = ..., backoff_seconds: _Optional[float] = ..., last_failure: _Optional[str] = ...) -> None: ...
 
 class GatewayStats(_message.Message):
     __slots__ = ("active_requests", "workers")

@@ -1,0 +1,131 @@
+"""A request's prefill: the least loaded serving prefill worker, and another one when it fails.
+
+A prefill call that fails with UNAVAILABLE, DEADLINE_EXCEEDED (each call has its own deadline,
+`--prefill-timeout-seconds`, bounding forward pass + KV transfer) or INTERNAL is the prefill
+worker's fault, unless the prefill says the decode worker caused it (trailing metadata
+`disagg-fault-role: decode`; any role other than prefill is not the prefill's either) or the
+decode admission it feeds has already ended: those are the decode's, and the decode failover
+rules apply. A prefill fault reports the worker (it is skipped
+with backoff) and the prefill runs again on another worker (at most `--max-prefill-retries` times)
+for the same decode admission, with `transfer_attempt` counting the retries. The first token is
+passed on once, however many times it is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import trace
+from prometheus_client import Counter
+
+from services.common.channels import ChannelPool
+from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable, UpstreamError
+from services.common.pb import prefill_pb2, prefill_pb2_grpc
+from services.gateway.routing import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+
+_PREFILL_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+
+
+def fault_role(error: grpc.aio.AioRpcError) -> str:
+    """The role a worker's error names as its cause (trailing metadata `disagg-fault-role`), or ''."""
+    for key, value in error.trailing_metadata() or ():
+        if key == FAULT_ROLE_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
+def is_prefill_fault(error: grpc.aio.AioRpcError, decode_call: grpc.aio.Call | None = None) -> bool:
+    """Whether a failed prefill call is the prefill worker's own failure (see the module doc)."""
+    if error.code() not in _PREFILL_FAULTS or fault_role(error) not in ("", "prefill"):
+        return False
+    return decode_call is None or not decode_call.done()
+
+
+class PrefillRoute:
+    def __init__(self, pool: WorkerPool, channels: ChannelPool, timeout_seconds: float, max_retries: int,
+                 retries: Counter) -> None:
+        self._pool = pool
+        self._channels = channels
+        self._timeout = timeout_seconds
+        self._max_retries = max_retries
+        self._retries = retries
+
+    @property
+    def attempts(self) -> int:
+        """Prefill calls one decode admission may take (transfer attempts it numbers)."""
+        return self._max_retries + 1
+
+    async def events(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
+                     decode_call: grpc.aio.Call | None = None,
+                     first_attempt: int = 0) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+        """The prefill's events (the first token once, then the summary), moving to another worker
+        when one fails. `calls` collects the calls for the caller to cancel; `decode_call` is the
+        decode admission the KV goes to; transfer attempts are numbered from `first_attempt` (so a
+        failover's transfers never reuse an earlier admission's numbers, or its kvstore keys)."""
+        tried: list[str] = []
+        last_error = BackendUnavailable("no prefill worker took the request")
+        first_token_sent = False
+        for attempt in range(self._max_retries + 1):
+            worker = self._choose(tried)
+            if worker is None:
+                break
+            if attempt:
+                self._retried(worker, tried, attempt)
+            request.transfer_attempt = first_attempt + attempt
+            try:
+                with WorkerPool.lease(worker):
+                    async for event in self._call(worker, request, calls):
+                        if event.HasField("first_token"):
+                            if first_token_sent:
+                                continue
+                            first_token_sent = True
+                        yield event
+                return
+            except grpc.aio.AioRpcError as error:
+                if not is_prefill_fault(error, decode_call):
+                    raise
+                tried.append(worker.address)
+                self._pool.report_failure(worker.address, f"Prefill {error.code().name}: {error.details()}")
+                last_error = error
+        raise _exhausted(tried, last_error)
+
+    def _choose(self, tried: list[str]) -> Worker | None:
+        """The least loaded serving worker this request has not tried; None when there is no
+        other one for a retry (the first try raises BackendUnavailable naming the role)."""
+        try:
+            worker = next((w for w in self._pool.ranked() if w.address not in tried), None)
+        except BackendUnavailable:
+            if not tried:
+                raise
+            return None
+        if worker is not None:
+            trace.get_current_span().set_attribute("gateway.prefill_worker", worker.address)
+        return worker
+
+    def _call(self, worker: Worker, request: prefill_pb2.PrefillRequest,
+              calls: list[grpc.aio.Call]) -> grpc.aio.UnaryStreamCall:
+        stub = prefill_pb2_grpc.PrefillServiceStub(self._channels.get(worker.address))
+        call = stub.Prefill(request, timeout=self._timeout)
+        calls.append(call)
+        return call
+
+    def _retried(self, worker: Worker, tried: list[str], attempt: int) -> None:
+        self._retries.inc()
+        log.warning("prefill failed on %s; retry %d on %s", tried[-1], attempt, worker.address)
+        trace.get_current_span().add_event("gateway.prefill_retry", {
+            "prefill.failed_worker": tried[-1], "prefill.worker": worker.address, "prefill.attempt": attempt})
+
+
+def _exhausted(tried: list[str], error: grpc.aio.AioRpcError | BackendUnavailable) -> Exception:
+    """What the client gets when every try failed: UNAVAILABLE naming the workers and the last
+    error (INTERNAL stays INTERNAL)."""
+    if not isinstance(error, grpc.aio.AioRpcError):
+        return error
+    if error.code() == grpc.StatusCode.INTERNAL:
+        return UpstreamError(error.code(), error.details() or "", "prefill")
+    return BackendUnavailable(f"prefill failed on {len(tried)} worker(s) ({', '.join(tried)}); last error "
+                              f"{error.code().name}: {error.details()}")
