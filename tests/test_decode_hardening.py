@@ -303,3 +303,48 @@ async def test_replaced_chunk_keeps_its_crc_checked(decode) -> None:
     assert replace(again, data=chunk.data) == chunk
     await send(stub, [layout, again, messages[2]])
     assert len(await read_tokens(generation)) == 1
+
+
+# A retried transfer (another prefill worker) for a request whose first sender died or froze.
+async def test_sender_that_goes_away_leaves_the_request_waiting_for_a_retry(decode) -> None:
+    stub, model = decode.stub, decode.model
+    expected_id, retried_id = f"clean-{next(_ids)}", f"retried-{next(_ids)}"
+    generation = await admit(stub, expected_id, 12, max_tokens=4, ignore_eos=True)
+    await send(stub, real_transfer(model, expected_id, 12, 4, 2, first_token=9, seed=3))
+    expected = await read_tokens(generation)
+    generation = await admit(stub, retried_id, 12, max_tokens=4, ignore_eos=True)
+    dying = stub.TransferKv(timeout=30)
+    for message in real_transfer(model, retried_id, 12, 4, 2, first_token=9, seed=4)[:3]:
+        await dying.write(to_pb(message))
+    dying.cancel()  # the first prefill worker died mid-transfer
+    await asyncio.sleep(1.5)
+    assert (await decode_stats(decode.address)).awaiting_kv == 1  # still waiting, not failed
+    layout, *rest = real_transfer(model, retried_id, 12, 4, 2, first_token=9, seed=3)
+    await send(stub, [replace(layout, transfer_attempt=1), *rest])
+    assert await read_tokens(generation) == expected
+    await assert_pool_empty(decode.address)
+
+
+async def test_retried_transfer_supersedes_a_frozen_one_whose_late_chunks_are_refused(decode) -> None:
+    stub, model = decode.stub, decode.model
+    request_id = f"superseded-{next(_ids)}"
+    generation = await admit(stub, request_id, 12, max_tokens=4, ignore_eos=True)
+    frozen_messages = real_transfer(model, request_id, 12, 4, 2, seed=5)
+    frozen = stub.TransferKv(timeout=30)
+    for message in frozen_messages[:3]:
+        await frozen.write(to_pb(message))
+    layout, *rest = real_transfer(model, request_id, 12, 4, 2, first_token=9, seed=3)
+    with pytest.raises(grpc.aio.AioRpcError) as again:  # the same attempt twice is a protocol error
+        await send(stub, [layout])
+    assert again.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already has" in again.value.details()
+    await send(stub, [replace(layout, transfer_attempt=1), *rest])
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+        for message in frozen_messages[3:]:  # the frozen sender wakes up
+            await frozen.write(to_pb(message))
+        await frozen.done_writing()
+        await frozen
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await frozen
+    assert late.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)
+    assert len(await read_tokens(generation)) == 3
+    await assert_pool_empty(decode.address)

@@ -136,11 +136,11 @@ def mutated_transfers(draw: st.DrawFn, model: common_pb2.ModelInfo, request_id: 
     target = messages[index]
     fields = [f.name for f in dataclasses.fields(target)]
     name = draw(st.sampled_from(fields))
+    wire = [to_pb(m) for m in messages]
     try:
-        messages[index] = dataclasses.replace(target, **{name: draw(_FIELD_VALUES)})
-        wire = [to_pb(m) for m in messages]
-    except Exception:  # noqa: BLE001 - a value the wire cannot carry: mutate the order instead
-        wire = [to_pb(m) for m in messages]
+        wire[index] = to_pb(dataclasses.replace(target, **{name: draw(_FIELD_VALUES)}))
+    except Exception:  # noqa: BLE001 - a value the wire cannot carry: only the order is mutated
+        pass
     return draw(st.permutations(wire)) if draw(st.booleans()) else draw(
         st.lists(st.sampled_from(wire), max_size=len(wire) + 2))
 

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.channel_factory import ChannelFactory
 from services.common.channels import ChannelPool
 from services.common.errors import BackendUnavailable
 from services.common.server import Readiness
@@ -70,7 +71,7 @@ async def servers() -> AsyncIterator[list[HealthServer]]:
 
 
 async def _membership(**settings: object) -> tuple[Membership, Readiness, ChannelPool]:
-    channels, readiness = ChannelPool(), Readiness()
+    channels, readiness = ChannelPool(ChannelFactory()), Readiness()
     membership = Membership(GatewaySettings(model="tiny", **{**FAST, **settings}), channels, readiness)
     await membership.start()
     return membership, readiness, channels

@@ -82,3 +82,13 @@ def test_bad_setting_stops_the_service_with_a_message() -> None:
     result = subprocess.run([sys.executable, "-m", "services.kvstore", "--backend", "floppy"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "backend" in result.stderr
+
+
+def test_readme_configuration_tables_list_every_setting() -> None:
+    """The README's tables are what tools/settings_table.py prints from the settings classes."""
+    result = subprocess.run([sys.executable, "tools/settings_table.py"], cwd=ROOT, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    readme = (ROOT / "README.md").read_text()
+    missing = [block.splitlines()[0] for block in result.stdout.strip().split("\n\n") if block not in readme]
+    assert not missing, f"README tables out of date for {missing}: run tools/settings_table.py"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from services.decode.settings import DecodeSettings
 from services.gateway.settings import GatewaySettings
@@ -13,7 +14,7 @@ from services.prefill.settings import PrefillSettings
 def table(name: str, cls: type) -> str:
     rows = [f"**{name}**\n", "| flag | environment | default | meaning |", "|---|---|---|---|"]
     for field in dataclasses.fields(cls):
-        default = field.default if not str(field.default).startswith("/root") else "~/.cache/disagg-serve/models"
+        default = str(field.default).replace(str(Path.home()), "~")
         rows.append(f"| `--{field.name.replace('_', '-')}` | `{field.metadata['env']}` | `{default}` | "
                     f"{field.metadata['help']} |")
     return "\n".join(rows)

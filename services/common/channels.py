@@ -31,6 +31,12 @@ class ChannelPool:
             self._channels[address] = entry
         return entry[1]
 
+    def discard(self, address: str) -> None:
+        """A peer that left: its channel is closed once the calls on it finished."""
+        entry = self._channels.pop(address, None)
+        if entry is not None:
+            self._retire(entry[1])
+
     def _retire(self, channel: grpc.aio.Channel) -> None:
         task = asyncio.ensure_future(channel.close(self._grace))
         self._retiring[channel] = task

@@ -26,6 +26,10 @@ from services.decode.sequence import Finished, Sequence
 tracer = trace.get_tracer("disagg.decode")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
 TransferStream = AsyncIterator[kv_pb2.KvTransferMessage]
+# A sender that cancels or dies looks, at first, like one that closed its stream early: gRPC ends
+# the message stream, and cancels this handler a moment later. Waiting this long before calling it
+# a broken transfer lets the request keep waiting for a retried transfer instead.
+SENDER_GONE_GRACE_SECONDS = 0.5
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
@@ -120,6 +124,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 return assembler.finish(message)
             else:
                 raise KvProtocolError("KV layout sent twice")
+        await asyncio.sleep(SENDER_GONE_GRACE_SECONDS)  # a sender that went away is cancelled meanwhile
         assembler.check_complete()
         raise KvCorrupted("KV transfer ended without its end message")
 
@@ -128,8 +133,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                               assembler: KvAssembler) -> KvReceipt:
         """The stream announces KV the prefill stored in the kvstore: its end says all of it is
         there; the chunks are loaded and verified like streamed ones."""
-        end = from_pb(await anext(messages, kv_pb2.KvTransferMessage()))
-        if not isinstance(end, KvEnd):
+        raw = await anext(messages, None)
+        if raw is None:
+            await asyncio.sleep(SENDER_GONE_GRACE_SECONDS)  # as in _receive
+            raise KvCorrupted("KV transfer ended without its end message")
+        if not isinstance(from_pb(raw), KvEnd):
             raise KvProtocolError("a KV transfer announced in the kvstore carries only its layout and end")
         return await engine.swapper.load(transfer_prefix(layout.request_id, layout.transfer_attempt), assembler)
 

@@ -72,6 +72,7 @@ class HealthWatcher:
             task = tasks.pop(key, None)
             if task is not None:
                 task.cancel()
+        self._channels.discard(worker.address)  # requests still on it finish first
 
     def recover(self, pool: WorkerPool, worker: Worker) -> None:
         key = (worker.role, worker.address)
