@@ -1,14 +1,13 @@
 """A request's prefill: the least loaded serving prefill worker, and another one when it fails.
 
-A prefill call that fails with UNAVAILABLE, DEADLINE_EXCEEDED (each call has its own deadline,
-`--prefill-timeout-seconds`, bounding forward pass + KV transfer) or INTERNAL is the prefill
-worker's fault, unless the prefill says the decode worker caused it (trailing metadata
-`disagg-fault-role: decode`; any role other than prefill is not the prefill's either) or the
-decode admission it feeds has already ended: those are the decode's, and the decode failover
-rules apply. A prefill fault reports the worker (it is skipped
-with backoff) and the prefill runs again on another worker (at most `--max-prefill-retries` times)
-for the same decode admission, with `transfer_attempt` counting the retries. The first token is
-passed on once, however many times it is computed.
+A prefill call that fails with UNAVAILABLE or DEADLINE_EXCEEDED (each call has its own deadline,
+`--prefill-timeout-seconds`, bounding forward pass + KV transfer) is the prefill worker's fault,
+unless the prefill says another role caused it (trailing metadata `disagg-fault-role`: `decode`,
+`kvstore`) or the decode admission it feeds has already ended. INTERNAL is not retried: a prompt
+that breaks the model would break every worker in turn. A prefill fault reports the worker (it is
+skipped with backoff) and the prefill runs again on another worker (at most
+`--max-prefill-retries` times) for the same decode admission, with `transfer_attempt` counting
+the retries. The first token is passed on once, however many times it is computed.
 """
 
 from __future__ import annotations
@@ -21,13 +20,13 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common.channels import ChannelPool
-from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable, UpstreamError
+from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
 from services.gateway.routing import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
 
-_PREFILL_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL)
+_PREFILL_FAULTS = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def fault_role(error: grpc.aio.AioRpcError) -> str:
@@ -121,11 +120,8 @@ class PrefillRoute:
 
 
 def _exhausted(tried: list[str], error: grpc.aio.AioRpcError | BackendUnavailable) -> Exception:
-    """What the client gets when every try failed: UNAVAILABLE naming the workers and the last
-    error (INTERNAL stays INTERNAL)."""
+    """What the client gets when every try failed: UNAVAILABLE naming the workers and the last error."""
     if not isinstance(error, grpc.aio.AioRpcError):
         return error
-    if error.code() == grpc.StatusCode.INTERNAL:
-        return UpstreamError(error.code(), error.details() or "", "prefill")
     return BackendUnavailable(f"prefill failed on {len(tried)} worker(s) ({', '.join(tried)}); last error "
                               f"{error.code().name}: {error.details()}")

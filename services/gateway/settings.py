@@ -50,7 +50,7 @@ class GatewaySettings(PublicTlsSettings):
     max_failovers: int = setting(2, "times a request moves to another decode worker when its worker fails",
                                  "MAX_FAILOVERS")
     max_prefill_retries: int = setting(2, "times a prefill moves to another prefill worker when its worker fails "
-                                       "(UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL); the decode keeps the request",
+                                       "(UNAVAILABLE, DEADLINE_EXCEEDED); the decode keeps the request",
                                        "MAX_PREFILL_RETRIES")
     prefill_timeout_seconds: float = setting(60.0, "deadline of one prefill call (forward pass + KV transfer); past "
                                              "it the prefill worker is given up on and the prefill retried",
