@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import grpc
 import pytest
 
 from services.common.model_files import default_cache_dir, resolve_model_dir
@@ -109,6 +110,17 @@ def add_service(running: RunningStack, name: str, like: str, *args: str) -> str:
     waiting.wait_healthy(timeout=300)
     running.addresses[name] = spec.address
     return spec.address
+
+
+async def busy_decode(running: RunningStack, gateway: str, names: Sequence[str]) -> str:
+    """The one decode worker (of `names`) that `gateway` has a request on."""
+    from services.common.pb import common_pb2, gateway_pb2_grpc
+
+    async with grpc.aio.insecure_channel(running[gateway]) as channel:
+        stats = await gateway_pb2_grpc.GatewayServiceStub(channel).Stats(common_pb2.StatsRequest())
+    busy = [w.address for w in stats.workers if w.role == "decode" and w.active_requests]
+    assert len(busy) == 1, stats
+    return next(name for name in names if running[name] == busy[0])
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,22 @@ async def decode_stats(address: str) -> decode_pb2_grpc.DecodeServiceStub:
         return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())
 
 
+class PeakBatch:
+    """Watches a decode worker's running batch and keeps its largest size."""
+
+    def __init__(self, address: str) -> None:
+        self.running = 0
+        self._task = asyncio.ensure_future(self._watch(address))
+
+    async def _watch(self, address: str) -> None:
+        while True:
+            self.running = max(self.running, (await decode_stats(address)).running)
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+
 async def wait_pool_empty(address: str) -> common_pb2.StatsRequest:
     for _ in range(100):
         stats = await decode_stats(address)
@@ -43,25 +59,18 @@ def references(runtime, encoder) -> dict[tuple[str, int], list[int]]:
 
 
 async def test_sixteen_staggered_requests_are_exact_and_batched(memory_stack: RunningStack, references) -> None:
-    peak_running = 0
-
-    async def watch() -> None:
-        nonlocal peak_running
-        while True:
-            peak_running = max(peak_running, (await decode_stats(memory_stack["decode"])).running)
-            await asyncio.sleep(0.02)
 
     async def one(index: int, prompt: str, max_tokens: int) -> list[int]:
         await asyncio.sleep(0.15 * index)  # join while the others run
         return (await client.complete(prompt, max_tokens=max_tokens, temperature=0)).token_ids
 
-    watcher = asyncio.ensure_future(watch())
+    peak = PeakBatch(memory_stack["decode"])
     async with GatewayClient(memory_stack["gateway"]) as client:
         outputs = await asyncio.gather(*(one(i, prompt, tokens) for i, (prompt, tokens) in enumerate(references)))
-    watcher.cancel()
+    peak.stop()
     for (key, expected), output in zip(references.items(), outputs):
         assert output == expected, key
-    assert peak_running > 1
+    assert peak.running > 1
     stats = await wait_pool_empty(memory_stack["decode"])
     assert (stats.active_requests, stats.blocks_used) == (0, 0) and stats.blocks_total > 0
 
@@ -77,20 +86,13 @@ async def test_twenty_four_simultaneous_greedy_requests_equal_hf_generate(memory
     """The default batch allows 64 sequences a step; matrix products over many rows round
     differently from one row, so large batches must still give exactly HF's tokens."""
     expected = [runtime.reference_generate(encoder.encode_text(p), 24) for p in MORE_PROMPTS]
-    peak_running = 0
 
-    async def watch() -> None:
-        nonlocal peak_running
-        while True:
-            peak_running = max(peak_running, (await decode_stats(memory_stack["decode"])).running)
-            await asyncio.sleep(0.02)
-
-    watcher = asyncio.ensure_future(watch())
+    peak = PeakBatch(memory_stack["decode"])
     async with GatewayClient(memory_stack["gateway"]) as client:
         outputs = await asyncio.gather(*(client.complete(p, max_tokens=24, temperature=0,
                                                          timeout=300) for p in MORE_PROMPTS))
-    watcher.cancel()
-    assert peak_running >= 16
+    peak.stop()
+    assert peak.running >= 16
     mismatched = [p for p, out, ref in zip(MORE_PROMPTS, outputs, expected) if out.token_ids != ref]
     assert mismatched == []
     assert (await wait_pool_empty(memory_stack["decode"])).blocks_used == 0

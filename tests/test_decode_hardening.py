@@ -192,19 +192,24 @@ async def test_late_transfer_after_cancel_is_refused_and_cannot_touch_the_next_r
     victim_call = stub.TransferKv(timeout=30)
     for message in victim_messages[:-1]:
         await victim_call.write(to_pb(message))
-    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):  # the rest of the late transfer
-        for message in late[2:]:
-            await late_call.write(to_pb(message))
-        await late_call.done_writing()
-        await late_call
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await late_call
-    assert refused.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)
+    await assert_refused(late_call, late[2:])  # the rest of the late transfer
     await victim_call.write(to_pb(victim_messages[-1]))
     await victim_call.done_writing()
     await victim_call
     assert await read_tokens(victim_generation) == expected
     await assert_pool_empty(decode.address)
+
+
+async def assert_refused(call: grpc.aio.StreamUnaryCall, rest: list) -> None:
+    """The rest of a transfer whose request is gone (or superseded) is refused, never acknowledged."""
+    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+        for message in rest:
+            await call.write(to_pb(message))
+        await call.done_writing()
+        await call
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call
+    assert refused.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)
 
 
 # 4. A request that can never fit the pool was admitted, preempted alone, and hung forever.
@@ -338,13 +343,6 @@ async def test_retried_transfer_supersedes_a_frozen_one_whose_late_chunks_are_re
         await send(stub, [layout])
     assert again.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already has" in again.value.details()
     await send(stub, [replace(layout, transfer_attempt=1), *rest])
-    with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
-        for message in frozen_messages[3:]:  # the frozen sender wakes up
-            await frozen.write(to_pb(message))
-        await frozen.done_writing()
-        await frozen
-    with pytest.raises(grpc.aio.AioRpcError) as late:
-        await frozen
-    assert late.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)
+    await assert_refused(frozen, frozen_messages[3:])  # the frozen sender wakes up
     assert len(await read_tokens(generation)) == 3
     await assert_pool_empty(decode.address)

@@ -19,6 +19,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import grpc
@@ -76,36 +77,34 @@ def grpc_edge(*, new_work: bool) -> Callable[[F], F]:
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
             async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call = _Call(self.telemetry, method, context)
-                try:
-                    with self.lifecycle.work(new=new_work):
-                        async for item in handler(self, request, context):
-                            yield item
-                except asyncio.CancelledError as error:
-                    call.failed(error)
-                    raise
-                except Exception as error:  # noqa: BLE001 - the edge reports every failure
-                    await _abort(context, call, error)
-                finally:
-                    call.close()
+                async with _edge(self, method, context, new_work):
+                    async for item in handler(self, request, context):
+                        yield item
             return stream  # type: ignore[return-value]
 
         @functools.wraps(handler)
         async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(self.telemetry, method, context)
-            try:
-                with self.lifecycle.work(new=new_work):
-                    return await handler(self, request, context)
-            except asyncio.CancelledError as error:
-                call.failed(error)
-                raise
-            except Exception as error:  # noqa: BLE001 - the edge reports every failure
-                await _abort(context, call, error)
-            finally:
-                call.close()
+            async with _edge(self, method, context, new_work):
+                return await handler(self, request, context)
         return unary  # type: ignore[return-value]
 
     return wrap
+
+
+@asynccontextmanager
+async def _edge(servicer: Any, method: str, context: grpc.aio.ServicerContext, new_work: bool) -> AsyncIterator[None]:
+    """One call handled: traced, timed, counted in flight, its failure turned into a status."""
+    call = _Call(servicer.telemetry, method, context)
+    try:
+        with servicer.lifecycle.work(new=new_work):
+            yield
+    except asyncio.CancelledError as error:
+        call.failed(error)
+        raise
+    except Exception as error:  # noqa: BLE001 - the edge reports every failure
+        await _abort(context, call, error)
+    finally:
+        call.close()
 
 
 async def _abort(context: grpc.aio.ServicerContext, call: _Call, error: Exception) -> None:

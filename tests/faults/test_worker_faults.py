@@ -9,20 +9,12 @@ import signal
 import grpc
 
 from services.client import GatewayClient
-from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
-from tests.conftest import RunningStack
+from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from tests.conftest import RunningStack, busy_decode
 from tests.faults.conftest import PREFILLS, assert_nothing_held, restart
 
 SHORT = "Once upon a time, in a small village,"
 LONG = "Here is a list of the planets of the solar system and one fact about each of them. " * 30
-
-
-async def _busy_decode(stack: RunningStack) -> str:
-    async with grpc.aio.insecure_channel(stack["gateway_pair"]) as channel:
-        stats = await gateway_pb2_grpc.GatewayServiceStub(channel).Stats(common_pb2.StatsRequest())
-    busy = [w.address for w in stats.workers if w.role == "decode" and w.active_requests]
-    assert len(busy) == 1, stats
-    return "decode" if busy[0] == stack["decode"] else "decode2"
 
 
 async def _transferring_prefill(stack: RunningStack, timeout: float = 60) -> str:
@@ -50,7 +42,7 @@ async def test_decode_killed_mid_stream_is_finished_by_the_other_decode(faults, 
         async for chunk in client.generate(SHORT, max_tokens=40, temperature=0, timeout=120):
             tokens += chunk.token_ids
             if len(tokens) == 8:
-                victim = await _busy_decode(faults)
+                victim = await busy_decode(faults, "gateway_pair", ("decode", "decode2"))
                 faults.stack.processes[victim].send_signal(signal.SIGKILL)
     assert tokens == expected
     survivor = "decode2" if victim == "decode" else "decode"
@@ -59,29 +51,30 @@ async def test_decode_killed_mid_stream_is_finished_by_the_other_decode(faults, 
     await assert_nothing_held(faults)
 
 
-async def test_prefill_killed_mid_transfer_is_retried_on_the_other_prefill(faults, runtime, encoder) -> None:
-    expected = runtime.reference_generate(encoder.encode_text(LONG), 6)
+async def _hit_prefill_mid_transfer(faults: RunningStack, sig: signal.Signals) -> tuple[list[int], str]:
+    """Send LONG; once a prefill worker is sending its KV, send it `sig`. The tokens and the victim
+    (a frozen victim is thawed once the request is done: its late chunks are then refused)."""
     async with GatewayClient(faults["gateway_pair"]) as client:
         request = asyncio.ensure_future(client.complete(LONG, max_tokens=6, temperature=0, timeout=120))
         victim = await _transferring_prefill(faults)
-        faults.stack.processes[victim].send_signal(signal.SIGKILL)
-        result = await request
-    assert result.token_ids == expected
+        faults.stack.processes[victim].send_signal(sig)
+        try:
+            return (await request).token_ids, victim
+        finally:
+            if sig == signal.SIGSTOP:
+                faults.stack.processes[victim].send_signal(signal.SIGCONT)
+
+
+async def test_prefill_killed_mid_transfer_is_retried_on_the_other_prefill(faults, runtime, encoder) -> None:
+    tokens, victim = await _hit_prefill_mid_transfer(faults, signal.SIGKILL)
+    assert tokens == runtime.reference_generate(encoder.encode_text(LONG), 6)
     restart(faults, victim)
     await assert_nothing_held(faults)
 
 
 async def test_frozen_prefill_is_given_up_after_its_deadline_and_retried(faults, runtime, encoder) -> None:
-    expected = runtime.reference_generate(encoder.encode_text(LONG), 6)
-    async with GatewayClient(faults["gateway_pair"]) as client:
-        request = asyncio.ensure_future(client.complete(LONG, max_tokens=6, temperature=0, timeout=120))
-        victim = await _transferring_prefill(faults)
-        faults.stack.processes[victim].send_signal(signal.SIGSTOP)
-        try:
-            result = await request
-        finally:
-            faults.stack.processes[victim].send_signal(signal.SIGCONT)  # its late chunks are refused
-    assert result.token_ids == expected
+    tokens, _ = await _hit_prefill_mid_transfer(faults, signal.SIGSTOP)
+    assert tokens == runtime.reference_generate(encoder.encode_text(LONG), 6)
     await assert_nothing_held(faults)
     async with GatewayClient(faults["gateway_pair"]) as client:  # the thawed worker serves again
         for _ in range(2):
