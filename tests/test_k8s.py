@@ -100,16 +100,20 @@ def test_services_route_to_every_pod(overlays: dict[str, Rendered]) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_ask_the_grpc_health_service(overlays: dict[str, Rendered], overlay: str) -> None:
-    """Native gRPC probes; with mTLS, which they cannot speak, the healthcheck command in the pod."""
+    """Native gRPC probes; with mTLS, which they cannot speak, the healthcheck command in the pod.
+    Readiness asks the overall health (a gateway without workers is not ready); startup and
+    liveness ask the 'liveness' name (a gateway waiting for workers must not be restarted)."""
     rendered = overlays[overlay]
     for role in SERVICES:
         container, port = rendered.container(role), grpc_port(rendered, role)
         for kind, probe in probes(container):
+            service = [] if kind == "readinessProbe" else ["liveness"]
             if "TLS_CERT" in rendered.env(role):
-                assert "grpc" not in probe and probe["exec"]["command"] == \
-                    ["python", "-m", "services.common.healthcheck", f"127.0.0.1:{port}"], (role, kind)
+                assert "grpc" not in probe and probe["exec"]["command"] == [
+                    "python", "-m", "services.common.healthcheck", f"127.0.0.1:{port}",
+                    *(["--service", *service] if service else [])], (role, kind)
             else:
-                assert probe["grpc"] == {"port": port}, (role, kind)
+                assert probe["grpc"] == {"port": port, **({"service": service[0]} if service else {})}, (role, kind)
         startup = container["startupProbe"]
         budget = startup["periodSeconds"] * startup["failureThreshold"]
         assert budget >= (600 if role in WORKERS else 300), f"{role}: model load may take minutes"

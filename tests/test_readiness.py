@@ -78,6 +78,8 @@ async def test_gateway_serves_only_once_its_workers_serve(stack: tuple[Stack, di
     assert await asyncio.to_thread(_health, specs["gateway"]) == NOT_SERVING
     assert await asyncio.to_thread(_health, specs["unified"]) == NOT_SERVING
     assert await asyncio.to_thread(_http_health, specs["gateway"]) == 503
+    # Not ready, yet alive: Kubernetes' liveness probe asks this name and must not restart it.
+    assert await asyncio.to_thread(health_status, specs["gateway"].address, 0.5, None, "liveness") == SERVING
     decode = start(running, specs["decode"])
     await asyncio.to_thread(wait_serving, specs["decode"], decode)
     assert await _until_health(specs["unified"], SERVING, 5) < 2.0

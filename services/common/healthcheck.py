@@ -16,11 +16,13 @@ from services.common.tls import TlsFiles, client_channel
 from services.common.tls_settings import add_tls_arguments, client_tls
 
 
-def health_status(address: str, timeout: float = 1.0, tls: TlsFiles | None = None) -> int:
-    """The server's overall health status, or -1 if it does not answer (TLS with `tls`)."""
+def health_status(address: str, timeout: float = 1.0, tls: TlsFiles | None = None, service: str = "") -> int:
+    """The server's health status (overall, or of `service`), or -1 if it does not answer (TLS
+    with `tls`)."""
     with client_channel(grpc, address, tls) as channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                              timeout=timeout)
         except grpc.RpcError:
             return -1
     return reply.status
@@ -29,9 +31,11 @@ def health_status(address: str, timeout: float = 1.0, tls: TlsFiles | None = Non
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.common.healthcheck", description=__doc__)
     parser.add_argument("address", metavar="HOST:PORT")
+    parser.add_argument("--service", default="", help="health service name: '' (ready to serve, the default) or "
+                        "'liveness' (the process works, even while not ready)")
     add_tls_arguments(parser)
     args = parser.parse_args(argv)
-    status = health_status(args.address, timeout=3.0, tls=client_tls(args))
+    status = health_status(args.address, timeout=3.0, tls=client_tls(args), service=args.service)
     sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 

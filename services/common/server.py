@@ -43,7 +43,8 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 S = TypeVar("S")
-FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
+FINAL_STOP_SECONDS = 1.0
+LIVENESS_SERVICE = "liveness"  # health service name that says only "this process works"  # after in-flight work drained, what server.stop still allows
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +188,9 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
         log.info("%s listening on %s (%s; metrics on port %s), warming up", spec.name, address,
                  spec.tls.describe() if spec.tls else "plaintext", spec.metrics_port or "-")
         if await _warm_up(warmup, stop):
+            # Alive once warmed up, whatever the readiness: a gateway without workers is not ready
+            # but must not be restarted for it (Kubernetes liveness asks this name).
+            await health_servicer.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
             await _serve_until_stopped(spec, health_servicer, ["", *names], stop, readiness or Readiness(True))
         await health_servicer.enter_graceful_shutdown()
         if lifecycle.fatal is None:
