@@ -9,9 +9,10 @@ import signal
 import grpc
 
 from services.client import GatewayClient
-from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2_grpc, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2_grpc
 from tests.conftest import RunningStack
 from tests.faults.conftest import PREFILLS, assert_nothing_held, restart
+from tests.held import transferring_prefill
 
 SHORT = "Once upon a time, in a small village,"
 LONG = "Here is a list of the planets of the solar system and one fact about each of them. " * 30
@@ -23,18 +24,6 @@ async def _busy_decode(stack: RunningStack) -> str:
     busy = [w.address for w in stats.workers if w.role == "decode" and w.active_requests]
     assert len(busy) == 1, stats
     return "decode" if busy[0] == stack["decode"] else "decode2"
-
-
-async def _transferring_prefill(stack: RunningStack, timeout: float = 60) -> str:
-    """The prefill worker that has started sending a request's KV."""
-    for _ in range(int(timeout / 0.02)):
-        for name in PREFILLS:
-            async with grpc.aio.insecure_channel(stack[name]) as channel:
-                stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest())
-            if stats.kv_bytes_held:
-                return name
-        await asyncio.sleep(0.02)
-    raise TimeoutError("no prefill worker started a transfer")
 
 
 async def _requests_total(address: str) -> int:
@@ -63,7 +52,7 @@ async def test_prefill_killed_mid_transfer_is_retried_on_the_other_prefill(fault
     expected = runtime.reference_generate(encoder.encode_text(LONG), 6)
     async with GatewayClient(faults["gateway_pair"]) as client:
         request = asyncio.ensure_future(client.complete(LONG, max_tokens=6, temperature=0, timeout=120))
-        victim = await _transferring_prefill(faults)
+        victim = await transferring_prefill(faults, PREFILLS)
         faults.stack.processes[victim].send_signal(signal.SIGKILL)
         result = await request
     assert result.token_ids == expected
@@ -75,7 +64,7 @@ async def test_frozen_prefill_is_given_up_after_its_deadline_and_retried(faults,
     expected = runtime.reference_generate(encoder.encode_text(LONG), 6)
     async with GatewayClient(faults["gateway_pair"]) as client:
         request = asyncio.ensure_future(client.complete(LONG, max_tokens=6, temperature=0, timeout=120))
-        victim = await _transferring_prefill(faults)
+        victim = await transferring_prefill(faults, PREFILLS)
         faults.stack.processes[victim].send_signal(signal.SIGSTOP)
         try:
             result = await request
