@@ -28,7 +28,8 @@ from services.common.tls import TlsFiles
 
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
-    """One service process: `python -m services.<module> <args>` with extra environment."""
+    """One service process: `python -m services.<module> <args>` with extra environment, listening
+    on `host`; `launcher` runs it (e.g. `ip netns exec NAME` for another network namespace)."""
 
     name: str
     module: str
@@ -36,10 +37,12 @@ class ServiceSpec:
     args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     cpus: frozenset[int] | None = None  # pin the process to these cores
+    host: str = "127.0.0.1"
+    launcher: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 class PortAllocator:
@@ -79,8 +82,8 @@ class Stack:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **spec.env}
         output = open(os.path.join(self._log_dir, f"{spec.name}.log"), "ab") if self._log_dir else None
         cpus = spec.cpus
-        process = subprocess.Popen([sys.executable, "-m", f"services.{spec.module}", *spec.args], env=env,
-                                   stdout=output, stderr=subprocess.STDOUT if output else None,
+        process = subprocess.Popen([*spec.launcher, sys.executable, "-m", f"services.{spec.module}", *spec.args],
+                                   env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
                                    preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         self.processes[spec.name] = process
         return process

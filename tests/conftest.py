@@ -61,6 +61,12 @@ class RunningStack:
         return self.addresses[name]
 
 
+def dump_logs(log_dir: Path) -> None:
+    """The end of every service log, for a stack that failed to start (pytest shows it)."""
+    for log in sorted(log_dir.glob("*.log")):
+        print(f"==== {log.name}\n{log.read_text()[-3000:]}")
+
+
 def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redis_url: str = "",
                 extra: Mapping[str, Sequence[str]] | None = None, extra_gateways: Mapping[str, Sequence[str]] = {},
                 wait_for: Sequence[str] | None = None, env: Mapping[str, str] | None = None,
@@ -87,8 +93,7 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
         waited.wait_healthy(timeout=300)
     except Exception:
         stack.stop()
-        for log in sorted(log_dir.glob("*.log")):
-            print(f"==== {log.name}\n{log.read_text()[-3000:]}")
+        dump_logs(log_dir)
         raise
     scheme = "https" if tls else "http"
     addresses = {spec.name: spec.address for spec in specs} | {"http": f"{scheme}://127.0.0.1:{ports['http']}"}
@@ -132,16 +137,37 @@ async def receiver() -> Iterator[SpanSink]:
     await server.stop(0)
 
 
+def reference_model(model: str) -> ModelRuntime:
+    """`model` in float32 in the test process: its `reference_generate` is Hugging Face `generate`."""
+    return ModelRuntime(model, "float32", "cpu", default_cache_dir())
+
+
+def prompt_encoder(model: str) -> PromptEncoder:
+    """The gateway's tokenizer and chat template of `model`."""
+    return PromptEncoder(resolve_model_dir(model, default_cache_dir()))
+
+
 @pytest.fixture(scope="session")
 def runtime() -> ModelRuntime:
-    """The real SmolLM2 model in float32, in the test process: the Hugging Face reference."""
-    return ModelRuntime("default", "float32", "cpu", default_cache_dir())
+    """The real SmolLM2 model: the Hugging Face reference."""
+    return reference_model("default")
 
 
 @pytest.fixture(scope="session")
 def encoder() -> PromptEncoder:
-    """The gateway's tokenizer and chat template."""
-    return PromptEncoder(resolve_model_dir("default", default_cache_dir()))
+    return prompt_encoder("default")
+
+
+def start_healthy(stack: Stack, log_dir: Path, timeout: float = 300) -> None:
+    """Start every process of `stack` and wait until each is SERVING; on failure stop them and
+    show the end of their logs."""
+    stack.start()
+    try:
+        stack.wait_healthy(timeout=timeout)
+    except Exception:
+        stack.stop()
+        dump_logs(log_dir)
+        raise
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -48,6 +49,13 @@ def wait_serving(spec: ServiceSpec, process: subprocess.Popen[bytes], timeout: f
         assert time.monotonic() < deadline, f"{spec.name} not SERVING after {timeout}s"
         time.sleep(0.02)
     return time.monotonic()
+
+
+def stop_gracefully(stack: Stack, name: str, timeout: float = 45) -> None:
+    """SIGTERM; the process must drain and exit 0 within `timeout`."""
+    process = stack.processes[name]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout) == 0, f"{name} exited with {process.returncode} after SIGTERM"
 
 
 def start(stack: Stack, spec: ServiceSpec) -> subprocess.Popen[bytes]:

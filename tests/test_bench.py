@@ -50,6 +50,18 @@ def test_grpc_and_openai_targets_report_every_field(tiny_stack: RunningStack, ca
     assert [run["label"] for run in http_report["runs"]] == ["rate 20/s", "rate 40/s"]
 
 
+def test_duration_keeps_the_load_up_across_several_gateways(tiny_stack: RunningStack, capsys) -> None:
+    """--duration: the concurrency is kept up that long; --grpc with a second gateway that is down
+    (nothing listens): every request goes to the serving one."""
+    down = f"127.0.0.1:{free_port()}"
+    bench_main(["--grpc", f"{tiny_stack['gateway']},{down}", "--concurrency", "2", "--duration", "1.5", "--json",
+                "--warmup", "0", "--prompt-tokens", "4", "--output-tokens", "4", "--num-requests", "3"])
+    report = json.loads(capsys.readouterr().out)
+    run = report["runs"][0]
+    assert run["failed"] == 0 and run["completed"] > 3 and run["duration_s"] >= 1.5, run  # cycled the 3 requests
+    assert not report["terminated"]
+
+
 def slow_app(first_token_delay: float, token_delay: float) -> FastAPI:
     """An OpenAI-compatible completions endpoint that is as slow as told."""
     app = FastAPI()

@@ -17,7 +17,7 @@ from services.common.channel_factory import ChannelFactory
 from services.common.channels import ChannelPool
 from services.common.config import parse_settings
 from services.common.pki import CertificateAuthority
-from services.common.tls import ServerTls, TlsFiles, TlsSource, add_port
+from services.common.tls import ServerTls, TlsFiles, TlsMaterial, TlsSource, add_port
 from services.decode.settings import DecodeSettings
 from services.gateway.settings import GatewaySettings
 from services.kvstore.settings import KvStoreSettings
@@ -122,6 +122,27 @@ async def test_host_name_verification_and_its_override(tmp_path: Path) -> None:
         assert await asyncio.to_thread(presented_serial, address, by_name) == rotated.serial
     finally:
         await server.stop(0)
+
+
+async def test_one_channel_over_several_tls_servers(pki: Pki, tmp_path: Path) -> None:
+    """Several addresses over mutual TLS (a worker's pool of kvstores, the SDK's gateways): every
+    server's certificate is verified against the first address's host and the client's is
+    presented; a server that stops is passed over."""
+    servers = [await _serve(pki.files["kvstore"], require_client_cert=True) for _ in range(2)]
+    both = ",".join(address for _, address in servers)
+    identity = pki.authority.write_identity(tmp_path, "pool-client", ca_path=Path(pki.ca))
+    pool = ChannelPool(ChannelFactory(TlsSource(identity)))
+    client_serial = TlsMaterial.read(identity).serial
+    try:
+        assert [await _whoami(pool.get(both)) for _ in range(4)] == [client_serial] * 4
+        assert await _code(both, pki.client()) == grpc.StatusCode.OK  # the SDK's and health check's channel
+        await servers[0][0].stop(0)
+        assert [await _whoami(pool.get(both)) for _ in range(4)] == [client_serial] * 4
+        assert await _code(both, TlsFiles(ca=pki.ca)) == grpc.StatusCode.UNAVAILABLE  # still mutual TLS
+    finally:
+        await pool.close()
+        for server, _ in servers:
+            await server.stop(0)
 
 
 @pytest.mark.parametrize(("cls", "env", "phrase"), [

@@ -5,16 +5,24 @@ percentiles, throughput and goodput.
     python -m services.bench --grpc 127.0.0.1:50051 --concurrency 8 --num-requests 32
     python -m services.bench --openai-url http://127.0.0.1:8000/v1 --model SmolLM2-135M-Instruct \\
         --rates 0.5,1,2 --num-requests 20 --json
+    python -m services.bench --grpc 127.0.0.1:50051,127.0.0.1:50061 --concurrency 4 --duration 60
 
-Ctrl-C prints what was measured so far. `python -m services.bench profile` measures the model on
-this machine and advises prefill/decode worker counts (services.bench.advisor).
+`--grpc` takes several gateways, comma separated (round robin over the serving ones; a gateway
+that drains or restarts is passed over). `--duration` keeps the concurrency up for that long.
+Ctrl-C prints what was measured so far; SIGTERM stops starting requests, lets those in flight
+finish and prints the figures (a steady load that a test or script ends when it is done).
+`python -m services.bench profile` measures the model on this machine and advises prefill/decode
+worker counts (services.bench.advisor).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -42,14 +50,18 @@ class Progress:
 
 
 async def run_workload(target: Target, requests: list[BenchRequest], concurrency: int | None,
-                       records: list[RequestRecord], progress: Progress) -> float:
-    """Send every request (at most `concurrency` at once, or at its arrival time); returns wall seconds."""
+                       records: list[RequestRecord], progress: Progress, stop: asyncio.Event | None = None) -> float:
+    """Send every request (at most `concurrency` at once, or at its arrival time) until `stop` is
+    set: requests not started by then are not sent, those in flight finish. Returns wall seconds."""
     limit = asyncio.Semaphore(concurrency or len(requests) or 1)
+    stop = stop or asyncio.Event()
     started = time.perf_counter()
 
     async def one(request: BenchRequest) -> None:
         await asyncio.sleep(max(0.0, started + request.arrival - time.perf_counter()))
         async with limit:
+            if stop.is_set():
+                return
             records.append(await target.send(request))
             progress.step()
 
@@ -62,6 +74,21 @@ async def run_workload(target: Target, requests: list[BenchRequest], concurrency
     return time.perf_counter() - started
 
 
+async def run_for(target: Target, requests: list[BenchRequest], concurrency: int, seconds: float,
+                  records: list[RequestRecord], stop: asyncio.Event) -> float:
+    """Keep `concurrency` requests in flight, cycling through `requests`, for `seconds` or until
+    `stop` is set; those in flight then finish and count. Returns wall seconds."""
+    started = time.perf_counter()
+    source = itertools.cycle(requests)
+
+    async def worker() -> None:
+        while not stop.is_set() and time.perf_counter() - started < seconds:
+            records.append(await target.send(next(source)))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
 def make_target(args: argparse.Namespace) -> Target:
     if args.openai_url:
         tls = client_tls(args)
@@ -69,26 +96,37 @@ def make_target(args: argparse.Namespace) -> Target:
     return GrpcTarget(args.grpc, args.api_key, sdk_tls_options(args))
 
 
-async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: list[RequestRecord]) -> None:
+async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: list[RequestRecord],
+                terminated: asyncio.Event) -> None:
+    """The runs; SIGTERM sets `terminated`: no new request starts, those in flight finish and count."""
     slo = Slo(args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)
     target = make_target(args)
+    with contextlib.suppress(ValueError, RuntimeError):  # not in the main thread: no SIGTERM handling
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
     try:
         if args.warmup:
             warm = build(args.warmup, args.prompt_tokens, args.output_tokens, None, args.seed + 1, args.prompts_file)
-            await run_workload(target, warm, args.concurrency or 4, [], Progress(0, "", False))
+            await run_workload(target, warm, args.concurrency or 4, [], Progress(0, "", False), terminated)
         for rate in args.rates or [None]:
+            if terminated.is_set():
+                break
             label = f"rate {rate:g}/s" if rate else f"conc {args.concurrency}"
             requests = build(args.num_requests, args.prompt_tokens, args.output_tokens, rate, args.seed,
                              args.prompts_file)
             live.clear()
             started = time.perf_counter()
             try:
-                wall = await run_workload(target, requests, None if rate else args.concurrency, live,
-                                          Progress(len(requests), label, not args.json))
+                if args.duration:
+                    wall = await run_for(target, requests, args.concurrency, args.duration, live, terminated)
+                else:
+                    wall = await run_workload(target, requests, None if rate else args.concurrency, live,
+                                              Progress(len(requests), label, not args.json), terminated)
             finally:
                 runs.append(summarize(list(live), time.perf_counter() - started, slo, label))
             runs[-1]["duration_s"] = wall
     finally:
+        with contextlib.suppress(ValueError, RuntimeError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         await target.close()
 
 
@@ -96,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--grpc", default="127.0.0.1:50051", help="gateway gRPC address (default)")
+    where.add_argument("--grpc", default="127.0.0.1:50051",
+                       help="gateway gRPC address (default), or several comma separated: round robin over the "
+                       "serving ones")
     where.add_argument("--openai-url", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model id for --openai-url")
     parser.add_argument("--api-key", default=None)
@@ -106,6 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--rates", type=lambda v: [float(x) for x in v.split(",")],
                       help="Poisson arrival rates (requests/s), comma separated: a sweep")
     parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=0.0,
+                        help="with --concurrency: keep that many requests in flight for this many seconds, cycling "
+                        "through --num-requests requests (those in flight at the end finish and count)")
     parser.add_argument("--prompt-tokens", default="128", help="N or LOW:HIGH (uniform)")
     parser.add_argument("--output-tokens", default="64", help="N or LOW:HIGH (uniform)")
     parser.add_argument("--prompts-file", type=Path, help='JSONL of {"prompt": ..., "max_tokens": ...}')
@@ -120,6 +163,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency = None
     if args.num_requests <= 0 or (args.concurrency is not None and args.concurrency <= 0):
         parser.error("--num-requests and --concurrency must be > 0")
+    if args.duration < 0 or (args.duration and args.rates):
+        parser.error("--duration must be >= 0 and goes with --concurrency, not --rates")
     return args
 
 
@@ -133,13 +178,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     runs: list[dict[str, object]] = []
     live: list[RequestRecord] = []
+    terminated = asyncio.Event()
     interrupted = False
     try:
-        asyncio.run(bench(args, runs, live))
+        asyncio.run(bench(args, runs, live, terminated))
     except KeyboardInterrupt:
         interrupted = True
-    print(json.dumps({"runs": runs, "interrupted": interrupted}, indent=2) if args.json else
-          table(runs) + ("\n(interrupted: figures so far)" if interrupted else ""))
+    print(json.dumps({"runs": runs, "interrupted": interrupted, "terminated": terminated.is_set()}, indent=2)
+          if args.json else table(runs) + ("\n(interrupted: figures so far)" if interrupted else "")
+          + ("\n(SIGTERM: stopped early)" if terminated.is_set() else ""))
     if args.plot and runs:
         from services.bench.plot import plot
 

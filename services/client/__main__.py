@@ -16,7 +16,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.client", description=__doc__)
     parser.add_argument("prompt", help="text to complete (or the user message with --chat)")
     parser.add_argument("--address", default=os.environ.get("GATEWAY_ADDRESS", "127.0.0.1:50051"),
-                        help="gateway host:port [env GATEWAY_ADDRESS]")
+                        help="gateway host:port, or several comma separated (round robin over the serving ones) "
+                        "[env GATEWAY_ADDRESS]")
     parser.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     parser.add_argument("--top-p", type=float, default=None)

@@ -15,12 +15,17 @@ from services.common.tls import client_channel, client_files
 
 
 class GatewayClient:
-    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *, api_key: str | None = None,
                  timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy(), tls: bool = False,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  tls_server_name: str | None = None) -> None:
-        """TLS is on with `tls_ca` (the CA to verify the gateway with), `tls_cert` and `tls_key` (a
-        client certificate, for a gateway that requires one) or `tls=True` (the system's roots)."""
+        """`address`: one gateway (host:port), or several (a comma separated list or a sequence):
+        then calls go round robin to the gateways whose health is SERVING, so one that drains
+        after SIGTERM, restarts or is down is passed over (a call it refused is retried on another
+        by `retry`). TLS is on with `tls_ca` (the CA to verify the gateway with), `tls_cert` and
+        `tls_key` (a client certificate, for a gateway that requires one) or `tls=True` (the
+        system's roots); with several gateways every certificate must name the first one's host,
+        or set `tls_server_name`."""
         self._channel = client_channel(grpc.aio, address, client_files(tls, tls_ca, tls_cert, tls_key,
                                                                        tls_server_name))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)

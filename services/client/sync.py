@@ -15,11 +15,12 @@ from services.common.tls import client_channel, client_files
 
 
 class SyncGatewayClient:
-    def __init__(self, address: str = "127.0.0.1:50051", *, api_key: str | None = None,
+    def __init__(self, address: str | Sequence[str] = "127.0.0.1:50051", *, api_key: str | None = None,
                  timeout_seconds: float | None = None, retry: RetryPolicy = RetryPolicy(), tls: bool = False,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
                  tls_server_name: str | None = None) -> None:
-        """TLS as in GatewayClient: `tls_ca`, `tls_cert`/`tls_key`, `tls_server_name`, `tls=True`."""
+        """`address` and TLS as in GatewayClient: one gateway or several; `tls_ca`,
+        `tls_cert`/`tls_key`, `tls_server_name`, `tls=True`."""
         self._channel = client_channel(grpc, address, client_files(tls, tls_ca, tls_cert, tls_key, tls_server_name))
         self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
         self._metadata = auth_metadata(api_key)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 
 from services.common.server import GRPC_OPTIONS
+from services.common.targets import channel_target
 from services.common.telemetry import client_interceptors
 from services.common.tls import TlsMaterial, TlsSource, channel_credentials
 
@@ -30,10 +31,14 @@ class ChannelFactory:
         return None if self._tls is None else self._tls.refresh(self._interval)
 
     def create(self, address: str, material: TlsMaterial | None = None) -> grpc.aio.Channel:
-        """A channel to `address`, with `material` (default: the current one) when TLS is on."""
+        """A channel to `address` (several, comma separated: one round-robin channel over those
+        serving, services/common/targets.py), with `material` (default: the current one) when TLS
+        is on."""
         interceptors = client_interceptors()
+        target = channel_target(address)
+        options = [*GRPC_OPTIONS, *target.options]
         if self._tls is None:
-            return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
-        options = [*GRPC_OPTIONS, *self._tls.files.channel_options()]
-        return grpc.aio.secure_channel(address, channel_credentials(material or self._tls.current), options=options,
-                                       interceptors=interceptors)
+            return grpc.aio.insecure_channel(target.target, options=options, interceptors=interceptors)
+        options += self._tls.files.channel_options()
+        return grpc.aio.secure_channel(target.target, channel_credentials(material or self._tls.current),
+                                       options=options, interceptors=interceptors)

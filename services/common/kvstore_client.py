@@ -1,13 +1,32 @@
-"""Client of the kvstore service used by the workers, speaking domain errors."""
+"""Client of the kvstore service used by the workers, speaking domain errors.
+
+`address` may list several kvstores (comma separated, all on one backend such as a shared Redis):
+then one round-robin channel spreads the calls over those whose health is SERVING
+(services/common/targets.py), and a call that fails with UNAVAILABLE (a kvstore that drains after
+SIGTERM, restarts or is down, or none reachable for a moment: the channel reconnects to a
+restarted kvstore within a second) is tried again, with backoff, for up to `RETRY_WINDOW_SECONDS`
+(within the call's own deadline). Every call is idempotent (a put of the same value, a get, a
+delete), so a retry never changes what is stored. With one address a call is tried once."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import grpc
 
+from services.common.backoff import Backoff
 from services.common.channel_factory import ChannelFactory
 from services.common.channels import ChannelPool
 from services.common.errors import BackendUnavailable, UnknownRequest
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
+from services.common.targets import address_list
+
+R = TypeVar("R")
+RETRY_WINDOW_SECONDS = 3.0  # three times the longest reconnect interval of a channel (1 s)
+RETRY_BACKOFF = Backoff(0.05, 0.5)
 
 
 class KvStoreClient:
@@ -18,6 +37,7 @@ class KvStoreClient:
         self._namespace = namespace
         self._timeout = timeout_seconds
         self._channels = ChannelPool(channels)  # a new channel when the TLS files rotate
+        self._window = min(RETRY_WINDOW_SECONDS, timeout_seconds) if len(address_list(address)) > 1 else 0.0
 
     @property
     def _stub(self) -> kvstore_pb2_grpc.KvStoreServiceStub:
@@ -30,27 +50,31 @@ class KvStoreClient:
             return BackendUnavailable(f"kvstore at {self.address} unavailable: {error.details()}")
         return error
 
+    async def _call(self, call: Callable[[kvstore_pb2_grpc.KvStoreServiceStub], Awaitable[R]], key: str) -> R:
+        """`call` on the stub, tried again on UNAVAILABLE within the retry window (several kvstores)."""
+        give_up, attempt = time.monotonic() + self._window, 0
+        while True:
+            try:
+                return await call(self._stub)
+            except grpc.aio.AioRpcError as error:
+                delay = RETRY_BACKOFF.delay(attempt)
+                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > give_up:
+                    raise self._translate(error, key) from error
+            await asyncio.sleep(delay)
+            attempt += 1
+
     async def put(self, key: str, value: bytes, ttl_seconds: int = 0) -> None:
         request = kvstore_pb2.PutRequest(namespace=self._namespace, key=key, value=value, ttl_seconds=ttl_seconds)
-        try:
-            await self._stub.Put(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error, key) from error
+        await self._call(lambda stub: stub.Put(request, timeout=self._timeout), key)
 
     async def get(self, key: str) -> bytes:
-        try:
-            reply = await self._stub.Get(kvstore_pb2.GetRequest(namespace=self._namespace, key=key),
-                                         timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error, key) from error
+        request = kvstore_pb2.GetRequest(namespace=self._namespace, key=key)
+        reply = await self._call(lambda stub: stub.Get(request, timeout=self._timeout), key)
         return reply.value
 
     async def delete_prefix(self, prefix: str) -> int:
-        try:
-            reply = await self._stub.Delete(kvstore_pb2.DeleteRequest(namespace=self._namespace, prefix=prefix),
-                                            timeout=self._timeout)
-        except grpc.aio.AioRpcError as error:
-            raise self._translate(error, prefix) from error
+        request = kvstore_pb2.DeleteRequest(namespace=self._namespace, prefix=prefix)
+        reply = await self._call(lambda stub: stub.Delete(request, timeout=self._timeout), prefix)
         return reply.deleted
 
     async def close(self) -> None:

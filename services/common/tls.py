@@ -23,6 +23,7 @@ import logging
 import ssl
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +32,8 @@ from typing import Any
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+
+from services.common.targets import channel_target
 
 log = logging.getLogger(__name__)
 
@@ -211,12 +214,15 @@ def client_files(tls: bool = False, ca: str | None = None, cert: str | None = No
     return files if tls or files.ca or files.cert else None
 
 
-def client_channel(module: ModuleType, address: str, tls: TlsFiles | None) -> Any:
+def client_channel(module: ModuleType, address: str | Sequence[str], tls: TlsFiles | None) -> Any:
     """A channel of `module` (grpc or grpc.aio) from outside the services: plaintext, or TLS with
-    `tls` read once."""
+    `tls` read once. Several addresses (a comma separated list) make one round-robin channel over
+    the servers whose health is SERVING (services/common/targets.py)."""
+    target = channel_target(address)
     if tls is None:
-        return module.insecure_channel(address)
-    return module.secure_channel(address, tls.client_credentials(), options=tls.channel_options())
+        return module.insecure_channel(target.target, options=list(target.options))
+    return module.secure_channel(target.target, tls.client_credentials(),
+                                 options=[*target.options, *tls.channel_options()])
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:

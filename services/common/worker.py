@@ -10,6 +10,7 @@ from services.common.config import setting
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
 from services.common.runtime import DTYPES, ModelRuntime
+from services.common.targets import check_address_list
 from services.common.tls_settings import TlsSettings
 
 log = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ class WorkerSettings(TlsSettings):
     device: str = setting("auto", "torch device: auto (cuda if present), cpu, cuda, cuda:N", "DEVICE")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
     torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)", "TORCH_THREADS")
-    kvstore_address: str = setting("", "kvstore service host:port (empty: none)", "KVSTORE_ADDRESS")
+    kvstore_address: str = setting("", "kvstore service host:port (empty: none); several, comma separated, when "
+                                   "they share one backend: calls go round robin to those serving", "KVSTORE_ADDRESS")
     kvstore_timeout_seconds: float = setting(10.0, "deadline of each kvstore call", "KVSTORE_TIMEOUT_SECONDS")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
@@ -36,6 +38,7 @@ class WorkerSettings(TlsSettings):
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
         if self.kvstore_timeout_seconds <= 0:
             raise ValueError("kvstore_timeout_seconds must be > 0")
+        check_address_list("kvstore_address", self.kvstore_address)
         check_log_level(self.log_level)
 
 

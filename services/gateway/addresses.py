@@ -13,36 +13,17 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common.targets import is_ip, join_host_port, split_host_port
+
 log = logging.getLogger(__name__)
 
 RESOLVE_TIMEOUT_SECONDS = 5.0  # one DNS lookup; past it the name keeps its last addresses
-
-
-def split_host_port(address: str) -> tuple[str, str]:
-    """'host:port' or '[v6]:port' -> (host, port); ValueError when it is neither."""
-    host, _, port = address.strip().rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"worker address {address!r} is not host:port")
-    return host.strip("[]"), port
-
-
-def join_host_port(host: str, port: str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        return False
 
 
 def parse_address_lines(text: str, origin: str) -> list[str]:
@@ -112,7 +93,7 @@ class AddressSource:
     async def _resolve(self, host: str, port: str) -> list[str]:
         """Every address a name stands for (IPv4 first); its last answer, or the name itself, if
         the lookup fails."""
-        if _is_ip(host):
+        if is_ip(host):
             return [join_host_port(host, port)]
         try:
             infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(

@@ -8,8 +8,8 @@ from pathlib import Path
 from services.common.config import check_port, check_positive, setting, split_addresses
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
+from services.common.targets import check_address_list
 from services.common.tls_settings import PublicTlsSettings
-from services.gateway.addresses import split_host_port
 
 KV_TRANSFER_MODES = ("direct", "kvstore")
 PREFILL_MODES = ("disaggregated", "unified", "conditional")
@@ -111,11 +111,7 @@ class GatewaySettings(PublicTlsSettings):
                 setattr(self, listed, value)
             if value and not split_addresses(value):
                 raise ValueError(f"{listed} must name at least one host:port worker, got {value!r}")
-            for address in split_addresses(value):
-                try:
-                    split_host_port(address)
-                except ValueError as exc:
-                    raise ValueError(f"{listed}: {exc}") from None
+            check_address_list(listed, value)
             if path and not Path(path).is_file():
                 raise ValueError(f"{file} {path!r} does not exist")
 

@@ -6,22 +6,21 @@ gateway, no key in the kvstore."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-import grpc
 import pytest
 
-from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2_grpc, kvstore_pb2_grpc, prefill_pb2_grpc
 from services.stack import Stack
 from tests.conftest import RunningStack, add_service, start_stack
+from tests.held import Services
+from tests.held import assert_nothing_held as shared_assert_nothing_held
 from tests.redis_server import RedisServer
 
 DECODES = ("decode", "decode2", "decode_small")
 PREFILLS = ("prefill", "prefill2")
 GATEWAYS = ("gateway", "gateway_pair", "gateway_kvstore", "gateway_small")
+FAULT_SERVICES = Services(DECODES, PREFILLS, GATEWAYS)
 PREFILL_TIMEOUT_SECONDS = 8
 
 
@@ -66,42 +65,6 @@ def restart(running: RunningStack, name: str) -> None:
     waiting.wait_healthy(timeout=300)
 
 
-@dataclass(frozen=True)
-class Held:
-    """What one service still holds: (requests, blocks or bytes or keys)."""
-
-    service: str
-    requests: int
-    resources: int
-
-
-async def held(stack: RunningStack) -> list[Held]:
-    """Everything still held anywhere, as non-zero entries."""
-    found: list[Held] = []
-    for name in DECODES:
-        async with grpc.aio.insecure_channel(stack[name]) as channel:
-            stats = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-        found.append(Held(name, stats.active_requests, stats.blocks_used))
-    for name in PREFILLS:
-        async with grpc.aio.insecure_channel(stack[name]) as channel:
-            prefill = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-        found.append(Held(name, prefill.active_requests, prefill.kv_bytes_held))
-    for name in GATEWAYS:
-        async with grpc.aio.insecure_channel(stack[name]) as channel:
-            gateway = await gateway_pb2_grpc.GatewayServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-        found.append(Held(name, gateway.active_requests, sum(w.active_requests for w in gateway.workers)))
-    async with grpc.aio.insecure_channel(stack["kvstore"]) as channel:
-        store = await kvstore_pb2_grpc.KvStoreServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-    found.append(Held("kvstore", 0, store.entries))
-    return [entry for entry in found if entry.requests or entry.resources]
-
-
 async def assert_nothing_held(stack: RunningStack, seconds: float = 15.0) -> None:
-    """Within `seconds` (cleanup after a cancel runs in the background), nothing is held anywhere."""
-    remaining: list[Held] = []
-    for _ in range(int(seconds / 0.2)):
-        remaining = await held(stack)
-        if not remaining:
-            return
-        await asyncio.sleep(0.2)
-    assert remaining == []
+    """Within `seconds`, nothing is held anywhere in the fault-injection stack."""
+    await shared_assert_nothing_held(stack, FAULT_SERVICES, seconds)

@@ -9,24 +9,13 @@ import signal
 import grpc
 
 from services.client import GatewayClient
-from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2_grpc
 from tests.conftest import RunningStack, busy_decode
 from tests.faults.conftest import PREFILLS, assert_nothing_held, restart
+from tests.held import transferring_prefill
 
 SHORT = "Once upon a time, in a small village,"
 LONG = "Here is a list of the planets of the solar system and one fact about each of them. " * 30
-
-
-async def _transferring_prefill(stack: RunningStack, timeout: float = 60) -> str:
-    """The prefill worker that has started sending a request's KV."""
-    for _ in range(int(timeout / 0.02)):
-        for name in PREFILLS:
-            async with grpc.aio.insecure_channel(stack[name]) as channel:
-                stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest())
-            if stats.kv_bytes_held:
-                return name
-        await asyncio.sleep(0.02)
-    raise TimeoutError("no prefill worker started a transfer")
 
 
 async def _requests_total(address: str) -> int:
@@ -56,7 +45,7 @@ async def _hit_prefill_mid_transfer(faults: RunningStack, sig: signal.Signals) -
     (a frozen victim is thawed once the request is done: its late chunks are then refused)."""
     async with GatewayClient(faults["gateway_pair"]) as client:
         request = asyncio.ensure_future(client.complete(LONG, max_tokens=6, temperature=0, timeout=120))
-        victim = await _transferring_prefill(faults)
+        victim = await transferring_prefill(faults, PREFILLS)
         faults.stack.processes[victim].send_signal(sig)
         try:
             return (await request).token_ids, victim
