@@ -11,21 +11,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import torch
-from prometheus_client import CollectorRegistry
 
 from services.common.errors import InternalFailure
-from services.common.kv_codec import AssemblyLimits
-from services.common.metrics import DecodeMetrics
 from services.common.model_files import default_cache_dir
-from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
-from services.common.sampling import Sampling
-from services.decode.admission import AdmissionLimits
-from services.decode.blocks import LeasedWriter, PoolConfig
-from services.decode.engine import DecodeEngine, DecodeLimits
-from services.decode.sequence import Finished, Sequence, Token
-
-PROMPT = [1, 450, 7483, 310, 3444, 338]
+from services.decode.blocks import LeasedWriter
+from services.decode.sequence import Finished
+from tests.engine_harness import PROMPT, Harness
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +25,12 @@ def tiny() -> ModelRuntime:
     return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
 
 
-class Harness:
-    def __init__(self, runtime: ModelRuntime) -> None:
-        self.thread = ModelThread()
-        self.fatal: list[str] = []
-        limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
-                              admission=AdmissionLimits(16, 0.95), max_batch_size=8, preempt_threshold=0.85)
-        self.engine = DecodeEngine(runtime, self.thread, PoolConfig(32, 16), limits, None,
-                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append)
-
-    def admit(self, name: str, max_tokens: int = 6, prompt: list[int] = PROMPT) -> Sequence:
-        return self.engine.admit(Sequence(name, list(prompt), Sampling(temperature=0, max_tokens=max_tokens,
-                                                                       ignore_eos=True)))
-
-    async def tokens(self, sequence: Sequence) -> list[int]:
-        return [event.token_id async for event in self.engine.events(sequence) if isinstance(event, Token)]
-
-
 @pytest.fixture
 async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
     harness = Harness(tiny)
     harness.engine.start()
     yield harness
-    await harness.engine.close()
-    harness.thread.shutdown()
+    await harness.close()
 
 
 async def test_a_failing_step_fails_only_its_own_sequences_and_the_loop_goes_on(harness, tiny) -> None:

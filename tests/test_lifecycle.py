@@ -81,7 +81,8 @@ def test_launcher_stops_all_four_cleanly(tmp_path: Path) -> None:
     while any(p in range(base, base + 4) for p in range(metrics, metrics + 4)):
         metrics = free_port()
     launcher = subprocess.Popen([sys.executable, "-m", "services.stack", "--model", "tiny", "--base-port", str(base),
-                                 "--metrics-base-port", str(metrics), "--http-port", str(free_port())], cwd=ROOT, stdout=subprocess.PIPE,
+                                 "--metrics-base-port", str(metrics), "--http-port", str(free_port())], cwd=ROOT,
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         deadline = time.monotonic() + 180

@@ -185,7 +185,8 @@ def print_report(r: TransferReport, repeats: int) -> None:
           f"({r.chunk_tokens} tokens x {r.chunk_layers} layers)")
     print(f"  gRPC TransferKv       {r.grpc_seconds * 1e3:8.1f} ms  {r.grpc_gbps:6.2f} GB/s   "
           f"(best of {repeats}; decode verifies and assembles every chunk)")
-    print(f"  raw loopback TCP      {r.tcp_seconds * 1e3:8.1f} ms  {r.tcp_gbps:6.2f} GB/s   (best of {repeats}, same bytes)")
+    print(f"  raw loopback TCP      {r.tcp_seconds * 1e3:8.1f} ms  {r.tcp_gbps:6.2f} GB/s   "
+          f"(best of {repeats}, same bytes)")
     print(f"  ratio gRPC / TCP      {r.ratio:.2f}")
     print(f"  via prefill service   forward pass {r.prefill_forward_seconds * 1e3:.0f} ms; chunks streamed for "
           f"{r.prefill_transfer_seconds * 1e3:.0f} ms while layers were computed; handoff latency (forward "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
@@ -43,8 +44,8 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 S = TypeVar("S")
-FINAL_STOP_SECONDS = 1.0
-LIVENESS_SERVICE = "liveness"  # health service name that says only "this process works"  # after in-flight work drained, what server.stop still allows
+FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
+LIVENESS_SERVICE = "liveness"  # health service name that says only "this process works"
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +264,10 @@ def run_service(name: str, settings_type: type[S], description: str,
     try:
         asyncio.run(run(settings))
     except FatalStop as stopped:
-        sys.exit(f"{name}: stopped, cannot serve: {stopped}")
-    finally:
         tracing.shutdown()
+        log.critical("%s stopped, cannot serve: %s", name, stopped)
+        logging.shutdown()  # flushes the handlers
+        # Not sys.exit: interpreter exit would join a model thread that may be stuck in a step
+        # forever, and the supervisor must see this process end to restart it.
+        os._exit(1)
+    tracing.shutdown()

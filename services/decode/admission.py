@@ -36,7 +36,8 @@ class Admission:
     def check(self, request: Sequence, live: dict[str, Sequence]) -> None:
         if not request.request_id:
             raise InvalidRequest("request_id must not be empty")
-        if request.request_id in live:
+        if request.request_id in live or self._blocks.holds_blocks(request.request_id):
+            # (a released request whose step is still running keeps its blocks until the step ends)
             raise AlreadyExists(f"request {request.request_id!r} is already live on this worker")
         if not request.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
@@ -60,11 +61,14 @@ class Admission:
 
     @staticmethod
     def transfer_target(layout: KvLayout, live: dict[str, Sequence]) -> Sequence:
-        """The request a pushed transfer is for (NOT_FOUND unless it still waits for pushed KV;
-        INVALID_ARGUMENT for a transfer not newer than one it already has)."""
+        """The request a pushed transfer is for: NOT_FOUND for a request that is not live,
+        ALREADY_EXISTS for one whose KV is already complete, INVALID_ARGUMENT for a transfer not
+        newer than one it already has."""
         sequence = live.get(layout.request_id)
-        if sequence is None or sequence.state is not State.AWAITING_KV:
+        if sequence is None or sequence.state is State.FINISHED:
             raise UnknownRequest(f"no request {layout.request_id!r} is waiting for KV on this worker")
+        if sequence.state is not State.AWAITING_KV:  # a retry after an earlier transfer completed
+            raise AlreadyExists(f"request {layout.request_id!r} already holds its complete KV")
         if sequence.transfer is not None:
             raise KvProtocolError(f"request {layout.request_id!r} computes its KV on this worker")
         if layout.transfer_attempt <= sequence.transfer_attempt:

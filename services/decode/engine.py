@@ -160,11 +160,12 @@ class DecodeEngine:
     async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> int:
         logits = await self._thread.run(self._runtime.prefill, sequence.prompt_ids,
                                         lambda layer, k, v: writer.write(layer, 0, k, v))
-        first = sample(logits, sequence.sampling, sequence.position_offset)
-        sequence.events.put_nowait(Token(first, sequence.position_offset))
-        return first
+        return sample(logits, sequence.sampling, sequence.position_offset)
 
     def _kv_arrived(self, sequence: Sequence, first_token: int) -> None:
+        """The KV is complete: the first token goes out on the stream too (the gateway has it from
+        the prefill already, unless that prefill died before passing it on) and the sequence joins."""
+        sequence.events.put_nowait(Token(first_token, sequence.position_offset))
         sequence.generated.append(first_token)
         if self._finish(sequence) is None:
             self._scheduler.ready(sequence)
@@ -227,8 +228,10 @@ class DecodeEngine:
         except Exception as error:  # noqa: BLE001 - a failing step fails its own sequences only
             log.exception("decode step failed")
             self._scheduler.step_ended()
-            for sequence in plan.run + plan.swap_out:
+            for sequence in plan.run:
                 self._fail(sequence, InternalFailure(f"decode step failed: {type(error).__name__}: {error}"))
+            for sequence in plan.swap_out:  # their KV was not copied out: they will be recomputed
+                self._scheduler.copy_failed(sequence)
             return
         self._metrics.time_per_output_token.observe(done.run_seconds)
         self._scheduler.step_ended()

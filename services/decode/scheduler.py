@@ -77,6 +77,13 @@ class Scheduler:
         if sequence.state is State.SWAPPING_OUT:
             self._blocks.free(sequence.request_id)
 
+    def copy_failed(self, sequence: Sequence) -> None:
+        """The job that was to copy a preempted sequence's KV out failed: drop the KV (its blocks
+        go back) and recompute it on resume."""
+        if sequence.state is State.SWAPPING_OUT:
+            self._blocks.free(sequence.request_id)
+            self._preempt_done(sequence, swapped=False)
+
     def step_ended(self) -> None:
         """Blocks of sequences released while the step ran go back now."""
         for sequence in self._in_step:
@@ -170,8 +177,9 @@ class Scheduler:
 
     def _grow(self, plan: StepPlan) -> list[Sequence]:
         """Give each running sequence (oldest first) room for its next token. One that cannot get it
-        makes newer sequences leave (their blocks come back after this step) and sits this step out;
-        the newest preempts itself; a lone one just waits (it always fits the pool alone)."""
+        makes newer sequences leave (their blocks come back after this step), or ready ones that
+        cannot run anyway (the batch is full), and sits this step out; the newest preempts itself;
+        a lone one just waits (it always fits the pool alone)."""
         runnable = []
         for sequence in sorted(self._running, key=lambda s: s.admitted_at):
             if sequence.state is not State.RUNNING:
@@ -190,9 +198,12 @@ class Scheduler:
         return runnable
 
     def _newer_victim(self, sequence: Sequence) -> Sequence | None:
+        """The newest sequence newer than `sequence`, or else the newest ready one whatever its age:
+        a ready sequence the full batch keeps out holds blocks it cannot use."""
         newer = [s for s in (*self._running, *self._ready) if s.admitted_at > sequence.admitted_at
                  and s.state in (State.RUNNING, State.READY)]
-        return max(newer, key=lambda s: s.admitted_at, default=None)
+        waiting = [s for s in self._ready if s.state is State.READY]
+        return max(newer or waiting, key=lambda s: s.admitted_at, default=None)
 
     def _relieve_pressure(self, plan: StepPlan, runnable: list[Sequence]) -> None:
         def pressure() -> float:

@@ -82,8 +82,10 @@ class KvSwapper:
         if sequence.swapped and self._store is not None:
             assembler = KvAssembler(sequence.request_id, self._runtime.geometry, sequence.kv_tokens, self._limits,
                                     writer)
+            prefix = swap_prefix(sequence.request_id, sequence.swaps)
             try:
-                await self.load(swap_prefix(sequence.request_id, sequence.swaps), assembler)
+                await self.load(prefix, assembler)
+                await self._delete(prefix)  # back in the pool: the stored copy has served its purpose
                 return
             except RequestCancelled:
                 raise
@@ -94,12 +96,15 @@ class KvSwapper:
 
     async def forget(self, request_id: str) -> None:
         """Delete everything stored for the request (it also expires by TTL)."""
+        await self._delete(request_prefix(request_id))
+
+    async def _delete(self, prefix: str) -> None:
         if self._store is None:
             return
         try:
-            await self._store.delete_prefix(request_prefix(request_id))
+            await self._store.delete_prefix(prefix)
         except Exception as error:  # noqa: BLE001 - best effort; the TTL is the backstop
-            log.debug("could not delete the stored KV of %s: %s", request_id, error)
+            log.debug("could not delete the stored KV under %s: %s", prefix, error)
 
 
 def _expect(message: object, kind: type) -> object:

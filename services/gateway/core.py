@@ -12,6 +12,9 @@ Life of a request, as a sequence of queues:
   -> text deltas (stop strings cut the text and end the request)
   -> finished: the final message carries the finish reason and usage. However the request
      ends, the calls to the workers are cancelled, which frees what they hold.
+One try on one decode worker is services/gateway/attempt.py. When that decode worker disappears
+mid-stream (UNAVAILABLE), the request moves to another one (failover: prompt + the tokens so far,
+up to --max-failovers), unless it already has every token (it then just finishes).
 """
 
 from __future__ import annotations
@@ -20,30 +23,25 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import ExitStack, aclosing
-from dataclasses import dataclass, field
+from contextlib import aclosing
+from dataclasses import dataclass
 
 import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, InvalidRequest, KvProtocolError, UpstreamError
+from services.common.errors import InvalidRequest
 from services.common.metrics import GatewayMetrics
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
+from services.common.pb import decode_pb2, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
 from services.common.validation import check_budget_mb
-from services.gateway.prefill_route import PrefillRoute, fault_role
-from services.gateway.routing import Worker, WorkerPool
+from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, Timeline
+from services.gateway.prefill_route import PrefillRoute
+from services.gateway.routing import WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("disagg.gateway")
-
-FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
-# Admission failures that another decode worker may not have (ALREADY_EXISTS: a worker the
-# request failed over from still holds it).
-_RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS)
-
 
 @dataclass(frozen=True, slots=True)
 class GenerateInput:
@@ -98,27 +96,6 @@ class GatewayLimits:
             self.prefill_mode == "conditional" and prompt_tokens < self.conditional_threshold)
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """One try at serving a request on one decode worker."""
-
-    number: int = 0  # 0, then 1 per failover
-    decode_address: str = ""  # set once a decode worker admitted the request
-
-
-@dataclass(slots=True)
-class _Timeline:
-    """When a request's tokens arrived, and what its KV handoff cost."""
-
-    started: float = field(default_factory=time.perf_counter)
-    token_times: list[float] = field(default_factory=list)
-    handoff_seconds: float = 0.0
-    kv_bytes: int = 0
-
-    def token(self) -> None:
-        self.token_times.append(time.perf_counter())
-
-
 class Gateway:
     def __init__(self, encoder: PromptEncoder, prefill: WorkerPool, decode: WorkerPool, channels: ChannelPool,
                  limits: GatewayLimits, metrics: GatewayMetrics) -> None:
@@ -128,8 +105,9 @@ class Gateway:
         self._channels = channels
         self._limits = limits
         self._metrics = metrics
-        self._prefill_route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds,
-                                           limits.max_prefill_retries, metrics.prefill_retries)
+        route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds, limits.max_prefill_retries,
+                             metrics.prefill_retries)
+        self._attempts = AttemptRunner(decode, channels, limits, route)
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:
@@ -150,7 +128,7 @@ class Gateway:
         return ids
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
-        timeline = _Timeline()
+        timeline = Timeline()
         with tracer.start_as_current_span("gateway.tokenize") as span:
             prompt_ids = self.tokenize(request)
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
@@ -160,10 +138,10 @@ class Gateway:
         self.active_requests += 1
         try:
             for failover in range(self._limits.max_failovers + 1):
-                attempt = _Attempt(failover)
+                attempt = Attempt(failover)
                 try:
-                    async with aclosing(self._tokens(request, prompt_ids + generated, len(generated), timeline,
-                                                     attempt, failed)) as tokens:
+                    requests = self._requests(request, prompt_ids + generated, len(generated))
+                    async with aclosing(self._attempts.tokens(requests, timeline, attempt, failed)) as tokens:
                         async for token_id, finish in tokens:
                             if finish is not None:
                                 yield self._finish(request, prompt_ids, timeline, [], stream.flush(), finish)
@@ -177,6 +155,11 @@ class Gateway:
                             yield GenerateOutput([token_id], delta)
                 except grpc.aio.AioRpcError as error:
                     self._report_decode(error, attempt)
+                    if (reason := self._complete(request, generated)) is not None:
+                        # the stream broke after its last token: nothing is missing (a failover
+                        # would sample one token too many, or go on past the end of sequence)
+                        yield self._finish(request, prompt_ids, timeline, [], stream.flush(), reason)
+                        return
                     if not self._may_fail_over(error, attempt, failover):
                         raise
                     failed.add(attempt.decode_address)
@@ -187,23 +170,43 @@ class Gateway:
         finally:
             self.active_requests -= 1
 
-    def _report_decode(self, error: grpc.aio.AioRpcError, attempt: _Attempt) -> None:
+    def _requests(self, request: GenerateInput, prompt_ids: list[int], offset: int) -> AttemptRequests:
+        """What one try asks the workers. `offset` completion tokens were generated before (a
+        failover resumes with them appended to the prompt). Failovers keep the internal id: the
+        decode that finishes the request deletes what a failed one left in the kvstore (everything
+        of a request shares one key prefix)."""
+        sampling = sampling_to_pb(request.sampling)
+        common = {"request_id": request.request_id, "prompt_token_ids": prompt_ids, "sampling": sampling,
+                  "position_offset": offset, "client_request_id": request.name}
+        return AttemptRequests(prefill_pb2.PrefillRequest(**common),
+                               decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb),
+                               offset)
+
+    def _complete(self, request: GenerateInput, generated: list[int]) -> str | None:
+        """The finish reason of a completion that has all its tokens already, else None."""
+        if len(generated) >= request.sampling.max_tokens:
+            return "length"
+        if generated and not request.sampling.ignore_eos and generated[-1] in self._encoder.eos_token_ids:
+            return "stop"
+        return None
+
+    def _report_decode(self, error: grpc.aio.AioRpcError, attempt: Attempt) -> None:
         """A decode worker that disappeared (UNAVAILABLE) is skipped with backoff."""
         if error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address:
             self.decode_pool.report_failure(attempt.decode_address, f"Generate UNAVAILABLE: {error.details()}")
 
-    def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: _Attempt, failover: int) -> bool:
+    def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: Attempt, failover: int) -> bool:
         """A decode worker that disappears mid-stream (UNAVAILABLE) is replaced by another one."""
         return (error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
                 and failover < self._limits.max_failovers)
 
-    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: _Timeline, token_ids: list[int],
+    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: Timeline, token_ids: list[int],
                 text: str, reason: str) -> GenerateOutput:
         usage = Usage(len(prompt_ids), len(timeline.token_times))
         self._observe(request.name, usage, timeline)
         return GenerateOutput(token_ids, text, reason, usage)
 
-    def _observe(self, request_id: str, usage: Usage, timeline: _Timeline) -> None:
+    def _observe(self, request_id: str, usage: Usage, timeline: Timeline) -> None:
         times, metrics = timeline.token_times, self._metrics
         e2e = time.perf_counter() - timeline.started
         ttft = times[0] - timeline.started if times else e2e
@@ -221,95 +224,3 @@ class Gateway:
                      " | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
                      usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
                      tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
-
-    async def _tokens(self, request: GenerateInput, prompt_ids: list[int], offset: int, timeline: _Timeline,
-                      attempt: _Attempt, failed: set[str]) -> AsyncIterator[tuple[int, str | None]]:
-        """(token, None) for each token, then (0, finish reason). `offset` tokens of the completion
-        were generated before (a failover resumes with them appended to the prompt)."""
-        sampling = sampling_to_pb(request.sampling)
-        # Failovers keep the internal id: the decode that finishes the request then deletes what
-        # the failed one left in the kvstore (everything of a request shares one key prefix).
-        attempt_id = request.request_id
-        prefill_request = prefill_pb2.PrefillRequest(request_id=attempt_id, prompt_token_ids=prompt_ids,
-                                                     sampling=sampling, position_offset=offset,
-                                                     client_request_id=request.name)
-        decode_request = decode_pb2.DecodeRequest(request_id=attempt_id, prompt_token_ids=prompt_ids,
-                                                  sampling=sampling, position_offset=offset,
-                                                  max_cache_budget_mb=request.max_cache_budget_mb,
-                                                  client_request_id=request.name)
-        calls: list[grpc.aio.Call] = []
-        with ExitStack() as leases:
-            try:
-                if self._limits.prefill_locally(len(prompt_ids)):
-                    decode_request.kv_source = decode_pb2.KV_SOURCE_LOCAL
-                    with tracer.start_as_current_span("gateway.route"):
-                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
-                else:
-                    # The decode worker is admitted first either way, so it owns the request's KV
-                    # (and its cleanup) from the start; with 'kvstore' the prefill stores the
-                    # chunks and the TransferKv stream only announces them.
-                    stored = self._limits.kv_transfer == "kvstore"
-                    decode_request.kv_source = decode_pb2.KV_SOURCE_KVSTORE if stored else decode_pb2.KV_SOURCE_DIRECT
-                    prefill_request.store_kv = stored
-                    with tracer.start_as_current_span("gateway.route"):
-                        decode, decode_call = await self._admit(decode_request, calls, leases, failed)
-                    prefill_request.decode_address = decode.address
-                    attempt.decode_address = decode.address
-                    async for token in self._prefill(prefill_request, calls, timeline, decode_call, attempt):
-                        yield token, None
-                attempt.decode_address = decode.address
-                # read() rather than `async for`: admission already read from this call
-                while (event := await decode_call.read()) is not grpc.aio.EOF:
-                    if event.HasField("finished"):
-                        yield 0, FINISH_NAMES[event.finished.reason]
-                        return
-                    yield event.token.token_id, None
-                raise KvProtocolError("decode stream ended without a finish event")
-            finally:
-                for call in calls:
-                    call.cancel()
-
-    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: _Timeline,
-                       decode_call: grpc.aio.Call, attempt: _Attempt) -> AsyncIterator[int]:
-        """The first token as soon as it is sampled; returns once the KV handoff is complete. A
-        failing prefill worker is replaced by another one (services/gateway/prefill_route.py). An
-        error that is the decode's passes on as it came (the decode failover rules apply); any
-        other (a kvstore that is down, a request the prefill refuses) ends the request with its
-        status and is never taken for a decode failure."""
-        first_attempt = attempt.number * self._prefill_route.attempts
-        try:
-            async for event in self._prefill_route.events(request, calls, decode_call, first_attempt):
-                if event.HasField("first_token"):
-                    yield event.first_token.token_id
-                else:
-                    timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
-        except grpc.aio.AioRpcError as error:
-            role = fault_role(error)
-            if role == "decode" or decode_call.done():
-                raise
-            raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
-
-    async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
-                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
-        """Admit the request on the least loaded decode worker that takes it (workers that failed
-        this request go last)."""
-        last_error: Exception = BackendUnavailable("no decode worker admitted the request")
-        for worker in sorted(self.decode_pool.ranked(), key=lambda w: w.address in failed):
-            stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
-            call = stub.Generate(request, timeout=self._limits.request_timeout_seconds)
-            calls.append(call)
-            try:
-                event = await call.read()
-            except grpc.aio.AioRpcError as error:
-                if error.code() not in _RETRY_ADMISSION:
-                    raise
-                log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    self.decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {error.details()}")
-                last_error = error
-                continue
-            if event is grpc.aio.EOF or not event.HasField("accepted"):
-                raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
-            trace.get_current_span().set_attribute("gateway.decode_worker", worker.address)
-            return leases.enter_context(WorkerPool.lease(worker)), call
-        raise last_error

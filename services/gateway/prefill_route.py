@@ -7,7 +7,8 @@ unless the prefill says another role caused it (trailing metadata `disagg-fault-
 that breaks the model would break every worker in turn. A prefill fault reports the worker (it is
 skipped with backoff) and the prefill runs again on another worker (at most
 `--max-prefill-retries` times) for the same decode admission, with `transfer_attempt` counting
-the retries. The first token is passed on once, however many times it is computed.
+the retries. The first token is passed on once: a retry is given it (`known_first_token`), so
+the decode continues from exactly the token the client has.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ class PrefillRoute:
         failover's transfers never reuse an earlier admission's numbers, or its kvstore keys)."""
         tried: list[str] = []
         last_error = BackendUnavailable("no prefill worker took the request")
-        first_token_sent = False
         for attempt in range(self._max_retries + 1):
             worker = self._choose(tried)
             if worker is None:
@@ -79,9 +79,10 @@ class PrefillRoute:
                 with WorkerPool.lease(worker):
                     async for event in self._call(worker, request, calls):
                         if event.HasField("first_token"):
-                            if first_token_sent:
+                            if request.HasField("known_first_token"):
                                 continue
-                            first_token_sent = True
+                            # a retry must continue from the token the client already has
+                            request.known_first_token = event.first_token.token_id
                         yield event
                 return
             except grpc.aio.AioRpcError as error:

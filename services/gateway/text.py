@@ -13,7 +13,10 @@ from services.common.errors import InvalidRequest
 class PromptEncoder:
     def __init__(self, model_dir: Path) -> None:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
-        self.max_model_len: int = AutoConfig.from_pretrained(model_dir).max_position_embeddings
+        config = AutoConfig.from_pretrained(model_dir)
+        self.max_model_len: int = config.max_position_embeddings
+        eos = config.eos_token_id
+        self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
     def encode_text(self, prompt: str) -> list[int]:
         if not prompt:

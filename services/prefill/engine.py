@@ -55,6 +55,7 @@ class PrefillJob:
     store_kv: bool  # the chunks go to the kvstore; the decode stream only announces them
     position_offset: int = 0  # completion position of the token sampled here
     transfer_attempt: int = 0  # retries of this request's transfer (on other prefill workers)
+    known_first_token: int | None = None  # a retry's first token, already sent to the client
 
     @property
     def key(self) -> str:
@@ -108,6 +109,8 @@ class PrefillEngine:
         if not job.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", job.prompt_ids, geometry.vocab_size)
+        if job.known_first_token is not None:
+            check_token_ids("known_first_token", [job.known_first_token], geometry.vocab_size)
         if len(job.prompt_ids) >= geometry.max_model_len:
             raise InvalidRequest(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                  f"{geometry.max_model_len}")
@@ -158,13 +161,17 @@ class PrefillEngine:
                                               lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
-            first = sample(forward.value, job.sampling, job.position_offset)
+            first = job.known_first_token
+            if first is None:
+                first = sample(forward.value, job.sampling, job.position_offset)
             yield FirstToken(first)
             if pump is not None:
                 first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))
             for sink in sinks:
                 await sink.close(end)
+            if store_sink is not None:  # the decode acknowledged: its keys now
+                store_sink.keep()
             finished = time.perf_counter()
             summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
                                      finished - first_sent, finished - forward_done,

@@ -58,7 +58,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))
         sink = DecodeStreamSink(stub, self._transfer_timeout, chunks=not request.store_kv)
         job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
-                         request.position_offset, request.transfer_attempt)
+                         request.position_offset, request.transfer_attempt,
+                         request.known_first_token if request.HasField("known_first_token") else None)
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=event.token_id))

@@ -80,21 +80,26 @@ def _decode_fault(error: grpc.aio.AioRpcError) -> UpstreamError:
 
 
 class KvStoreSink:
-    """Writes the transfer to the kvstore under `prefix`, one key per message, the end last. A
-    transfer that does not reach its end deletes what it wrote (in the background)."""
+    """Writes the transfer to the kvstore under `prefix`, one key per message, the end last. Unless
+    the decode worker acknowledged the transfer (`keep`: from then on the keys are the decode's to
+    delete), aborting deletes what it wrote, in the background: a decode that already gave up on the
+    request (cancelled, KV deadline) deleted its keys before these were written."""
 
     def __init__(self, store: KvStoreClient, prefix: str, tasks: TaskSet) -> None:
         self._store = store
         self._prefix = prefix
         self._tasks = tasks
-        self._closed = False
+        self._kept = False
 
     async def send(self, message: KvLayout | KvChunk) -> None:
         await self._put(message)
 
     async def close(self, end: KvEnd) -> None:
         await self._put(end)
-        self._closed = True
+
+    def keep(self) -> None:
+        """The decode worker acknowledged the transfer: it owns (and will delete) the keys."""
+        self._kept = True
 
     async def _put(self, message: KvMessage) -> None:
         try:
@@ -103,7 +108,7 @@ class KvStoreSink:
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, str(error), KVSTORE_ROLE) from None
 
     def abort(self) -> None:
-        if not self._closed:
+        if not self._kept:
             self._tasks.spawn(self._delete(), f"delete-{self._prefix}")
 
     async def _delete(self) -> None:
@@ -114,9 +119,9 @@ class KvStoreSink:
 
 
 class BestEffortSink:
-    """Wraps an optional sink (a checkpoint): its first failure is logged and it goes quiet."""
+    """Wraps an optional kvstore sink (a checkpoint): its first failure is logged and it goes quiet."""
 
-    def __init__(self, inner: KvSink, what: str) -> None:
+    def __init__(self, inner: KvStoreSink, what: str) -> None:
         self._inner = inner
         self._failed = False
         self._what = what
@@ -143,6 +148,9 @@ class BestEffortSink:
     @property
     def ok(self) -> bool:
         return not self._failed
+
+    def keep(self) -> None:
+        self._inner.keep()
 
     def abort(self) -> None:
         if not self._failed:

@@ -74,7 +74,8 @@ class DecodeServiceServicer:
 
     def TransferKv(self, request_iterator, context):
         """Receives one request's KV cache: a KvLayout, chunks in index order, a KvTransferEnd.
-        Errors: NOT_FOUND (no such request admitted), FAILED_PRECONDITION (model fingerprint
+        Errors: NOT_FOUND (no such request admitted, or it ended), ALREADY_EXISTS (the request
+        already holds its complete KV: a retried transfer is not needed), FAILED_PRECONDITION (model
         mismatch), INVALID_ARGUMENT (malformed, out of order, duplicate, mis-shaped or oversized
         chunk), DATA_LOSS (checksum mismatch, missing chunks). On error the request fails too.
         """

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id", "known_first_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class PrefillRequest(_message.Message):
     POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -25,7 +26,8 @@ class PrefillRequest(_message.Message):
     position_offset: int
     transfer_attempt: int
     client_request_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    known_first_token: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ..., known_first_token: _Optional[int] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id",)

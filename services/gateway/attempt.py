@@ -1,0 +1,185 @@
+"""One try at serving a request on one decode worker (the gateway's failover starts a new one).
+
+  admit on the least loaded serving decode worker that takes it (its Generate stream answers
+  Accepted; workers that failed this request go last)                     span gateway.route
+  -> the prefill (services/gateway/prefill_route.py: another prefill worker when one fails) sends
+     the first token at once and hands the KV to that decode worker (inline, or announced after
+     storing it in the kvstore); unified and conditional modes skip it (the decode prefills)
+  -> the decode's tokens, by completion index: indices already passed on are skipped (the decode
+     sends the first token too, for when the prefill that sampled it died before passing it on)
+  -> (0, finish reason). However the try ends, its calls to the workers are cancelled, which frees
+     what they hold.
+Errors: one that is the decode worker's (its own call failed, or the prefill says the decode caused
+it) comes out as that call's gRPC status, for the failover rules; any other (a kvstore that is
+down, a request the prefill refuses) as an UpstreamError, so it never counts as a decode failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from opentelemetry import trace
+
+from services.common.channels import ChannelPool
+from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
+from services.gateway.prefill_route import PrefillRoute, fault_role
+from services.gateway.routing import Worker, WorkerPool
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("disagg.gateway")
+
+FINISH_NAMES = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+# Admission failures that another decode worker may not have (ALREADY_EXISTS: a worker the
+# request failed over from still holds it).
+_RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ALREADY_EXISTS)
+
+
+class RouteLimits(Protocol):
+    request_timeout_seconds: float
+    kv_transfer: str
+
+    def prefill_locally(self, prompt_tokens: int) -> bool: ...
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One try at serving a request on one decode worker."""
+
+    number: int = 0  # 0, then 1 per failover
+    decode_address: str = ""  # set once a decode worker admitted the request
+
+
+@dataclass(slots=True)
+class Timeline:
+    """When a request's tokens arrived, and what its KV handoff cost."""
+
+    started: float = field(default_factory=time.perf_counter)
+    token_times: list[float] = field(default_factory=list)
+    handoff_seconds: float = 0.0
+    kv_bytes: int = 0
+
+    def token(self) -> None:
+        self.token_times.append(time.perf_counter())
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRequests:
+    """What the workers are asked: the same prompt, sampling and position for both."""
+
+    prefill: prefill_pb2.PrefillRequest
+    decode: decode_pb2.DecodeRequest
+    offset: int  # completion tokens the client already has
+
+
+class AttemptRunner:
+    def __init__(self, decode_pool: WorkerPool, channels: ChannelPool, limits: RouteLimits,
+                 prefill_route: PrefillRoute) -> None:
+        self._decode_pool = decode_pool
+        self._channels = channels
+        self._limits = limits
+        self._prefill_route = prefill_route
+
+    async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
+                     failed: set[str]) -> AsyncIterator[tuple[int, str | None]]:
+        """(token, None) for each new token, then (0, finish reason)."""
+        calls: list[grpc.aio.Call] = []
+        delivered = requests.offset
+        with ExitStack() as leases:
+            try:
+                local = self._limits.prefill_locally(len(requests.decode.prompt_token_ids))
+                if local:
+                    requests.decode.kv_source = decode_pb2.KV_SOURCE_LOCAL
+                else:
+                    stored = self._limits.kv_transfer == "kvstore"
+                    requests.decode.kv_source = decode_pb2.KV_SOURCE_KVSTORE if stored else decode_pb2.KV_SOURCE_DIRECT
+                    requests.prefill.store_kv = stored
+                with tracer.start_as_current_span("gateway.route"):
+                    # Admitted first either way: the decode worker owns the request's KV (and its
+                    # cleanup) from the start.
+                    decode, decode_call = await self._admit(requests.decode, calls, leases, failed)
+                attempt.decode_address = decode.address
+                if not local:
+                    requests.prefill.decode_address = decode.address
+                    async for token in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
+                        delivered += 1
+                        yield token, None
+                async for token, finish in self._decoded(decode_call, delivered):
+                    yield token, finish
+            finally:
+                for call in calls:
+                    call.cancel()
+
+    @staticmethod
+    async def _decoded(call: grpc.aio.UnaryStreamCall, delivered: int) -> AsyncIterator[tuple[int, str | None]]:
+        """The decode's tokens from completion index `delivered` on, then its finish."""
+        # read() rather than `async for`: admission already read from this call
+        while (event := await call.read()) is not grpc.aio.EOF:
+            if event.HasField("finished"):
+                yield 0, FINISH_NAMES[event.finished.reason]
+                return
+            if event.token.index >= delivered:
+                delivered = event.token.index + 1
+                yield event.token.token_id, None
+        raise KvProtocolError("decode stream ended without a finish event")
+
+    async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: Timeline,
+                       decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt) -> AsyncIterator[int]:
+        """The first token as soon as it is sampled; returns once the KV handoff is complete (see
+        the module docstring for how errors come out)."""
+        first_attempt = attempt.number * self._prefill_route.attempts
+        try:
+            async for event in self._prefill_route.events(request, calls, decode_call, first_attempt):
+                if event.HasField("first_token"):
+                    yield event.first_token.token_id
+                else:
+                    timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
+        except grpc.aio.AioRpcError as error:
+            role = fault_role(error)
+            if role == "decode" and error.code() == grpc.StatusCode.ALREADY_EXISTS:
+                return  # a retry after an earlier try had already handed the whole KV over
+            if decode_call.done() and (decoded := await _failure_of(decode_call)) is not None:
+                raise decoded from None  # the decode's own status decides (a KV timeout, a death)
+            if role == "decode":
+                raise
+            raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
+
+    async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
+                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
+        """Admit the request on the least loaded decode worker that takes it (workers that failed
+        this request go last)."""
+        last_error: Exception = BackendUnavailable("no decode worker admitted the request")
+        for worker in sorted(self._decode_pool.ranked(), key=lambda w: w.address in failed):
+            stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
+            call = stub.Generate(request, timeout=self._limits.request_timeout_seconds)
+            calls.append(call)
+            try:
+                event = await call.read()
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RETRY_ADMISSION:
+                    raise
+                log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
+                if error.code() == grpc.StatusCode.UNAVAILABLE:
+                    self._decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {error.details()}")
+                last_error = error
+                continue
+            if event is grpc.aio.EOF or not event.HasField("accepted"):
+                raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
+            trace.get_current_span().set_attribute("gateway.decode_worker", worker.address)
+            return leases.enter_context(WorkerPool.lease(worker)), call
+        raise last_error
+
+
+async def _failure_of(call: grpc.aio.UnaryStreamCall) -> grpc.aio.AioRpcError | None:
+    """A finished call's error status as an AioRpcError, or None if it ended OK."""
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        return None
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), await call.trailing_metadata() or grpc.aio.Metadata(),
+                                await call.details())

@@ -1,0 +1,42 @@
+"""The real decode engine in-process (tiny model, real pool, real model thread), no network: for
+tests that inject faults into a step or a scheduler, or stage races between writers and frees."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from services.common.kv_codec import AssemblyLimits
+from services.common.metrics import DecodeMetrics
+from services.common.model_thread import ModelThread
+from services.common.runtime import ModelRuntime
+from services.common.sampling import Sampling
+from services.decode.admission import AdmissionLimits
+from services.decode.blocks import PoolConfig
+from services.decode.engine import DecodeEngine, DecodeLimits
+from services.decode.sequence import Sequence, Token
+
+PROMPT = [1, 450, 7483, 310, 3444, 338]
+
+
+class Harness:
+    def __init__(self, runtime: ModelRuntime, blocks: int = 32, batch: int = 8, preempt: float = 0.85) -> None:
+        self.thread = ModelThread()
+        self.fatal: list[str] = []  # what the engine reported as fatal
+        limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
+                              admission=AdmissionLimits(16, 0.95), max_batch_size=batch, preempt_threshold=preempt)
+        self.engine = DecodeEngine(runtime, self.thread, PoolConfig(blocks, 16), limits, None,
+                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append)
+
+    def admit(self, name: str, prompt: list[int] = PROMPT, max_tokens: int = 6) -> Sequence:
+        return self.engine.admit(Sequence(name, list(prompt), Sampling(temperature=0, max_tokens=max_tokens,
+                                                                       ignore_eos=True)))
+
+    async def tokens(self, sequence: Sequence) -> list[int]:
+        """Every token the sequence streams (the first one included), until it finishes."""
+        return [event.token_id async for event in self.engine.events(sequence) if isinstance(event, Token)]
+
+    async def close(self) -> None:
+        for sequence in list(self.engine.sequences.values()):
+            self.engine.release(sequence)
+        await self.engine.close()
+        self.thread.shutdown()
