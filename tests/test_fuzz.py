@@ -31,6 +31,7 @@ floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32), st.
 doubles = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 0.5, 1e308]))
 uint32 = st.one_of(st.integers(0, 8), st.integers(0, 2**32 - 1))
 uint64 = st.integers(0, 2**64 - 1)
+enum_values = st.one_of(st.integers(0, 8), st.integers(-(2**31), 2**31 - 1))  # protobuf enums are int32
 text = st.text(max_size=40)
 token_ids = st.lists(st.one_of(st.integers(0, 200), st.integers(0, 2**32 - 1)), max_size=12)
 
@@ -167,7 +168,7 @@ def _fuzz_transfer(stub: decode_pb2_grpc.DecodeServiceStub, data: st.DataObject,
     messages = data.draw(st.one_of(mutated_transfers(model, request_id), st.lists(st.builds(
         kv_pb2.KvTransferMessage, layout=st.builds(kv_pb2.KvLayout, request_id=st.just(request_id),
                                                    num_layers=uint32, num_tokens=uint32, chunk_tokens=uint32,
-                                                   chunk_layers=uint32, dtype=uint32, encoding=uint32,
+                                                   chunk_layers=uint32, dtype=enum_values, encoding=enum_values,
                                                    transfer_attempt=uint32, chunks_in_kvstore=st.booleans())),
         max_size=3)))
     code = outcome(lambda: stub.TransferKv(iter(messages), timeout=CALL_SECONDS))

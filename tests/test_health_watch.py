@@ -229,9 +229,12 @@ def _error(code: grpc.StatusCode, trailing: tuple[tuple[str, str], ...] = ()) ->
 
 
 def test_which_prefill_errors_are_the_prefills() -> None:
-    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL):
+    for code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         assert is_prefill_fault(_error(code))
         assert not is_prefill_fault(_error(code, (("disagg-fault-role", "decode"),)))
+        assert not is_prefill_fault(_error(code, (("disagg-fault-role", "kvstore"),)))
         assert is_prefill_fault(_error(code, (("disagg-fault-role", "prefill"),)))
-    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.NOT_FOUND):
+    # INTERNAL is not retried: a prompt that breaks the model would break every worker in turn
+    for code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DATA_LOSS, grpc.StatusCode.NOT_FOUND,
+                 grpc.StatusCode.INTERNAL):
         assert not is_prefill_fault(_error(code))

@@ -163,7 +163,8 @@ async def test_handcrafted_good_transfer_is_decoded(decode) -> None:
     events = []
     while (event := await generation.read()) is not grpc.aio.EOF:
         events.append(event)
-    assert [e.token.index for e in events[:-1]] == [1, 2]
+    assert [e.token.index for e in events[:-1]] == [0, 1, 2]  # the transfer's first token, then two decoded
+    assert events[0].token.token_id == 42
     assert events[-1].finished.completion_tokens == 3
     await _assert_idle_soon(stub)
 

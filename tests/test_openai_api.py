@@ -4,12 +4,14 @@ usage, streaming, errors in OpenAI's shape, API keys, and disconnects that free 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import httpx
 import openai
 import pytest
 
+from services.common.healthcheck import health_status
 from services.common.pb import common_pb2, decode_pb2_grpc
 from services.stack import free_port
 from tests.conftest import API_KEY, RunningStack, start_stack
@@ -138,8 +140,13 @@ def capacity_stack(tmp_path_factory: pytest.TempPathFactory) -> RunningStack:
     running = start_stack(tmp_path_factory.mktemp("capacity"), "tiny",
                           extra={"decode": ("--max-active-requests", "1"), "gateway": ("--http-port", str(http))},
                           extra_gateways={"gateway_dead": ("--decode-addresses", f"127.0.0.1:{dead}",
-                                                           "--http-port", str(dead_http))})
+                                                           "--http-port", str(dead_http))},
+                          wait_for=("kvstore", "prefill", "decode", "gateway"))
     running.addresses |= {"http": f"http://127.0.0.1:{http}", "http_dead": f"http://127.0.0.1:{dead_http}"}
+    deadline = time.monotonic() + 120  # the dead gateway never turns ready; wait until it is up
+    while health_status(running["gateway_dead"], service="liveness") != 1:
+        assert time.monotonic() < deadline, "gateway_dead did not start"
+        time.sleep(0.1)
     yield running
     running.stack.stop()
 

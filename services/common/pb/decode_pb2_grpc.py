@@ -64,9 +64,10 @@ class DecodeServiceServicer:
     """
 
     def Generate(self, request, context):
-        """Admits a request and streams its tokens after the first. The first event is Accepted: from
-        then on the worker waits (up to its KV timeout) for the KV, from a TransferKv stream or the
-        kvstore. Cancelling the call frees everything the request holds.
+        """Admits a request and streams its tokens, the first one included (the gateway usually has it
+        from the prefill already, and skips indices it has). The first event is Accepted: from then on
+        the worker waits (up to its KV timeout) for the KV, from a TransferKv stream or the kvstore.
+        Cancelling the call frees everything the request holds.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
