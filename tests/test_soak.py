@@ -1,4 +1,4 @@
-"""The short version of `make soak`: 16 streams for 20 s against a local stack of the tiny model
+"""The short version of `make soak`: 16 streams for 12 s against a local stack of the tiny model
 (a small decode pool, so sequences are preempted too), with random lengths, client cancels and
 bad requests mixed in: nothing leaks, nothing hangs, no error comes that was not asked for."""
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_short_soak_leaks_nothing_and_hangs_nothing() -> None:
     result = subprocess.run([sys.executable, "-m", "services.bench.soak", "--model", "tiny", "--streams", "16",
-                             "--seconds", "20", "--kv-pool-blocks", "40", "--request-timeout", "120", "--json"],
+                             "--seconds", "12", "--kv-pool-blocks", "40", "--request-timeout", "120", "--json"],
                             cwd=ROOT, capture_output=True, text=True, timeout=280)
     report = json.loads(result.stdout)
     assert result.returncode == 0, (report, result.stderr[-2000:])
