@@ -3,6 +3,9 @@ tests that inject faults into a step or a scheduler, or stage races between writ
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from prometheus_client import CollectorRegistry
 
 from services.common.kv_codec import AssemblyLimits
@@ -40,3 +43,14 @@ class Harness:
             self.engine.release(sequence)
         await self.engine.close()
         self.thread.shutdown()
+
+
+@asynccontextmanager
+async def started(runtime: ModelRuntime, **sizes: float) -> AsyncIterator[Harness]:
+    """A harness whose engine loop runs, closed (every request released) on the way out."""
+    harness = Harness(runtime, **sizes)  # type: ignore[arg-type]
+    harness.engine.start()
+    try:
+        yield harness
+    finally:
+        await harness.close()

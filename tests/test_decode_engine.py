@@ -17,7 +17,7 @@ from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import LeasedWriter
 from services.decode.sequence import Finished
-from tests.engine_harness import PROMPT, Harness
+from tests.engine_harness import PROMPT, Harness, started
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,8 @@ def tiny() -> ModelRuntime:
 
 @pytest.fixture
 async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
-    harness = Harness(tiny)
-    harness.engine.start()
-    yield harness
-    await harness.close()
+    async with started(tiny) as running:
+        yield running
 
 
 async def test_a_failing_step_fails_only_its_own_sequences_and_the_loop_goes_on(harness, tiny) -> None:

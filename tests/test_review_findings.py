@@ -24,7 +24,7 @@ from services.common.pb import (common_pb2, decode_pb2, decode_pb2_grpc, gateway
 from services.common.runtime import ModelRuntime
 from services.stack import ServiceSpec, free_port
 from tests.conftest import RunningStack, start_stack
-from tests.engine_harness import PROMPT, Harness
+from tests.engine_harness import PROMPT, Harness, started
 from tests.kv_helpers import real_transfer, send
 
 _ids = itertools.count()
@@ -38,18 +38,14 @@ def tiny() -> ModelRuntime:
 @pytest.fixture
 async def small_batch(tiny: ModelRuntime) -> AsyncIterator[Harness]:
     """8 blocks of 16 tokens, one sequence per step (--max-batch-size 1)."""
-    harness = Harness(tiny, blocks=8, batch=1)
-    harness.engine.start()
-    yield harness
-    await harness.close()
+    async with started(tiny, blocks=8, batch=1) as running:
+        yield running
 
 
 @pytest.fixture
 async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
-    harness = Harness(tiny)
-    harness.engine.start()
-    yield harness
-    await harness.close()
+    async with started(tiny) as running:
+        yield running
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,14 +193,21 @@ class _DeliverThenDie(prefill_pb2_grpc.PrefillServiceServicer):
                     self._model, request.request_id, len(request.prompt_token_ids), 4, 2, first_token=9))
             yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=9))
             await context.abort(grpc.StatusCode.UNAVAILABLE, "prefill worker died after the handoff")
-        async with grpc.aio.insecure_channel(self._real) as channel:
-            call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=30)
-            try:
-                async for event in call:
-                    yield event
-            except grpc.aio.AioRpcError as error:
-                context.set_trailing_metadata(await call.trailing_metadata())
-                await context.abort(error.code(), error.details())
+        async for event in _relay(self._real, request, context):
+            yield event
+
+
+async def _relay(real_prefill: str, request: prefill_pb2.PrefillRequest,
+                 context: grpc.aio.ServicerContext) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+    """Pass a Prefill call on to the real prefill worker, its events and its failure alike."""
+    async with grpc.aio.insecure_channel(real_prefill) as channel:
+        call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=30)
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as error:
+            context.set_trailing_metadata(await call.trailing_metadata())
+            await context.abort(error.code(), error.details())
 
 
 async def _fake_prefill(servicer: object) -> tuple[grpc.aio.Server, str]:
@@ -293,14 +296,8 @@ class _SlowPrefill(prefill_pb2_grpc.PrefillServiceServicer):
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):  # noqa: N802
         await asyncio.sleep(self._delay)
-        async with grpc.aio.insecure_channel(self._real) as channel:
-            call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(request, timeout=30)
-            try:
-                async for event in call:
-                    yield event
-            except grpc.aio.AioRpcError as error:
-                context.set_trailing_metadata(await call.trailing_metadata())
-                await context.abort(error.code(), error.details())
+        async for event in _relay(self._real, request, context):
+            yield event
 
 
 async def test_kv_timeout_on_the_decode_reaches_the_client_as_deadline_exceeded(stack) -> None:
