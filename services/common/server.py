@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
 from services.common.logs import setup_logging
+from services.common.targets import RECONNECT_OPTIONS
 from services.common.telemetry import ServiceTelemetry, serve_metrics, setup_tracing
 from services.common.tls import ServerTls, add_port
 
@@ -38,10 +39,7 @@ MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # A channel to a peer that was down retries its connection at least every second (gRPC's
-    # default backoff grows to 120 s), so a worker that comes back is seen at once.
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
+    *RECONNECT_OPTIONS,
 ]
 S = TypeVar("S")
 FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows

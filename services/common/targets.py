@@ -23,8 +23,12 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.config import split_addresses
+
 SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}],
                              "healthCheckConfig": {"serviceName": ""}})
+# A channel to a peer that was down retries its connection at least every second (gRPC's default
+# backoff grows to 120 s), so a server that comes back is seen at once. Every channel has them.
 RECONNECT_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.initial_reconnect_backoff_ms", 250),
                                                   ("grpc.max_reconnect_backoff_ms", 1000))
 
@@ -51,8 +55,8 @@ def is_ip(host: str) -> bool:
 
 def address_list(address: str | Sequence[str]) -> list[str]:
     """The entries of a comma separated list (or a sequence), without blanks or repeats."""
-    parts = address.split(",") if isinstance(address, str) else list(address)
-    return list(dict.fromkeys(part.strip() for part in parts if part.strip()))
+    parts = split_addresses(address) if isinstance(address, str) else [part.strip() for part in address]
+    return list(dict.fromkeys(part for part in parts if part))
 
 
 def check_address_list(name: str, address: str) -> None:
@@ -73,12 +77,16 @@ class ChannelTarget:
     addresses: int = 1  # servers behind the target
 
 
+def ipv4_first(infos: Sequence[tuple[object, ...]]) -> list[str]:
+    """The addresses of a getaddrinfo answer: its IPv4 ones if it has any, else all; no repeats."""
+    ipv4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]  # type: ignore[index]
+    return list(dict.fromkeys(ipv4 or [str(info[4][0]) for info in infos]))  # type: ignore[index]
+
+
 def _ips(host: str, port: str) -> list[str]:
     if is_ip(host):
         return [host]
-    infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    ipv4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]
-    return list(dict.fromkeys(ipv4 or [str(info[4][0]) for info in infos]))
+    return ipv4_first(socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM))
 
 
 @functools.lru_cache(maxsize=64)
@@ -94,7 +102,7 @@ def _several(entries: tuple[str, ...]) -> ChannelTarget:
         raise ValueError(f"addresses {','.join(entries)!r} mix IPv4 and IPv6; list one family")
     scheme = "ipv6" if families == {6} else "ipv4"
     unique = list(dict.fromkeys(resolved))
-    options = (("grpc.service_config", SERVICE_CONFIG), ("grpc.default_authority", entries[0]), *RECONNECT_OPTIONS)
+    options = (("grpc.service_config", SERVICE_CONFIG), ("grpc.default_authority", entries[0]))
     return ChannelTarget(f"{scheme}:{','.join(unique)}", options, len(unique))
 
 

@@ -33,7 +33,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from services.common.targets import channel_target
+from services.common.targets import RECONNECT_OPTIONS, channel_target
 
 log = logging.getLogger(__name__)
 
@@ -219,10 +219,10 @@ def client_channel(module: ModuleType, address: str | Sequence[str], tls: TlsFil
     `tls` read once. Several addresses (a comma separated list) make one round-robin channel over
     the servers whose health is SERVING (services/common/targets.py)."""
     target = channel_target(address)
+    options = [*target.options, *RECONNECT_OPTIONS]
     if tls is None:
-        return module.insecure_channel(target.target, options=list(target.options))
-    return module.secure_channel(target.target, tls.client_credentials(),
-                                 options=[*target.options, *tls.channel_options()])
+        return module.insecure_channel(target.target, options=options)
+    return module.secure_channel(target.target, tls.client_credentials(), options=[*options, *tls.channel_options()])
 
 
 def add_port(server: grpc.aio.Server, address: str, tls: ServerTls | None) -> int:

@@ -10,7 +10,7 @@ from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequ
     UnknownRequest
 from services.common.kv_codec import KvLayout
 from services.common.runtime import ModelGeometry
-from services.common.validation import budget_bytes, check_token_ids
+from services.common.validation import budget_bytes, check_budget_mb, check_token_ids
 from services.decode.blocks import BlockManager
 from services.decode.sequence import Sequence, State
 
@@ -30,7 +30,7 @@ class Admission:
 
     def budget_bytes(self, requested_mb: float) -> int:
         """A request's KV budget in bytes (InvalidRequest unless finite and >= 0)."""
-        budget_bytes(requested_mb)
+        check_budget_mb(requested_mb)  # the default is checked by the settings
         return budget_bytes(requested_mb or self._limits.default_budget_mb)
 
     def check(self, request: Sequence, live: dict[str, Sequence]) -> None:

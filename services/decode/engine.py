@@ -143,11 +143,16 @@ class DecodeEngine:
         self._record_handoff(receipt)
         self._kv_arrived(sequence, receipt.first_token)
 
-    def transfer_failed(self, sequence: Sequence, lease: Lease, error: Exception) -> None:
-        """A pushed transfer was bad: the request fails with its status, unless a newer transfer
-        already took over or the request is gone."""
-        if sequence.state is State.AWAITING_KV and self.blocks.holds(lease):
+    def transfer_failed(self, sequence: Sequence, lease: Lease, error: Exception) -> Exception:
+        """A pushed transfer was bad: the request fails with its status, and the sender gets it
+        too; unless the request is gone or a newer transfer took over: then nothing fails and the
+        sender gets CANCELLED."""
+        if not self.blocks.holds(lease):
+            return RequestCancelled(f"request {sequence.request_id!r} was cancelled or its KV superseded while "
+                                    f"this transfer ({error}) was in progress")
+        if sequence.state is State.AWAITING_KV:
             self._fail(sequence, error)
+        return error
 
     def prefill_locally(self, sequence: Sequence) -> None:
         """Unified mode: compute the prompt's KV here, as a background fill the scheduler polls;
@@ -233,7 +238,8 @@ class DecodeEngine:
             for sequence in plan.swap_out:  # their KV was not copied out: they will be recomputed
                 self._scheduler.copy_failed(sequence)
             return
-        self._metrics.time_per_output_token.observe(done.run_seconds)
+        if plan.run:  # a job that only copied preempted KV out is no decode step
+            self._metrics.time_per_output_token.observe(done.run_seconds)
         self._scheduler.step_ended()
         self._postprocess(plan, done.value)
 

@@ -110,26 +110,26 @@ class Scheduler:
         self._resume(plan)
         self._join_ready()
         runnable = self._grow(plan)
-        self._relieve_pressure(plan, runnable)
-        self._enforce_budgets(plan, runnable)
+        self._relieve_pressure(plan)
+        self._enforce_budgets(plan)
         plan.run = [sequence for sequence in runnable if sequence.state is State.RUNNING]
         self._in_step = plan.run + plan.swap_out
         return plan
 
     def _poll_transfers(self, plan: StepPlan) -> None:
         for sequence in list(self._moving):
-            transfer = sequence.transfer
-            status = transfer.poll() if transfer is not None else Poll.FAILED
+            transfer = sequence.transfer  # set by watch() for everything in _moving
+            status = transfer.poll()  # type: ignore[union-attr]
             if status is Poll.PENDING:
                 continue
             self._moving.remove(sequence)
             sequence.transfer = None
             if status is Poll.FAILED and sequence.state is State.SWAPPING_OUT:
                 log.warning("swap-out of %s failed (%s); it will be recomputed", sequence.request_id,
-                            transfer.error() if transfer else "no transfer")
+                            transfer.error())  # type: ignore[union-attr]
                 self._preempt_done(sequence, swapped=False)
             elif status is Poll.FAILED:
-                self._fail(sequence, transfer.error() if transfer else RuntimeError("lost transfer"), plan)
+                self._fail(sequence, transfer.error(), plan)  # type: ignore[union-attr]
             elif sequence.state is State.AWAITING_KV:
                 plan.arrived.append((sequence, int(transfer.result())))  # type: ignore[union-attr]
             elif sequence.state is State.SWAPPING_OUT:
@@ -189,7 +189,7 @@ class Scheduler:
                 continue
             short = self._blocks.blocks_for(sequence.kv_tokens + 1) - self._blocks.blocks_of(
                 sequence.request_id) - self._blocks.free_blocks
-            leaving = sum(self._blocks.blocks_of(s.request_id) for s in plan.swap_out)
+            leaving = self._leaving(plan)
             while short > leaving and (victim := self._newer_victim(sequence)) is not None:
                 self._preempt(victim, plan)
                 leaving += self._blocks.blocks_of(victim.request_id)
@@ -200,20 +200,19 @@ class Scheduler:
     def _newer_victim(self, sequence: Sequence) -> Sequence | None:
         """The newest sequence newer than `sequence`, or else the newest ready one whatever its age:
         a ready sequence the full batch keeps out holds blocks it cannot use."""
-        newer = [s for s in (*self._running, *self._ready) if s.admitted_at > sequence.admitted_at
-                 and s.state in (State.RUNNING, State.READY)]
-        waiting = [s for s in self._ready if s.state is State.READY]
-        return max(newer or waiting, key=lambda s: s.admitted_at, default=None)
+        newer = [s for s in (*self._running, *self._ready) if s.admitted_at > sequence.admitted_at]
+        return max(newer or self._ready, key=lambda s: s.admitted_at, default=None)
 
-    def _relieve_pressure(self, plan: StepPlan, runnable: list[Sequence]) -> None:
-        def pressure() -> float:
-            leaving = sum(self._blocks.blocks_of(s.request_id) for s in plan.swap_out)
-            return (self._blocks.used - leaving) / self._blocks.total
+    def _leaving(self, plan: StepPlan) -> int:
+        """Blocks that come back once this step's job has copied the preempted sequences out."""
+        return sum(self._blocks.blocks_of(s.request_id) for s in plan.swap_out)
 
-        while pressure() > self._limits.preempt_threshold and len(self._running) > 1:
+    def _relieve_pressure(self, plan: StepPlan) -> None:
+        while ((self._blocks.used - self._leaving(plan)) / self._blocks.total > self._limits.preempt_threshold
+               and len(self._running) > 1):
             self._preempt(max(self._running, key=lambda s: s.admitted_at), plan)
 
-    def _enforce_budgets(self, plan: StepPlan, runnable: list[Sequence]) -> None:
+    def _enforce_budgets(self, plan: StepPlan) -> None:
         for sequence in [s for s in self._running if s.over_budget(self._limits.kv_bytes_per_token)]:
             if len(self._running) > 1 or self._ready:  # over budget yields to others, never to nobody
                 self._preempt(sequence, plan)

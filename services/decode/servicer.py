@@ -106,11 +106,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             # request is gone or superseded: nothing to fail.
             raise
         except Exception as error:
-            if not engine.blocks.holds(lease):  # type: ignore[arg-type]
-                raise RequestCancelled(f"request {layout.request_id!r} was cancelled or its KV superseded "
-                                       f"while this transfer ({error}) was in progress") from None
-            engine.transfer_failed(sequence, lease, error)  # type: ignore[arg-type]
-            raise
+            failure = engine.transfer_failed(sequence, lease, error)  # type: ignore[arg-type]
+            if failure is error:
+                raise
+            raise failure from error
         trace.get_current_span().set_attributes({"kv.bytes": assembler.bytes_received,
                                                  "kv.chunks": assembler.next_index})
         return decode_pb2.TransferKvReply(bytes_received=assembler.bytes_received,

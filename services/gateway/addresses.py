@@ -19,7 +19,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.common.targets import is_ip, join_host_port, split_host_port
+from services.common.targets import ipv4_first, is_ip, join_host_port, split_host_port
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,5 @@ class AddressSource:
         except (OSError, TimeoutError) as exc:
             log.warning("cannot resolve %s worker %s: %s", self.role, host, str(exc) or "timed out")
             return self._resolved.get((host, port), [join_host_port(host, port)])
-        ipv4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]
-        ips = ipv4 or [str(info[4][0]) for info in infos]
-        self._resolved[(host, port)] = [join_host_port(ip, port) for ip in dict.fromkeys(ips)]
+        self._resolved[(host, port)] = [join_host_port(ip, port) for ip in ipv4_first(infos)]
         return self._resolved[(host, port)]

@@ -60,7 +60,7 @@ class PrefillJob:
     @property
     def key(self) -> str:
         """What identifies this work on this worker (a second one is refused while it is live)."""
-        return work_key(self.request_id, self.transfer_attempt)
+        return f"{self.request_id}/t{self.transfer_attempt}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +156,7 @@ class PrefillEngine:
             else:
                 loop = asyncio.get_running_loop()
                 layers: asyncio.Queue[LayerKv] = asyncio.Queue()
-                pump = asyncio.ensure_future(self._pump(layout, layers, sinks))
+                pump = asyncio.ensure_future(self._pump(job.key, layout, layers, sinks))
                 forward = await self._forward(job.prompt_ids,
                                               lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
@@ -233,10 +233,10 @@ class PrefillEngine:
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
-                self.kv_bytes_held[_key(layout)] += chunk.byte_length
+                self.kv_bytes_held[job.key] += chunk.byte_length
         return Timed(part.value, queued, run, started_unix), first_sent
 
-    async def _pump(self, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
+    async def _pump(self, key: str, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send each layer group's chunks as soon as the group's layers are computed. Returns the
         time the first chunk went out."""
         first_sent = 0.0
@@ -255,16 +255,8 @@ class PrefillEngine:
                 chunk = await asyncio.to_thread(encode_chunk, layout, chunk_index, keys, values)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
-                self.kv_bytes_held[_key(layout)] += chunk.byte_length
+                self.kv_bytes_held[key] += chunk.byte_length
         return first_sent
-
-
-def work_key(request_id: str, transfer_attempt: int) -> str:
-    return f"{request_id}/t{transfer_attempt}"
-
-
-def _key(layout: KvLayout) -> str:
-    return work_key(layout.request_id, layout.transfer_attempt)
 
 
 async def _send_all(sinks: list[KvSink], message: object) -> None:
