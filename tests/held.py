@@ -83,3 +83,26 @@ async def transferring_prefill(addresses: Addresses, prefills: Sequence[str], ti
                 return name
         await asyncio.sleep(0.02)
     raise TimeoutError("no prefill worker started a transfer")
+
+
+async def decode_stats(address: str) -> object:
+    """A decode worker's Stats."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+
+
+async def prefill_stats(address: str) -> object:
+    """A prefill worker's Stats."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+
+
+async def wait_decode_idle(address: str, seconds: float = 10.0) -> object:
+    """A decode worker's Stats once it holds no request and no block (a request cancelled mid-step
+    frees at step end), or the last Stats after `seconds`."""
+    for _ in range(int(seconds / 0.1)):
+        stats = await decode_stats(address)
+        if (stats.active_requests, stats.blocks_used) == (0, 0):  # type: ignore[attr-defined]
+            return stats
+        await asyncio.sleep(0.1)
+    return stats

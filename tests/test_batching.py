@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from services.client import GatewayClient, GatewayError
-from services.common.pb import common_pb2, decode_pb2_grpc
 from tests.conftest import RunningStack, start_stack
+from tests.held import decode_stats, wait_decode_idle
 
 PROMPTS = [
     "The capital of France is", "def fibonacci(n):", "Water boils at a temperature of",
@@ -20,11 +20,6 @@ PROMPTS = [
     "The mitochondria is", "SELECT * FROM users WHERE", "My favourite recipe for pancakes:",
     "The speed of light is", "To be or not to be,", "Photosynthesis converts", "A haiku about the sea:\n",
 ]
-
-
-async def decode_stats(address: str) -> decode_pb2_grpc.DecodeServiceStub:
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())
 
 
 class PeakBatch:
@@ -41,15 +36,6 @@ class PeakBatch:
 
     def stop(self) -> None:
         self._task.cancel()
-
-
-async def wait_pool_empty(address: str) -> common_pb2.StatsRequest:
-    for _ in range(100):
-        stats = await decode_stats(address)
-        if (stats.active_requests, stats.blocks_used) == (0, 0):
-            return stats
-        await asyncio.sleep(0.1)
-    return stats
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +57,7 @@ async def test_sixteen_staggered_requests_are_exact_and_batched(memory_stack: Ru
     for (key, expected), output in zip(references.items(), outputs):
         assert output == expected, key
     assert peak.running > 1
-    stats = await wait_pool_empty(memory_stack["decode"])
+    stats = await wait_decode_idle(memory_stack["decode"])
     assert (stats.active_requests, stats.blocks_used) == (0, 0) and stats.blocks_total > 0
 
 
@@ -95,7 +81,7 @@ async def test_twenty_four_simultaneous_greedy_requests_equal_hf_generate(memory
     assert peak.running >= 16
     mismatched = [p for p, out, ref in zip(MORE_PROMPTS, outputs, expected) if out.token_ids != ref]
     assert mismatched == []
-    assert (await wait_pool_empty(memory_stack["decode"])).blocks_used == 0
+    assert (await wait_decode_idle(memory_stack["decode"])).blocks_used == 0
 
 
 @pytest.mark.parametrize("gateway", ["gateway_unified", "gateway_conditional", "gateway"])
@@ -104,7 +90,7 @@ async def test_prefill_modes_give_identical_output(memory_stack: RunningStack, r
         for prompt, tokens in list(references)[:5]:  # prompts of 5 to 10 tokens: conditional mixes both paths
             assert (await client.complete(prompt, max_tokens=tokens, temperature=0)).token_ids == \
                 references[(prompt, tokens)]
-    stats = await wait_pool_empty(memory_stack["decode"])
+    stats = await wait_decode_idle(memory_stack["decode"])
     assert stats.blocks_used == 0
 
 
@@ -132,7 +118,7 @@ async def test_preemption_keeps_greedy_output(small_pool_stack: RunningStack, ru
             continue
         assert output.token_ids[: len(reference)] == reference, prompt
     assert sum(not isinstance(output, GatewayError) for output in outputs) >= 2, outputs
-    stats = await wait_pool_empty(small_pool_stack["decode"])
+    stats = await wait_decode_idle(small_pool_stack["decode"])
     assert stats.preemptions_total > before
     assert stats.blocks_used == 0
 
@@ -150,7 +136,7 @@ async def test_pool_exhaustion_completes_or_refuses(small_pool_stack: RunningSta
         else:
             assert output.token_ids == runtime.reference_generate(encoder.encode_text(prompt), 30), prompt
     assert refused < len(prompts)
-    assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0
+    assert (await wait_decode_idle(small_pool_stack["decode"])).blocks_used == 0
 
 
 async def test_chunked_prefill_of_a_long_prompt(small_pool_stack: RunningStack, runtime, encoder) -> None:
@@ -160,7 +146,7 @@ async def test_chunked_prefill_of_a_long_prompt(small_pool_stack: RunningStack, 
     async with GatewayClient(small_pool_stack["gateway"]) as client:
         result = await client.complete(prompt, max_tokens=12, temperature=0)
     assert result.token_ids == runtime.reference_generate(prompt_ids, 12)
-    assert (await wait_pool_empty(small_pool_stack["decode"])).blocks_used == 0
+    assert (await wait_decode_idle(small_pool_stack["decode"])).blocks_used == 0
 
 
 async def test_request_over_its_kv_budget_yields_to_others(memory_stack: RunningStack, runtime, encoder) -> None:
@@ -179,7 +165,7 @@ async def test_request_over_its_kv_budget_yields_to_others(memory_stack: Running
             later())
     assert budgeted.token_ids == expected_long  # swapped out and back in, bit for bit
     assert normal == expected_short
-    stats = await wait_pool_empty(memory_stack["decode"])
+    stats = await wait_decode_idle(memory_stack["decode"])
     assert stats.preemptions_total > before and stats.blocks_used == 0
 
 
@@ -206,4 +192,4 @@ async def test_prefill_batches_queued_prompts(batching_prefill_stack: RunningSta
     batches = after["disagg_prefill_batch_size_count"] - before["disagg_prefill_batch_size_count"]
     prompts = after["disagg_prefill_batch_size_sum"] - before["disagg_prefill_batch_size_sum"]
     assert prompts == 5 and batches < 5  # the four concurrent prompts shared forward passes
-    assert (await wait_pool_empty(batching_prefill_stack["decode"])).blocks_used == 0
+    assert (await wait_decode_idle(batching_prefill_stack["decode"])).blocks_used == 0

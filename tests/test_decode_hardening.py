@@ -23,6 +23,7 @@ from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_
 from services.common.runtime import ModelRuntime
 from tests.conftest import RunningStack, add_service, start_stack
 from tests.kv_helpers import admit, read_tokens, real_transfer, replace, send
+from tests.held import decode_stats, wait_decode_idle
 
 _ids = itertools.count()
 
@@ -73,18 +74,9 @@ async def decode(stack: RunningStack) -> Decode:
         yield Decode(stub, await stub.GetModelInfo(common_pb2.ModelInfoRequest()), stack["decode"])
 
 
-async def decode_stats(address: str) -> decode_pb2.DecodeStats:
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-
-
 async def assert_pool_empty(address: str) -> None:
     """Every request gone and every block back (a request cancelled mid-step frees at step end)."""
-    for _ in range(100):
-        stats = await decode_stats(address)
-        if (stats.active_requests, stats.blocks_used) == (0, 0):
-            return
-        await asyncio.sleep(0.1)
+    stats = await wait_decode_idle(address)
     assert (stats.active_requests, stats.blocks_used) == (0, 0), stats
 
 

@@ -25,6 +25,7 @@ from services.common.runtime import ModelRuntime
 from services.stack import ServiceSpec, free_port
 from tests.conftest import RunningStack, start_stack
 from tests.engine_harness import PROMPT, Harness, started
+from tests.held import decode_stats
 from tests.kv_helpers import real_transfer, send
 
 _ids = itertools.count()
@@ -120,11 +121,6 @@ async def kvstore_entries(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         return (await kvstore_pb2_grpc.KvStoreServiceStub(channel).Stats(common_pb2.StatsRequest(),
                                                                           timeout=10)).entries
-
-
-async def decode_stats(address: str) -> decode_pb2.DecodeStats:
-    async with grpc.aio.insecure_channel(address) as channel:
-        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
 
 
 async def eventually(probe, expected, seconds: float = 8.0):  # type: ignore[no-untyped-def]

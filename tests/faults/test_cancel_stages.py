@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from services.client import GatewayClient
-from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2_grpc
+from services.common.pb import common_pb2, gateway_pb2, gateway_pb2_grpc
 from tests.conftest import RunningStack
 from tests.faults.conftest import assert_nothing_held
+from tests.held import decode_stats, prefill_stats
 
 LONG = "Here is a list of the planets of the solar system and one fact about each of them. " * 30
 
@@ -31,16 +32,6 @@ def _start(channel: grpc.aio.Channel, prompt: str, max_tokens: int) -> grpc.aio.
     return gateway_pb2_grpc.GatewayServiceStub(channel).Generate(gateway_pb2.GenerateRequest(
         prompt=prompt, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)),
         timeout=120)
-
-
-async def _prefill_stats(stack: RunningStack, name: str = "prefill") -> object:
-    async with grpc.aio.insecure_channel(stack[name]) as channel:
-        return await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest())
-
-
-async def _decode_stats(stack: RunningStack, name: str) -> object:
-    async with grpc.aio.insecure_channel(stack[name]) as channel:
-        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())
 
 
 async def _still_serves(stack: RunningStack, gateway: str = "gateway") -> None:
@@ -62,7 +53,7 @@ async def test_cancel_while_queued_behind_another_prompt(faults) -> None:
 
 
 async def _active_prefills(stack: RunningStack, count: int) -> bool:
-    return (await _prefill_stats(stack)).active_requests == count
+    return (await prefill_stats(stack["prefill"])).active_requests == count
 
 
 async def test_cancel_while_prefilling(faults) -> None:
@@ -80,7 +71,7 @@ async def test_cancel_while_transferring_refuses_the_late_chunks(faults) -> None
         call = _start(channel, LONG, 2)
 
         async def sending() -> bool:
-            return (await _prefill_stats(faults)).kv_bytes_held > 0
+            return (await prefill_stats(faults["prefill"])).kv_bytes_held > 0
 
         await _until(sending)
         prefill.send_signal(signal.SIGSTOP)
@@ -94,7 +85,7 @@ async def test_cancel_while_transferring_refuses_the_late_chunks(faults) -> None
 
 
 async def _decode_idle(stack: RunningStack, name: str) -> bool:
-    stats = await _decode_stats(stack, name)
+    stats = await decode_stats(stack[name])
     return (stats.active_requests, stats.blocks_used) == (0, 0)
 
 
@@ -109,7 +100,7 @@ async def test_cancel_while_decoding(faults) -> None:
 
 
 async def test_cancel_while_swapped_out(faults) -> None:
-    before = (await _decode_stats(faults, "decode_small")).preemptions_total
+    before = (await decode_stats(faults["decode_small"])).preemptions_total
     async with grpc.aio.insecure_channel(faults["gateway_small"]) as channel:
         older = _start(channel, "One two three four five six seven", 180)
         await older.read()
@@ -117,7 +108,7 @@ async def test_cancel_while_swapped_out(faults) -> None:
         await newer.read()
 
         async def swapped() -> bool:
-            stats = await _decode_stats(faults, "decode_small")
+            stats = await decode_stats(faults["decode_small"])
             return stats.preemptions_total > before and stats.running == 1
 
         await _until(swapped)
