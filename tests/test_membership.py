@@ -190,4 +190,5 @@ async def test_sigterm_to_a_decode_and_a_prefill_worker_under_load_loses_no_requ
     assert [error for error in ended if error is not None] == []
     assert len(outcomes) >= 2 * len(PROMPTS) and all(outcomes), outcomes
     now = await states(cluster.gateway)
-    assert now[cluster.specs["decode1"].address] == now[cluster.specs["prefill1"].address] == "unreachable"
+    # gone: its watch broke (unreachable), or a call it refused while draining put it in backoff first
+    assert {now[cluster.specs["decode1"].address], now[cluster.specs["prefill1"].address]} <= {"unreachable", "backoff"}
