@@ -338,3 +338,33 @@ async def test_retried_transfer_supersedes_a_frozen_one_whose_late_chunks_are_re
     await assert_refused(frozen, frozen_messages[3:])  # the frozen sender wakes up
     assert (await read_tokens(generation))[0] == 9  # the superseding transfer's first token, then 3 more
     await assert_pool_empty(decode.address)
+
+
+# Found by hand against `make up`: bad values in fields of the worker requests.
+@pytest.mark.parametrize(("field", "value"), [("position_offset", 2), ("position_offset", 2**32 - 1),
+                                              ("kv_source", 7), ("client_request_id", "z" * 10_000),
+                                              ("client_request_id", "bad label!")])
+async def test_bad_decode_request_field_is_invalid_argument_at_once(stack, field: str, value: object) -> None:
+    request = decode_pb2.DecodeRequest(request_id=f"field-{next(_ids)}", prompt_token_ids=[1, 2, 3],
+                                       sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2),
+                                       kv_source=decode_pb2.KV_SOURCE_LOCAL)
+    setattr(request, field, value)
+    async with grpc.aio.insecure_channel(stack["decode"]) as channel:
+        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(request, timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert field in caught.value.details()
+    await assert_pool_empty(stack["decode"])
+
+
+async def test_bad_prefill_label_is_invalid_argument(stack) -> None:
+    async with grpc.aio.insecure_channel(stack["prefill"]) as channel:
+        call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id=f"label-{next(_ids)}", prompt_token_ids=[1, 2], decode_address=stack["decode"],
+            client_request_id="z" * 10_000, sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2)),
+            timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "client_request_id" in caught.value.details()

@@ -8,6 +8,7 @@ below); KV chunk contents are checked by the assembler (`kv_codec`).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 from services.common.errors import InvalidRequest
@@ -18,6 +19,7 @@ MIN_TEMPERATURE = 0.01
 MAX_TEMPERATURE = 100.0
 MB = 1024 * 1024
 _MAX_BUDGET_BYTES = 2**62  # any budget above this is as good as none
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 def check_temperature(value: float) -> None:
@@ -36,6 +38,13 @@ def budget_bytes(megabytes: float) -> int:
     """A checked budget in bytes; a huge finite budget saturates instead of overflowing."""
     check_budget_mb(megabytes)
     return int(min(megabytes * MB, _MAX_BUDGET_BYTES))
+
+
+def check_id(field: str, value: str, required: bool = True) -> None:
+    """A request id or label: 1-64 letters, digits, '-' or '_' (it names store keys and log lines),
+    or empty where not `required`."""
+    if (value or required) and not _ID.match(value):
+        raise InvalidRequest(f"{field} must be 1-64 letters, digits, '-' or '_'")
 
 
 def check_token_ids(field: str, token_ids: Sequence[int], vocab_size: int) -> None:

@@ -10,7 +10,7 @@ from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequ
     UnknownRequest
 from services.common.kv_codec import KvLayout
 from services.common.runtime import ModelGeometry
-from services.common.validation import budget_bytes, check_budget_mb, check_token_ids
+from services.common.validation import budget_bytes, check_budget_mb, check_id, check_token_ids
 from services.decode.blocks import BlockManager
 from services.decode.sequence import Sequence, State
 
@@ -34,14 +34,17 @@ class Admission:
         return budget_bytes(requested_mb or self._limits.default_budget_mb)
 
     def check(self, request: Sequence, live: dict[str, Sequence]) -> None:
-        if not request.request_id:
-            raise InvalidRequest("request_id must not be empty")
+        check_id("request_id", request.request_id)
+        check_id("client_request_id", request.label, required=False)
         if request.request_id in live or self._blocks.holds_blocks(request.request_id):
             # (a released request whose step is still running keeps its blocks until the step ends)
             raise AlreadyExists(f"request {request.request_id!r} is already live on this worker")
         if not request.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", request.prompt_ids, self._geometry.vocab_size)
+        if request.position_offset >= request.sampling.max_tokens:
+            raise InvalidRequest(f"position_offset ({request.position_offset}) must be below max_tokens "
+                                 f"({request.sampling.max_tokens}): the completion would already be complete")
         total = len(request.prompt_ids) + request.sampling.max_tokens - request.position_offset
         if total > self._geometry.max_model_len:
             raise InvalidRequest(f"prompt ({len(request.prompt_ids)}) + max_tokens ({request.sampling.max_tokens}) "

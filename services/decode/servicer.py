@@ -10,7 +10,7 @@ import grpc
 from opentelemetry import trace
 
 from services.common.edge import grpc_edge
-from services.common.errors import BackendUnavailable, KvCorrupted, KvProtocolError, RequestCancelled
+from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
 from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
 from services.common.kv_wire import from_pb, transfer_prefix
 from services.common.logs import request_id_var, request_tag
@@ -55,6 +55,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         trace.get_current_span().set_attributes({"request.id": request.request_id,
                                                  "request.label": request.client_request_id})
         engine, _ = self._state()
+        if request.kv_source not in decode_pb2.KvSource.values():
+            raise InvalidRequest(f"kv_source {request.kv_source} is not one of {list(decode_pb2.KvSource.keys())}")
         sequence = engine.admit(Sequence(
             request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
             request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id))

@@ -3,7 +3,6 @@ streams protobuf responses."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -19,18 +18,17 @@ from services.common.channels import ChannelPool
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
+from services.common.validation import check_id
 from services.gateway.core import Gateway, GenerateInput, GenerateOutput, new_request_id
 from services.gateway.routing import Worker
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 
 
 def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int) -> GenerateInput:
     """The domain request from the wire; validates what the wire types cannot. The request gets an
     internal id; the client's request_id (if any) is only its label."""
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
-        raise InvalidRequest("request_id must be 1-64 letters, digits, '-' or '_'")
+    check_id("request_id", request.request_id, required=False)
     sampling_pb = common_pb2.SamplingParams()
     sampling_pb.CopyFrom(request.sampling)
     if not sampling_pb.HasField("seed"):

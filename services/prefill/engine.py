@@ -38,7 +38,7 @@ from services.common.runtime import LayerKvCallback, ModelRuntime
 from services.common.sampling import Sampling, sample
 from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
-from services.common.validation import check_token_ids
+from services.common.validation import check_id, check_token_ids
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
@@ -104,8 +104,7 @@ class PrefillEngine:
 
     def validate(self, job: PrefillJob) -> None:
         geometry = self._runtime.geometry
-        if not job.request_id:
-            raise InvalidRequest("request_id must not be empty")
+        check_id("request_id", job.request_id)
         if not job.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", job.prompt_ids, geometry.vocab_size)

@@ -17,6 +17,7 @@ from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
+from services.common.validation import check_id
 from services.prefill.engine import FirstToken, PrefillEngine, PrefillJob
 from services.prefill.sinks import DecodeStreamSink
 
@@ -52,6 +53,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                                                  "request.label": request.client_request_id,
                                                  "kv.transfer_attempt": request.transfer_attempt})
         engine, _ = self._state()
+        check_id("client_request_id", request.client_request_id, required=False)
         if not request.decode_address:
             raise InvalidRequest("decode_address must name the decode worker that admitted the request")
         sampling = sampling_from_pb(request.sampling, default_max_tokens=16)
