@@ -1,0 +1,161 @@
+"""POSIX shared-memory segments for bulk KV bytes between processes on one host.
+
+Names are never fixed: `<prefix>.<pid namespace>.<pid>.<process start>.<random>`, so a segment
+says which process made it. The creator owns a segment and is the only one that unlinks it;
+attachers map it and close their mapping, nothing more. A process killed before it unlinked
+leaves its segments behind; `reap_orphans` (run by each service at start and on a timer) unlinks
+those whose creator is gone. It judges only segments of its own prefix and its own pid
+namespace: a pid from another namespace says nothing about liveness here.
+
+Python before 3.13 registers an attached segment with the resource tracker, which unlinks it when
+the attaching process exits (bpo-39959); `attach` undoes that registration (or passes
+`track=False` where it exists), so an attacher exiting never destroys the creator's segment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+_NAME_RE = re.compile(r"^(?P<prefix>[a-z][a-z0-9-]{0,39})\.(?P<pidns>\d+)\.(?P<pid>\d+)\.(?P<start>\d+)\.[0-9a-f]{16}$")
+
+
+def check_prefix(prefix: str) -> str:
+    """A segment prefix: lowercase letters, digits and dashes, at most 40 (raises ValueError)."""
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(f"shared-memory prefix {prefix!r} must match {_PREFIX_RE.pattern}")
+    return prefix
+
+
+def _ns_inode(kind: str) -> int:
+    try:
+        return os.stat(f"/proc/self/ns/{kind}").st_ino
+    except OSError:
+        return 0
+
+
+def _process_start(pid: int) -> int | None:
+    """Clock ticks after boot when `pid` started (tells a pid from its reuse); None if gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
+def host_identity() -> str:
+    """Equal for two processes exactly when they can map the same segments: same kernel boot, same
+    IPC namespace and the same /dev/shm mount (containers with private /dev/shm differ)."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot_id = "unknown-boot"
+    try:
+        shm_device = os.stat(SHM_DIR).st_dev
+    except OSError:
+        shm_device = 0
+    raw = f"{boot_id}|{_ns_inode('ipc')}|{shm_device}"
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def new_segment_name(prefix: str) -> str:
+    pid = os.getpid()
+    return f"{check_prefix(prefix)}.{_ns_inode('pid')}.{pid}.{_process_start(pid) or 0}.{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentOwner:
+    """Who created a segment, read back from its name."""
+
+    prefix: str
+    pid_namespace: int
+    pid: int
+    process_start: int
+
+
+def owner_of(name: str) -> SegmentOwner | None:
+    """The creator a segment name records, or None for a name this module did not make."""
+    match = _NAME_RE.match(name)
+    if match is None:
+        return None
+    return SegmentOwner(match["prefix"], int(match["pidns"]), int(match["pid"]), int(match["start"]))
+
+
+def create(prefix: str, size: int) -> SharedMemory:
+    """A new segment of `size` bytes (> 0) owned by this process; unlink it with `destroy`."""
+    if size <= 0:
+        raise ValueError(f"a shared-memory segment needs a size > 0, got {size}")
+    return SharedMemory(name=new_segment_name(prefix), create=True, size=size)
+
+
+def attach(name: str) -> SharedMemory:
+    """Map an existing segment without taking ownership: closing or exiting never unlinks it.
+    Raises FileNotFoundError when no such segment exists, ValueError for a name this module
+    did not make (so a descriptor cannot point an attacher at an arbitrary file)."""
+    if owner_of(name) is None:
+        raise ValueError(f"{name!r} is not a segment name of this project")
+    if sys.version_info >= (3, 13):
+        return SharedMemory(name=name, create=False, track=False)  # type: ignore[call-arg]
+    segment = SharedMemory(name=name, create=False)
+    resource_tracker.unregister(segment._name, "shared_memory")  # type: ignore[attr-defined]
+    return segment
+
+
+def destroy(segment: SharedMemory) -> None:
+    """Close and unlink a segment this process created (a second call does nothing)."""
+    segment.close()
+    try:
+        segment.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _creator_alive(owner: SegmentOwner) -> bool:
+    start = _process_start(owner.pid)
+    return start is not None and (owner.process_start == 0 or start == owner.process_start)
+
+
+def reap_orphans(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink segments of `prefix` whose creator (in this pid namespace) is no longer running;
+    returns their names."""
+    check_prefix(prefix)
+    pid_namespace = _ns_inode("pid")
+    reaped = []
+    try:
+        entries = list(shm_dir.iterdir())
+    except OSError:
+        return reaped
+    for entry in entries:
+        owner = owner_of(entry.name)
+        if owner is None or owner.prefix != prefix or owner.pid_namespace != pid_namespace:
+            continue
+        if _creator_alive(owner):
+            continue
+        try:
+            entry.unlink()
+        except FileNotFoundError:
+            continue
+        reaped.append(entry.name)
+    if reaped:
+        log.warning("reaped %d shared-memory segment(s) of dead %s processes", len(reaped), prefix)
+    return reaped
+
+
+def segments_of(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Names of the segments of `prefix` now in /dev/shm (tests and stats)."""
+    try:
+        return sorted(e.name for e in shm_dir.iterdir() if (o := owner_of(e.name)) and o.prefix == prefix)
+    except OSError:
+        return []

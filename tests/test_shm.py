@@ -1,0 +1,98 @@
+"""Shared-memory segments: attachers never unlink, orphans of killed creators are reaped, and only
+names this project made can be attached."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from services.common import shm
+
+_ATTACH_AND_EXIT = """
+import sys
+from services.common import shm
+segment = shm.attach(sys.argv[1])
+assert bytes(segment.buf[:5]) == b"hello"
+segment.close()
+"""
+
+_CREATE_AND_WAIT = """
+import sys, time
+from services.common import shm
+segment = shm.create(sys.argv[1], 4096)
+print(segment.name, flush=True)
+time.sleep(60)
+"""
+
+
+def _prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def test_an_attacher_exiting_leaves_the_creators_segment_in_place() -> None:
+    segment = shm.create(_prefix(), 4096)
+    try:
+        segment.buf[:5] = b"hello"
+        subprocess.run([sys.executable, "-c", _ATTACH_AND_EXIT, segment.name], check=True, timeout=60)
+        assert (shm.SHM_DIR / segment.name).exists()
+        again = shm.attach(segment.name)
+        assert bytes(again.buf[:5]) == b"hello"
+        again.close()
+    finally:
+        shm.destroy(segment)
+    assert not (shm.SHM_DIR / segment.name).exists()
+    shm.destroy(segment)  # a second destroy is harmless
+
+
+def test_segments_of_a_creator_killed_with_sigkill_are_gone_after_the_reaper() -> None:
+    prefix = _prefix()
+    creator = subprocess.Popen([sys.executable, "-c", _CREATE_AND_WAIT, prefix], stdout=subprocess.PIPE, text=True)
+    try:
+        name = creator.stdout.readline().strip() if creator.stdout else ""
+        assert shm.segments_of(prefix) == [name]
+        assert shm.reap_orphans(prefix) == []  # its creator still runs
+    finally:
+        os.kill(creator.pid, signal.SIGKILL)
+        creator.wait(timeout=30)
+    shm.reap_orphans(prefix)
+    assert shm.segments_of(prefix) == []
+
+
+def test_the_reaper_judges_only_its_prefix_and_pid_namespace(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    pidns = shm.owner_of(shm.new_segment_name("x"))
+    assert pidns is not None
+    mine_dead = f"own.{pidns.pid_namespace}.{dead.pid}.0.{'a' * 16}"
+    mine_alive = shm.new_segment_name("own")
+    other_prefix = f"other.{pidns.pid_namespace}.{dead.pid}.0.{'b' * 16}"
+    other_namespace = f"own.{pidns.pid_namespace + 1}.{dead.pid}.0.{'c' * 16}"
+    for name in (mine_dead, mine_alive, other_prefix, other_namespace, "unrelated-file"):
+        (tmp_path / name).write_bytes(b"x")
+    assert shm.reap_orphans("own", shm_dir=tmp_path) == [mine_dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [mine_alive, other_prefix, other_namespace, "unrelated-file"])
+
+
+def test_attach_refuses_names_it_did_not_make_and_missing_segments() -> None:
+    with pytest.raises(ValueError):
+        shm.attach("../../etc/passwd")
+    with pytest.raises(FileNotFoundError):
+        shm.attach(shm.new_segment_name("missing"))
+    with pytest.raises(ValueError):
+        shm.check_prefix("Bad Prefix")
+    with pytest.raises(ValueError):
+        shm.create("fine", 0)
+
+
+def test_host_identity_is_stable_within_a_host() -> None:
+    assert shm.host_identity() == shm.host_identity()
+    out = subprocess.run([sys.executable, "-c", "from services.common import shm; print(shm.host_identity())"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == shm.host_identity()
