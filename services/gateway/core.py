@@ -99,7 +99,7 @@ class GatewayLimits:
 class Gateway:
     def __init__(self, encoder: PromptEncoder, prefill: WorkerPool, decode: WorkerPool, channels: ChannelPool,
                  limits: GatewayLimits, metrics: GatewayMetrics) -> None:
-        self._encoder = encoder
+        self.encoder = encoder
         self.prefill_pool = prefill
         self.decode_pool = decode
         self._channels = channels
@@ -112,12 +112,12 @@ class Gateway:
 
     def tokenize(self, request: GenerateInput) -> list[int]:
         if request.messages is not None:
-            ids = self._encoder.encode_chat(request.messages)
+            ids = self.encoder.encode_chat(request.messages)
         elif request.prompt is not None:
-            ids = self._encoder.encode_text(request.prompt)
+            ids = self.encoder.encode_text(request.prompt)
         else:
             raise InvalidRequest("give a prompt or chat messages")
-        max_tokens, context = request.sampling.max_tokens, self._encoder.max_model_len
+        max_tokens, context = request.sampling.max_tokens, self.encoder.max_model_len
         if max_tokens > self._limits.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be <= {self._limits.max_tokens_limit}, got {max_tokens}")
         if len(ids) >= context:
@@ -132,7 +132,7 @@ class Gateway:
         with tracer.start_as_current_span("gateway.tokenize") as span:
             prompt_ids = self.tokenize(request)
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
-        stream = TextStream(self._encoder.tokenizer, request.sampling.stop)
+        stream = TextStream(self.encoder.tokenizer, request.sampling.stop)
         generated: list[int] = []
         failed: set[str] = set()
         self.active_requests += 1
@@ -186,7 +186,7 @@ class Gateway:
         """The finish reason of a completion that has all its tokens already, else None."""
         if len(generated) >= request.sampling.max_tokens:
             return "length"
-        if generated and not request.sampling.ignore_eos and generated[-1] in self._encoder.eos_token_ids:
+        if generated and not request.sampling.ignore_eos and generated[-1] in self.encoder.eos_token_ids:
             return "stop"
         return None
 

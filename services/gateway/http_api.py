@@ -2,7 +2,11 @@
 event loop). It drives the same Gateway core as the gRPC API.
 
   POST /v1/completions, POST /v1/chat/completions  (streaming as server-sent events, or not)
-  GET  /v1/models, GET /health
+  POST /tokenize, POST /detokenize  (vLLM's utility endpoints)
+  GET  /v1/models (with max_model_len), GET /health
+
+A request field this server does not implement is refused with 400 naming it, unless it is
+harmless metadata or holds its neutral value (openai_fields).
 
 Errors use OpenAI's shape and HTTP statuses: 400 bad JSON or field, 401 API key, 404 unknown
 model, 429/503 no capacity. A client that disconnects mid-stream cancels its request everywhere.
@@ -13,7 +17,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -31,7 +34,11 @@ from services.common.errors import BackendUnavailable, InvalidRequest, ServiceEr
 from services.common.sampling import Sampling
 from services.common.server import Lifecycle
 from services.gateway.auth import ApiKeys, bearer
-from services.gateway.core import Gateway, GenerateInput, GenerateOutput, Usage
+from services.gateway.core import Gateway, GenerateInput, GenerateOutput
+from services.gateway.http_tokens import TokenRoutes, add_token_routes
+from services.gateway.openai_fields import unsupported_field
+from services.gateway.openai_formats import ChatFormat, CompletionFormat, ResponseFormat
+from services.gateway.text import PromptEncoder
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
 
@@ -89,10 +96,16 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         except ServiceError as error:
             raise ApiError(401, str(error), code="invalid_api_key") from None
 
-    def check_model(body: _Common) -> None:
-        if body.model != config.model_id:
-            raise ApiError(404, f"model {body.model!r} does not exist; this server serves {config.model_id!r}",
+    def check_model_id(model: str) -> None:
+        if model != config.model_id:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {config.model_id!r}",
                            "model", "model_not_found")
+
+    def check_model(body: _Common) -> None:
+        check_model_id(body.model)
+        refused = unsupported_field(body.model_extra)
+        if refused is not None:
+            raise ApiError(400, refused[1], refused[0], "unsupported_parameter")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -103,7 +116,16 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse({"object": "list", "data": [
-            {"id": config.model_id, "object": "model", "created": 0, "owned_by": "disagg-serve"}]})
+            {"id": config.model_id, "object": "model", "created": 0, "owned_by": "disagg-serve",
+             "max_model_len": encoder().max_model_len}]})
+
+    def encoder() -> PromptEncoder:
+        try:
+            return gateway().encoder
+        except ServiceError as error:
+            raise _api_error(error) from None
+
+    add_token_routes(app, TokenRoutes(encoder, authorize, check_model_id))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -115,7 +137,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         _unsupported(len(prompts) != 1, "prompt", "give exactly one prompt")
         job = _job("cmpl", prompts[0], None, body, body.max_tokens, config)
-        return await _respond(gateway, lifecycle, job, body, _CompletionFormat(job.request_id, config.model_id))
+        return await _respond(gateway, lifecycle, job, body, CompletionFormat(job.request_id, config.model_id))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -125,7 +147,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
         messages = [(message.role, message.text()) for message in body.messages]
         job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config)
-        return await _respond(gateway, lifecycle, job, body, _ChatFormat(job.request_id, config.model_id))
+        return await _respond(gateway, lifecycle, job, body, ChatFormat(job.request_id, config.model_id))
 
     return app
 
@@ -157,7 +179,7 @@ def _job(prefix: str, prompt: str | None, messages: list[tuple[str, str]] | None
 
 
 async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, job: GenerateInput, body: _Common,
-                   form: _Format) -> Any:
+                   form: ResponseFormat) -> Any:
     """Run the request; errors before the first token get a proper HTTP status."""
     try:
         end_work = lifecycle.begin()
@@ -195,7 +217,7 @@ def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[],
     return end
 
 
-async def _sse(first: GenerateOutput, outputs: AsyncIterator[GenerateOutput], form: _Format, include_usage: bool,
+async def _sse(first: GenerateOutput, outputs: AsyncIterator[GenerateOutput], form: ResponseFormat, include_usage: bool,
                end_work: Callable[[], None]) -> AsyncIterator[str]:
     try:
         async with aclosing(outputs) as stream:
@@ -221,73 +243,3 @@ async def _prepend(first: GenerateOutput, rest: AsyncIterator[GenerateOutput]) -
 
 def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _usage(output: GenerateOutput) -> dict[str, int]:
-    usage = output.usage or Usage(0, 0)
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
-
-
-class _Format:
-    """How one endpoint shapes its objects."""
-
-    endpoint = ""
-
-    def __init__(self, request_id: str, model: str) -> None:
-        self._base = {"id": request_id, "created": int(time.time()), "model": model}
-
-    def first(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def usage_chunk(self, output: GenerateOutput) -> dict[str, Any]:
-        return {**self._base, "object": self.chunk_object, "choices": [], "usage": _usage(output)}
-
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    chunk_object = ""
-
-
-class _CompletionFormat(_Format):
-    chunk_object = "text_completion"
-    endpoint = "completions"
-
-    def first(self) -> dict[str, Any]:
-        return self._chunk("", None)
-
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
-        return self._chunk(output.text, output.finish_reason)
-
-    def _chunk(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {**self._base, "object": "text_completion",
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
-
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
-        body = self._chunk("".join(o.text for o in outputs), outputs[-1].finish_reason)
-        return {**body, "usage": _usage(outputs[-1])}
-
-
-class _ChatFormat(_Format):
-    chunk_object = "chat.completion.chunk"
-    endpoint = "chat_completions"
-
-    def first(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None)
-
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
-        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason)
-
-    def _chunk(self, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-        return {**self._base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(o.text for o in outputs)}
-        return {**self._base, "object": "chat.completion", "usage": _usage(outputs[-1]),
-                "choices": [{"index": 0, "message": message, "finish_reason": outputs[-1].finish_reason,
-                             "logprobs": None}]}
-

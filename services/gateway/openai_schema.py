@@ -26,12 +26,18 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "code": code}}
 
 
-class StreamOptions(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
     include_usage: bool = False
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="allow")  # clients send fields we ignore (user, metadata, ...)
+    # Clients send many fields this model does not declare; openai_fields judges each (ignored
+    # metadata, a neutral value of an unimplemented control, or 400).
+    model_config = ConfigDict(extra="allow")
 
     model: str
     temperature: float | None = None
@@ -62,12 +68,12 @@ class CompletionRequest(_Common):
     best_of: int | None = None
 
 
-class ChatContentPart(BaseModel):
+class ChatContentPart(_Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     role: str
     content: str | list[ChatContentPart] | None = ""
 

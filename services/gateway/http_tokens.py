@@ -1,0 +1,83 @@
+"""vLLM's utility endpoints on the gateway's HTTP API, in vLLM's request and response shapes:
+
+  POST /tokenize    {"prompt": str, "add_special_tokens": bool} or {"messages": [...]}
+                    -> {"count", "max_model_len", "tokens"}  (messages: the chat template with the
+                    generation prompt, exactly the ids a chat completion would be prefilled with)
+  POST /detokenize  {"tokens": [int, ...]} -> {"prompt": str}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from services.common.errors import InvalidRequest
+from services.gateway.openai_schema import ChatMessage, error_body
+from services.gateway.text import PromptEncoder
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRoutes:
+    """What the routes need from the app: the tokenizer (raises when the gateway is not ready),
+    the API-key check and the model-name check."""
+
+    encoder: Callable[[], PromptEncoder]
+    authorize: Callable[[Request], None]
+    check_model: Callable[[str], None]
+
+
+def add_token_routes(app: FastAPI, routes: TokenRoutes) -> None:
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+        routes.authorize(request)
+        if body.model is not None:
+            routes.check_model(body.model)
+        encoder = routes.encoder()
+        try:
+            if body.messages is not None:
+                ids = encoder.encode_chat([(m.role, m.text()) for m in body.messages])
+            else:
+                ids = list(encoder.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens))
+        except InvalidRequest as error:
+            return JSONResponse(error_body(400, str(error), "messages" if body.messages else "prompt"), 400)
+        return {"count": len(ids), "max_model_len": encoder.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+        routes.authorize(request)
+        if body.model is not None:
+            routes.check_model(body.model)
+        encoder = routes.encoder()
+        vocab = len(encoder.tokenizer)
+        bad = next((i for i, token in enumerate(body.tokens) if not 0 <= token < vocab), None)
+        if bad is not None:
+            return JSONResponse(error_body(400, f"tokens[{bad}]={body.tokens[bad]} is outside the vocabulary "
+                                                f"of {vocab}", "tokens"), 400)
+        return {"prompt": encoder.tokenizer.decode(body.tokens)}
