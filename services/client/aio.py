@@ -43,7 +43,8 @@ class GatewayClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
+    async def generate(self, prompt: str | Sequence[int] | None = None, *,
+                       messages: Sequence[tuple[str, str]] | None = None,
                        max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                        top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                        request_id: str = "", timeout: float | None = None,
@@ -68,7 +69,7 @@ class GatewayClient:
             finally:
                 call.cancel()
 
-    async def complete(self, prompt: str | None = None, **options: object) -> Completion:
+    async def complete(self, prompt: str | Sequence[int] | None = None, **options: object) -> Completion:
         """The whole completion (same options as generate)."""
         return join([chunk async for chunk in self.generate(prompt, **options)])  # type: ignore[arg-type]
 

@@ -37,7 +37,8 @@ class SyncGatewayClient:
     def close(self) -> None:
         self._channel.close()
 
-    def generate(self, prompt: str | None = None, *, messages: Sequence[tuple[str, str]] | None = None,
+    def generate(self, prompt: str | Sequence[int] | None = None, *,
+                       messages: Sequence[tuple[str, str]] | None = None,
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                  request_id: str = "", timeout: float | None = None,
@@ -61,5 +62,5 @@ class SyncGatewayClient:
             finally:
                 call.cancel()
 
-    def complete(self, prompt: str | None = None, **options: object) -> Completion:
+    def complete(self, prompt: str | Sequence[int] | None = None, **options: object) -> Completion:
         return join(list(self.generate(prompt, **options)))  # type: ignore[arg-type]

@@ -72,7 +72,8 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)
 
 
-def build_request(prompt: str | None, messages: Sequence[tuple[str, str]] | None, max_tokens: int | None,
+def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[str, str]] | None,
+                  max_tokens: int | None,
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
                   max_cache_budget_mb: float = 0.0) -> gateway_pb2.GenerateRequest:
@@ -83,6 +84,8 @@ def build_request(prompt: str | None, messages: Sequence[tuple[str, str]] | None
     if messages is not None:
         request.chat.CopyFrom(gateway_pb2.ChatMessages(
             messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in messages]))
+    elif prompt is not None and not isinstance(prompt, str):
+        request.prompt_tokens.token_ids.extend(prompt)
     else:
         request.prompt = prompt or ""
     return request

@@ -46,7 +46,7 @@ tracer = trace.get_tracer("disagg.gateway")
 @dataclass(frozen=True, slots=True)
 class GenerateInput:
     request_id: str  # internal: made here, never chosen by a client (workers and store keys use it)
-    prompt: str | None
+    prompt: str | tuple[int, ...] | None  # text, or token ids taken as they are
     messages: list[tuple[str, str]] | None
     sampling: Sampling
     max_cache_budget_mb: float = 0.0
@@ -113,6 +113,8 @@ class Gateway:
     def tokenize(self, request: GenerateInput) -> list[int]:
         if request.messages is not None:
             ids = self.encoder.encode_chat(request.messages)
+        elif isinstance(request.prompt, tuple):
+            ids = self.encoder.check_ids(request.prompt)
         elif request.prompt is not None:
             ids = self.encoder.encode_text(request.prompt)
         else:

@@ -34,15 +34,18 @@ from services.common.errors import BackendUnavailable, InvalidRequest, ServiceEr
 from services.common.sampling import Sampling
 from services.common.server import Lifecycle
 from services.gateway.auth import ApiKeys, bearer
-from services.gateway.core import Gateway, GenerateInput, GenerateOutput
+from services.gateway.core import Gateway, GenerateInput, Usage
+from services.gateway.fanout import merged
 from services.gateway.http_tokens import TokenRoutes, add_token_routes
 from services.gateway.openai_fields import unsupported_field
-from services.gateway.openai_formats import ChatFormat, CompletionFormat, ResponseFormat
+from services.gateway.openai_formats import ChatFormat, CompletionFormat, Indexed, ResponseFormat
 from services.gateway.text import PromptEncoder
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
 
+
 _FIELD = re.compile(r"^([a-z_]+)")
+_UNION_BRANCH = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")  # pydantic's tag of a union member
 tracer = trace.get_tracer("disagg.gateway")
 
 
@@ -79,12 +82,14 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
     @app.exception_handler(RequestValidationError)
     async def on_validation(_: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        parts = [str(part) for part in first.get("loc", ()) if part != "body"]
+        location = [part for part in parts if not _UNION_BRANCH.match(part)]
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(400, "request body is not valid JSON"), status_code=400)
         param = ".".join(location) or None
-        return JSONResponse(error_body(400, f"{param or 'body'}: {first.get('msg', 'invalid')}", param),
-                            status_code=400)
+        # A union field's error names one branch's complaint ("should be a valid string"): say what is wrong.
+        message = first.get("msg", "invalid") if parts == location else "has a type this field does not accept"
+        return JSONResponse(error_body(400, f"{param or 'body'}: {message}", param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -132,12 +137,15 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         authorize(request)
         check_model(body)
         _unsupported(body.n != 1, "n", "only n=1 is supported")
-        _unsupported(body.echo or body.logprobs is not None or (body.best_of or 1) != 1, "echo",
-                     "echo, logprobs and best_of are not supported")
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        _unsupported(len(prompts) != 1, "prompt", "give exactly one prompt")
-        job = _job("cmpl", prompts[0], None, body, body.max_tokens, config)
-        return await _respond(gateway, lifecycle, job, body, CompletionFormat(job.request_id, config.model_id))
+        _unsupported(body.echo, "echo", "echo is not supported")
+        _unsupported(body.logprobs is not None, "logprobs", "logprobs are not supported")
+        _unsupported((body.best_of or 1) != 1, "best_of", "only best_of=1 is supported")
+        try:
+            prompts = body.prompts()
+        except InvalidRequest as error:
+            raise _api_error(error) from None
+        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config) for prompt in prompts]
+        return await _respond(gateway, lifecycle, jobs, body, CompletionFormat(jobs[0].request_id, config.model_id))
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -147,7 +155,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
         messages = [(message.role, message.text()) for message in body.messages]
         job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config)
-        return await _respond(gateway, lifecycle, job, body, ChatFormat(job.request_id, config.model_id))
+        return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id))
 
     return app
 
@@ -165,7 +173,7 @@ def _unsupported(condition: bool, param: str, message: str) -> None:
         raise ApiError(400, message, param)
 
 
-def _job(prefix: str, prompt: str | None, messages: list[tuple[str, str]] | None, body: _Common,
+def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple[str, str]] | None, body: _Common,
          max_tokens: int | None, config: HttpApiConfig) -> GenerateInput:
     try:
         sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
@@ -178,17 +186,19 @@ def _job(prefix: str, prompt: str | None, messages: list[tuple[str, str]] | None
     return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)
 
 
-async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, job: GenerateInput, body: _Common,
+async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: list[GenerateInput], body: _Common,
                    form: ResponseFormat) -> Any:
-    """Run the request; errors before the first token get a proper HTTP status."""
+    """Run the request (one generation per prompt, as one response whose choices are indexed by
+    prompt); errors before the first token get a proper HTTP status."""
     try:
         end_work = lifecycle.begin()
     except ServiceError as error:
         raise _api_error(error) from None
     span = tracer.start_span(f"gateway.http.{form.endpoint}", kind=SpanKind.SERVER,
-                             attributes={"request.id": job.request_id, "request.label": job.name})
+                             attributes={"request.id": [job.request_id for job in jobs], "request.label": jobs[0].name})
     end_work = _ending_span(span, end_work)
-    outputs = gateway().generate(job)
+    core = gateway()
+    outputs = merged([core.generate(job) for job in jobs])
     try:
         with trace.use_span(span, end_on_exit=False):  # worker calls made now join this trace
             first = await anext(outputs)
@@ -204,10 +214,10 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, job: Ge
         end_work()
         raise
     if body.stream:
-        return StreamingResponse(_sse(first, outputs, form, body.include_usage, end_work),
+        return StreamingResponse(_sse(first, outputs, form, body.include_usage and len(jobs), end_work),
                                  media_type="text/event-stream")
     end_work()
-    return JSONResponse(form.whole(collected))
+    return JSONResponse(form.whole(collected, len(jobs)))
 
 
 def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[], None]:
@@ -217,16 +227,21 @@ def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[],
     return end
 
 
-async def _sse(first: GenerateOutput, outputs: AsyncIterator[GenerateOutput], form: ResponseFormat, include_usage: bool,
+async def _sse(first: Indexed, outputs: AsyncIterator[Indexed], form: ResponseFormat, usage_after: int,
                end_work: Callable[[], None]) -> AsyncIterator[str]:
+    """Server-sent events; with `usage_after` > 0, one usage chunk (summed over the prompts) once
+    that many generations finished."""
+    usages: list[Usage] = []
     try:
         async with aclosing(outputs) as stream:
             yield _event(form.first())
-            async for output in _prepend(first, stream):
+            async for index, output in _prepend(first, stream):
                 if output.text or output.finish_reason:
-                    yield _event(form.delta(output))
-                if output.usage is not None and include_usage:
-                    yield _event(form.usage_chunk(output))
+                    yield _event(form.delta(output, index))
+                if output.usage is not None and usage_after:
+                    usages.append(output.usage)
+                    if len(usages) == usage_after:
+                        yield _event(form.usage_chunk(usages))
     except Exception as error:  # noqa: BLE001 - the status line is sent; report in the stream
         yield _event(_api_error(error).body)
         trace.get_current_span().set_status(Status(StatusCode.ERROR, str(error)))
@@ -235,7 +250,7 @@ async def _sse(first: GenerateOutput, outputs: AsyncIterator[GenerateOutput], fo
     yield "data: [DONE]\n\n"
 
 
-async def _prepend(first: GenerateOutput, rest: AsyncIterator[GenerateOutput]) -> AsyncIterator[GenerateOutput]:
+async def _prepend(first: Indexed, rest: AsyncIterator[Indexed]) -> AsyncIterator[Indexed]:
     yield first
     async for output in rest:
         yield output

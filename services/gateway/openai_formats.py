@@ -1,4 +1,6 @@
-"""How the OpenAI API's endpoints shape their responses: whole objects, stream chunks and usage."""
+"""How the OpenAI API's endpoints shape their responses: whole objects, stream chunks and usage.
+Outputs come tagged with their choice's index (a completion request may carry several prompts:
+choice i answers prompt i); usage sums every choice."""
 
 from __future__ import annotations
 
@@ -7,17 +9,31 @@ from typing import Any
 
 from services.gateway.core import GenerateOutput, Usage
 
+Indexed = tuple[int, GenerateOutput]
 
-def _usage(output: GenerateOutput) -> dict[str, int]:
-    usage = output.usage or Usage(0, 0)
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+def _usage(usages: list[Usage]) -> dict[str, int]:
+    prompt = sum(u.prompt_tokens for u in usages)
+    completion = sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _by_choice(outputs: list[Indexed], choices: int) -> list[list[GenerateOutput]]:
+    grouped: list[list[GenerateOutput]] = [[] for _ in range(choices)]
+    for index, output in outputs:
+        grouped[index].append(output)
+    return grouped
+
+
+def _finished_usages(grouped: list[list[GenerateOutput]]) -> list[Usage]:
+    return [outputs[-1].usage or Usage(0, 0) for outputs in grouped]
 
 
 class ResponseFormat:
     """How one endpoint shapes its objects."""
 
     endpoint = ""
+    chunk_object = ""
 
     def __init__(self, request_id: str, model: str) -> None:
         self._base = {"id": request_id, "created": int(time.time()), "model": model}
@@ -25,16 +41,14 @@ class ResponseFormat:
     def first(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
+    def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
         raise NotImplementedError
 
-    def usage_chunk(self, output: GenerateOutput) -> dict[str, Any]:
-        return {**self._base, "object": self.chunk_object, "choices": [], "usage": _usage(output)}
+    def usage_chunk(self, usages: list[Usage]) -> dict[str, Any]:
+        return {**self._base, "object": self.chunk_object, "choices": [], "usage": _usage(usages)}
 
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
+    def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
         raise NotImplementedError
-
-    chunk_object = ""
 
 
 class CompletionFormat(ResponseFormat):
@@ -42,18 +56,23 @@ class CompletionFormat(ResponseFormat):
     endpoint = "completions"
 
     def first(self) -> dict[str, Any]:
-        return self._chunk("", None)
+        return self._chunk([self._choice(0, "", None)])
 
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
-        return self._chunk(output.text, output.finish_reason)
+    def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
+        return self._chunk([self._choice(index, output.text, output.finish_reason)])
 
-    def _chunk(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {**self._base, "object": "text_completion",
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    @staticmethod
+    def _choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
 
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
-        body = self._chunk("".join(o.text for o in outputs), outputs[-1].finish_reason)
-        return {**body, "usage": _usage(outputs[-1])}
+    def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**self._base, "object": "text_completion", "choices": choices}
+
+    def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
+        grouped = _by_choice(outputs, choices)
+        body = self._chunk([self._choice(i, "".join(o.text for o in group), group[-1].finish_reason)
+                            for i, group in enumerate(grouped)])
+        return {**body, "usage": _usage(_finished_usages(grouped))}
 
 
 class ChatFormat(ResponseFormat):
@@ -61,18 +80,18 @@ class ChatFormat(ResponseFormat):
     endpoint = "chat_completions"
 
     def first(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None)
+        return self._chunk({"role": "assistant", "content": ""}, None, 0)
 
-    def delta(self, output: GenerateOutput) -> dict[str, Any]:
-        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason)
+    def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
+        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason, index)
 
-    def _chunk(self, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, str], finish: str | None, index: int) -> dict[str, Any]:
         return {**self._base, "object": "chat.completion.chunk",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
 
-    def whole(self, outputs: list[GenerateOutput]) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(o.text for o in outputs)}
-        return {**self._base, "object": "chat.completion", "usage": _usage(outputs[-1]),
-                "choices": [{"index": 0, "message": message, "finish_reason": outputs[-1].finish_reason,
-                             "logprobs": None}]}
-
+    def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
+        grouped = _by_choice(outputs, choices)
+        return {**self._base, "object": "chat.completion", "usage": _usage(_finished_usages(grouped)),
+                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in group)},
+                             "finish_reason": group[-1].finish_reason, "logprobs": None}
+                            for i, group in enumerate(grouped)]}

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 import grpc
 
+from services.common.errors import InvalidRequest
+
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
     grpc.StatusCode.UNAUTHENTICATED: 401, grpc.StatusCode.PERMISSION_DENIED: 403,
@@ -60,12 +62,28 @@ class _Common(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+MAX_PROMPTS = 64  # prompts in one completion request (each is its own generation)
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    # Text, a list of texts, token ids, or a list of token-id lists, as vLLM accepts them.
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None
     echo: bool = False
     logprobs: int | None = None
     best_of: int | None = None
+
+    def prompts(self) -> list[str | tuple[int, ...]]:
+        """One entry per generation: text, or token ids taken as they are. Raises InvalidRequest."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if not self.prompt:
+            raise InvalidRequest("prompt must not be an empty list")
+        if len(self.prompt) > MAX_PROMPTS:
+            raise InvalidRequest(f"prompt holds {len(self.prompt)} prompts; at most {MAX_PROMPTS} per request")
+        if isinstance(self.prompt[0], int):
+            return [tuple(self.prompt)]  # type: ignore[arg-type]
+        return [p if isinstance(p, str) else tuple(p) for p in self.prompt]  # type: ignore[misc]
 
 
 class ChatContentPart(_Strict):

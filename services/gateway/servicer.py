@@ -39,6 +39,9 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     if kind == "chat":
         messages = [(m.role, m.content) for m in request.chat.messages]
         return GenerateInput(internal_id, None, messages, sampling, request.max_cache_budget_mb, request.request_id)
+    if kind == "prompt_tokens":
+        return GenerateInput(internal_id, tuple(request.prompt_tokens.token_ids), None, sampling,
+                             request.max_cache_budget_mb, request.request_id)
     if kind == "prompt":
         return GenerateInput(internal_id, request.prompt, None, sampling, request.max_cache_budget_mb,
                              request.request_id)

@@ -23,6 +23,16 @@ class PromptEncoder:
             raise InvalidRequest("prompt must not be empty")
         return list(self.tokenizer.encode(prompt, add_special_tokens=True))
 
+    def check_ids(self, ids: tuple[int, ...]) -> list[int]:
+        """A prompt given as token ids: non-empty, every id inside the vocabulary."""
+        if not ids:
+            raise InvalidRequest("prompt_tokens must not be empty")
+        vocab = len(self.tokenizer)
+        bad = next((i for i, token in enumerate(ids) if not 0 <= token < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"prompt_tokens[{bad}]={ids[bad]} is outside the model's vocabulary of {vocab}")
+        return list(ids)
+
     def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
         if not messages:
             raise InvalidRequest("chat.messages must not be empty")
