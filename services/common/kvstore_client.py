@@ -6,23 +6,33 @@ then one round-robin channel spreads the calls over those whose health is SERVIN
 SIGTERM, restarts or is down, or none reachable for a moment: the channel reconnects to a
 restarted kvstore within a second) is tried again, with backoff, for up to `RETRY_WINDOW_SECONDS`
 (within the call's own deadline). Every call is idempotent (a put of the same value, a get, a
-delete), so a retry never changes what is stored. With one address a call is tried once."""
+delete), so a retry never changes what is stored. With one address a call is tried once.
+
+Reads on the kvstore's host: every Get names this process's host identity; a kvstore on the same
+host whose backend keeps values in shared memory (`--backend shm`) answers with the value's segment
+and length, and the bytes are read straight from /dev/shm (the segment must hold exactly that many
+bytes, else DATA_LOSS; a segment already gone means the value was deleted or evicted: NOT_FOUND).
+A segment this process may not open (another user's) turns these reads off: bytes over gRPC."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
+from services.common import shm
 from services.common.backoff import Backoff
 from services.common.channel_factory import ChannelFactory
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, UnknownRequest
+from services.common.errors import BackendUnavailable, KvCorrupted, UnknownRequest
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
 from services.common.targets import address_list
+
+log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 RETRY_WINDOW_SECONDS = 3.0  # three times the longest reconnect interval of a channel (1 s)
@@ -32,8 +42,10 @@ RETRY_BACKOFF = Backoff(0.05, 0.5)
 class KvStoreClient:
     """Puts, gets and deletes values in one namespace (normally the model fingerprint)."""
 
-    def __init__(self, address: str, namespace: str, timeout_seconds: float, channels: ChannelFactory) -> None:
+    def __init__(self, address: str, namespace: str, timeout_seconds: float, channels: ChannelFactory,
+                 shared_memory_reads: bool = True) -> None:
         self.address = address
+        self._host_identity = shm.host_identity() if shared_memory_reads else ""
         self._namespace = namespace
         self._timeout = timeout_seconds
         self._channels = ChannelPool(channels)  # a new channel when the TLS files rotate
@@ -68,9 +80,16 @@ class KvStoreClient:
         await self._call(lambda stub: stub.Put(request, timeout=self._timeout), key)
 
     async def get(self, key: str) -> bytes:
-        request = kvstore_pb2.GetRequest(namespace=self._namespace, key=key)
+        request = kvstore_pb2.GetRequest(namespace=self._namespace, key=key, host_identity=self._host_identity)
         reply = await self._call(lambda stub: stub.Get(request, timeout=self._timeout), key)
-        return reply.value
+        if not reply.HasField("shm"):
+            return reply.value
+        try:
+            return await _read_segment(reply.shm, key)
+        except PermissionError as error:
+            log.warning("cannot open the kvstore's segments (%s): reading values over gRPC from now on", error)
+            self._host_identity = ""
+            return await self.get(key)
 
     async def delete_prefix(self, prefix: str) -> int:
         request = kvstore_pb2.DeleteRequest(namespace=self._namespace, prefix=prefix)
@@ -79,3 +98,12 @@ class KvStoreClient:
 
     async def close(self) -> None:
         await self._channels.close()
+
+
+async def _read_segment(location: kvstore_pb2.ShmValue, key: str) -> bytes:
+    try:
+        return await shm.off_loop(location.length, shm.read_segment, location.segment, location.length)
+    except FileNotFoundError:
+        raise UnknownRequest(f"kvstore has no {key!r} (deleted or evicted before it was read)") from None
+    except ValueError as error:
+        raise KvCorrupted(f"kvstore value {key!r}: {error}") from None

@@ -10,22 +10,31 @@ namespace: a pid from another namespace says nothing about liveness here.
 Python before 3.13 registers an attached segment with the resource tracker, which unlinks it when
 the attaching process exits (bpo-39959); `attach` undoes that registration (or passes
 `track=False` where it exists), so an attacher exiting never destroys the creator's segment.
+
+`write_segment`/`read_segment` move a whole value through a segment by its file (no mapping kept,
+no file descriptor held, no resource tracker): a write into a full /dev/shm is an OSError
+(ENOSPC), never the SIGBUS that touching an over-committed mapping raises.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+THREAD_FROM_BYTES = 1 << 16  # smaller copies run on the event loop: a thread hop would cost more
 
 SHM_DIR = Path("/dev/shm")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
@@ -159,3 +168,57 @@ def segments_of(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
         return sorted(e.name for e in shm_dir.iterdir() if (o := owner_of(e.name)) and o.prefix == prefix)
     except OSError:
         return []
+
+
+def write_segment(prefix: str, data: bytes | bytearray | memoryview) -> str:
+    """A new segment holding exactly `data` (a single zero byte when `data` is empty: a segment
+    cannot be empty), owned by this process; returns its name. Nothing stays open or mapped; on
+    any failure (OSError: ENOSPC when /dev/shm is full) nothing is left behind."""
+    name = new_segment_name(prefix)
+    fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, 0o600)
+    try:
+        view = memoryview(data).cast("B") if len(data) else memoryview(b"\0")
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        unlink(name)
+        raise
+    os.close(fd)
+    return name
+
+
+def read_segment(name: str, length: int) -> bytes:
+    """The `length` bytes a segment written by `write_segment` holds. Raises FileNotFoundError
+    when it does not exist (any more), ValueError for a name this module did not make or a
+    segment whose size is not that of a `length`-byte value."""
+    if owner_of(name) is None:
+        raise ValueError(f"{name!r} is not a segment name of this project")
+    fd = os.open(SHM_DIR / name, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        size = os.fstat(fd).st_size
+        if size != max(1, length):
+            raise ValueError(f"segment {name} holds {size} bytes, not a {length}-byte value")
+        data = os.read(fd, length) if length else b""
+        if len(data) != length:
+            raise ValueError(f"segment {name} gave {len(data)} of its {length} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment this process created by name; False when it was already gone."""
+    try:
+        (SHM_DIR / name).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+async def off_loop(size: int, work: Callable[..., T], *args: object) -> T:
+    """`work(*args)`, which moves `size` bytes: in a worker thread when that is THREAD_FROM_BYTES or
+    more, so that the event loop goes on meanwhile."""
+    if size < THREAD_FROM_BYTES:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)

@@ -7,6 +7,7 @@ import logging
 
 import grpc
 
+from services.common import shm
 from services.common.errors import BackendUnavailable
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
@@ -26,7 +27,8 @@ async def run(settings: KvStoreSettings) -> None:
 
     def register(server: grpc.aio.Server) -> list[str]:
         kvstore_pb2_grpc.add_KvStoreServiceServicer_to_server(
-            KvStoreServicer(telemetry, lifecycle, backend, settings.default_ttl_seconds), server)
+            KvStoreServicer(telemetry, lifecycle, backend, settings.default_ttl_seconds,
+                            shm.host_identity()), server)
         return [kvstore_pb2.DESCRIPTOR.services_by_name["KvStoreService"].full_name]
 
     async def warmup() -> None:

@@ -24,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.common.errors import BackendUnavailable, UnknownRequest
-from services.kvstore.backend import StoreStats, check_fits
+from services.kvstore.backend import StoreStats, ValueLocation, check_fits
 
 T = TypeVar("T")
 
@@ -125,6 +125,9 @@ class RedisBackend:
         if count is None or any(part is None for part in parts):
             raise UnknownRequest(f"key {key!r} not found in namespace {namespace!r}")
         return b"".join(parts)
+
+    async def locate(self, namespace: str, key: str) -> ValueLocation | None:
+        return None  # values live in Redis: readers get bytes
 
     async def delete(self, namespace: str, keys: list[str], prefix: str) -> int:
         return await self._call(lambda: self._delete(namespace, keys, prefix))

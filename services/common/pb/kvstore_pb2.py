@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/kvstore.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"P\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"\x1b\n\x08PutReply\x12\x0f\n\x07\x65victed\x18\x01 \x01(\r\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\"\x19\n\x08GetReply\x12\r\n\x05value\x18\x01 \x01(\x0c\"@\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"r\n\x0cKvStoreStats\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x13\n\x0b\x62yte_budget\x18\x04 \x01(\x04\x12\x17\n\x0f\x65victions_total\x18\x05 \x01(\x04\x32\xed\x01\n\x0eKvStoreService\x12\x31\n\x03Put\x12\x15.disagg.v1.PutRequest\x1a\x13.disagg.v1.PutReply\x12\x31\n\x03Get\x12\x15.disagg.v1.GetRequest\x1a\x13.disagg.v1.GetReply\x12:\n\x06\x44\x65lete\x12\x18.disagg.v1.DeleteRequest\x1a\x16.disagg.v1.DeleteReply\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.KvStoreStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/kvstore.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"P\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"\x1b\n\x08PutReply\x12\x0f\n\x07\x65victed\x18\x01 \x01(\r\"C\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x15\n\rhost_identity\x18\x03 \x01(\t\"+\n\x08ShmValue\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06length\x18\x02 \x01(\x04\";\n\x08GetReply\x12\r\n\x05value\x18\x01 \x01(\x0c\x12 \n\x03shm\x18\x02 \x01(\x0b\x32\x13.disagg.v1.ShmValue\"@\n\rDeleteRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\"\x1e\n\x0b\x44\x65leteReply\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\x8a\x01\n\x0cKvStoreStats\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\x04\x12\x12\n\nbytes_used\x18\x03 \x01(\x04\x12\x13\n\x0b\x62yte_budget\x18\x04 \x01(\x04\x12\x17\n\x0f\x65victions_total\x18\x05 \x01(\x04\x12\x16\n\x0eshm_gets_total\x18\x06 \x01(\x04\x32\xed\x01\n\x0eKvStoreService\x12\x31\n\x03Put\x12\x15.disagg.v1.PutRequest\x1a\x13.disagg.v1.PutReply\x12\x31\n\x03Get\x12\x15.disagg.v1.GetRequest\x1a\x13.disagg.v1.GetReply\x12:\n\x06\x44\x65lete\x12\x18.disagg.v1.DeleteRequest\x1a\x16.disagg.v1.DeleteReply\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.KvStoreStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTREPLY']._serialized_start=144
   _globals['_PUTREPLY']._serialized_end=171
   _globals['_GETREQUEST']._serialized_start=173
-  _globals['_GETREQUEST']._serialized_end=217
-  _globals['_GETREPLY']._serialized_start=219
-  _globals['_GETREPLY']._serialized_end=244
-  _globals['_DELETEREQUEST']._serialized_start=246
-  _globals['_DELETEREQUEST']._serialized_end=310
-  _globals['_DELETEREPLY']._serialized_start=312
-  _globals['_DELETEREPLY']._serialized_end=342
-  _globals['_KVSTORESTATS']._serialized_start=344
-  _globals['_KVSTORESTATS']._serialized_end=458
-  _globals['_KVSTORESERVICE']._serialized_start=461
-  _globals['_KVSTORESERVICE']._serialized_end=698
+  _globals['_GETREQUEST']._serialized_end=240
+  _globals['_SHMVALUE']._serialized_start=242
+  _globals['_SHMVALUE']._serialized_end=285
+  _globals['_GETREPLY']._serialized_start=287
+  _globals['_GETREPLY']._serialized_end=346
+  _globals['_DELETEREQUEST']._serialized_start=348
+  _globals['_DELETEREQUEST']._serialized_end=412
+  _globals['_DELETEREPLY']._serialized_start=414
+  _globals['_DELETEREPLY']._serialized_end=444
+  _globals['_KVSTORESTATS']._serialized_start=447
+  _globals['_KVSTORESTATS']._serialized_end=585
+  _globals['_KVSTORESERVICE']._serialized_start=588
+  _globals['_KVSTORESERVICE']._serialized_end=825
 # @@protoc_insertion_point(module_scope)

@@ -71,7 +71,8 @@ class KvStoreServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Get(self, request, context):
-        """Errors: NOT_FOUND (absent or expired), UNAVAILABLE (backend down).
+        """Errors: NOT_FOUND (absent or expired), UNAVAILABLE (backend down), DATA_LOSS (the shm
+        backend's segment of the value was removed or changed from outside).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
