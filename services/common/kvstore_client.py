@@ -12,7 +12,7 @@ Reads on the kvstore's host: every Get names this process's host identity; a kvs
 host whose backend keeps values in shared memory (`--backend shm`) answers with the value's segment
 and length, and the bytes are read straight from /dev/shm (the segment must hold exactly that many
 bytes, else DATA_LOSS; a segment already gone means the value was deleted or evicted: NOT_FOUND).
-A segment this process may not open (another user's) turns these reads off: bytes over gRPC."""
+A segment this process cannot read (another user's, say) is read over gRPC instead."""
 
 from __future__ import annotations
 
@@ -80,16 +80,20 @@ class KvStoreClient:
         await self._call(lambda stub: stub.Put(request, timeout=self._timeout), key)
 
     async def get(self, key: str) -> bytes:
-        request = kvstore_pb2.GetRequest(namespace=self._namespace, key=key, host_identity=self._host_identity)
-        reply = await self._call(lambda stub: stub.Get(request, timeout=self._timeout), key)
+        reply = await self._get(key, self._host_identity)
         if not reply.HasField("shm"):
             return reply.value
         try:
-            return await _read_segment(reply.shm, key)
-        except PermissionError as error:
-            log.warning("cannot open the kvstore's segments (%s): reading values over gRPC from now on", error)
-            self._host_identity = ""
-            return await self.get(key)
+            return await read_shared(reply.shm, key)
+        except OSError as error:  # not a missing segment (that is UnknownRequest): bytes instead
+            if isinstance(error, PermissionError):
+                self._host_identity = ""  # another user's segments: never readable here
+            log.warning("cannot read %r from shared memory (%s): reading it over gRPC", key, error)
+            return (await self._get(key, "")).value
+
+    async def _get(self, key: str, host_identity: str) -> kvstore_pb2.GetReply:
+        request = kvstore_pb2.GetRequest(namespace=self._namespace, key=key, host_identity=host_identity)
+        return await self._call(lambda stub: stub.Get(request, timeout=self._timeout), key)
 
     async def delete_prefix(self, prefix: str) -> int:
         request = kvstore_pb2.DeleteRequest(namespace=self._namespace, prefix=prefix)
@@ -100,7 +104,10 @@ class KvStoreClient:
         await self._channels.close()
 
 
-async def _read_segment(location: kvstore_pb2.ShmValue, key: str) -> bytes:
+async def read_shared(location: kvstore_pb2.ShmValue, key: str) -> bytes:
+    """The value of `key` where a Get reply says it lies in shared memory (UnknownRequest: gone
+    before it was read; KvCorrupted: the segment does not hold a value of that length; OSError:
+    it cannot be read here, e.g. PermissionError)."""
     try:
         return await shm.off_loop(location.length, shm.read_segment, location.segment, location.length)
     except FileNotFoundError:
