@@ -155,7 +155,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m services.stack", description=__doc__)
     parser.add_argument("--model", default=os.environ.get("MODEL", "default"))
     parser.add_argument("--kvstore-backend", default=os.environ.get("KVSTORE_BACKEND", "memory"),
-                        choices=("memory", "redis"))
+                        choices=("memory", "redis", "shm"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--kv-transfer", default=os.environ.get("KV_TRANSFER", "direct"),
                         choices=("direct", "kvstore"))
