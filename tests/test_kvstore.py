@@ -24,6 +24,7 @@ import grpc
 import pytest
 import redis
 
+from services.bench.kvstore_get import measure, table
 from services.common import shm
 from services.common.channel_factory import ChannelFactory
 from services.common.errors import (
@@ -333,6 +334,7 @@ async def test_a_descriptor_read_after_the_value_went_is_not_found_never_other_b
 
 _WRITE_AND_WAIT = """
 import sys, time
+from services.bench.kvstore_get import measure, table
 from services.common import shm
 print(shm.write_segment(sys.argv[1], b"orphan"), flush=True)
 time.sleep(60)
@@ -363,6 +365,14 @@ async def test_shm_reaper_timer_unlinks_expired_values_and_segments_of_dead_kvst
         dead.kill()
         await store.close()
     assert shm.segments_of(prefix) == []
+
+
+async def test_get_benchmark_reports_each_read_path(kvstores: Kvstores) -> None:
+    figures = await measure({"memory": kvstores["memory"], "shm": kvstores["shm"]}, 100_000, 3)
+    assert [f.path for f in figures] == ["memory backend, gRPC bytes", "shm backend, gRPC bytes",
+                                         "shm backend, descriptor"]
+    assert all(f.median_ms > 0 and f.gb_per_s > 0 for f in figures)
+    assert "descriptor" in table(figures, 100_000)
 
 
 def test_kill_9_of_an_shm_kvstore_leaves_no_segment_after_its_restart(kvstores: Kvstores) -> None:
