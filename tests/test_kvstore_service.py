@@ -7,7 +7,9 @@ and restart."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -121,6 +123,47 @@ from services.common import shm
 print(shm.write_segment(sys.argv[1], b"orphan"), flush=True)
 time.sleep(60)
 """
+
+
+_FILL_A_SMALL_DEV_SHM = """
+import asyncio, json
+from services.common import shm
+from services.common.errors import BackendUnavailable
+from services.kvstore.shm_backend import ShmBackend
+
+async def main():
+    store = ShmBackend(10_000_000, "kv-test-full", 60)  # a budget far above the 64 KiB /dev/shm
+    await store.put("n", "first", b"f" * 40_000, 60)
+    try:
+        await store.put("n", "second", b"s" * 40_000, 60)
+        refused = ""
+    except BackendUnavailable as error:
+        refused = str(error)
+    held = (shm.segments_of("kv-test-full"), (await store.stats()).entries, await store.get("n", "first"))
+    await store.close()
+    print(json.dumps({"refused": refused, "segments": len(held[0]), "entries": held[1],
+                      "first_intact": held[2] == b"f" * 40_000, "after_close": shm.segments_of("kv-test-full")}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_full_dev_shm_refuses_a_put_with_unavailable_and_keeps_what_it_holds() -> None:
+    """In a private mount namespace whose /dev/shm is a 64 KiB tmpfs (needs root: skipped without;
+    the same error path is covered everywhere by test_kvstore.py's refused writes)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare here")
+    mount_then_run = 'mount -t tmpfs -o size=64k tmpfs /dev/shm || exit 99; exec "$0" -c "$1"'
+    run = subprocess.run(["unshare", "--mount", "sh", "-c", mount_then_run, sys.executable, _FILL_A_SMALL_DEV_SHM],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         cwd=Path(__file__).resolve().parent.parent)
+    if run.returncode == 99 or "unshare failed" in run.stderr or "Operation not permitted" in run.stderr:
+        pytest.skip(f"no private /dev/shm here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert "No space left on device" in result["refused"]
+    assert (result["segments"], result["entries"], result["first_intact"]) == (1, 1, True)
+    assert result["after_close"] == []
 
 
 def _segment_writer(prefix: str) -> tuple[subprocess.Popen[str], str]:
