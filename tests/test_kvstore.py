@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from services.common import shm
+from services.common.config import parse_settings
 from services.common.errors import (
     BackendUnavailable,
     InvalidRequest,
@@ -31,6 +32,7 @@ from services.kvstore.backend import (
     KvBackend,
     make_backend,
 )
+from services.kvstore.settings import KvStoreSettings
 from tests.redis_server import RedisServer
 
 BUDGET = 1000
@@ -231,3 +233,13 @@ async def test_redis_prefix_delete_uses_the_key_index_not_a_keyspace_scan(privat
         assert (await store.stats()).entries == 2
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("env", "phrase"), [({"KVSTORE_SHM_PREFIX": "Bad Prefix"}, "prefix"),
+                                             ({"KVSTORE_SHM_PREFIX": "a.b"}, "prefix"),
+                                             ({"KVSTORE_SHM_REAP_SECONDS": "0"}, "shm_reap_seconds")])
+def test_bad_shm_settings_raise_value_error(env: dict[str, str], phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        parse_settings(KvStoreSettings, "kvstore", "", ["--backend", "shm"], env)
+    settings = parse_settings(KvStoreSettings, "kvstore", "", ["--backend", "shm"], {})
+    assert (settings.backend_settings().shm_prefix, settings.shm_reap_seconds) == ("disagg-kvstore", 30.0)
