@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -210,6 +211,40 @@ async def test_shm_value_whose_segment_was_removed_outside_is_data_loss() -> Non
         with pytest.raises(UnknownRequest):  # the lost value is forgotten, its bytes with it
             await store.locate("ns", "k")
         assert (await store.stats()).bytes_used == 0
+    finally:
+        await store.close()
+
+
+async def _written_or_gone(prefix: str, size: int, seconds: float = 30.0) -> None:
+    """Wait until the one segment of `prefix` holds `size` bytes, or was there and is gone."""
+    seen, deadline = False, time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        names = shm.segments_of(prefix)
+        try:
+            if names and (shm.SHM_DIR / names[0]).stat().st_size == size:
+                return
+        except FileNotFoundError:
+            pass
+        if seen and not names:
+            return
+        seen = seen or bool(names)
+        await asyncio.sleep(0.002)
+
+
+async def test_shm_put_cancelled_while_writing_leaves_no_segment() -> None:
+    prefix = f"kv-test-{uuid.uuid4().hex[:8]}"
+    store = _make("shm", "", prefix, budget=50_000_000)
+    try:
+        put = asyncio.ensure_future(store.put("ns", "k", b"x" * 20_000_000, 60))
+        await asyncio.sleep(0)  # the put has handed the write to a worker thread
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        await _written_or_gone(prefix, 20_000_000)  # the thread cannot be stopped: it writes on
+        await asyncio.sleep(0.2)
+        assert shm.segments_of(prefix) == []  # and the segment goes once written
+        with pytest.raises(UnknownRequest):
+            await store.get("ns", "k")
     finally:
         await store.close()
 

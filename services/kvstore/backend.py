@@ -3,9 +3,10 @@
 A backend stores values by (namespace, key) with a TTL and keeps its total size under a byte
 budget by evicting the oldest entries first (memory and shm share that bookkeeping: ledger.py).
 A backend whose values live in shared memory (shm) also tells where a value lies (`locate`), so
-that a reader on the same host reads it from there instead of through gRPC. Backends raise the domain errors of
-services.common.errors (UnknownRequest for a missing key, BackendUnavailable when the store
-cannot be reached, InvalidRequest for a value that can never fit).
+that a reader on the same host reads it from there instead of through gRPC. Backends raise the
+domain errors of services.common.errors (UnknownRequest for a missing key, BackendUnavailable when
+the store cannot be reached, InvalidRequest for a value that can never fit, KvCorrupted for a
+value lost from shared memory).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ class KvBackend(Protocol):
     async def get(self, namespace: str, key: str) -> bytes: ...
 
     async def locate(self, namespace: str, key: str) -> ValueLocation | None:
-        """Where a same-host reader finds the value; None for a backend without shared memory
-        (UnknownRequest when the key is absent)."""
+        """Where a same-host reader finds the value. None from a backend that keeps no values in
+        shared memory (read them with `get`); else UnknownRequest when the key is absent."""
 
     async def delete(self, namespace: str, keys: list[str], prefix: str) -> int: ...
 

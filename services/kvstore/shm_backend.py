@@ -39,7 +39,7 @@ class ShmBackend:
         check_fits(value, self._ledger.byte_budget)
         self._check_open()
         try:
-            name = await shm.off_loop(len(value), shm.write_segment, self._prefix, value)
+            name = await self._write(value)
         except OSError as exc:  # ENOSPC: /dev/shm is full
             raise BackendUnavailable(f"shared memory refused a {len(value)}-byte value: {exc}") from exc
         if self._closed:  # shut down while writing: nothing may outlive the store
@@ -48,6 +48,18 @@ class ShmBackend:
         admission = self._ledger.admit(namespace, key, name, len(value), ttl_seconds)
         self._unlink(admission.dropped)
         return admission.evicted
+
+    async def _write(self, value: bytes) -> str:
+        """The value's new segment. A large one is written in a worker thread, which a cancelled
+        put (its caller went away) cannot stop: the segment is then unlinked once written."""
+        if len(value) < shm.THREAD_FROM_BYTES:
+            return shm.write_segment(self._prefix, value)
+        writing = asyncio.get_running_loop().run_in_executor(None, shm.write_segment, self._prefix, value)
+        try:
+            return await asyncio.shield(writing)
+        except asyncio.CancelledError:
+            writing.add_done_callback(_unlink_if_written)
+            raise
 
     async def get(self, namespace: str, key: str) -> bytes:
         name, size = self._find(namespace, key)
@@ -111,3 +123,8 @@ class ShmBackend:
                 await asyncio.to_thread(shm.reap_orphans, self._prefix)
             except OSError as exc:  # e.g. a segment of another user: try again next tick
                 log.warning("shared-memory upkeep failed: %s", exc)
+
+
+def _unlink_if_written(writing: asyncio.Future[str]) -> None:
+    if not writing.cancelled() and writing.exception() is None:
+        shm.unlink(writing.result())
