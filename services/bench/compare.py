@@ -32,12 +32,13 @@ import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import httpx
+
 from services.bench.targets import OpenAITarget, RequestRecord
 from services.bench.workload import BenchRequest, synthetic_prompt
 from services.stack import Stack, WorkerPlacement, free_port, local_stack
 
 STEP_METRIC = "disagg_decode_time_per_output_token_seconds"
-MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass(slots=True)
@@ -80,9 +81,9 @@ async def interference(target: OpenAITarget, args: argparse.Namespace, rng: rand
                                                                        1, 0))))
         await asyncio.wait([main], timeout=args.interference_interval)
     itls = [itl for record in await main for itl in record.itls]
-    checked(list(await asyncio.gather(*arrivals)))
+    long_prompts = await asyncio.gather(*arrivals)  # an overloaded prefill may refuse some: a figure too
     return {"itl_p50_ms": percentile(itls, 0.5) * 1e3, "itl_p99_ms": percentile(itls, 0.99) * 1e3,
-            "itl_max_ms": max(itls) * 1e3}
+            "itl_max_ms": max(itls) * 1e3, "long_prompts_failed": float(sum(bool(r.error) for r in long_prompts))}
 
 
 async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str, step_port: int | None) -> dict[str, float]:
@@ -108,6 +109,14 @@ async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str, s
     return figures
 
 
+def served_model(base_url: str, api_key: str | None) -> str:
+    """The first model an OpenAI-compatible server lists."""
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(base_url.rstrip("/") + "/models", headers=headers, timeout=30)
+    response.raise_for_status()
+    return str(response.json()["data"][0]["id"])
+
+
 def step_seconds(port: int) -> tuple[float, float]:
     """(sum, count) of the decode's step-time histogram."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -126,7 +135,8 @@ async def ours(args: argparse.Namespace, prompt: str) -> dict[str, float]:
     stack.start()
     try:
         stack.wait_healthy(timeout=600)
-        target = OpenAITarget(f"http://127.0.0.1:{ports['http']}/v1", MODEL_NAME, None)
+        url = f"http://127.0.0.1:{ports['http']}/v1"
+        target = OpenAITarget(url, served_model(url, None), None)
         try:
             return await measure(target, args, prompt, metrics["decode"])
         finally:
@@ -136,7 +146,8 @@ async def ours(args: argparse.Namespace, prompt: str) -> dict[str, float]:
 
 
 async def peer(args: argparse.Namespace, prompt: str) -> dict[str, float]:
-    target = OpenAITarget(args.peer_url, args.peer_model, args.peer_api_key)
+    target = OpenAITarget(args.peer_url, args.peer_model or served_model(args.peer_url, args.peer_api_key),
+                          args.peer_api_key)
     try:
         return await measure(target, args, prompt, None)
     finally:
@@ -169,7 +180,8 @@ def hf_generate(args: argparse.Namespace, prompt: str) -> dict[str, float]:
 ROWS = (("1 stream: TTFT ms", "ttft_ms", True), ("1 stream: TPOT ms", "tpot_ms", True),
         ("1 stream: decode step ms", "step_ms", True), ("1 stream: TPOT / step", "tpot_over_step", True),
         ("mixed: TPOT p50 ms", "mixed_tpot_p50_ms", True), ("interference: ITL p50 ms", "itl_p50_ms", True),
-        ("interference: ITL p99 ms", "itl_p99_ms", True), ("interference: ITL max ms", "itl_max_ms", True))
+        ("interference: ITL p99 ms", "itl_p99_ms", True), ("interference: ITL max ms", "itl_max_ms", True),
+        ("interference: long failed", "long_prompts_failed", True))
 
 
 def render(columns: list[Column], hf: dict[str, float], args: argparse.Namespace) -> str:
@@ -187,7 +199,7 @@ def render(columns: list[Column], hf: dict[str, float], args: argparse.Namespace
         mine = ours_column.figures[key]
         theirs = peer_column.figures.get(key) if peer_column else None
         ratio = ""
-        if theirs:
+        if theirs and mine:
             better = mine < theirs if lower_better else mine > theirs
             ratio = f"{mine / theirs:.2f}x ({'better' if better else 'worse'})"
         reference = f"{hf[key]:12.1f}" if key == "tpot_ms" else ""
@@ -204,7 +216,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="default")
     parser.add_argument("--peer-url", default="", help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8001/v1")
-    parser.add_argument("--peer-model", default=MODEL_NAME, help="the model name the peer serves")
+    parser.add_argument("--peer-model", default="", help="the model name to ask the peer for (default: the first "
+                        "it lists at /v1/models)")
     parser.add_argument("--peer-api-key", default=None)
     parser.add_argument("--peer-name", default="peer")
     parser.add_argument("--placement", choices=("auto", "none"), default="auto", help="this stack's CPU placement")
