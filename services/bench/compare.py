@@ -162,6 +162,8 @@ def hf_generate(args: argparse.Namespace, prompt: str) -> dict[str, float]:
     from services.common.runtime import ModelRuntime
     from services.gateway.text import PromptEncoder
 
+    if args.hf_threads:
+        torch.set_num_threads(args.hf_threads)
     runtime = ModelRuntime(args.model, "float32", "cpu", default_cache_dir())
     ids = torch.tensor([PromptEncoder(resolve_model_dir(args.model, default_cache_dir())).encode_text(prompt)])
 
@@ -174,7 +176,7 @@ def hf_generate(args: argparse.Namespace, prompt: str) -> dict[str, float]:
     timed(2)
     per_token = statistics.median((timed(args.new_tokens + 1) - timed(1)) / args.new_tokens
                                   for _ in range(args.repeats))
-    return {"tpot_ms": per_token * 1e3, "prompt_tokens": float(ids.shape[1])}
+    return {"tpot_ms": per_token * 1e3, "prompt_tokens": float(ids.shape[1]), "threads": float(torch.get_num_threads())}
 
 
 ROWS = (("1 stream: TTFT ms", "ttft_ms", True), ("1 stream: TPOT ms", "tpot_ms", True),
@@ -191,7 +193,7 @@ def render(columns: list[Column], hf: dict[str, float], args: argparse.Namespace
     peer_name = peer_column.name if peer_column else ""
     header = f"{'workload':28s} {peer_name:>12s} {'this project':>13s} {'ratio':>16s} {'HF generate':>12s}"
     title = (f"Side by side: model {args.model} (float32), prompt ~{int(hf.get('prompt_tokens', 0))} tokens, "
-             f"{args.new_tokens} new tokens")
+             f"{args.new_tokens} new tokens; HF generate with {int(hf.get('threads', 0))} torch threads")
     lines = [title, header]
     for label, key, lower_better in rows:
         if key not in ours_column.figures:
@@ -231,6 +233,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--interference-tokens", type=int, default=128)
     parser.add_argument("--interference-interval", type=float, default=2.0)
     parser.add_argument("--long-prompt-words", type=int, default=1500)
+    parser.add_argument("--hf-threads", type=int, default=0, help="torch threads of the in-process HF reference "
+                        "(0: torch's default, one per core)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
