@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-cluster bench bench-transfer bench-decode bench-interference soak clean
+.PHONY: install proto proto-check up test test-cluster bench bench-transfer bench-decode bench-interference bench-compare soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench-decode: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) -m services.bench $(BENCH_ARGS)
+
+# This stack side by side with any OpenAI-compatible server (COMPARE_ARGS="--peer-url http://127.0.0.1:8001/v1"),
+# plus Hugging Face generate in-process, in one run (services/bench/compare.py).
+bench-compare: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.compare $(COMPARE_ARGS)
 
 bench-interference: $(INSTALLED)
 	$(PY) -m services.common.model_files default

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from services.common.healthcheck import health_status
 from services.common.pki import write_stack_pki
+from services.common.placement import check_cpus, check_wait_policy
 from services.common.tls import TlsFiles
 
 
@@ -112,16 +113,50 @@ class Stack:
                 process.wait()
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerPlacement:
+    """Cores and intra-op threads of the two model workers (see services/common/placement.py). The
+    default splits the cores this launcher may use: decode the first half (rounded up), prefill the
+    rest, one torch thread per core each, OpenMP threads waiting passively."""
+
+    decode_cpus: str = "first-half"
+    prefill_cpus: str = "second-half"
+    decode_threads: int = 0  # 0: one per core it owns
+    prefill_threads: int = 0
+    omp_wait_policy: str = "PASSIVE"  # '' leaves OpenMP's default (spin, then sleep)
+
+    def __post_init__(self) -> None:
+        for cpus in (self.decode_cpus, self.prefill_cpus):
+            check_cpus(cpus)
+        if self.decode_threads < 0 or self.prefill_threads < 0:
+            raise ValueError("worker thread counts must be >= 0")
+        check_wait_policy(self.omp_wait_policy)
+
+    def args(self, role: str) -> tuple[str, ...]:
+        cpus, threads = ((self.decode_cpus, self.decode_threads) if role == "decode"
+                         else (self.prefill_cpus, self.prefill_threads))
+        return ("--cpus", cpus, "--torch-threads", str(threads))
+
+    def env(self) -> dict[str, str]:
+        return {"OMP_WAIT_POLICY": self.omp_wait_policy.upper()} if self.omp_wait_policy else {}
+
+
+UNPLACED = WorkerPlacement("", "", 0, 0, "")  # every worker on every core, torch's and OpenMP's defaults
+
+
 def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "memory", kv_transfer: str = "direct",
                 redis_url: str = "redis://127.0.0.1:6379/0", extra: Mapping[str, Sequence[str]] | None = None,
                 log_level: str = "INFO", metrics_ports: Mapping[str, int] | None = None,
-                tls: Mapping[str, TlsFiles] | None = None) -> list[ServiceSpec]:
+                tls: Mapping[str, TlsFiles] | None = None, placement: WorkerPlacement = UNPLACED
+                ) -> list[ServiceSpec]:
     """The four services wired to each other on loopback; /metrics off unless `metrics_ports`; each
-    service with its TLS files when `tls` names them."""
+    service with its TLS files when `tls` names them; the workers placed by `placement`."""
     metrics = metrics_ports or {}
     extra = {name: ("--metrics-port", str(metrics.get(name, 0)), *(extra or {}).get(name, ()))
              for name in ("gateway", "prefill", "decode", "kvstore")}
     extra["gateway"] = ("--http-port", str(ports.get("http", 0)), *extra["gateway"])
+    for role in ("prefill", "decode"):
+        extra[role] = (*placement.args(role), *extra[role])
     kvstore = f"127.0.0.1:{ports['kvstore']}"
     common = ("--log-level", log_level)
     worker = ("--model", model, "--kvstore-address", kvstore, *common)
@@ -139,7 +174,8 @@ def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "me
                      "--model", model, *common, *extra.get("gateway", ()))),
     ]
     tls = tls or {}
-    return [ServiceSpec(s.name, s.module, s.port, s.args, tls[s.name].environment() if s.name in tls else {})
+    return [ServiceSpec(s.name, s.module, s.port, s.args, {**(tls[s.name].environment() if s.name in tls else {}),
+                                                          **(placement.env() if s.name in ("prefill", "decode") else {})})
             for s in specs]
 
 
@@ -149,6 +185,14 @@ def tls_hint(client: TlsFiles) -> str:
             f"certificates (mutual TLS).\n  The gateway (gRPC and HTTPS) is verified with --tls-ca {client.ca}; "
             f"an internal service also wants a client certificate:\n  grpcurl -cacert {client.ca} -cert {client.cert} "
             f"-key {client.key} 127.0.0.1:PORT list\n")
+
+
+def worker_placement(args: argparse.Namespace) -> WorkerPlacement:
+    """The placement the launcher's flags ask for. Raises ValueError."""
+    base = WorkerPlacement() if args.placement == "auto" else UNPLACED
+    return WorkerPlacement(base.decode_cpus if args.decode_cpus is None else args.decode_cpus,
+                           base.prefill_cpus if args.prefill_cpus is None else args.prefill_cpus,
+                           args.decode_threads, args.prefill_threads, base.omp_wait_policy)
 
 
 def main() -> None:
@@ -170,15 +214,30 @@ def main() -> None:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     parser.add_argument("--tls", action="store_true", help="TLS everywhere, mutual TLS between the services, with "
                         "a throwaway CA and certificates written to --tls-dir")
+    placement = parser.add_argument_group("CPU placement of the workers (see the README's 'CPU placement')")
+    placement.add_argument("--placement", choices=("auto", "none"), default=os.environ.get("PLACEMENT", "auto"),
+                           help="auto: decode and prefill on disjoint halves of the cores, one thread per core, "
+                           "passive OpenMP waits; none: every worker on every core with torch's defaults")
+    placement.add_argument("--decode-cpus", default=os.environ.get("DECODE_CPUS"),
+                           help="decode cores (first-half, second-half, '' for all, or a list such as 0-3)")
+    placement.add_argument("--prefill-cpus", default=os.environ.get("PREFILL_CPUS"), help="prefill cores, likewise")
+    placement.add_argument("--decode-threads", type=int, default=int(os.environ.get("DECODE_THREADS", "0")),
+                           help="decode torch threads (0: one per core it owns)")
+    placement.add_argument("--prefill-threads", type=int, default=int(os.environ.get("PREFILL_THREADS", "0")),
+                           help="prefill torch threads (0: one per core it owns)")
     parser.add_argument("--tls-dir", type=Path, default=Path(".tls"), help="where --tls writes them (default .tls)")
     args = parser.parse_args()
+    try:
+        placed = worker_placement(args)
+    except ValueError as error:
+        parser.error(str(error))
     names = ("gateway", "prefill", "decode", "kvstore")
     ports = {name: args.base_port + offset for offset, name in enumerate(names)} | {"http": args.http_port}
     metrics_ports = {name: args.metrics_base_port + offset for offset, name in enumerate(names)}
     extra = {"gateway": ("--request-summary",) if args.summary else ()}
     tls = write_stack_pki(args.tls_dir, (*names, "client")) if args.tls else None
     stack = Stack(local_stack(ports, args.model, args.kvstore_backend, args.kv_transfer, args.redis_url, extra,
-                              args.log_level, metrics_ports, tls), tls=tls["client"] if tls else None)
+                              args.log_level, metrics_ports, tls, placed), tls=tls["client"] if tls else None)
     def request_stop(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
 

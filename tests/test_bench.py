@@ -16,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
+from services.bench import compare
 from services.bench.__main__ import main as bench_main
 from services.stack import free_port
 from tests.conftest import RunningStack, start_stack
@@ -132,3 +133,22 @@ def test_advisor_follows_the_length_mix() -> None:
     tight = advise(profile, Workload(rate=2.0, prompt_tokens=2000, output_tokens=32, ttft_slo_s=10,
                                      tpot_slo_s=0.05))
     assert tight.decode_batch == 1 and tight.decode_workers >= long_prompts.decode_workers
+
+
+def test_compare_measures_this_stack_and_a_peer_side_by_side(tiny_stack: RunningStack) -> None:
+    """make bench-compare: a fresh stack (make up's placement) and a peer (here the module's stack,
+    through its OpenAI API) measured with the same workloads; ratios and HF generate in one table."""
+    args = compare.parse_args(["--model", "tiny", "--peer-url", tiny_stack["http"] + "/v1", "--prompt-words", "12",
+                               "--new-tokens", "6", "--repeats", "1", "--streams", "2", "--mixed-streams", "2",
+                               "--mixed-prompt", "4:12", "--interference-streams", "2", "--interference-tokens", "6",
+                               "--interference-interval", "0.2", "--long-prompt-words", "40"])
+    columns, hf = asyncio.run(compare.run(args))
+    assert [column.name for column in columns] == ["this project", "peer"]
+    for column in columns:
+        assert {"ttft_ms", "tpot_ms", "tokens_per_s_2", "mixed_tpot_p50_ms", "itl_p50_ms", "itl_max_ms"} \
+            <= set(column.figures), column
+        assert column.figures.pop("long_prompts_failed") == 0 and all(v > 0 for v in column.figures.values()), column
+    assert columns[0].figures["step_ms"] > 0 and "step_ms" not in columns[1].figures and hf["tpot_ms"] > 0
+    table = compare.render(columns, hf, args)
+    assert "2 streams: tokens/s" in table and "decode step / HF generate per token" in table
+    assert table.count("x (better)") + table.count("x (worse)") >= 7

@@ -22,7 +22,7 @@ from services.client import GatewayClient
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
-from services.stack import ServiceSpec, Stack, free_port
+from services.stack import ServiceSpec, Stack, WorkerPlacement, free_port
 
 
 def make_prompt(encoder: PromptEncoder, tokens: int, seed: int) -> str:
@@ -74,12 +74,14 @@ async def run_mode(args: argparse.Namespace, prompts: list[str], decode_flags: t
     """Tokens per second for each stream count against a fresh stack."""
     ports = {name: free_port() for name in ("prefill", "decode", "gateway")}
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
-    # One intra-op thread for the prefill: two processes each spinning two OpenMP threads on two
-    # cores slow each other down several times over.
+    # make up's CPU placement: decode and prefill on disjoint halves of the cores, one thread per
+    # core each (two processes spinning OpenMP threads on shared cores slow each other down).
+    placement = WorkerPlacement()
     specs = [ServiceSpec("prefill", "prefill", ports["prefill"],
-                         ("--port", str(ports["prefill"]), "--torch-threads", "1", *worker)),
+                         ("--port", str(ports["prefill"]), *placement.args("prefill"), *worker), placement.env()),
              ServiceSpec("decode", "decode", ports["decode"],
-                         ("--port", str(ports["decode"]), *worker, *decode_flags)),
+                         ("--port", str(ports["decode"]), *placement.args("decode"), *worker, *decode_flags),
+                         placement.env()),
              ServiceSpec("gateway", "gateway", ports["gateway"],
                          ("--port", str(ports["gateway"]), "--model", args.model, "--log-level", "WARNING",
                           "--metrics-port", "0", "--http-port", "0",

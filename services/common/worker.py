@@ -6,9 +6,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common import placement
 from services.common.config import setting
 from services.common.logs import check_log_level
 from services.common.model_files import default_cache_dir
+from services.common.placement import check_cpus
 from services.common.runtime import DTYPES, ModelRuntime
 from services.common.targets import check_address_list
 from services.common.tls_settings import TlsSettings
@@ -23,7 +25,10 @@ class WorkerSettings(TlsSettings):
     dtype: str = setting("float32", f"weights and KV dtype: {', '.join(DTYPES)}", "MODEL_DTYPE")
     device: str = setting("auto", "torch device: auto (cuda if present), cpu, cuda, cuda:N", "DEVICE")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
-    torch_threads: int = setting(0, "torch intra-op threads (0: torch's default)", "TORCH_THREADS")
+    torch_threads: int = setting(0, "torch intra-op threads (0: one per core of --cpus; never more than those "
+                                    "cores)", "TORCH_THREADS")
+    cpus: str = setting("", "cores to run on: empty (all this process may use), 'first-half' / 'second-half' "
+                            "of them (make up: decode first, prefill second) or a list such as 0-3,6", "WORKER_CPUS")
     kvstore_address: str = setting("", "kvstore service host:port (empty: none); several, comma separated, when "
                                    "they share one backend: calls go round robin to those serving", "KVSTORE_ADDRESS")
     kvstore_timeout_seconds: float = setting(10.0, "deadline of each kvstore call", "KVSTORE_TIMEOUT_SECONDS")
@@ -36,6 +41,7 @@ class WorkerSettings(TlsSettings):
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        check_cpus(self.cpus)
         if self.kvstore_timeout_seconds <= 0:
             raise ValueError("kvstore_timeout_seconds must be > 0")
         check_address_list("kvstore_address", self.kvstore_address)
@@ -44,11 +50,9 @@ class WorkerSettings(TlsSettings):
 
 def load_runtime(settings: WorkerSettings) -> ModelRuntime:
     """Load the model (blocking; run it in the model thread)."""
-    import torch
-
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
+    placement.apply(settings.cpus, settings.torch_threads)
     runtime = ModelRuntime(settings.model, settings.dtype, settings.device, Path(settings.model_cache_dir))
+    placement.check_dtype(DTYPES[settings.dtype], runtime.device)
     runtime.prefill([1, 2, 3, 4], lambda *_: None)  # warm-up: the first forward pass is slow
     log.info("model %s ready: fingerprint %s, %d layers, %d KV bytes/token", settings.model,
              runtime.geometry.fingerprint, runtime.geometry.num_layers, runtime.geometry.kv_bytes_per_token)
