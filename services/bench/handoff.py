@@ -20,7 +20,13 @@ import grpc
 from services.bench.report import percentile
 from services.bench.transfer_rows import TransferCase, admit, renamed, slug
 from services.common.kv_wire import transfer_kv_bytes, wire_bytes
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.pb import (
+    common_pb2,
+    decode_pb2,
+    decode_pb2_grpc,
+    prefill_pb2,
+    prefill_pb2_grpc,
+)
 from services.common.server import GRPC_OPTIONS
 from services.stack import ServiceSpec, Stack, free_port
 
@@ -105,7 +111,7 @@ async def under_load(case: TransferCase, transport: str, streams: int, seconds: 
         gaps: list[float] = []
         decoding = [asyncio.ensure_future(_stream(stub, f"load-{slug(transport)}-{i}", gaps)) for i in range(streams)]
         try:
-            await asyncio.sleep(min(2.0, seconds))  # the streams' prefills are done and they decode
+            await _all_decoding(gaps, streams, decoding)
             gaps.clear()
             await asyncio.sleep(seconds)
             quiet, gaps[:] = list(gaps), []
@@ -120,6 +126,18 @@ async def under_load(case: TransferCase, transport: str, streams: int, seconds: 
         raise failures[0]
     return LoadResult(transport, streams, sent, percentile(quiet, 0.5) * 1e3, percentile(quiet, 0.99) * 1e3,
                       percentile(loaded, 0.5) * 1e3, percentile(loaded, 0.99) * 1e3)
+
+
+async def _all_decoding(gaps: list[float], streams: int, decoding: list[asyncio.Future[None]]) -> None:
+    """Wait until the streams are past their prefills and decoding (about one gap each)."""
+    deadline = time.monotonic() + HEALTHY_SECONDS
+    while len(gaps) < 2 * streams:
+        failed = [task for task in decoding if task.done()]
+        if failed:
+            await failed[0]  # raises its error
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {streams} streams did not start decoding")
+        await asyncio.sleep(0.05)
 
 
 async def _stream(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str, gaps: list[float]) -> None:

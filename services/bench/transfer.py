@@ -20,8 +20,14 @@ from dataclasses import asdict
 
 import torch
 
-from services.bench.handoff import HANDOFF_TRANSPORTS, LOAD_SENDERS, Handoff, LoadResult, handoff_via_prefill, \
-    under_load
+from services.bench.handoff import (
+    HANDOFF_TRANSPORTS,
+    LOAD_SENDERS,
+    Handoff,
+    LoadResult,
+    handoff_via_prefill,
+    under_load,
+)
 from services.bench.transfer_rows import ROWS, Row, TransferCase
 from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage
@@ -79,8 +85,9 @@ def table(report: dict[str, object]) -> str:
     rows: list[Row] = report["rows"]  # type: ignore[assignment]
     tcp = next(r for r in rows if r.path == "raw TCP")
     copy = next(r for r in rows if r.path == "memcpy")
-    lines = [f"KV transfer: model {report['model']} (float32), prompt {report['prompt_tokens']} tokens, chunks of "
-             f"{report['chunk_tokens']} tokens x {report['chunk_layers']} layers, best of {report['repeats']}",
+    title = (f"KV transfer: model {report['model']} (float32), prompt {report['prompt_tokens']} tokens, chunks of "
+             f"{report['chunk_tokens']} tokens x {report['chunk_layers']} layers, best of {report['repeats']}")
+    lines = [title,
              f"  {'path':12s} {'bytes':>12} {'chunks':>6} {'seconds':>9} {'GB/s':>7} {'/ raw TCP':>9} {'/ memcpy':>9}"]
     lines += [f"  {r.path:12s} {r.kv_bytes:12,} {r.chunks:6d} {r.seconds:9.4f} {r.gbps:7.2f} "
               f"{tcp.seconds / r.seconds:9.2f} {copy.seconds / r.seconds:9.2f}" for r in rows]

@@ -7,6 +7,7 @@ example an shm producer that opens its transfer with the decode's shared-memory 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
 import subprocess
@@ -121,6 +122,10 @@ def _wire(messages: list[KvMessage]) -> list[bytes]:
 
 async def raw_tcp(case: TransferCase) -> Row:
     """The same serialized bytes over a loopback TCP socket to another process that only reads them."""
+    return await asyncio.to_thread(_raw_tcp, case)
+
+
+def _raw_tcp(case: TransferCase) -> Row:
     payloads = _wire(case.messages)
     receiver = subprocess.Popen([sys.executable, "-c", _RECEIVER], stdout=subprocess.PIPE, text=True)
     port = int(receiver.stdout.readline())  # type: ignore[union-attr]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import google_crc32c
+import numpy
 import torch
 
 from services.common.errors import KvCorrupted, KvProtocolError, ModelMismatch
@@ -103,7 +104,7 @@ class KvChunk:
     shape: tuple[int, ...]
     byte_length: int
     crc32: int  # CRC-32 of data when the layout's checksum is CRC32, else 0
-    data: bytes
+    data: bytes | memoryview  # a received chunk's data is a view into the message it came in
     crc32c: int = 0  # CRC-32C of data when the layout's checksum is CRC32C, else 0
 
 
@@ -136,7 +137,8 @@ def checksum_matches(kind: str, chunk: KvChunk) -> bool:
     """Whether the chunk's data has the checksum of `kind` it declares."""
     if kind == CRC32:
         return zlib.crc32(chunk.data) == chunk.crc32
-    return google_crc32c.value(chunk.data) == chunk.crc32c
+    data = chunk.data if isinstance(chunk.data, bytes) else numpy.frombuffer(chunk.data, numpy.uint8)
+    return google_crc32c.value(data) == chunk.crc32c  # takes bytes or an array, not a memoryview
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -205,6 +207,12 @@ class KvAssembler:
         self._layout = layout
 
     def accept_chunk(self, chunk: KvChunk) -> None:
+        self.verify_and_store(chunk, self.admit_chunk(chunk))
+
+    def admit_chunk(self, chunk: KvChunk) -> ChunkSpan:
+        """The checks of the chunk's description (cheap; in arrival order): it takes the next
+        position. Its bytes still need `verify_and_store`, which may run in another thread, one
+        chunk at a time, while the next chunk is received."""
         layout = self._require_layout()
         self._check_request(chunk.request_id)
         self._check_model(chunk.model_fingerprint)
@@ -224,19 +232,21 @@ class KvAssembler:
         if not chunk.byte_length == len(chunk.data) == expected_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
                                   f"{chunk.byte_length}), its shape needs {expected_bytes}")
+        self.next_index += 1
+        return span
+
+    def verify_and_store(self, chunk: KvChunk, span: ChunkSpan) -> None:
+        """Checksum and finiteness of an admitted chunk's bytes, then its write into the target."""
+        layout = self._require_layout()
         if not checksum_matches(layout.checksum, chunk):
             raise KvCorrupted(f"KV chunk {chunk.index} fails its {'CRC-32' if layout.checksum == CRC32 else 'CRC-32C'}"
                               " check")
-        self._store(chunk, span, shape)
-
-    def _store(self, chunk: KvChunk, span: ChunkSpan, shape: tuple[int, ...]) -> None:
         with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(shape)
+            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(layout.shape(span))
         if self._limits.check_finite and not all_finite(tensor):
             raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
         self._target.store(span, tensor)
-        self.next_index += 1
         self.bytes_received += chunk.byte_length
 
     def finish(self, end: KvEnd) -> KvReceipt:

@@ -124,6 +124,89 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
     raise KvProtocolError("empty KV transfer message")
 
 
+class _NotOneChunk(Exception):
+    """The bytes are not one KvTransferMessage.chunk with one data field: protobuf parses them."""
+
+
+def _read_varint(raw: bytes, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < end and shift < 64:
+        byte = raw[position]
+        value, position, shift = value | (byte & 0x7F) << shift, position + 1, shift + 7
+        if byte < 0x80:
+            return value, position
+    raise _NotOneChunk
+
+
+def _skip_field(raw: bytes, key: int, position: int, end: int) -> int:
+    """Where the field whose key ended at `position` ends."""
+    wire_type = key & 7
+    if wire_type == 0:
+        return _read_varint(raw, position, end)[1]
+    if wire_type == 2:
+        length, position = _read_varint(raw, position, end)
+        return position + length
+    if wire_type in (1, 5):
+        return position + (8 if wire_type == 1 else 4)
+    raise _NotOneChunk
+
+
+def _split_chunk(raw: bytes) -> tuple[bytes, int, int]:
+    """A serialized KvTransferMessage holding one chunk: the chunk's fields without `data`, and
+    where data lies in `raw`. Anything else (another kind, a field repeated, garbage) raises."""
+    end = len(raw)
+    if end < 2 or raw[0] != _CHUNK_TAG[0]:
+        raise _NotOneChunk
+    length, start = _read_varint(raw, 1, end)
+    if start + length != end:
+        raise _NotOneChunk
+    data: tuple[int, int, int] | None = None
+    position = start
+    while position < end:
+        key, after_key = _read_varint(raw, position, end)
+        field_end = _skip_field(raw, key, after_key, end)
+        if field_end > end:
+            raise _NotOneChunk
+        if key == _DATA_TAG[0]:
+            if data is not None:
+                raise _NotOneChunk
+            data = (position, _read_varint(raw, after_key, end)[1], field_end)
+        position = field_end
+    if data is None:
+        raise _NotOneChunk
+    tag_at, data_start, data_end = data
+    return raw[start:tag_at] + raw[data_end:end], data_start, data_end
+
+
+def parse_wire(raw: bytes) -> KvMessage:
+    """A KvTransferMessage as received (TransferKv's raw request bytes, a kvstore value). A chunk's
+    data is a read-only view into `raw`, not a copy: protobuf would copy it on parsing and again
+    on reading the field (two of the receiver's copies of every byte). Protobuf still parses
+    everything else, and all of a message that is not one plain chunk."""
+    try:
+        header, data_start, data_end = _split_chunk(raw)
+    except _NotOneChunk:
+        return from_pb(_parse(raw))
+    try:
+        chunk = kv_pb2.KvChunk.FromString(header)
+    except Exception:  # protobuf raises DecodeError subclasses; the full parse names the fault
+        return from_pb(_parse(raw))
+    c = chunk
+    return KvChunk(c.request_id, c.model_fingerprint, c.index,
+                   ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end), _dtype(c.dtype),
+                   _encoding(c.encoding), tuple(c.shape), c.byte_length, c.crc32,
+                   memoryview(raw)[data_start:data_end], c.crc32c)
+
+
+def _parse(raw: bytes) -> kv_pb2.KvTransferMessage:
+    message = kv_pb2.KvTransferMessage()
+    try:
+        message.ParseFromString(raw)
+    except Exception as exc:  # protobuf raises DecodeError subclasses
+        raise KvProtocolError(f"KV message does not parse: {exc}") from exc
+    return message
+
+
 def parse_stored(value: bytes) -> KvMessage:
     """A transfer message read back from the kvstore (protobuf parsing only, never unpickling)."""
     message = kv_pb2.KvTransferMessage()
