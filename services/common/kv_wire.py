@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from services.common.errors import KvProtocolError
 from services.common.kv_codec import CRC32, CRC32C, ChunkSpan, KvChunk, KvEnd, KvLayout
@@ -189,7 +190,7 @@ def parse_wire(raw: bytes) -> KvMessage:
         return from_pb(_parse(raw))
     try:
         chunk = kv_pb2.KvChunk.FromString(header)
-    except Exception:  # protobuf raises DecodeError subclasses; the full parse names the fault
+    except DecodeError:  # the full parse names the fault
         return from_pb(_parse(raw))
     c = chunk
     return KvChunk(c.request_id, c.model_fingerprint, c.index,
