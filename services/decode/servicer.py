@@ -127,10 +127,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         verifying: asyncio.Future[None] | None = None
         try:
             async for raw in messages:
-                message = parse_wire(raw)
                 if verifying is not None:
                     await verifying  # the previous chunk's verdict comes before this message's
                     verifying = None
+                message = parse_wire(raw)
                 if isinstance(message, KvChunk):
                     verifying = asyncio.get_running_loop().run_in_executor(
                         None, assembler.verify_and_store, message, assembler.admit_chunk(message))
