@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import grpc
 import torch
 
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout, encode_chunk
+from services.common.kv_codec import CRC32C, KvChunk, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import to_pb
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
 
@@ -17,10 +17,10 @@ Message = KvLayout | KvChunk | KvEnd
 
 
 def real_transfer(model: common_pb2.ModelInfo, request_id: str, num_tokens: int, chunk_tokens: int,
-                  chunk_layers: int, first_token: int = 42, seed: int = 0) -> list[Message]:
+                  chunk_layers: int, first_token: int = 42, seed: int = 0, checksum: str = CRC32C) -> list[Message]:
     """A well-formed transfer of random KV (drawn from `seed`) with the model's geometry."""
     layout = KvLayout(request_id, model.fingerprint, model.num_layers, model.num_kv_heads, model.head_dim,
-                      num_tokens, chunk_tokens, chunk_layers, model.dtype)
+                      num_tokens, chunk_tokens, chunk_layers, model.dtype, checksum=checksum)
     generator = torch.Generator().manual_seed(seed)
     size = (model.num_layers, model.num_kv_heads, num_tokens, model.head_dim)
     keys, values = torch.randn(size, generator=generator), torch.randn(size, generator=generator)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from services.bench.__main__ import main as bench_main
 from services.stack import free_port
 from tests.conftest import RunningStack, start_stack
 
+ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"label", "requests", "completed", "failed", "duration_s", "request_throughput",
           "output_token_throughput", "goodput", "slo", "ttft_s", "tpot_s", "itl_s", "e2e_s", "errors"}
 
@@ -152,3 +155,18 @@ def test_compare_measures_this_stack_and_a_peer_side_by_side(tiny_stack: Running
     table = compare.render(columns, hf, args)
     assert "2 streams: tokens/s" in table and "decode step / HF generate per token" in table
     assert table.count("x (better)") + table.count("x (worse)") >= 7
+
+
+def test_transfer_bench_prints_every_row_handoff_and_load_figure() -> None:
+    """`make bench-transfer --quick`: the table's rows move the same bytes, every figure is there."""
+    result = subprocess.run([sys.executable, "-m", "services.bench.transfer", "--quick", "--json"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=280, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    rows = {row["path"]: row for row in report["rows"]}
+    assert set(rows) == {"gRPC raw", "raw TCP", "memcpy"}
+    assert len({(row["kv_bytes"], row["chunks"]) for row in rows.values()}) == 1  # the same bytes
+    assert all(row["seconds"] > 0 for row in rows.values())
+    assert [h["transport"] for h in report["handoffs"]] == ["gRPC raw"] and report["handoffs"][0]["handoff_seconds"] > 0
+    load = report["under_load"][0]
+    assert load["transfers"] >= 1 and load["quiet_itl_p50_ms"] > 0 and load["loaded_itl_p99_ms"] > 0

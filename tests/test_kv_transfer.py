@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import zlib
 from collections.abc import Callable
 
 import grpc
@@ -12,7 +13,9 @@ import pytest
 from services.client import GatewayClient
 from services.common.pb import common_pb2, decode_pb2_grpc, kv_pb2
 from services.common.healthcheck import health_status
-from tests.kv_helpers import Message, admit, real_transfer, replace, send
+from services.common.kv_codec import CRC32
+from services.common.kv_wire import to_pb
+from tests.kv_helpers import Message, admit, read_tokens, real_transfer, replace, send
 
 NUM_TOKENS = 5
 _ids = itertools.count()
@@ -21,6 +24,23 @@ _ids = itertools.count()
 def corrupt_checksum(m: list[Message]) -> list[Message]:
     chunk = m[3]
     return [*m[:3], replace(chunk, data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:]), *m[4:]]
+
+
+def wrong_crc32c(m: list[Message]) -> list[Message]:
+    chunk = m[2]
+    return [*m[:2], replace(chunk, crc32c=chunk.crc32c ^ 1), *m[3:]]
+
+
+def crc32_in_a_crc32c_transfer(m: list[Message]) -> list[Message]:
+    """The data's valid CRC-32 in the field the layout does not name (crc32c left 0)."""
+    chunk = m[1]
+    return [m[0], replace(chunk, crc32=zlib.crc32(chunk.data), crc32c=0), *m[2:]]
+
+
+def unknown_checksum_kind(m: list[Message]) -> list[Message]:
+    layout = to_pb(m[0])
+    layout.layout.checksum = 99
+    return [layout, *m[1:]]
 
 
 def wrong_fingerprint(m: list[Message]) -> list[Message]:
@@ -71,7 +91,10 @@ def chunk_before_layout(m: list[Message]) -> list[Message]:
 
 
 CASES: list[tuple[str, Callable[[list[Message]], list[Message]], grpc.StatusCode, str]] = [
-    ("corrupt-checksum", corrupt_checksum, grpc.StatusCode.DATA_LOSS, "CRC"),
+    ("corrupt-checksum", corrupt_checksum, grpc.StatusCode.DATA_LOSS, "CRC-32C"),
+    ("wrong-crc32c", wrong_crc32c, grpc.StatusCode.DATA_LOSS, "CRC-32C"),
+    ("crc32-in-a-crc32c-transfer", crc32_in_a_crc32c_transfer, grpc.StatusCode.DATA_LOSS, "CRC-32C"),
+    ("unknown-checksum-kind", unknown_checksum_kind, grpc.StatusCode.INVALID_ARGUMENT, "checksum"),
     ("wrong-fingerprint", wrong_fingerprint, grpc.StatusCode.FAILED_PRECONDITION, "model"),
     ("wrong-chunk-fingerprint", wrong_chunk_fingerprint, grpc.StatusCode.FAILED_PRECONDITION, "model"),
     ("missing-last-chunk", missing_last_chunk, grpc.StatusCode.DATA_LOSS, "received"),
@@ -84,6 +107,9 @@ CASES: list[tuple[str, Callable[[list[Message]], list[Message]], grpc.StatusCode
     ("stream-without-end", no_end, grpc.StatusCode.DATA_LOSS, "end"),
     ("chunk-before-layout", chunk_before_layout, grpc.StatusCode.INVALID_ARGUMENT, "layout"),
 ]
+
+
+NO_LAYOUT = ("chunk-before-layout", "unknown-checksum-kind")  # refused before the request is known
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +135,7 @@ async def test_bad_transfer_gets_clear_status(decode, name, mutate, code, phrase
         await send(stub, messages)
     assert sent.value.code() == code
     assert phrase.lower() in sent.value.details().lower()
-    if name != "chunk-before-layout":  # the request never learned of that transfer; cancel it
+    if name not in NO_LAYOUT:  # the request never learned of that transfer; cancel it
         with pytest.raises(grpc.aio.AioRpcError) as generated:
             await generation.read()
         assert generated.value.code() == code
@@ -166,6 +192,28 @@ async def test_handcrafted_good_transfer_is_decoded(decode) -> None:
     assert [e.token.index for e in events[:-1]] == [0, 1, 2]  # the transfer's first token, then two decoded
     assert events[0].token.token_id == 42
     assert events[-1].finished.completion_tokens == 3
+    await _assert_idle_soon(stub)
+
+
+async def test_sender_without_checksum_kind_is_checked_with_crc32(decode) -> None:
+    """A sender that predates KvLayout.checksum (UNSPECIFIED on the wire) sends CRC-32 in `crc32`:
+    its good transfer is decoded and a corrupted chunk is DATA_LOSS."""
+    stub, model = decode
+    for corrupt in (False, True):
+        request_id = f"legacy-{next(_ids)}"
+        generation = await admit(stub, request_id, NUM_TOKENS, max_tokens=2)
+        messages = [to_pb(m) for m in real_transfer(model, request_id, NUM_TOKENS, 2, 12, checksum=CRC32)]
+        messages[0].layout.ClearField("checksum")
+        assert messages[1].chunk.crc32 != 0 and messages[1].chunk.crc32c == 0
+        if corrupt:
+            messages[3].chunk.crc32 ^= 1
+            with pytest.raises(grpc.aio.AioRpcError) as sent:
+                await send(stub, messages)
+            assert sent.value.code() == grpc.StatusCode.DATA_LOSS and "CRC-32 " in sent.value.details()
+            generation.cancel()
+        else:
+            assert (await send(stub, messages)).chunks_received == 9
+            assert len(await read_tokens(generation)) == 2
     await _assert_idle_soon(stub)
 
 

@@ -14,12 +14,17 @@ import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
+import google_crc32c
+import numpy
 import torch
 
 from services.common.errors import KvCorrupted, KvProtocolError, ModelMismatch
 from services.common.runtime import DTYPES, ModelGeometry
 
 RAW_ENCODING = "raw"
+CRC32 = "crc32"  # zlib's CRC-32 in KvChunk.crc32: what senders that predate checksum kinds send
+CRC32C = "crc32c"  # CRC-32C in KvChunk.crc32c, hardware-backed: what this system's prefill sends
+CHECKSUMS = (CRC32, CRC32C)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +53,7 @@ class KvLayout:
     encoding: str = RAW_ENCODING
     transfer_attempt: int = 0  # a retried transfer (higher attempt) supersedes an unfinished one
     chunks_in_kvstore: bool = False  # the stream carries layout and end; chunks are in the kvstore
+    checksum: str = CRC32C  # which checksum every chunk carries (CHECKSUMS)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers"):
@@ -57,6 +63,8 @@ class KvLayout:
             raise KvProtocolError(f"KV layout dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.encoding != RAW_ENCODING:
             raise KvProtocolError(f"KV encoding {self.encoding!r} is not supported")
+        if self.checksum not in CHECKSUMS:
+            raise KvProtocolError(f"KV checksum {self.checksum!r} is not one of {CHECKSUMS}")
 
     @property
     def token_chunks(self) -> int:
@@ -95,8 +103,9 @@ class KvChunk:
     encoding: str
     shape: tuple[int, ...]
     byte_length: int
-    crc32: int
-    data: bytes
+    crc32: int  # CRC-32 of data when the layout's checksum is CRC32, else 0
+    data: bytes | memoryview  # a received chunk's data is a view into the message it came in
+    crc32c: int = 0  # CRC-32C of data when the layout's checksum is CRC32C, else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +128,24 @@ def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch
     span = layout.span(index)
     tokens = slice(span.token_start - token_offset, span.token_end - token_offset)
     data = tensor_bytes(torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1))
+    crc32, crc32c = (zlib.crc32(data), 0) if layout.checksum == CRC32 else (0, google_crc32c.value(data))
     return KvChunk(layout.request_id, layout.model_fingerprint, index, span, layout.dtype, layout.encoding,
-                   layout.shape(span), len(data), zlib.crc32(data), data)
+                   layout.shape(span), len(data), crc32, data, crc32c)
+
+
+def checksum_matches(kind: str, chunk: KvChunk) -> bool:
+    """Whether the chunk's data has the checksum of `kind` it declares."""
+    if kind == CRC32:
+        return zlib.crc32(chunk.data) == chunk.crc32
+    data = chunk.data if isinstance(chunk.data, bytes) else numpy.frombuffer(chunk.data, numpy.uint8)
+    return google_crc32c.value(data) == chunk.crc32c  # takes bytes or an array, not a memoryview
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity in the tensor. One reduction: min and max propagate NaN and are infinite if
+    any element is; ~30x faster than torch.isfinite(tensor).all(), which materializes a mask."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +207,12 @@ class KvAssembler:
         self._layout = layout
 
     def accept_chunk(self, chunk: KvChunk) -> None:
+        self.verify_and_store(chunk, self.admit_chunk(chunk))
+
+    def admit_chunk(self, chunk: KvChunk) -> ChunkSpan:
+        """The checks of the chunk's description (cheap; in arrival order): it takes the next
+        position. Its bytes still need `verify_and_store`, which may run in another thread, one
+        chunk at a time, while the next chunk is received."""
         layout = self._require_layout()
         self._check_request(chunk.request_id)
         self._check_model(chunk.model_fingerprint)
@@ -201,18 +232,21 @@ class KvAssembler:
         if not chunk.byte_length == len(chunk.data) == expected_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
                                   f"{chunk.byte_length}), its shape needs {expected_bytes}")
-        if zlib.crc32(chunk.data) != chunk.crc32:
-            raise KvCorrupted(f"KV chunk {chunk.index} fails its CRC-32 check")
-        self._store(chunk, span, shape)
+        self.next_index += 1
+        return span
 
-    def _store(self, chunk: KvChunk, span: ChunkSpan, shape: tuple[int, ...]) -> None:
+    def verify_and_store(self, chunk: KvChunk, span: ChunkSpan) -> None:
+        """Checksum and finiteness of an admitted chunk's bytes, then its write into the target."""
+        layout = self._require_layout()
+        if not checksum_matches(layout.checksum, chunk):
+            raise KvCorrupted(f"KV chunk {chunk.index} fails its {'CRC-32' if layout.checksum == CRC32 else 'CRC-32C'}"
+                              " check")
         with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
             warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(shape)
-        if self._limits.check_finite and not bool(torch.isfinite(tensor).all()):
+            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(layout.shape(span))
+        if self._limits.check_finite and not all_finite(tensor):
             raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
         self._target.store(span, tensor)
-        self.next_index += 1
         self.bytes_received += chunk.byte_length
 
     def finish(self, end: KvEnd) -> KvReceipt:

@@ -36,9 +36,18 @@ log = logging.getLogger(__name__)
 
 # KV chunks are several MB; the default 4 MB receive limit is too small.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# HTTP/2 for multi-MB KV messages: the largest frames (16 MiB - 1, not 16 KiB: fewer frames per chunk)
+# and a 16 MiB per-stream flow-control window target (a chunk in flight is not held up by window
+# updates). In a loopback test of 32 x 3 MiB messages they moved ~25% faster on average than with
+# grpc's defaults (measured on a busy 2-core machine: noisy). Both sides advertise them.
+HTTP2_BULK_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.http2.max_frame_size", 16 * 1024 * 1024 - 1),
+    ("grpc.http2.lookahead_bytes", 16 * 1024 * 1024),
+]
 GRPC_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *HTTP2_BULK_OPTIONS,
     *RECONNECT_OPTIONS,
 ]
 S = TypeVar("S")

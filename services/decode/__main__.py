@@ -9,7 +9,7 @@ from services.common.kv_codec import AssemblyLimits
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
-from services.common.pb import decode_pb2, decode_pb2_grpc
+from services.common.pb import decode_pb2
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
@@ -17,7 +17,7 @@ from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
 from services.decode.blocks import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
-from services.decode.servicer import DecodeServicer
+from services.decode.servicer import DecodeServicer, add_to_server
 from services.decode.settings import DecodeSettings
 
 MB = 1024 * 1024
@@ -44,7 +44,7 @@ async def run(settings: DecodeSettings) -> None:
     factory, server_tls = tls_services(settings)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        decode_pb2_grpc.add_DecodeServiceServicer_to_server(servicer, server)
+        add_to_server(servicer, server)
         return [decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name]
 
     async def warmup() -> None:

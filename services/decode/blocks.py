@@ -55,7 +55,30 @@ class BlockPool:
 
     def write(self, blocks: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
-        position, end = start, start + keys.shape[1]
+        end = start + keys.shape[1]
+        first_full, last_full = -(-start // self.block_size), end // self.block_size
+        if first_full < last_full:  # whole blocks in one copy per tensor (a chunk is mostly whole blocks)
+            self._write_whole_blocks(blocks[first_full:last_full], layer, first_full * self.block_size - start,
+                                     keys, values)
+            self._write_rows(blocks, layer, start, keys, values, start, first_full * self.block_size)
+            self._write_rows(blocks, layer, start, keys, values, last_full * self.block_size, end)
+        else:
+            self._write_rows(blocks, layer, start, keys, values, start, end)
+
+    def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
+                            values: torch.Tensor) -> None:
+        rows = slice(first_row, first_row + len(blocks) * self.block_size)
+        shape = (len(blocks), self.block_size, keys.shape[0], keys.shape[2])
+        for pool, source in ((self.keys[layer], keys), (self.values[layer], values)):
+            pieces = source[:, rows].transpose(0, 1).reshape(shape)
+            if blocks == list(range(blocks[0], blocks[0] + len(blocks))):  # a run: one strided copy
+                pool[blocks[0] : blocks[0] + len(blocks)].copy_(pieces)
+            else:  # scattered: index_copy_ from a contiguous source (faster than a strided one)
+                pool.index_copy_(0, torch.tensor(blocks, device=pool.device), pieces.contiguous())
+
+    def _write_rows(self, blocks: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor,
+                    position: int, end: int) -> None:
+        """Token positions [position, end) of keys/values that begin at `start`, block piece by piece."""
         while position < end:
             block, offset = divmod(position, self.block_size)
             take = min(self.block_size - offset, end - position)

@@ -12,10 +12,10 @@ from opentelemetry import trace
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
 from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
-from services.common.kv_wire import from_pb, transfer_prefix
+from services.common.kv_wire import parse_wire, transfer_prefix
 from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc
 from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
@@ -25,7 +25,8 @@ from services.decode.sequence import Finished, Sequence
 
 tracer = trace.get_tracer("disagg.decode")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
-TransferStream = AsyncIterator[kv_pb2.KvTransferMessage]
+# TransferKv's messages arrive as raw bytes (see add_to_server) and are parsed by kv_wire.parse_wire.
+TransferStream = AsyncIterator[bytes]
 # A sender that cancels or dies looks, at first, like one that closed its stream early: gRPC ends
 # the message stream, and cancels this handler a moment later. Waiting this long before calling it
 # a broken transfer lets the request keep waiting for a retried transfer instead.
@@ -91,7 +92,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                          context: grpc.aio.ServicerContext) -> decode_pb2.TransferKvReply:
         engine, _ = self._state()
         messages = aiter(request_iterator)
-        layout = from_pb(await anext(messages, kv_pb2.KvTransferMessage()))
+        layout = parse_wire(await anext(messages, b""))
         if not isinstance(layout, KvLayout):
             raise KvProtocolError("KV transfer must start with a layout")
         request_id_var.set(layout.request_id)
@@ -119,15 +120,30 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
     @staticmethod
     async def _receive(layout: KvLayout, messages: TransferStream, assembler: KvAssembler) -> KvReceipt:
+        """Chunks are checked in arrival order here; each one's checksum, finiteness check and pool
+        write run in a worker thread while the next chunk is received and parsed (torch and the
+        checksum leave the GIL to the event loop), one chunk at a time, in order."""
         assembler.accept_layout(layout)
-        async for raw in messages:
-            message = from_pb(raw)
-            if isinstance(message, KvChunk):
-                assembler.accept_chunk(message)
-            elif isinstance(message, KvEnd):
-                return assembler.finish(message)
-            else:
-                raise KvProtocolError("KV layout sent twice")
+        verifying: asyncio.Future[None] | None = None
+        try:
+            async for raw in messages:
+                if verifying is not None:
+                    await verifying  # the previous chunk's verdict comes before this message's
+                    verifying = None
+                message = parse_wire(raw)
+                if isinstance(message, KvChunk):
+                    verifying = asyncio.get_running_loop().run_in_executor(
+                        None, assembler.verify_and_store, message, assembler.admit_chunk(message))
+                elif isinstance(message, KvEnd):
+                    return assembler.finish(message)
+                else:
+                    raise KvProtocolError("KV layout sent twice")
+            if verifying is not None:
+                await verifying
+                verifying = None
+        finally:
+            if verifying is not None:  # the transfer failed or was cancelled: its last write ends on its own
+                verifying.add_done_callback(_consume)
         await asyncio.sleep(SENDER_GONE_GRACE_SECONDS)  # a sender that went away is cancelled meanwhile
         assembler.check_complete()
         raise KvCorrupted("KV transfer ended without its end message")
@@ -141,7 +157,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         if raw is None:
             await asyncio.sleep(SENDER_GONE_GRACE_SECONDS)  # as in _receive
             raise KvCorrupted("KV transfer ended without its end message")
-        if not isinstance(from_pb(raw), KvEnd):
+        if not isinstance(parse_wire(raw), KvEnd):
             raise KvProtocolError("a KV transfer announced in the kvstore carries only its layout and end")
         return await engine.swapper.load(transfer_prefix(layout.request_id, layout.transfer_attempt), assembler)
 
@@ -160,3 +176,36 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                       model=info, blocks_used=blocks.used, blocks_total=blocks.total,
                                       block_size=blocks.block_size, kv_pool_pressure=load.pressure,
                                       running=load.running, preemptions_total=engine.preemptions_total)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    """Retrieve an abandoned verification's outcome (a revoked lease, most likely) so it is not
+    logged as never retrieved; the transfer's own failure has been reported."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _as_is(request: bytes) -> bytes:
+    return request
+
+
+def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
+    """Registers the servicer as the generated add_DecodeServiceServicer_to_server does, except that
+    TransferKv takes its messages unparsed: parse_wire reads a chunk's data without copying it."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=decode_pb2.DecodeRequest.FromString,
+            response_serializer=decode_pb2.DecodeEvent.SerializeToString),
+        "TransferKv": grpc.stream_unary_rpc_method_handler(
+            servicer.TransferKv, request_deserializer=_as_is,
+            response_serializer=decode_pb2.TransferKvReply.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=common_pb2.ModelInfoRequest.FromString,
+            response_serializer=common_pb2.ModelInfo.SerializeToString),
+        "Stats": grpc.unary_unary_rpc_method_handler(
+            servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,
+            response_serializer=decode_pb2.DecodeStats.SerializeToString),
+    }
+    name = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)

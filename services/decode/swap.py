@@ -14,7 +14,7 @@ from services.common.errors import BackendUnavailable, KvProtocolError, RequestC
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt, \
     encode_chunk
 from services.common.kv_wire import KvMessage, chunk_key, end_key, key_of, layout_key, parse_stored, \
-    request_prefix, swap_prefix, to_pb
+    request_prefix, swap_prefix, wire_bytes
 from services.common.kvstore_client import KvStoreClient
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
@@ -73,7 +73,7 @@ class KvSwapper:
         for message in messages:
             if not wanted():
                 return False
-            await self._store.put(key_of(prefix, message), to_pb(message).SerializeToString())
+            await self._store.put(key_of(prefix, message), wire_bytes(message))
         return True
 
     async def swap_in(self, sequence: Sequence, writer: LeasedWriter) -> None:

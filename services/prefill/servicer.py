@@ -12,7 +12,8 @@ from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest
 from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
-from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.kv_wire import transfer_kv_bytes
+from services.common.pb import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelGeometry
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
@@ -57,8 +58,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         if not request.decode_address:
             raise InvalidRequest("decode_address must name the decode worker that admitted the request")
         sampling = sampling_from_pb(request.sampling, default_max_tokens=16)
-        stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(request.decode_address))
-        sink = DecodeStreamSink(stub, self._transfer_timeout, chunks=not request.store_kv)
+        transfer_kv = transfer_kv_bytes(self._channels.get(request.decode_address))
+        sink = DecodeStreamSink(transfer_kv, self._transfer_timeout, chunks=not request.store_kv)
         job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
                          request.position_offset, request.transfer_attempt,
                          request.known_first_token if request.HasField("known_first_token") else None)

@@ -12,9 +12,8 @@ import grpc
 
 from services.common.errors import BackendUnavailable, UpstreamError
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
-from services.common.kv_wire import KvMessage, key_of, to_pb
+from services.common.kv_wire import KvMessage, key_of, wire_bytes
 from services.common.kvstore_client import KvStoreClient
-from services.common.pb import decode_pb2_grpc
 from services.common.tasks import TaskSet
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,13 @@ class KvSink(Protocol):
 class DecodeStreamSink:
     """Streams the transfer to a decode worker over one TransferKv call. Whatever the decode worker
     answers or does (refuses, dies, is unreachable) surfaces as an UpstreamError naming the decode
-    role, so the gateway does not blame this prefill worker for it."""
+    role, so the gateway does not blame this prefill worker for it. Messages go out as `wire_bytes`
+    (`transfer_kv` is kv_wire.transfer_kv_bytes of the decode's channel): a chunk's data is copied
+    once on its way to gRPC."""
 
-    def __init__(self, stub: decode_pb2_grpc.DecodeServiceStub, timeout_seconds: float, chunks: bool = True) -> None:
-        self._stub = stub
+    def __init__(self, transfer_kv: grpc.aio.StreamUnaryMultiCallable, timeout_seconds: float,
+                 chunks: bool = True) -> None:
+        self._transfer_kv = transfer_kv
         self._timeout = timeout_seconds
         self._chunks = chunks  # False: the chunks go to the kvstore; the stream announces them
         self._opened: grpc.aio.StreamUnaryCall | None = None
@@ -45,7 +47,7 @@ class DecodeStreamSink:
     def _call(self) -> grpc.aio.StreamUnaryCall:
         """The TransferKv call, opened by the first message (nothing is opened for a refused job)."""
         if self._opened is None:
-            self._opened = self._stub.TransferKv(timeout=self._timeout)
+            self._opened = self._transfer_kv(timeout=self._timeout)
         return self._opened
 
     async def send(self, message: KvLayout | KvChunk) -> None:
@@ -62,7 +64,7 @@ class DecodeStreamSink:
 
     async def _write(self, message: KvMessage) -> None:
         try:
-            await self._call.write(to_pb(message))
+            await self._call.write(wire_bytes(message))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             try:
                 await self._call  # the decode ended the call: surface its status
@@ -103,7 +105,7 @@ class KvStoreSink:
 
     async def _put(self, message: KvMessage) -> None:
         try:
-            await self._store.put(key_of(self._prefix, message), to_pb(message).SerializeToString())
+            await self._store.put(key_of(self._prefix, message), wire_bytes(message))
         except BackendUnavailable as error:  # the kvstore's fault, not this prefill worker's
             raise UpstreamError(grpc.StatusCode.UNAVAILABLE, str(error), KVSTORE_ROLE) from None
 

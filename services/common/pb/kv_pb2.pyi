@@ -18,15 +18,24 @@ class KvEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KV_ENCODING_UNSPECIFIED: _ClassVar[KvEncoding]
     KV_ENCODING_RAW: _ClassVar[KvEncoding]
+
+class KvChecksum(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KV_CHECKSUM_UNSPECIFIED: _ClassVar[KvChecksum]
+    KV_CHECKSUM_CRC32: _ClassVar[KvChecksum]
+    KV_CHECKSUM_CRC32C: _ClassVar[KvChecksum]
 KV_DTYPE_UNSPECIFIED: KvDtype
 KV_DTYPE_FLOAT32: KvDtype
 KV_DTYPE_BFLOAT16: KvDtype
 KV_DTYPE_FLOAT16: KvDtype
 KV_ENCODING_UNSPECIFIED: KvEncoding
 KV_ENCODING_RAW: KvEncoding
+KV_CHECKSUM_UNSPECIFIED: KvChecksum
+KV_CHECKSUM_CRC32: KvChecksum
+KV_CHECKSUM_CRC32C: KvChecksum
 
 class KvLayout(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore")
+    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore", "checksum")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +48,7 @@ class KvLayout(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_IN_KVSTORE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     num_layers: int
@@ -51,10 +61,11 @@ class KvLayout(_message.Message):
     encoding: KvEncoding
     transfer_attempt: int
     chunks_in_kvstore: bool
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ...) -> None: ...
+    checksum: KvChecksum
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ..., checksum: _Optional[_Union[KvChecksum, str]] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data")
+    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data", "crc32c")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +79,7 @@ class KvChunk(_message.Message):
     BYTE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     index: int
@@ -81,7 +93,8 @@ class KvChunk(_message.Message):
     byte_length: int
     crc32: int
     data: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class KvTransferEnd(_message.Message):
     __slots__ = ("request_id", "chunk_count", "first_token", "forward_end_unix_nanos")

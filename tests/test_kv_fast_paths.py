@@ -1,0 +1,101 @@
+"""The KV data plane's fast paths give what the plain ones give: a chunk's hand-framed wire bytes
+parse as protobuf's own message, a received chunk parsed without copying its data equals protobuf's
+parse (and anything unusual is left to protobuf), the one-pass finite check finds every NaN and
+infinity, and whole-block pool writes land exactly where token-by-token writes would."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from services.common.errors import KvProtocolError
+from services.common.kv_codec import (
+    CRC32,
+    CRC32C,
+    KvEnd,
+    KvLayout,
+    all_finite,
+    checksum_matches,
+    encode_chunk,
+)
+from services.common.kv_wire import _parse, from_pb, parse_wire, to_pb, wire_bytes
+from services.common.pb import kv_pb2
+from services.common.runtime import ModelGeometry
+from services.decode.blocks import BlockPool, PoolConfig
+
+
+@pytest.mark.parametrize("checksum", [CRC32, CRC32C])
+@pytest.mark.parametrize("num_tokens", [1, 7, 200])  # data lengths with 1-, 2- and 3-byte varints
+def test_chunk_wire_bytes_parse_as_the_protobuf_message(checksum: str, num_tokens: int) -> None:
+    layout = KvLayout("r-1", "fp", 3, 2, 8, num_tokens, 64, 2, "float32", checksum=checksum)
+    keys, values = torch.randn(2, 2, num_tokens, 8), torch.randn(2, 2, num_tokens, 8)
+    for message in (layout, encode_chunk(layout, 0, keys, values), KvEnd("r-1", layout.chunk_count, 5)):
+        parsed = kv_pb2.KvTransferMessage.FromString(wire_bytes(message))
+        assert parsed == to_pb(message) and from_pb(parsed) == message
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_finite_check_finds_every_non_finite_value(dtype: torch.dtype, poison: float) -> None:
+    tensor = torch.randn(2, 2, 3, 33, 8).to(dtype)
+    assert all_finite(tensor)
+    for position in (0, 777, tensor.numel() - 1):
+        poisoned = tensor.clone()
+        poisoned.view(-1)[position] = poison
+        assert not all_finite(poisoned)
+
+
+def _token_by_token(pool: BlockPool, blocks: list[int], layer: int, start: int, keys: torch.Tensor,
+                    values: torch.Tensor) -> None:
+    for row in range(keys.shape[1]):
+        block, offset = divmod(start + row, pool.block_size)
+        pool.keys[layer][blocks[block], offset] = keys[:, row]
+        pool.values[layer][blocks[block], offset] = values[:, row]
+
+
+def test_block_writes_match_token_by_token_writes() -> None:
+    geometry = ModelGeometry(name="m", fingerprint="fp", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=4,
+                             max_model_len=4096, eos_token_ids=frozenset(), vocab_size=10)
+    fast, slow = (BlockPool(PoolConfig(64, 4), geometry, torch.device("cpu")) for _ in range(2))
+    rng = random.Random(0)
+    for trial in range(100):  # runs of blocks (one strided copy) and scattered blocks (index_copy_)
+        first = rng.randrange(0, 32)
+        blocks = list(range(first, first + 32)) if trial % 2 else rng.sample(range(64), 32)
+        start, length = rng.randrange(0, 60), rng.randrange(1, 60)
+        keys, values = torch.randn(2, length, 4), torch.randn(2, length, 4)
+        fast.write(blocks, 1, start, keys, values)
+        _token_by_token(slow, blocks, 1, start, keys, values)
+    assert all(torch.equal(a, b) for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True))
+
+
+@pytest.mark.parametrize("checksum", [CRC32, CRC32C])
+def test_received_chunk_is_parsed_without_copying_its_data(checksum: str) -> None:
+    layout = KvLayout("r-1", "fp", 3, 2, 8, 9, 4, 2, "float32", checksum=checksum)
+    chunk = encode_chunk(layout, 1, torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8))
+    for raw in (wire_bytes(chunk), to_pb(chunk).SerializeToString()):  # data last, or in field order
+        parsed = parse_wire(raw)
+        assert isinstance(parsed.data, memoryview) and parsed == chunk and checksum_matches(checksum, parsed)
+
+
+def _outcome(parse: Callable[[], object]) -> object:
+    try:
+        return parse()
+    except KvProtocolError:
+        return "refused"
+
+
+def test_anything_but_one_plain_chunk_is_parsed_by_protobuf() -> None:
+    layout = KvLayout("r-1", "fp", 3, 2, 8, 9, 4, 2, "float32")
+    raw = wire_bytes(encode_chunk(layout, 0, torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)))
+    header = to_pb(encode_chunk(layout, 0, torch.zeros(2, 2, 9, 8), torch.zeros(2, 2, 9, 8))).chunk
+    header.ClearField("data")
+    body = header.SerializeToString() + b"\x6a\x02ab" + b"\x6a\x01c"  # data twice: the last one counts
+    # the chunk twice (protobuf merges them), data twice, truncated, a bad wire type, garbage, nothing
+    odd = [raw + raw, b"\x12" + bytes([len(body)]) + body, raw[:-1], b"\x12\x02\x6f\x00", b"\xff\xff\xff", b""]
+    for message in odd:
+        expected = _outcome(lambda m=message: from_pb(_parse(m)))
+        assert _outcome(lambda m=message: parse_wire(m)) == expected, message[:8]
+    assert parse_wire(b"\x12" + bytes([len(body)]) + body).data == b"c"
