@@ -70,6 +70,8 @@ def test_boolean_environment_variable() -> None:
     (DecodeSettings, {"MAX_CHUNK_MB": "0"}, "max_chunk_mb"),
     (PrefillSettings, {"CHECKPOINT_KV": "yes"}, "kvstore_address"),
     (PrefillSettings, {"KV_CHUNK_TOKENS": "many"}, "KV_CHUNK_TOKENS"),
+    (PrefillSettings, {"KV_TRANSPORT": "pigeon"}, "kv_transport"),
+    (PrefillSettings, {"SHM_PREFIX": "../etc"}, "prefix"),
     (KvStoreSettings, {"KVSTORE_BACKEND": "floppy"}, "backend"),
     (KvStoreSettings, {"LOG_LEVEL": "LOUD"}, "log_level"),
 ])

@@ -59,6 +59,11 @@ class RequestCancelled(ServiceError):
     what the call carried was dropped."""
 
 
+class TransportUnavailable(ServiceError):
+    """The KV transport asked for cannot be used between these two workers (shared memory with a
+    decode worker on another host, or one that refuses it)."""
+
+
 class InternalFailure(ServiceError):
     """Something broke inside this worker (a failed decode step); the message names the cause."""
 
@@ -87,6 +92,7 @@ STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
     AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     RequestCancelled: grpc.StatusCode.CANCELLED,
     InternalFailure: grpc.StatusCode.INTERNAL,
+    TransportUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
 FAULT_ROLE_KEY = "disagg-fault-role"  # trailing metadata: which worker's fault an error was
 

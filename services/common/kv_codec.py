@@ -54,6 +54,7 @@ class KvLayout:
     transfer_attempt: int = 0  # a retried transfer (higher attempt) supersedes an unfinished one
     chunks_in_kvstore: bool = False  # the stream carries layout and end; chunks are in the kvstore
     checksum: str = CRC32C  # which checksum every chunk carries (CHECKSUMS)
+    shm_segment: str = ""  # the chunk bytes lie in this shared-memory segment (see kv_shm)
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers"):
@@ -94,6 +95,15 @@ class KvLayout:
 
 
 @dataclass(frozen=True, slots=True)
+class ShmSlice:
+    """Where a chunk's bytes lie in its transfer's shared-memory segment."""
+
+    segment: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class KvChunk:
     request_id: str
     model_fingerprint: str
@@ -104,8 +114,9 @@ class KvChunk:
     shape: tuple[int, ...]
     byte_length: int
     crc32: int  # CRC-32 of data when the layout's checksum is CRC32, else 0
-    data: bytes | memoryview  # a received chunk's data is a view into the message it came in
+    data: bytes | memoryview  # a view into the message it came in, or the mapped bytes of an shm slice
     crc32c: int = 0  # CRC-32C of data when the layout's checksum is CRC32C, else 0
+    shm: ShmSlice | None = None  # the bytes lie in the layout's shared-memory segment, not in data
 
 
 @dataclass(frozen=True, slots=True)

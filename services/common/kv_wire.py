@@ -11,7 +11,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from services.common.errors import KvProtocolError
-from services.common.kv_codec import CRC32, CRC32C, ChunkSpan, KvChunk, KvEnd, KvLayout
+from services.common.kv_codec import CRC32, CRC32C, ChunkSpan, KvChunk, KvEnd, KvLayout, ShmSlice
 from services.common.pb import decode_pb2, kv_pb2
 
 _DTYPE_TO_PB = {"float32": kv_pb2.KV_DTYPE_FLOAT32, "bfloat16": kv_pb2.KV_DTYPE_BFLOAT16,
@@ -45,6 +45,15 @@ def _checksum(value: int) -> str:
     return _CHECKSUM_FROM_PB[value]
 
 
+def _shm_to_pb(where: ShmSlice | None) -> kv_pb2.KvShmSlice | None:
+    return None if where is None else kv_pb2.KvShmSlice(segment=where.segment, offset=where.offset,
+                                                         length=where.length)
+
+
+def _shm_from_pb(chunk: kv_pb2.KvChunk) -> ShmSlice | None:
+    return ShmSlice(chunk.shm.segment, chunk.shm.offset, chunk.shm.length) if chunk.HasField("shm") else None
+
+
 def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
     if isinstance(message, KvLayout):
         return kv_pb2.KvTransferMessage(layout=kv_pb2.KvLayout(
@@ -53,7 +62,7 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             num_tokens=message.num_tokens, chunk_tokens=message.chunk_tokens, chunk_layers=message.chunk_layers,
             dtype=_DTYPE_TO_PB[message.dtype], encoding=_ENCODING_TO_PB[message.encoding],
             transfer_attempt=message.transfer_attempt, chunks_in_kvstore=message.chunks_in_kvstore,
-            checksum=_CHECKSUM_TO_PB[message.checksum]))
+            checksum=_CHECKSUM_TO_PB[message.checksum], shm_segment=message.shm_segment))
     if isinstance(message, KvChunk):
         span = message.span
         return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
@@ -61,7 +70,8 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             layer_start=span.layer_start, layer_end=span.layer_end, token_start=span.token_start,
             token_end=span.token_end, dtype=_DTYPE_TO_PB[message.dtype],
             encoding=_ENCODING_TO_PB[message.encoding], shape=message.shape,
-            byte_length=message.byte_length, crc32=message.crc32, data=message.data, crc32c=message.crc32c))
+            byte_length=message.byte_length, crc32=message.crc32, data=message.data, crc32c=message.crc32c,
+            shm=_shm_to_pb(message.shm)))
     return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
         request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token,
         forward_end_unix_nanos=message.forward_end_unix_nanos))
@@ -113,12 +123,12 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
         m = message.layout
         return KvLayout(m.request_id, m.model_fingerprint, m.num_layers, m.num_kv_heads, m.head_dim,
                         m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding),
-                        m.transfer_attempt, m.chunks_in_kvstore, _checksum(m.checksum))
+                        m.transfer_attempt, m.chunks_in_kvstore, _checksum(m.checksum), shm_segment=m.shm_segment)
     if kind == "chunk":
         c = message.chunk
         span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
         return KvChunk(c.request_id, c.model_fingerprint, c.index, span, _dtype(c.dtype), _encoding(c.encoding),
-                       tuple(c.shape), c.byte_length, c.crc32, c.data, c.crc32c)
+                       tuple(c.shape), c.byte_length, c.crc32, c.data, c.crc32c, shm=_shm_from_pb(c))
     if kind == "end":
         e = message.end
         return KvEnd(e.request_id, e.chunk_count, e.first_token, e.forward_end_unix_nanos)
@@ -196,7 +206,7 @@ def parse_wire(raw: bytes) -> KvMessage:
     return KvChunk(c.request_id, c.model_fingerprint, c.index,
                    ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end), _dtype(c.dtype),
                    _encoding(c.encoding), tuple(c.shape), c.byte_length, c.crc32,
-                   memoryview(raw)[data_start:data_end], c.crc32c)
+                   memoryview(raw)[data_start:data_end], c.crc32c, shm=_shm_from_pb(c))
 
 
 def _parse(raw: bytes) -> kv_pb2.KvTransferMessage:

@@ -102,11 +102,26 @@ def owner_of(name: str) -> SegmentOwner | None:
     return SegmentOwner(match["prefix"], int(match["pidns"]), int(match["pid"]), int(match["start"]))
 
 
-def create(prefix: str, size: int) -> SharedMemory:
-    """A new segment of `size` bytes (> 0) owned by this process; unlink it with `destroy`."""
+def create(prefix: str, size: int, reserve: bool = False) -> SharedMemory:
+    """A new segment of `size` bytes (> 0) owned by this process; unlink it with `destroy`.
+    `reserve` allocates its pages now, so a full /dev/shm is an OSError (ENOSPC) here instead of
+    a SIGBUS at the first write into a page tmpfs cannot back."""
     if size <= 0:
         raise ValueError(f"a shared-memory segment needs a size > 0, got {size}")
-    return SharedMemory(name=new_segment_name(prefix), create=True, size=size)
+    segment = SharedMemory(name=new_segment_name(prefix), create=True, size=size)
+    if reserve:
+        try:
+            allocate(segment)
+        except OSError:
+            destroy(segment)
+            raise
+    return segment
+
+
+def allocate(segment: SharedMemory) -> None:
+    """Back every page of a segment this process created now (OSError ENOSPC when /dev/shm is
+    full), so no later write into it can fault with SIGBUS."""
+    os.posix_fallocate(segment._fd, 0, segment.size)  # type: ignore[attr-defined]
 
 
 def attach(name: str) -> SharedMemory:
@@ -123,12 +138,22 @@ def attach(name: str) -> SharedMemory:
 
 
 def destroy(segment: SharedMemory) -> None:
-    """Close and unlink a segment this process created (a second call does nothing)."""
-    segment.close()
+    """Unlink and close a segment this process created (a second call does nothing). The name goes
+    first: a mapping still exported (a copy running in a thread) cannot be closed yet, and is
+    then unmapped when the last view of it is dropped."""
     try:
         segment.unlink()
     except FileNotFoundError:
         pass
+    close(segment)
+
+
+def close(segment: SharedMemory) -> None:
+    """Close this process's mapping; if views of it are still alive it is unmapped when they go."""
+    try:
+        segment.close()
+    except BufferError:
+        log.debug("segment %s still has live views; it is unmapped when they are dropped", segment.name)
 
 
 def _creator_alive(owner: SegmentOwner) -> bool:

@@ -11,6 +11,7 @@ from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
 from services.common.pb import decode_pb2
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
+from services.common.shm import host_identity
 from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
@@ -37,7 +38,7 @@ async def run(settings: DecodeSettings) -> None:
     telemetry = service_telemetry("decode")
     thread = ModelThread()
     lifecycle = Lifecycle()
-    servicer = DecodeServicer(telemetry, lifecycle)
+    servicer = DecodeServicer(telemetry, lifecycle, host_identity() if settings.kv_shm else "")
     engine: DecodeEngine | None = None
     metrics = DecodeMetrics.create(telemetry.registry, thread)
     store: KvStoreClient | None = None

@@ -12,6 +12,7 @@ from opentelemetry import trace
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
 from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
+from services.common.kv_shm import ShmReceiver
 from services.common.kv_wire import parse_wire, transfer_prefix
 from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
@@ -36,9 +37,10 @@ SENDER_GONE_GRACE_SECONDS = 0.5
 class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     """Serves once `ready` is set (after the model loaded); until then every call is UNAVAILABLE."""
 
-    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle) -> None:
+    def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, shm_host: str = "") -> None:
         self.telemetry = telemetry
         self.lifecycle = lifecycle
+        self._shm_host = shm_host  # this host's identity when shared-memory transfers are accepted
         self._ready: tuple[DecodeEngine, common_pb2.ModelInfo] | None = None
 
     def ready(self, engine: DecodeEngine, geometry: ModelGeometry) -> None:
@@ -62,7 +64,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
             request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id))
         try:
-            yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted())
+            yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted(kv_shm_host=self._shm_host))
             if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
                 engine.prefill_locally(sequence)
             async for event in self._generation(engine, sequence):
@@ -102,7 +104,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if layout.chunks_in_kvstore:
                 receipt = await self._load_announced(engine, layout, messages, assembler)
             else:
-                receipt = await self._receive(layout, messages, assembler)
+                with ShmReceiver(layout, accept_shm=bool(self._shm_host)) as chunk_bytes:
+                    receipt = await self._receive(layout, messages, assembler, chunk_bytes)
             engine.complete(sequence, lease, receipt)  # type: ignore[arg-type]
         except (asyncio.CancelledError, RequestCancelled):
             # The sender vanished (a retry may follow; the KV deadline bounds the wait), or the
@@ -119,7 +122,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                           chunks_received=assembler.next_index)
 
     @staticmethod
-    async def _receive(layout: KvLayout, messages: TransferStream, assembler: KvAssembler) -> KvReceipt:
+    async def _receive(layout: KvLayout, messages: TransferStream, assembler: KvAssembler,
+                       chunk_bytes: ShmReceiver) -> KvReceipt:
         """Chunks are checked in arrival order here; each one's checksum, finiteness check and pool
         write run in a worker thread while the next chunk is received and parsed (torch and the
         checksum leave the GIL to the event loop), one chunk at a time, in order."""
@@ -130,7 +134,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 if verifying is not None:
                     await verifying  # the previous chunk's verdict comes before this message's
                     verifying = None
-                message = parse_wire(raw)
+                message = chunk_bytes.resolve(parse_wire(raw))  # an shm slice becomes its mapped bytes
                 if isinstance(message, KvChunk):
                     verifying = asyncio.get_running_loop().run_in_executor(
                         None, assembler.verify_and_store, message, assembler.admit_chunk(message))

@@ -35,6 +35,9 @@ class DecodeSettings(WorkerSettings):
                                        "KV_PREEMPT_THRESHOLD")
     check_kv_finite: bool = setting(True, "refuse KV chunks holding NaN or infinity (DATA_LOSS); a cheap check "
                                     "(one pass over the bytes) that can be turned off", "CHECK_KV_FINITE")
+    kv_shm: bool = setting(True, "accept KV chunk bytes through shared memory from a prefill worker on this host "
+                           "(--no-kv-shm: refuse; prefills with --kv-transport auto then send them inline)",
+                           "KV_SHM")
     batch_invariant: bool = setting(False, "compute every sequence of a batched step exactly as a batch of one "
                                     "(bit-identical logits at any batch size; slower: see the README)",
                                     "BATCH_INVARIANT")

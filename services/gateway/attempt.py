@@ -103,10 +103,11 @@ class AttemptRunner:
                 with tracer.start_as_current_span("gateway.route"):
                     # Admitted first either way: the decode worker owns the request's KV (and its
                     # cleanup) from the start.
-                    decode, decode_call = await self._admit(requests.decode, calls, leases, failed)
+                    decode, decode_call, accepted = await self._admit(requests.decode, calls, leases, failed)
                 attempt.decode_address = decode.address
                 if not local:
                     requests.prefill.decode_address = decode.address
+                    requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
                     async for token in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
                         delivered += 1
                         yield token, None
@@ -151,7 +152,7 @@ class AttemptRunner:
             raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
-                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall]:
+                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall, decode_pb2.Accepted]:
         """Admit the request on the least loaded decode worker that takes it (workers that failed
         this request go last)."""
         last_error: Exception = BackendUnavailable("no decode worker admitted the request")
@@ -172,7 +173,7 @@ class AttemptRunner:
             if event is grpc.aio.EOF or not event.HasField("accepted"):
                 raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
             trace.get_current_span().set_attribute("gateway.decode_worker", worker.address)
-            return leases.enter_context(WorkerPool.lease(worker)), call
+            return leases.enter_context(WorkerPool.lease(worker)), call, event.accepted
         raise last_error
 
 

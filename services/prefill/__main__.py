@@ -6,11 +6,14 @@ from __future__ import annotations
 import grpc
 
 from services.common.channels import ChannelPool
+from services.common.kv_shm import ShmTransport
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
+from services.common.shm import host_identity
+from services.common.shm_reaper import ShmReaper
 from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
@@ -26,7 +29,9 @@ async def run(settings: PrefillSettings) -> None:
     channels = ChannelPool(factory)
     thread = ModelThread()
     lifecycle = Lifecycle()
-    servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds)
+    transport = ShmTransport(settings.kv_transport, settings.shm_prefix, host_identity())
+    servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds, transport)
+    reaper = ShmReaper(settings.shm_prefix, settings.shm_reap_interval_seconds)
     store: KvStoreClient | None = None
     batcher: PrefillBatcher | None = None
     engine: PrefillEngine | None = None
@@ -51,9 +56,11 @@ async def run(settings: PrefillSettings) -> None:
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)
     spec = ServerSpec("prefill", settings.host, settings.port, settings.grace_seconds, settings.metrics_port,
                       server_tls)
+    reaper.start()  # before serving: segments a killed predecessor left behind go first
     try:
         await serve(spec, telemetry, lifecycle, register, warmup)
     finally:
+        await reaper.stop()
         if batcher is not None:
             await batcher.close()
         if engine is not None:

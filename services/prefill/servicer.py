@@ -10,6 +10,7 @@ from opentelemetry import trace
 from services.common.channels import ChannelPool
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.kv_shm import ShmTransport
 from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
 from services.common.kv_wire import transfer_kv_bytes
@@ -20,6 +21,7 @@ from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.common.validation import check_id
 from services.prefill.engine import FirstToken, PrefillEngine, PrefillJob
+from services.prefill.shm_sink import ShmStreamSink
 from services.prefill.sinks import DecodeStreamSink
 
 
@@ -27,12 +29,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
     """Serves once `ready` is set (after the model loaded); until then every call is UNAVAILABLE."""
 
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
-                 transfer_timeout_seconds: float) -> None:
+                 transfer_timeout_seconds: float, shm_transport: ShmTransport | None = None) -> None:
         self.telemetry = telemetry
         self.lifecycle = lifecycle
         self._ready: tuple[PrefillEngine, common_pb2.ModelInfo] | None = None
         self._channels = channels
         self._transfer_timeout = transfer_timeout_seconds
+        self._shm = shm_transport  # None or mode grpc: chunks inline
+        self.shm_transfers_total = 0
 
     def ready(self, engine: PrefillEngine, geometry: ModelGeometry) -> None:
         self._ready = (engine, model_info_pb(geometry))
@@ -59,7 +63,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             raise InvalidRequest("decode_address must name the decode worker that admitted the request")
         sampling = sampling_from_pb(request.sampling, default_max_tokens=16)
         transfer_kv = transfer_kv_bytes(self._channels.get(request.decode_address))
-        sink = DecodeStreamSink(transfer_kv, self._transfer_timeout, chunks=not request.store_kv)
+        sink = self._decode_sink(transfer_kv, request.store_kv, request.decode_kv_shm_host)
         job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
                          request.position_offset, request.transfer_attempt,
                          request.known_first_token if request.HasField("known_first_token") else None)
@@ -67,10 +71,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=event.token_id))
             else:
+                if sink.transport == "shm":
+                    self.shm_transfers_total += 1
                 yield prefill_pb2.PrefillEvent(done=prefill_pb2.PrefillDone(
                     kv_bytes=event.kv_bytes, chunk_count=event.chunk_count, forward_seconds=event.forward_seconds,
                     transfer_seconds=event.transfer_seconds, handoff_seconds=event.handoff_seconds,
-                    stored=event.stored))
+                    stored=event.stored, kv_transport="" if request.store_kv else sink.transport))
+
+    def _decode_sink(self, transfer_kv: grpc.aio.StreamUnaryMultiCallable, store_kv: bool,
+                     decode_host: str) -> DecodeStreamSink:
+        if store_kv or self._shm is None or self._shm.mode == "grpc":
+            return DecodeStreamSink(transfer_kv, self._transfer_timeout, chunks=not store_kv)
+        return ShmStreamSink(transfer_kv, self._transfer_timeout, self._shm, decode_host)
 
     @grpc_edge(new_work=False)
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
@@ -83,4 +95,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         engine, info = self._state()
         held = engine.kv_bytes_held
         return prefill_pb2.PrefillStats(active_requests=len(held), kv_bytes_held=sum(held.values()),
-                                        requests_total=engine.requests_total, model=info)
+                                        requests_total=engine.requests_total, model=info,
+                                        shm_transfers_total=self.shm_transfers_total)

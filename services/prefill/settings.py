@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
+from services.common.kv_shm import TRANSPORTS
+from services.common.shm import check_prefix
 from services.common.worker import WorkerSettings
 
 
@@ -29,6 +31,14 @@ class PrefillSettings(WorkerSettings):
                                               "TRANSFER_TIMEOUT_SECONDS")
     checkpoint_kv: bool = setting(False, "also write every request's KV to the kvstore (checkpoint)",
                                   "CHECKPOINT_KV")
+    kv_transport: str = setting("grpc", "how KV chunk bytes go to the decode worker: grpc (inline in the "
+                                "TransferKv stream), shm (a shared-memory segment; the decode must be on this "
+                                "host) or auto (shm when the decode reports this host's identity, else grpc)",
+                                "KV_TRANSPORT")
+    shm_prefix: str = setting("disagg-prefill", "name prefix of this worker's shared-memory segments; the "
+                              "reaper unlinks those of dead workers with the same prefix", "SHM_PREFIX")
+    shm_reap_interval_seconds: float = setting(60.0, "how often orphaned shared-memory segments are reaped "
+                                               "(also once at start)", "SHM_REAP_INTERVAL_SECONDS")
 
     def __post_init__(self) -> None:
         WorkerSettings.__post_init__(self)
@@ -42,5 +52,9 @@ class PrefillSettings(WorkerSettings):
         check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)
         if self.prefill_batch_tokens < 0 or self.prefill_batch_wait_ms < 0:
             raise ValueError("prefill_batch_tokens and prefill_batch_wait_ms must be >= 0")
+        if self.kv_transport not in TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {list(TRANSPORTS)}, got {self.kv_transport!r}")
+        check_prefix(self.shm_prefix)
+        check_positive("shm_reap_interval_seconds", self.shm_reap_interval_seconds)
         if self.checkpoint_kv and not self.kvstore_address:
             raise ValueError("checkpoint_kv needs kvstore_address")

@@ -36,6 +36,8 @@ class DecodeStreamSink:
     (`transfer_kv` is kv_wire.transfer_kv_bytes of the decode's channel): a chunk's data is copied
     once on its way to gRPC."""
 
+    transport = "grpc"  # how the chunk bytes travel (ShmStreamSink may switch to "shm")
+
     def __init__(self, transfer_kv: grpc.aio.StreamUnaryMultiCallable, timeout_seconds: float,
                  chunks: bool = True) -> None:
         self._transfer_kv = transfer_kv

@@ -39,8 +39,10 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ..., max_cache_budget_mb: _Optional[float] = ..., client_request_id: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("kv_shm_host",)
+    KV_SHM_HOST_FIELD_NUMBER: _ClassVar[int]
+    kv_shm_host: str
+    def __init__(self, kv_shm_host: _Optional[str] = ...) -> None: ...
 
 class DecodeToken(_message.Message):
     __slots__ = ("token_id", "index")

@@ -79,6 +79,10 @@ class DecodeServiceServicer:
         already holds its complete KV: a retried transfer is not needed), FAILED_PRECONDITION (model
         mismatch), INVALID_ARGUMENT (malformed, out of order, duplicate, mis-shaped or oversized
         chunk), DATA_LOSS (checksum mismatch, missing chunks). On error the request fails too.
+        With the shared-memory transport (KvLayout.shm_segment, see Accepted.kv_shm_host), a bad
+        chunk slice is INVALID_ARGUMENT (outside the segment, another segment, a name that is not a
+        segment of this project, a segment of another request), NOT_FOUND (no such segment),
+        DATA_LOSS (checksum); FAILED_PRECONDITION when this worker refuses shared memory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -35,7 +35,7 @@ KV_CHECKSUM_CRC32: KvChecksum
 KV_CHECKSUM_CRC32C: KvChecksum
 
 class KvLayout(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore", "checksum")
+    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore", "checksum", "shm_segment")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class KvLayout(_message.Message):
     TRANSFER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_IN_KVSTORE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     num_layers: int
@@ -62,10 +63,21 @@ class KvLayout(_message.Message):
     transfer_attempt: int
     chunks_in_kvstore: bool
     checksum: KvChecksum
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ..., checksum: _Optional[_Union[KvChecksum, str]] = ...) -> None: ...
+    shm_segment: str
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ..., checksum: _Optional[_Union[KvChecksum, str]] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+
+class KvShmSlice(_message.Message):
+    __slots__ = ("segment", "offset", "length")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    offset: int
+    length: int
+    def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data", "crc32c")
+    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data", "crc32c", "shm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +92,7 @@ class KvChunk(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    SHM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     index: int
@@ -94,7 +107,8 @@ class KvChunk(_message.Message):
     crc32: int
     data: bytes
     crc32c: int
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ...) -> None: ...
+    shm: KvShmSlice
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., shm: _Optional[_Union[KvShmSlice, _Mapping]] = ...) -> None: ...
 
 class KvTransferEnd(_message.Message):
     __slots__ = ("request_id", "chunk_count", "first_token", "forward_end_unix_nanos")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id", "known_first_token")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id", "known_first_token", "decode_kv_shm_host")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class PrefillRequest(_message.Message):
     TRANSFER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KNOWN_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_KV_SHM_HOST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -27,7 +28,8 @@ class PrefillRequest(_message.Message):
     transfer_attempt: int
     client_request_id: str
     known_first_token: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ..., known_first_token: _Optional[int] = ...) -> None: ...
+    decode_kv_shm_host: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ..., known_first_token: _Optional[int] = ..., decode_kv_shm_host: _Optional[str] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id",)
@@ -36,20 +38,22 @@ class FirstToken(_message.Message):
     def __init__(self, token_id: _Optional[int] = ...) -> None: ...
 
 class PrefillDone(_message.Message):
-    __slots__ = ("kv_bytes", "chunk_count", "forward_seconds", "transfer_seconds", "stored", "handoff_seconds")
+    __slots__ = ("kv_bytes", "chunk_count", "forward_seconds", "transfer_seconds", "stored", "handoff_seconds", "kv_transport")
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     HANDOFF_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     kv_bytes: int
     chunk_count: int
     forward_seconds: float
     transfer_seconds: float
     stored: bool
     handoff_seconds: float
-    def __init__(self, kv_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., stored: _Optional[bool] = ..., handoff_seconds: _Optional[float] = ...) -> None: ...
+    kv_transport: str
+    def __init__(self, kv_bytes: _Optional[int] = ..., chunk_count: _Optional[int] = ..., forward_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., stored: _Optional[bool] = ..., handoff_seconds: _Optional[float] = ..., kv_transport: _Optional[str] = ...) -> None: ...
 
 class PrefillEvent(_message.Message):
     __slots__ = ("first_token", "done")
@@ -60,13 +64,15 @@ class PrefillEvent(_message.Message):
     def __init__(self, first_token: _Optional[_Union[FirstToken, _Mapping]] = ..., done: _Optional[_Union[PrefillDone, _Mapping]] = ...) -> None: ...
 
 class PrefillStats(_message.Message):
-    __slots__ = ("active_requests", "kv_bytes_held", "requests_total", "model")
+    __slots__ = ("active_requests", "kv_bytes_held", "requests_total", "model", "shm_transfers_total")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    SHM_TRANSFERS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     kv_bytes_held: int
     requests_total: int
     model: _common_pb2.ModelInfo
-    def __init__(self, active_requests: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ...) -> None: ...
+    shm_transfers_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., shm_transfers_total: _Optional[int] = ...) -> None: ...

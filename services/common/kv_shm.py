@@ -1,0 +1,201 @@
+"""The shared-memory KV transport: for a prefill and a decode on one host, the chunk bytes of a
+transfer go through one POSIX shared-memory segment instead of the TransferKv stream. The stream
+still carries the control: the layout names the segment, each chunk carries its slice (offset,
+length) with its byte_length and checksum, the end closes the transfer.
+
+The prefill creates the segment for one transfer, writes each chunk into it (push) before sending
+the chunk's slice, and unlinks it when the decode acknowledges, the transfer fails or times out
+(a killed prefill's segments are reaped by `services.common.shm.reap_orphans`). The decode only
+maps the segment, checks each slice and hands the mapped bytes to the KvAssembler, which verifies
+them (checksum, shape, finiteness) exactly as inline bytes and copies them into the pool.
+
+Segment layout: a header (magic, transfer attempt, request id) binds the segment to one
+transfer, so a layout naming another request's segment is refused; then the chunks, each at a
+64-byte aligned offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+from services.common import shm
+from services.common.errors import KvProtocolError, TransportUnavailable, UnknownRequest
+from services.common.kv_codec import KvChunk, KvLayout, ShmSlice
+from services.common.kv_wire import KvMessage
+from services.common.runtime import DTYPES
+
+TRANSPORTS = ("auto", "grpc", "shm")
+MAGIC = b"DISAGGKV"
+HEADER_BYTES = 128  # magic, attempt, request id (at most 64 bytes): room to spare
+_HEADER = struct.Struct("<8sIH")
+_ALIGN = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ShmTransport:
+    """A prefill's choice of transport: `mode` auto, grpc or shm; segments named with `prefix`."""
+
+    mode: str
+    prefix: str
+    host_identity: str
+
+
+def choose_transport(mode: str, own_host: str, decode_host: str) -> str:
+    """'shm' or 'grpc' for a transfer to a decode that reported `decode_host` at admission
+    (Accepted.kv_shm_host; empty: it does not accept shared memory). Forcing shm where it cannot
+    work is TransportUnavailable (FAILED_PRECONDITION), never a silent fallback."""
+    same_host = bool(decode_host) and decode_host == own_host
+    if mode == "grpc":
+        return "grpc"
+    if mode == "shm" and not same_host:
+        why = "refuses shared memory" if not decode_host else "runs on another host"
+        raise TransportUnavailable(f"--kv-transport shm, but the decode worker {why}")
+    return "shm" if same_host else "grpc"
+
+
+def _aligned(offset: int) -> int:
+    return -(-offset // _ALIGN) * _ALIGN
+
+
+def _header(request_id: str, attempt: int) -> bytes:
+    name = request_id.encode()
+    return _HEADER.pack(MAGIC, attempt, len(name)) + name
+
+
+def segment_bytes(layout: KvLayout) -> int:
+    """Size of the segment holding every chunk of `layout` (header and alignment included)."""
+    itemsize = DTYPES[layout.dtype].itemsize
+    total = HEADER_BYTES
+    for index in range(layout.chunk_count):
+        shape = layout.shape(layout.span(index))
+        total = _aligned(total) + int(np.prod(shape)) * itemsize
+    return total
+
+
+class ShmTransferWriter:
+    """The prefill's side of one transfer: its segment, filled chunk by chunk."""
+
+    def __init__(self, segment: SharedMemory, layout: KvLayout) -> None:
+        self._segment: SharedMemory | None = segment
+        self.name = segment.name
+        self._size = segment.size
+        self._next = HEADER_BYTES
+        self._header = _header(layout.request_id, layout.transfer_attempt)
+        self._reserved = False
+
+    @classmethod
+    def create(cls, prefix: str, layout: KvLayout, reserve: bool = True) -> ShmTransferWriter:
+        """A segment for `layout`, reserved unless `reserve` is False (then call `reserve` before
+        the first `put`); OSError when /dev/shm has no room for it."""
+        writer = cls(shm.create(prefix, segment_bytes(layout)), layout)
+        if reserve:
+            try:
+                writer.reserve()
+            except OSError:
+                writer.destroy()
+                raise
+        return writer
+
+    def reserve(self) -> None:
+        """Allocate the segment's pages and write its header (blocking: a few ms for a long
+        prompt; OSError when /dev/shm is full). Nothing touches a page before: no SIGBUS."""
+        segment = self._require()
+        shm.allocate(segment)
+        segment.buf[: len(self._header)] = self._header
+        self._reserved = True
+
+    def _require(self) -> SharedMemory:
+        if self._segment is None:  # released (the transfer ended) while a chunk was on its way
+            raise TransportUnavailable(f"shared-memory segment {self.name} was already released")
+        return self._segment
+
+    def put(self, chunk: KvChunk) -> KvChunk:
+        """Copy the chunk's bytes into the segment (blocking: run it off the event loop) and return
+        the chunk as it travels: its slice instead of its bytes."""
+        segment = self._require()
+        if not self._reserved:
+            raise TransportUnavailable(f"shared-memory segment {self.name} is not reserved yet")
+        offset = _aligned(self._next)
+        if offset + chunk.byte_length > self._size:
+            raise KvProtocolError(f"KV chunk {chunk.index} does not fit the transfer's segment")
+        target = np.frombuffer(segment.buf, np.uint8, count=chunk.byte_length, offset=offset)
+        target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
+        del target
+        self._next = offset + chunk.byte_length
+        return dataclasses.replace(chunk, data=b"", shm=ShmSlice(self.name, offset, chunk.byte_length))
+
+    def destroy(self) -> None:
+        """Unlink the segment (idempotent): the transfer was acknowledged, failed or timed out."""
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            shm.destroy(segment)
+
+
+class ShmReceiver:
+    """The decode's side of one transfer: maps the layout's segment (if it names one) and turns
+    each chunk's slice into its mapped bytes, refusing slices that do not belong to the transfer.
+    Use it as a context manager: the mapping is closed (never unlinked) on the way out."""
+
+    def __init__(self, layout: KvLayout, accept_shm: bool) -> None:
+        self._layout = layout
+        self._segment: SharedMemory | None = None
+        if layout.shm_segment:
+            if not accept_shm:
+                raise TransportUnavailable("this decode worker does not accept shared-memory KV transfers")
+            self._segment = _attach(layout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        segment, self._segment = self._segment, None
+        if segment is not None:
+            shm.close(segment)
+
+    def resolve(self, message: KvMessage) -> KvMessage:
+        """The message with a chunk's slice replaced by the bytes it names (others unchanged)."""
+        if not isinstance(message, KvChunk):
+            return message
+        where = message.shm
+        if self._segment is None:
+            if where is not None:
+                raise KvProtocolError(f"KV chunk {message.index} names a shared-memory slice, the layout no segment")
+            return message
+        if where is None or message.data:
+            raise KvProtocolError(f"KV chunk {message.index} must carry a shared-memory slice and no inline bytes")
+        if where.segment != self._layout.shm_segment:
+            raise KvProtocolError(f"KV chunk {message.index} names segment {where.segment!r}, the transfer's is "
+                                  f"{self._layout.shm_segment!r}")
+        if where.offset < HEADER_BYTES or where.offset + where.length > self._segment.size:
+            raise KvProtocolError(f"KV chunk {message.index} slice [{where.offset}, {where.offset + where.length}) "
+                                  f"lies outside the segment's data [{HEADER_BYTES}, {self._segment.size})")
+        if where.length != message.byte_length:
+            raise KvProtocolError(f"KV chunk {message.index} slice holds {where.length} bytes, "
+                                  f"it declares {message.byte_length}")
+        return dataclasses.replace(message, data=self._segment.buf[where.offset : where.offset + where.length])
+
+
+def _attach(layout: KvLayout) -> SharedMemory:
+    name = layout.shm_segment
+    try:
+        segment = shm.attach(name)
+    except ValueError:
+        raise KvProtocolError(f"{name!r} is not a shared-memory segment name of this project") from None
+    except FileNotFoundError:
+        raise UnknownRequest(f"shared-memory segment {name!r} does not exist") from None
+    except OSError as error:
+        raise TransportUnavailable(f"cannot map shared-memory segment {name!r}: {error}") from None
+    expected = _header(layout.request_id, layout.transfer_attempt)
+    if segment.size < HEADER_BYTES or bytes(segment.buf[: len(expected)]) != expected:
+        shm.close(segment)
+        raise KvProtocolError(f"shared-memory segment {name!r} does not hold request {layout.request_id!r}'s "
+                              f"transfer attempt {layout.transfer_attempt}")
+    return segment

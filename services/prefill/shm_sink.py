@@ -1,0 +1,71 @@
+"""The decode stream sink with the shared-memory transport (`--kv-transport auto|shm`): the
+layout, chunk slices and end travel on the TransferKv stream, the chunk bytes through one
+segment this prefill creates for the transfer (services.common.kv_shm). The decode reported its
+host identity when it admitted the request (Accepted.kv_shm_host, relayed in the PrefillRequest);
+`auto` sends the chunks inline when it differs from this host's, is empty (the decode refuses
+shared memory), or /dev/shm has no room."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+
+import grpc
+
+from services.common.errors import CapacityExhausted
+from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_transport
+from services.prefill.sinks import DecodeStreamSink
+
+log = logging.getLogger(__name__)
+
+
+class ShmStreamSink(DecodeStreamSink):
+    """A DecodeStreamSink whose chunks go through shared memory when the transport allows it. The
+    segment is unlinked when the decode acknowledges (close) or the transfer fails, is cancelled
+    or runs out its deadline (abort, which the prefill engine always calls)."""
+
+    def __init__(self, transfer_kv: grpc.aio.StreamUnaryMultiCallable, timeout_seconds: float,
+                 transport: ShmTransport, decode_host: str) -> None:
+        super().__init__(transfer_kv, timeout_seconds)
+        self._transport = transport
+        self._decode_host = decode_host
+        self._writer: ShmTransferWriter | None = None
+
+    async def send(self, message: KvLayout | KvChunk) -> None:
+        if isinstance(message, KvLayout):
+            message = await self._open(message)
+        elif self._writer is not None:
+            message = await asyncio.to_thread(self._writer.put, message)
+        await self._write(message)
+
+    async def _open(self, layout: KvLayout) -> KvLayout:
+        if choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host) != "shm":
+            return layout
+        try:
+            self._writer = ShmTransferWriter.create(self._transport.prefix, layout, reserve=False)
+            await asyncio.to_thread(self._writer.reserve)  # a few ms for a long prompt: off the event loop
+        except OSError as error:  # /dev/shm full (a container's is 64 MB unless raised)
+            self._release()
+            self._writer = None
+            if self._transport.mode == "shm":
+                raise CapacityExhausted(f"no shared memory for the KV transfer: {error}") from None
+            log.warning("no shared memory for the KV transfer (%s): sending it inline", error)
+            return layout
+        self.transport = "shm"
+        return dataclasses.replace(layout, shm_segment=self._writer.name)
+
+    async def close(self, end: KvEnd) -> None:
+        try:
+            await super().close(end)  # returns once the decode acknowledged the verified KV
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        super().abort()
+        self._release()
+
+    def _release(self) -> None:
+        if self._writer is not None:
+            self._writer.destroy()
