@@ -164,7 +164,7 @@ def test_transfer_bench_prints_every_row_handoff_and_load_figure() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     rows = {row["path"]: row for row in report["rows"]}
-    assert set(rows) == {"gRPC raw", "raw TCP", "memcpy"}
+    assert set(rows) == {"gRPC raw", "raw TCP", "memcpy", "shm raw"}
     assert len({(row["kv_bytes"], row["chunks"]) for row in rows.values()}) == 1  # the same bytes
     assert all(row["seconds"] > 0 for row in rows.values())
     assert [h["transport"] for h in report["handoffs"]] == ["gRPC raw"] and report["handoffs"][0]["handoff_seconds"] > 0

@@ -29,6 +29,7 @@ from services.bench.handoff import (
     under_load,
 )
 from services.bench.transfer_rows import ROWS, Row, TransferCase
+from services.bench.transfer_shm import shm_raw
 from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
@@ -68,7 +69,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         stack.wait_healthy(timeout=300)
         case = TransferCase(prompt, messages, decode.address, args.repeats)
-        rows = [await produce(case) for produce in ROWS]
+        rows = [await produce(case) for produce in (*ROWS, shm_raw)]  # shm: services.bench.transfer_shm
         prefill_args = (*worker, "--kv-chunk-tokens", str(args.chunk_tokens), "--kv-chunk-layers",
                         str(args.chunk_layers))
         handoffs = [await handoff_via_prefill(case, name, prefill_args) for name in HANDOFF_TRANSPORTS]
