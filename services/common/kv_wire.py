@@ -117,6 +117,13 @@ def transfer_kv_bytes(channel: grpc.aio.Channel) -> grpc.aio.StreamUnaryMultiCal
                                 response_deserializer=decode_pb2.TransferKvReply.FromString)
 
 
+def _chunk(c: kv_pb2.KvChunk, data: bytes | memoryview) -> KvChunk:
+    """The domain chunk of a protobuf chunk, with `data` (protobuf's copy, or a view: parse_wire)."""
+    span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
+    return KvChunk(c.request_id, c.model_fingerprint, c.index, span, _dtype(c.dtype), _encoding(c.encoding),
+                   tuple(c.shape), c.byte_length, c.crc32, data, c.crc32c, shm=_shm_from_pb(c))
+
+
 def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
     kind = message.WhichOneof("kind")
     if kind == "layout":
@@ -125,10 +132,7 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
                         m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding),
                         m.transfer_attempt, m.chunks_in_kvstore, _checksum(m.checksum), shm_segment=m.shm_segment)
     if kind == "chunk":
-        c = message.chunk
-        span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
-        return KvChunk(c.request_id, c.model_fingerprint, c.index, span, _dtype(c.dtype), _encoding(c.encoding),
-                       tuple(c.shape), c.byte_length, c.crc32, c.data, c.crc32c, shm=_shm_from_pb(c))
+        return _chunk(message.chunk, message.chunk.data)
     if kind == "end":
         e = message.end
         return KvEnd(e.request_id, e.chunk_count, e.first_token, e.forward_end_unix_nanos)
@@ -202,11 +206,7 @@ def parse_wire(raw: bytes) -> KvMessage:
         chunk = kv_pb2.KvChunk.FromString(header)
     except DecodeError:  # the full parse names the fault
         return from_pb(_parse(raw))
-    c = chunk
-    return KvChunk(c.request_id, c.model_fingerprint, c.index,
-                   ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end), _dtype(c.dtype),
-                   _encoding(c.encoding), tuple(c.shape), c.byte_length, c.crc32,
-                   memoryview(raw)[data_start:data_end], c.crc32c, shm=_shm_from_pb(c))
+    return _chunk(chunk, memoryview(raw)[data_start:data_end])
 
 
 def _parse(raw: bytes) -> kv_pb2.KvTransferMessage:
