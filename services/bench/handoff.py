@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import grpc
 
 from services.bench.report import percentile
-from services.bench.transfer_rows import TransferCase, admit, renamed, slug
+from services.bench.transfer_rows import TransferCase, admit, admit_with_host, renamed, slug
+from services.bench.transfer_shm import send_shm_raw
 from services.common.kv_wire import transfer_kv_bytes, wire_bytes
 from services.common.pb import (
     common_pb2,
@@ -31,7 +32,8 @@ from services.common.server import GRPC_OPTIONS
 from services.stack import ServiceSpec, Stack, free_port
 
 # Transport name -> extra prefill service args.
-HANDOFF_TRANSPORTS: dict[str, tuple[str, ...]] = {"gRPC raw": ()}
+HANDOFF_TRANSPORTS: dict[str, tuple[str, ...]] = {"gRPC raw": ("--kv-transport", "grpc"),
+                                                  "shm raw": ("--kv-transport", "shm")}
 HEALTHY_SECONDS = 300.0
 STREAM_TOKENS = 256  # tokens per decoding sequence under load (a finished one is followed by the next)
 
@@ -61,11 +63,12 @@ async def handoff_via_prefill(case: TransferCase, transport: str, worker_args: t
 
 async def _prefill_once(prefill: str, case: TransferCase, request_id: str) -> prefill_pb2.PrefillDone:
     async with grpc.aio.insecure_channel(prefill) as p, grpc.aio.insecure_channel(case.decode_address) as d:
-        generation = await admit(decode_pb2_grpc.DecodeServiceStub(d), request_id, case.prompt)
+        generation, shm_host = await admit_with_host(decode_pb2_grpc.DecodeServiceStub(d), request_id, case.prompt)
         done = prefill_pb2.PrefillDone()
         async for event in prefill_pb2_grpc.PrefillServiceStub(p).Prefill(prefill_pb2.PrefillRequest(
                 request_id=request_id, prompt_token_ids=case.prompt, decode_address=case.decode_address,
-                sampling=common_pb2.SamplingParams(temperature=0)), timeout=HEALTHY_SECONDS):
+                decode_kv_shm_host=shm_host, sampling=common_pb2.SamplingParams(temperature=0)),
+                timeout=HEALTHY_SECONDS):
             if event.HasField("done"):
                 done = event.done
         while await generation.read() is not grpc.aio.EOF:
@@ -88,7 +91,7 @@ async def send_grpc_raw(channel: grpc.aio.Channel, case: TransferCase, request_i
 
 
 # Transport name -> how a transfer is pushed to the decode worker under load.
-LOAD_SENDERS: dict[str, LoadSender] = {"gRPC raw": send_grpc_raw}
+LOAD_SENDERS: dict[str, LoadSender] = {"gRPC raw": send_grpc_raw, "shm raw": send_shm_raw}
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,14 +82,20 @@ def renamed(messages: list[KvMessage], request_id: str) -> list[KvMessage]:
     return [dataclasses.replace(m, request_id=request_id) for m in messages]
 
 
-async def admit(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str,
-                prompt: list[int]) -> grpc.aio.UnaryStreamCall:
-    """A decode request waiting for pushed KV (one token, so it ends right after the transfer)."""
+async def admit_with_host(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str,
+                          prompt: list[int]) -> tuple[grpc.aio.UnaryStreamCall, str]:
+    """A decode request waiting for pushed KV (one token, so it ends right after the transfer), and
+    the host identity the decode reported in Accepted (empty: it refuses shared-memory transfers)."""
     generation = stub.Generate(decode_pb2.DecodeRequest(
         request_id=request_id, prompt_token_ids=prompt, kv_source=decode_pb2.KV_SOURCE_DIRECT,
         sampling=common_pb2.SamplingParams(temperature=0, max_tokens=1)), timeout=300)
-    await generation.read()  # Accepted
-    return generation
+    accepted = await generation.read()
+    return generation, accepted.accepted.kv_shm_host
+
+
+async def admit(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str,
+                prompt: list[int]) -> grpc.aio.UnaryStreamCall:
+    return (await admit_with_host(stub, request_id, prompt))[0]
 
 
 async def grpc_raw(case: TransferCase, encoded: Callable[[list[KvMessage]], list[bytes]] | None = None,

@@ -15,25 +15,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.bench.transfer_rows import Row, TransferCase, renamed
+from services.bench.transfer_rows import Row, TransferCase, admit_with_host, renamed
 from services.common.kv_codec import KvChunk, KvLayout
 from services.common.kv_shm import ShmTransferWriter
 from services.common.kv_wire import KvMessage, transfer_kv_bytes, wire_bytes
-from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc
+from services.common.pb import decode_pb2_grpc
 from services.common.server import GRPC_OPTIONS
 
 BENCH_PREFIX = "disagg-bench"
 PATH = "shm raw"
-
-
-async def _admit(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str,
-                 prompt: list[int]) -> tuple[grpc.aio.UnaryStreamCall, str]:
-    """A decode request waiting for pushed KV, and the host identity it reported (Accepted)."""
-    generation = stub.Generate(decode_pb2.DecodeRequest(
-        request_id=request_id, prompt_token_ids=prompt, kv_source=decode_pb2.KV_SOURCE_DIRECT,
-        sampling=common_pb2.SamplingParams(temperature=0, max_tokens=1)), timeout=300)
-    accepted = await generation.read()
-    return generation, accepted.accepted.kv_shm_host
 
 
 async def _through_segment(layout: KvLayout, rest: list[KvMessage],
@@ -52,7 +42,7 @@ async def shm_raw(case: TransferCase) -> Row:
             layout, *rest = renamed(case.messages, request_id)
             if not isinstance(layout, KvLayout):
                 raise TypeError("a transfer starts with its layout")
-            generation, host = await _admit(stub, request_id, case.prompt)
+            generation, host = await admit_with_host(stub, request_id, case.prompt)
             if not host:
                 raise RuntimeError("the decode worker refuses shared-memory transfers (--no-kv-shm)")
             started = time.perf_counter()
@@ -65,3 +55,15 @@ async def shm_raw(case: TransferCase) -> Row:
             while await generation.read() is not grpc.aio.EOF:
                 pass
     return Row(PATH, case.kv_bytes, len(case.chunks), min(times))
+
+
+async def send_shm_raw(channel: grpc.aio.Channel, case: TransferCase, request_id: str) -> None:
+    """The case's transfer through a segment, as the prefill's shm sink sends it (handoff under load)."""
+    layout, *rest = renamed(case.messages, request_id)
+    if not isinstance(layout, KvLayout):
+        raise TypeError("a transfer starts with its layout")
+    writer = ShmTransferWriter.create(BENCH_PREFIX, layout)
+    try:
+        await transfer_kv_bytes(channel)(_through_segment(layout, rest, writer), timeout=300)
+    finally:
+        writer.destroy()
