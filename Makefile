@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-cluster bench bench-transfer bench-decode bench-interference bench-compare soak clean
+.PHONY: install proto proto-check up test test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test-cluster: $(INSTALLED)
 bench-transfer: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.transfer
+
+# fp8 on the wire vs raw: greedy agreement (50 prompts x 64 tokens), log-prob difference, bytes.
+bench-fp8: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.fp8_agreement $(BENCH_FP8_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -17,10 +17,11 @@ Message = KvLayout | KvChunk | KvEnd
 
 
 def real_transfer(model: common_pb2.ModelInfo, request_id: str, num_tokens: int, chunk_tokens: int,
-                  chunk_layers: int, first_token: int = 42, seed: int = 0, checksum: str = CRC32C) -> list[Message]:
+                  chunk_layers: int, first_token: int = 42, seed: int = 0, checksum: str = CRC32C,
+                  encoding: str = "raw") -> list[Message]:
     """A well-formed transfer of random KV (drawn from `seed`) with the model's geometry."""
     layout = KvLayout(request_id, model.fingerprint, model.num_layers, model.num_kv_heads, model.head_dim,
-                      num_tokens, chunk_tokens, chunk_layers, model.dtype, checksum=checksum)
+                      num_tokens, chunk_tokens, chunk_layers, model.dtype, encoding, checksum=checksum)
     generator = torch.Generator().manual_seed(seed)
     size = (model.num_layers, model.num_kv_heads, num_tokens, model.head_dim)
     keys, values = torch.randn(size, generator=generator), torch.randn(size, generator=generator)

@@ -1,5 +1,5 @@
-"""The KV chunk codec: how a request's KV cache is cut into chunks, encoded as raw tensor bytes,
-and validated and reassembled on the receiving side.
+"""The KV chunk codec: how a request's KV cache is cut into chunks, encoded as raw tensor bytes
+(or fp8 with scales, `kv_fp8`), and validated and reassembled on the receiving side.
 
 A transfer is: one KvLayout, chunks 0..n-1 in index order, one KvEnd. Chunks run layer group
 first, then token range, so the prefill can send a layer group as soon as its forward pass
@@ -18,10 +18,13 @@ import google_crc32c
 import numpy
 import torch
 
+from services.common import kv_fp8
 from services.common.errors import KvCorrupted, KvProtocolError, ModelMismatch
 from services.common.runtime import DTYPES, ModelGeometry
 
 RAW_ENCODING = "raw"
+FP8_ENCODING = kv_fp8.FP8_ENCODING
+ENCODINGS = (RAW_ENCODING, FP8_ENCODING)
 CRC32 = "crc32"  # zlib's CRC-32 in KvChunk.crc32: what senders that predate checksum kinds send
 CRC32C = "crc32c"  # CRC-32C in KvChunk.crc32c, hardware-backed: what this system's prefill sends
 CHECKSUMS = (CRC32, CRC32C)
@@ -62,8 +65,8 @@ class KvLayout:
                 raise KvProtocolError(f"KV layout {name} must be > 0, got {getattr(self, name)}")
         if self.dtype not in DTYPES:
             raise KvProtocolError(f"KV layout dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
-        if self.encoding != RAW_ENCODING:
-            raise KvProtocolError(f"KV encoding {self.encoding!r} is not supported")
+        if self.encoding not in ENCODINGS:
+            raise KvProtocolError(f"KV encoding {self.encoding!r} is not one of {list(ENCODINGS)}")
         if self.checksum not in CHECKSUMS:
             raise KvProtocolError(f"KV checksum {self.checksum!r} is not one of {CHECKSUMS}")
 
@@ -117,6 +120,7 @@ class KvChunk:
     data: bytes | memoryview  # a view into the message it came in, or the mapped bytes of an shm slice
     crc32c: int = 0  # CRC-32C of data when the layout's checksum is CRC32C, else 0
     shm: ShmSlice | None = None  # the bytes lie in the layout's shared-memory segment, not in data
+    scales: bytes = b""  # fp8 only: float32 per (layer, key/value, kv head), see kv_fp8
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,18 +142,27 @@ def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch
     covering the group's tokens from `token_offset` on."""
     span = layout.span(index)
     tokens = slice(span.token_start - token_offset, span.token_end - token_offset)
-    data = tensor_bytes(torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1))
-    crc32, crc32c = (zlib.crc32(data), 0) if layout.checksum == CRC32 else (0, google_crc32c.value(data))
+    kv = torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1)
+    scales = b""
+    if layout.encoding == FP8_ENCODING:
+        data, scales = kv_fp8.quantize(kv, f"KV chunk {index} (layers {span.layer_start}-{span.layer_end - 1}, "
+                                           f"tokens {span.token_start}-{span.token_end - 1})")
+    else:
+        data = tensor_bytes(kv)
+    crc32, crc32c = ((zlib.crc32(scales, zlib.crc32(data)), 0) if layout.checksum == CRC32
+                     else (0, google_crc32c.extend(google_crc32c.value(data), scales)))
     return KvChunk(layout.request_id, layout.model_fingerprint, index, span, layout.dtype, layout.encoding,
-                   layout.shape(span), len(data), crc32, data, crc32c)
+                   layout.shape(span), len(data), crc32, data, crc32c, scales=scales)
 
 
 def checksum_matches(kind: str, chunk: KvChunk) -> bool:
-    """Whether the chunk's data has the checksum of `kind` it declares."""
+    """Whether the chunk's data, followed by its scales (fp8), has the checksum of `kind` it declares."""
+    scales = bytes(chunk.scales)
     if kind == CRC32:
-        return zlib.crc32(chunk.data) == chunk.crc32
+        return zlib.crc32(scales, zlib.crc32(chunk.data)) == chunk.crc32
     data = chunk.data if isinstance(chunk.data, bytes) else numpy.frombuffer(chunk.data, numpy.uint8)
-    return google_crc32c.value(data) == chunk.crc32c  # takes bytes or an array, not a memoryview
+    # takes bytes or an array, not a memoryview
+    return google_crc32c.extend(google_crc32c.value(data), scales) == chunk.crc32c
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -239,10 +252,15 @@ class KvAssembler:
         if chunk.byte_length > self._limits.max_chunk_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} is {chunk.byte_length} bytes, "
                                   f"over the {self._limits.max_chunk_bytes}-byte limit")
-        expected_bytes = math.prod(shape) * DTYPES[layout.dtype].itemsize
+        fp8 = layout.encoding == FP8_ENCODING
+        expected_bytes = math.prod(shape) * (1 if fp8 else DTYPES[layout.dtype].itemsize)
         if not chunk.byte_length == len(chunk.data) == expected_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
                                   f"{chunk.byte_length}), its shape needs {expected_bytes}")
+        if fp8:
+            kv_fp8.check_scale_bytes(chunk.scales, shape, f"KV chunk {chunk.index}")
+        elif chunk.scales:
+            raise KvProtocolError(f"KV chunk {chunk.index} is raw but carries {len(chunk.scales)} bytes of scales")
         self.next_index += 1
         return span
 
@@ -252,9 +270,13 @@ class KvAssembler:
         if not checksum_matches(layout.checksum, chunk):
             raise KvCorrupted(f"KV chunk {chunk.index} fails its {'CRC-32' if layout.checksum == CRC32 else 'CRC-32C'}"
                               " check")
-        with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(layout.shape(span))
+        if chunk.encoding == FP8_ENCODING:
+            tensor = kv_fp8.dequantize(chunk.data, chunk.scales, layout.shape(span), DTYPES[chunk.dtype],
+                                       f"KV chunk {chunk.index}")
+        else:
+            with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
+                warnings.simplefilter("ignore", UserWarning)
+                tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(layout.shape(span))
         if self._limits.check_finite and not all_finite(tensor):
             raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
         self._target.store(span, tensor)

@@ -17,7 +17,7 @@ from services.common.pb import decode_pb2, kv_pb2
 _DTYPE_TO_PB = {"float32": kv_pb2.KV_DTYPE_FLOAT32, "bfloat16": kv_pb2.KV_DTYPE_BFLOAT16,
                 "float16": kv_pb2.KV_DTYPE_FLOAT16}
 _DTYPE_FROM_PB = {value: key for key, value in _DTYPE_TO_PB.items()}
-_ENCODING_TO_PB = {"raw": kv_pb2.KV_ENCODING_RAW}
+_ENCODING_TO_PB = {"raw": kv_pb2.KV_ENCODING_RAW, "fp8": kv_pb2.KV_ENCODING_FP8_E4M3}
 _ENCODING_FROM_PB = {value: key for key, value in _ENCODING_TO_PB.items()}
 _CHECKSUM_TO_PB = {CRC32: kv_pb2.KV_CHECKSUM_CRC32, CRC32C: kv_pb2.KV_CHECKSUM_CRC32C}
 # UNSPECIFIED: a sender that predates KvLayout.checksum, which sent CRC-32
@@ -71,7 +71,7 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             token_end=span.token_end, dtype=_DTYPE_TO_PB[message.dtype],
             encoding=_ENCODING_TO_PB[message.encoding], shape=message.shape,
             byte_length=message.byte_length, crc32=message.crc32, data=message.data, crc32c=message.crc32c,
-            shm=_shm_to_pb(message.shm)))
+            shm=_shm_to_pb(message.shm), scales=message.scales))
     return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
         request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token,
         forward_end_unix_nanos=message.forward_end_unix_nanos))
@@ -121,7 +121,7 @@ def _chunk(c: kv_pb2.KvChunk, data: bytes | memoryview) -> KvChunk:
     """The domain chunk of a protobuf chunk, with `data` (protobuf's copy, or a view: parse_wire)."""
     span = ChunkSpan(c.layer_start, c.layer_end, c.token_start, c.token_end)
     return KvChunk(c.request_id, c.model_fingerprint, c.index, span, _dtype(c.dtype), _encoding(c.encoding),
-                   tuple(c.shape), c.byte_length, c.crc32, data, c.crc32c, shm=_shm_from_pb(c))
+                   tuple(c.shape), c.byte_length, c.crc32, data, c.crc32c, shm=_shm_from_pb(c), scales=c.scales)
 
 
 def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:

@@ -46,7 +46,8 @@ async def run(settings: PrefillSettings) -> None:
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds, factory)
-        chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers, settings.prefill_chunk_tokens)
+        chunking = ChunkGeometry(settings.kv_chunk_tokens, settings.kv_chunk_layers, settings.prefill_chunk_tokens,
+                                 settings.kv_wire_encoding)
         if settings.prefill_batch_tokens:
             batcher = PrefillBatcher(runtime, thread, settings.prefill_batch_tokens,
                                      settings.prefill_batch_wait_ms / 1000, metrics.batch_size.observe)

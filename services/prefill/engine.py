@@ -29,7 +29,7 @@ import torch
 from opentelemetry import trace
 
 from services.common.errors import AlreadyExists, BackendUnavailable, InvalidRequest
-from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
+from services.common.kv_codec import RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import PrefillMetrics
@@ -85,6 +85,7 @@ class ChunkGeometry:
     chunk_tokens: int
     chunk_layers: int
     prefill_chunk_tokens: int  # longer prompts run in forward chunks of this many tokens
+    encoding: str = RAW_ENCODING  # of the chunks (fp8: lossy, a quarter of float32's bytes)
 
 
 class PrefillEngine:
@@ -136,7 +137,7 @@ class PrefillEngine:
         layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
                         geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype,
-                        transfer_attempt=job.transfer_attempt, chunks_in_kvstore=job.store_kv)
+                        self._chunking.encoding, job.transfer_attempt, job.store_kv)
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job)

@@ -18,6 +18,7 @@ class KvEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     KV_ENCODING_UNSPECIFIED: _ClassVar[KvEncoding]
     KV_ENCODING_RAW: _ClassVar[KvEncoding]
+    KV_ENCODING_FP8_E4M3: _ClassVar[KvEncoding]
 
 class KvChecksum(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ KV_DTYPE_BFLOAT16: KvDtype
 KV_DTYPE_FLOAT16: KvDtype
 KV_ENCODING_UNSPECIFIED: KvEncoding
 KV_ENCODING_RAW: KvEncoding
+KV_ENCODING_FP8_E4M3: KvEncoding
 KV_CHECKSUM_UNSPECIFIED: KvChecksum
 KV_CHECKSUM_CRC32: KvChecksum
 KV_CHECKSUM_CRC32C: KvChecksum
@@ -77,7 +79,7 @@ class KvShmSlice(_message.Message):
     def __init__(self, segment: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class KvChunk(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data", "crc32c", "shm")
+    __slots__ = ("request_id", "model_fingerprint", "index", "layer_start", "layer_end", "token_start", "token_end", "dtype", "encoding", "shape", "byte_length", "crc32", "data", "crc32c", "scales", "shm")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +94,7 @@ class KvChunk(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     CRC32C_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
     SHM_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
@@ -107,8 +110,9 @@ class KvChunk(_message.Message):
     crc32: int
     data: bytes
     crc32c: int
+    scales: bytes
     shm: KvShmSlice
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., shm: _Optional[_Union[KvShmSlice, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., scales: _Optional[bytes] = ..., shm: _Optional[_Union[KvShmSlice, _Mapping]] = ...) -> None: ...
 
 class KvTransferEnd(_message.Message):
     __slots__ = ("request_id", "chunk_count", "first_token", "forward_end_unix_nanos")
