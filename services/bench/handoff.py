@@ -32,8 +32,9 @@ from services.common.server import GRPC_OPTIONS
 from services.stack import ServiceSpec, Stack, free_port
 
 # Transport name -> extra prefill service args.
-HANDOFF_TRANSPORTS: dict[str, tuple[str, ...]] = {"gRPC raw": ("--kv-transport", "grpc"),
-                                                  "shm raw": ("--kv-transport", "shm")}
+HANDOFF_TRANSPORTS: dict[str, tuple[str, ...]] = {
+    f"{transport} {encoding}": ("--kv-transport", transport.lower(), "--kv-wire-encoding", encoding)
+    for transport in ("gRPC", "shm") for encoding in ("raw", "fp8")}
 HEALTHY_SECONDS = 300.0
 STREAM_TOKENS = 256  # tokens per decoding sequence under load (a finished one is followed by the next)
 
@@ -91,7 +92,16 @@ async def send_grpc_raw(channel: grpc.aio.Channel, case: TransferCase, request_i
 
 
 # Transport name -> how a transfer is pushed to the decode worker under load.
-LOAD_SENDERS: dict[str, LoadSender] = {"gRPC raw": send_grpc_raw, "shm raw": send_shm_raw}
+async def send_grpc_fp8(channel: grpc.aio.Channel, case: TransferCase, request_id: str) -> None:
+    await send_grpc_raw(channel, case.as_fp8(), request_id)
+
+
+async def send_shm_fp8(channel: grpc.aio.Channel, case: TransferCase, request_id: str) -> None:
+    await send_shm_raw(channel, case.as_fp8(), request_id)
+
+
+LOAD_SENDERS: dict[str, LoadSender] = {"gRPC raw": send_grpc_raw, "gRPC fp8": send_grpc_fp8,
+                                       "shm raw": send_shm_raw, "shm fp8": send_shm_fp8}
 
 
 @dataclass(frozen=True, slots=True)

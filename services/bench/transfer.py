@@ -29,8 +29,8 @@ from services.bench.handoff import (
     under_load,
 )
 from services.bench.transfer_rows import ROWS, Row, TransferCase
-from services.bench.transfer_shm import shm_raw
-from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
+from services.bench.transfer_shm import shm_fp8, shm_raw
+from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
@@ -40,13 +40,20 @@ QUICK = {"model": "tiny", "prompt_tokens": 256, "chunk_tokens": 64, "repeats": 2
          "load_seconds": 1.5}
 
 
-def build_transfer(runtime: ModelRuntime, prompt: list[int], chunk_tokens: int, chunk_layers: int) -> list[KvMessage]:
-    """The prompt's real KV, encoded once, as the messages of one transfer."""
+def build_transfer(runtime: ModelRuntime, prompt: list[int], chunk_tokens: int,
+                   chunk_layers: int) -> dict[str, list[KvMessage]]:
+    """The prompt's real KV, computed once, as the messages of one transfer per wire encoding."""
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     runtime.prefill(prompt, lambda index, k, v: layers.__setitem__(index, (k, v)))
+    return {encoding: _encoded(runtime, layers, len(prompt), chunk_tokens, chunk_layers, encoding)
+            for encoding in (RAW_ENCODING, FP8_ENCODING)}
+
+
+def _encoded(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
+             chunk_tokens: int, chunk_layers: int, encoding: str) -> list[KvMessage]:
     g = runtime.geometry
-    layout = KvLayout("bench", g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, len(prompt),
-                      chunk_tokens, chunk_layers, g.dtype)
+    layout = KvLayout("bench", g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, tokens,
+                      chunk_tokens, chunk_layers, g.dtype, encoding)
     messages: list[KvMessage] = [layout]
     for group in range(layout.layer_groups):
         members = range(group * chunk_layers, min((group + 1) * chunk_layers, g.num_layers))
@@ -68,8 +75,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        case = TransferCase(prompt, messages, decode.address, args.repeats)
-        rows = [await produce(case) for produce in (*ROWS, shm_raw)]  # shm: services.bench.transfer_shm
+        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING])
+        rows = [await produce(case) for produce in (*ROWS, shm_raw, shm_fp8)]  # shm: services.bench.transfer_shm
         prefill_args = (*worker, "--kv-chunk-tokens", str(args.chunk_tokens), "--kv-chunk-layers",
                         str(args.chunk_layers))
         handoffs = [await handoff_via_prefill(case, name, prefill_args) for name in HANDOFF_TRANSPORTS]

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from services.bench.transfer_rows import Row, TransferCase, admit_with_host, renamed
+from services.bench.transfer_rows import Row, TransferCase, admit_with_host, renamed, slug
 from services.common.kv_codec import KvChunk, KvLayout
 from services.common.kv_shm import ShmTransferWriter
 from services.common.kv_wire import KvMessage, transfer_kv_bytes, wire_bytes
@@ -33,12 +33,12 @@ async def _through_segment(layout: KvLayout, rest: list[KvMessage],
         yield wire_bytes(writer.put(message) if isinstance(message, KvChunk) else message)
 
 
-async def shm_raw(case: TransferCase) -> Row:
+async def shm_raw(case: TransferCase, path: str = PATH) -> Row:
     times = []
     async with grpc.aio.insecure_channel(case.decode_address, options=GRPC_OPTIONS) as channel:
         stub, transfer_kv = decode_pb2_grpc.DecodeServiceStub(channel), transfer_kv_bytes(channel)
         for attempt in range(case.repeats):
-            request_id = f"bench-shm-{attempt}"
+            request_id = f"bench-{slug(path)}-{attempt}"
             layout, *rest = renamed(case.messages, request_id)
             if not isinstance(layout, KvLayout):
                 raise TypeError("a transfer starts with its layout")
@@ -54,7 +54,11 @@ async def shm_raw(case: TransferCase) -> Row:
                 writer.destroy()
             while await generation.read() is not grpc.aio.EOF:
                 pass
-    return Row(PATH, case.kv_bytes, len(case.chunks), min(times))
+    return Row(path, case.kv_bytes, len(case.chunks), min(times))
+
+
+async def shm_fp8(case: TransferCase) -> Row:
+    return await shm_raw(case.as_fp8(), path="shm fp8")
 
 
 async def send_shm_raw(channel: grpc.aio.Channel, case: TransferCase, request_id: str) -> None:
