@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare soak clean
+.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ up: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m services.common.model_files default tiny
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The slow tests `make test` leaves out (SLOW_MODULES in tests/conftest.py): fault injection with
+# real processes killed and restarted, TLS, the shared-memory transport, benchmarks. CI runs them.
+test-slow: $(INSTALLED)
+	$(PY) -m services.common.model_files default tiny
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # Multi-host tests in network namespaces (as root; skipped otherwise) and the rolling restart
 # under load: tests/cluster, which `make test` leaves out. About 3 minutes on 2 cores.

@@ -198,3 +198,20 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
         extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore")})
     yield running
     running.stack.stop()
+
+
+# Modules `make test` leaves out to stay under 20 minutes on 2 cores; `make test-slow` runs them
+# (real processes killed and restarted, fault injection, TLS handshakes, transports, benchmarks).
+SLOW_MODULES = frozenset({
+    "tests.faults.test_cancel_stages", "tests.faults.test_store_faults", "tests.faults.test_worker_faults",
+    "tests.test_bench", "tests.test_compose", "tests.test_decode_hardening", "tests.test_failover",
+    "tests.test_kv_fp8_services", "tests.test_kvstore_service", "tests.test_kvstore_shm",
+    "tests.test_prefill_faults", "tests.test_shm_transport", "tests.test_soak", "tests.test_tls",
+})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
