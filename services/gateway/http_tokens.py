@@ -52,14 +52,18 @@ class TokenRoutes:
     authorize: Callable[[Request], None]
     check_model: Callable[[str], None]
 
+    def admit(self, request: Request, model: str | None) -> PromptEncoder:
+        """The tokenizer, once the caller's key and (if named) the model are accepted."""
+        self.authorize(request)
+        if model is not None:
+            self.check_model(model)
+        return self.encoder()
+
 
 def add_token_routes(app: FastAPI, routes: TokenRoutes) -> None:
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest, request: Request) -> Any:
-        routes.authorize(request)
-        if body.model is not None:
-            routes.check_model(body.model)
-        encoder = routes.encoder()
+        encoder = routes.admit(request, body.model)
         try:
             if body.messages is not None:
                 ids = encoder.encode_chat([(m.role, m.text()) for m in body.messages])
@@ -71,10 +75,7 @@ def add_token_routes(app: FastAPI, routes: TokenRoutes) -> None:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
-        routes.authorize(request)
-        if body.model is not None:
-            routes.check_model(body.model)
-        encoder = routes.encoder()
+        encoder = routes.admit(request, body.model)
         vocab = len(encoder.tokenizer)
         bad = next((i for i, token in enumerate(body.tokens) if not 0 <= token < vocab), None)
         if bad is not None:
