@@ -122,15 +122,21 @@ def test_api_keys_guard_http_and_grpc(memory_stack: RunningStack) -> None:
 async def test_disconnect_mid_stream_frees_everything(memory_stack: RunningStack) -> None:
     body = {"model": MODEL, "prompt": "Tell me a story", "max_tokens": 400, "temperature": 0, "stream": True,
             "ignore_eos": True}
+    assert await disconnect_after_events(memory_stack, body, 5) == {"decode": (0, 0), "prefill": (0, 0),
+                                                                     "gateway": (0, 0)}
+
+
+async def disconnect_after_events(stack: RunningStack, body: dict, events: int) -> dict[str, tuple[int, int]]:
+    """Stream a completion, hang up after `events` server-sent events; what each service then holds."""
     async with httpx.AsyncClient(timeout=60) as http:
-        async with http.stream("POST", memory_stack["http"] + "/v1/completions", json=body) as response:
+        async with http.stream("POST", stack["http"] + "/v1/completions", json=body) as response:
             assert response.status_code == 200
-            events = 0
+            seen = 0
             async for line in response.aiter_lines():
-                events += line.startswith("data: ")
-                if events == 5:
+                seen += line.startswith("data: ")
+                if seen == events:
                     break
-    assert await _wait_until_idle(memory_stack) == {"decode": (0, 0), "prefill": (0, 0), "gateway": (0, 0)}
+    return await _wait_until_idle(stack)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from services.client import GatewayClient, GatewayError
 from tests.conftest import RunningStack
-from tests.test_cancel import _wait_until_idle
+from tests.test_openai_api import disconnect_after_events
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = ["The capital of France is", "Two plus two equals"]
@@ -81,12 +81,5 @@ def test_bad_prompt_lists_are_400_naming_the_field(memory_stack: RunningStack, p
 async def test_disconnecting_from_a_prompt_list_frees_every_generation(memory_stack: RunningStack) -> None:
     body = {"model": MODEL, "prompt": ["Tell me a story", "Tell me a poem"], "max_tokens": 300, "temperature": 0,
             "stream": True, "ignore_eos": True}
-    async with httpx.AsyncClient(timeout=60) as http:
-        async with http.stream("POST", memory_stack["http"] + "/v1/completions", json=body) as response:
-            assert response.status_code == 200
-            events = 0
-            async for line in response.aiter_lines():
-                events += line.startswith("data: ")
-                if events == 6:
-                    break
-    assert await _wait_until_idle(memory_stack) == {"decode": (0, 0), "prefill": (0, 0), "gateway": (0, 0)}
+    assert await disconnect_after_events(memory_stack, body, 6) == {"decode": (0, 0), "prefill": (0, 0),
+                                                                     "gateway": (0, 0)}
