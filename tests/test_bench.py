@@ -164,11 +164,12 @@ def test_transfer_bench_prints_every_row_handoff_and_load_figure() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout)
     rows = {row["path"]: row for row in report["rows"]}
-    assert set(rows) == {"gRPC raw", "gRPC fp8", "raw TCP", "memcpy", "shm raw", "shm fp8"}
+    assert set(rows) == {"gRPC raw", "gRPC fp8", "gRPC sink", "raw TCP", "memcpy", "shm raw", "shm fp8"}
     raw = {path: row for path, row in rows.items() if "fp8" not in path}
     assert len({(row["kv_bytes"], row["chunks"]) for row in raw.values()}) == 1  # the same bytes
     assert rows["gRPC fp8"]["kv_bytes"] == rows["shm fp8"]["kv_bytes"] < rows["gRPC raw"]["kv_bytes"] / 3.5
     assert all(row["seconds"] > 0 for row in rows.values())
+    assert rows["shm raw"]["setup_seconds"] > 0 == rows["gRPC raw"]["setup_seconds"]  # the segment's reserve
     transports = ["gRPC raw", "gRPC fp8", "shm raw", "shm fp8"]
     assert [h["transport"] for h in report["handoffs"]] == transports
     assert all(h["handoff_seconds"] > 0 for h in report["handoffs"])

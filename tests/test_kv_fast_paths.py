@@ -56,16 +56,17 @@ def _token_by_token(pool: BlockPool, blocks: list[int], layer: int, start: int, 
         pool.values[layer][blocks[block], offset] = values[:, row]
 
 
-def test_block_writes_match_token_by_token_writes() -> None:
-    geometry = ModelGeometry(name="m", fingerprint="fp", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=4,
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])  # numpy copies bf16 as 16-bit integers
+def test_block_writes_match_token_by_token_writes(dtype: str) -> None:
+    geometry = ModelGeometry(name="m", fingerprint="fp", dtype=dtype, num_layers=2, num_kv_heads=2, head_dim=4,
                              max_model_len=4096, eos_token_ids=frozenset(), vocab_size=10)
     fast, slow = (BlockPool(PoolConfig(64, 4), geometry, torch.device("cpu")) for _ in range(2))
     rng = random.Random(0)
-    for trial in range(100):  # runs of blocks (one strided copy) and scattered blocks (index_copy_)
+    for trial in range(100):  # runs of blocks (one copy) and scattered blocks (a copy per run)
         first = rng.randrange(0, 32)
         blocks = list(range(first, first + 32)) if trial % 2 else rng.sample(range(64), 32)
         start, length = rng.randrange(0, 60), rng.randrange(1, 60)
-        keys, values = torch.randn(2, length, 4), torch.randn(2, length, 4)
+        keys, values = (torch.randn(2, length, 4).to(fast.keys[0].dtype) for _ in range(2))
         fast.write(blocks, 1, start, keys, values)
         _token_by_token(slow, blocks, 1, start, keys, values)
     assert all(torch.equal(a, b) for a, b in zip(fast.keys + fast.values, slow.keys + slow.values, strict=True))

@@ -99,6 +99,8 @@ def table(report: dict[str, object]) -> str:
              f"  {'path':12s} {'bytes':>12} {'chunks':>6} {'seconds':>9} {'GB/s':>7} {'/ raw TCP':>9} {'/ memcpy':>9}"]
     lines += [f"  {r.path:12s} {r.kv_bytes:12,} {r.chunks:6d} {r.seconds:9.4f} {r.gbps:7.2f} "
               f"{tcp.seconds / r.seconds:9.2f} {copy.seconds / r.seconds:9.2f}" for r in rows]
+    lines += [f"  ({r.path}: opening the transfer took {r.setup_seconds * 1e3:.1f} ms more, before the clock, "
+              "while the prefill's forward pass runs)" for r in rows if r.setup_seconds]
     handoffs: list[Handoff] = report["handoffs"]  # type: ignore[assignment]
     lines.append("  handoff through a prefill worker (forward end -> decode holds verified KV):")
     lines += [f"    {h.transport:12s} {h.handoff_seconds * 1e3:8.1f} ms   (forward pass {h.forward_seconds * 1e3:.0f} ms; "

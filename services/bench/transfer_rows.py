@@ -34,6 +34,24 @@ while True:
             total += n
     if total == 0: break
 """
+_GRPC_SINK = """
+import asyncio, grpc
+from services.common.kv_wire import TRANSFER_KV_PATH
+from services.common.server import GRPC_OPTIONS
+async def transfer_kv(messages, context):
+    async for _ in messages:
+        pass
+    return b""
+async def main():
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    method = grpc.stream_unary_rpc_method_handler(transfer_kv, request_deserializer=bytes, response_serializer=bytes)
+    service, name = TRANSFER_KV_PATH.strip("/").split("/")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, {name: method}),))
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
 RECEIVER_SECONDS = 10.0  # how long the TCP receiver process may take to stop
 
 
@@ -68,6 +86,7 @@ class Row:
     kv_bytes: int
     chunks: int
     seconds: float
+    setup_seconds: float = 0.0  # work done before the clock starts, while the forward pass runs
 
     @property
     def gbps(self) -> float:
@@ -127,6 +146,30 @@ async def grpc_raw(case: TransferCase, encoded: Callable[[list[KvMessage]], list
     return Row(path, case.kv_bytes, len(case.chunks), min(times))
 
 
+async def grpc_sink(case: TransferCase) -> Row:
+    """The same TransferKv stream into a gRPC server (another process, the same channel options)
+    that only reads the messages: what gRPC itself costs, before the decode's parsing, checks and
+    pool writes."""
+    sink = subprocess.Popen([sys.executable, "-c", _GRPC_SINK], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(sink.stdout.readline())  # type: ignore[union-attr]
+        payloads, times = _wire(case.messages), []
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
+            transfer_kv = transfer_kv_bytes(channel)
+            for _ in range(case.repeats):
+                call = transfer_kv(timeout=300)
+                started = time.perf_counter()
+                for payload in payloads:
+                    await call.write(payload)
+                await call.done_writing()
+                await call
+                times.append(time.perf_counter() - started)
+    finally:
+        sink.kill()
+        sink.wait(timeout=RECEIVER_SECONDS)
+    return Row("gRPC sink", case.kv_bytes, len(case.chunks), min(times))
+
+
 def _wire(messages: list[KvMessage]) -> list[bytes]:
     return [wire_bytes(m) for m in messages]
 
@@ -176,4 +219,4 @@ async def grpc_fp8(case: TransferCase) -> Row:
     return await grpc_raw(case.as_fp8(), path="gRPC fp8")
 
 
-ROWS: list[RowProducer] = [grpc_raw, grpc_fp8, raw_tcp, memcpy]
+ROWS: list[RowProducer] = [grpc_raw, grpc_fp8, grpc_sink, raw_tcp, memcpy]

@@ -132,10 +132,18 @@ class ShmTransferWriter:
         return dataclasses.replace(chunk, data=b"", shm=ShmSlice(self.name, offset, chunk.byte_length))
 
     def destroy(self) -> None:
-        """Unlink the segment (idempotent): the transfer was acknowledged, failed or timed out."""
+        """Unlink and unmap the segment (idempotent): the transfer was acknowledged, failed or timed out."""
+        segment = self.unlink()
+        if segment is not None:
+            shm.close(segment)
+
+    def unlink(self) -> SharedMemory | None:
+        """Unlink the segment's name (idempotent, fast) and hand over its mapping, which the caller
+        closes with `shm.close` (that frees the pages: ~30 ms for 94 MB, work for a thread)."""
         segment, self._segment = self._segment, None
         if segment is not None:
-            shm.destroy(segment)
+            shm.unlink_segment(segment)
+        return segment
 
 
 class ShmReceiver:

@@ -141,11 +141,17 @@ def destroy(segment: SharedMemory) -> None:
     """Unlink and close a segment this process created (a second call does nothing). The name goes
     first: a mapping still exported (a copy running in a thread) cannot be closed yet, and is
     then unmapped when the last view of it is dropped."""
+    unlink_segment(segment)
+    close(segment)
+
+
+def unlink_segment(segment: SharedMemory) -> None:
+    """Remove a segment's name (fast; idempotent). Its pages are freed when the last mapping is
+    closed, which for a large segment takes a while (~30 ms for 94 MB)."""
     try:
         segment.unlink()
     except FileNotFoundError:
         pass
-    close(segment)
 
 
 def close(segment: SharedMemory) -> None:

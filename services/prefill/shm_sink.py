@@ -13,6 +13,7 @@ import logging
 
 import grpc
 
+from services.common import shm
 from services.common.errors import CapacityExhausted
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_transport
@@ -67,5 +68,11 @@ class ShmStreamSink(DecodeStreamSink):
         self._release()
 
     def _release(self) -> None:
-        if self._writer is not None:
-            self._writer.destroy()
+        mapping = self._writer.unlink() if self._writer is not None else None
+        if mapping is not None:
+            # Unmapping frees the segment's pages (~30 ms for 94 MB): not on the event loop, nor in
+            # the handoff. The default executor finishes it even while the process shuts down.
+            try:
+                asyncio.get_running_loop().run_in_executor(None, shm.close, mapping)
+            except RuntimeError:  # no event loop (a sink dropped at exit): close it here
+                shm.close(mapping)
