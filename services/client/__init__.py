@@ -11,7 +11,7 @@ retries on UNAVAILABLE with backoff, API keys. Async and sync flavours:
 
 from services.client.aio import GatewayClient
 from services.client.sync import SyncGatewayClient
-from services.client.types import Completion, GatewayError, GenerateChunk, RetryPolicy, Usage
+from services.client.types import Completion, GatewayError, GenerateChunk, LogitControls, RetryPolicy, Usage
 
-__all__ = ["Completion", "GatewayClient", "GatewayError", "GenerateChunk", "RetryPolicy", "SyncGatewayClient",
-           "Usage"]
+__all__ = ["Completion", "GatewayClient", "GatewayError", "GenerateChunk", "LogitControls", "RetryPolicy",
+           "SyncGatewayClient", "Usage"]

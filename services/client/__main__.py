@@ -8,8 +8,18 @@ import asyncio
 import os
 import sys
 
-from services.client import GatewayClient, GatewayError
+from services.client import GatewayClient, GatewayError, LogitControls
 from services.common.tls_settings import add_tls_arguments, sdk_tls_options
+
+
+def _bias(value: str) -> tuple[int, float]:
+    token, equals, bias = value.partition("=")
+    try:
+        if equals:
+            return int(token), float(bias)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected ID=BIAS, such as 42=-5, got {value!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -24,6 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--presence-penalty", type=float, default=None, help="in [-2, 2]")
+    parser.add_argument("--frequency-penalty", type=float, default=None, help="in [-2, 2]")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="in (0, 10]; 1 is none")
+    parser.add_argument("--min-p", type=float, default=None, help="in [0, 1]")
+    parser.add_argument("--min-tokens", type=int, default=0, help="no end of sequence before this many tokens")
+    parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="stop token id (repeatable)")
+    parser.add_argument("--logit-bias", type=_bias, action="append", default=[], metavar="ID=BIAS",
+                        help="add BIAS in [-100, 100] to token ID's logit (repeatable)")
     parser.add_argument("--chat", action="store_true", help="send PROMPT as a user message with the chat template")
     parser.add_argument("--system", default=None, help="system message (with --chat)")
     parser.add_argument("--api-key", default=os.environ.get("GATEWAY_API_KEY"),
@@ -35,8 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
+    controls = LogitControls(args.presence_penalty, args.frequency_penalty, args.repetition_penalty, args.min_p,
+                             dict(args.logit_bias), args.min_tokens, args.stop_token_id)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stop=args.stop)
+                   seed=args.seed, stop=args.stop, controls=controls)
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]

@@ -8,8 +8,17 @@ from types import TracebackType
 
 import grpc
 
-from services.client.types import (Completion, GatewayError, GenerateChunk, RetryPolicy, auth_metadata,
-                                   build_request, join, to_chunk)
+from services.client.types import (
+    Completion,
+    GatewayError,
+    GenerateChunk,
+    LogitControls,
+    RetryPolicy,
+    auth_metadata,
+    build_request,
+    join,
+    to_chunk,
+)
 from services.common.pb import common_pb2, gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
 
@@ -48,12 +57,13 @@ class GatewayClient:
                        max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                        top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                        request_id: str = "", timeout: float | None = None,
-                       max_cache_budget_mb: float = 0.0) -> AsyncIterator[GenerateChunk]:
+                       max_cache_budget_mb: float = 0.0,
+                       controls: LogitControls | None = None) -> AsyncIterator[GenerateChunk]:
         """Stream a completion of `prompt`, or of a chat `messages` list of (role, content).
         `timeout` (seconds) bounds the whole call; `max_cache_budget_mb` caps the KV the request
         may hold while others need the decode pool. Failures raise GatewayError."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
-                                request_id, max_cache_budget_mb)
+                                request_id, max_cache_budget_mb, controls)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -72,13 +72,39 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)
 
 
+@dataclass(frozen=True, slots=True)
+class LogitControls:
+    """Penalties, logit bias, min-p, min_tokens and stop token ids of a request (SamplingParams in
+    common.proto documents each); the defaults ask for nothing."""
+
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    min_tokens: int = 0
+    stop_token_ids: Sequence[int] = ()
+
+    def to_pb(self, sampling: common_pb2.SamplingParams) -> None:
+        """Set these controls on `sampling`."""
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            if (value := getattr(self, name)) is not None:
+                setattr(sampling, name, value)
+        sampling.logit_bias.update(self.logit_bias)
+        sampling.min_tokens = self.min_tokens
+        sampling.stop_token_ids.extend(self.stop_token_ids)
+
+
 def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[str, str]] | None,
                   max_tokens: int | None,
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
-                  max_cache_budget_mb: float = 0.0) -> gateway_pb2.GenerateRequest:
+                  max_cache_budget_mb: float = 0.0,
+                  controls: LogitControls | None = None) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
+    if controls is not None:
+        controls.to_pb(sampling)
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
                                           max_cache_budget_mb=max_cache_budget_mb)
     if messages is not None:

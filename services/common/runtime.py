@@ -8,6 +8,8 @@ an executor so the asyncio loop never blocks.
 
 from __future__ import annotations
 
+from typing import Any
+
 import hashlib
 import json
 import logging
@@ -151,9 +153,10 @@ class ModelRuntime:
         return hook
 
     @torch.inference_mode()
-    def reference_generate(self, token_ids: list[int], max_new_tokens: int) -> list[int]:
-        """Hugging Face `generate`, greedy: the ground truth the services must equal."""
+    def reference_generate(self, token_ids: list[int], max_new_tokens: int, **options: Any) -> list[int]:
+        """Hugging Face `generate`, greedy: the ground truth the services must equal. `options` go to
+        `generate` as they are (logits processors, repetition_penalty, ...)."""
         ids = torch.tensor([token_ids], device=self.device)
         out = self._model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=False)
+                                   do_sample=False, **options)
         return out[0, len(token_ids):].tolist()

@@ -1,4 +1,5 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, seeded.
+"""Choosing the next token from logits: the request's logit controls (penalties, logit bias,
+min_tokens: services.common.logit_controls), then greedy, or temperature, top-k, top-p, min-p, seeded.
 
 The token at completion position i is drawn from a generator seeded by (seed, i), so the prefill
 (position 0) and the decode (positions 1..) sample consistently, on any worker.
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.errors import InternalFailure, InvalidRequest
+from services.common.logit_controls import TokenContext, apply_controls, check_controls
 from services.common.pb import common_pb2
 from services.common.validation import check_temperature
 
@@ -29,6 +31,13 @@ class Sampling:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -40,18 +49,31 @@ class Sampling:
             raise InvalidRequest(f"max_tokens must be > 0, got {self.max_tokens}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must not be empty")
+        check_controls(self.presence_penalty, self.frequency_penalty, self.repetition_penalty, self.min_p,
+                       self.logit_bias, self.stop_token_ids)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+
+    @property
+    def reshapes_logits(self) -> bool:
+        """Whether any logit control is on (each costs a little per token)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, params: Sampling, position: int) -> int:
-    """The token at completion position `position` given its 1-D float32 logits. Logits holding NaN
-    or +inf (a broken model or KV) raise InternalFailure instead of yielding an arbitrary token."""
-    peak = logits.max()
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(peak)):
+def sample(logits: torch.Tensor, params: Sampling, position: int, context: TokenContext | None = None) -> int:
+    """The token at completion position `position` given its 1-D float32 logits and, for the logit
+    controls, the row's tokens so far. Logits holding NaN or +inf (a broken model or KV) raise
+    InternalFailure instead of yielding an arbitrary token."""
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
         raise InternalFailure("the model produced non-finite logits")
+    if params.reshapes_logits:
+        logits = apply_controls(logits, params, position, context or TokenContext((), 0, frozenset()))
+    peak = logits.max()
     if params.greedy:
         return int(torch.argmax(logits))
     # Shifted so the best score is 0: dividing by any allowed temperature cannot overflow.
@@ -65,6 +87,8 @@ def sample(logits: torch.Tensor, params: Sampling, position: int) -> int:
         drop = cumulative - torch.softmax(sorted_scores, dim=-1) >= params.top_p  # keep the first token
         scores = scores.scatter(0, order[drop], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
     generator = torch.Generator().manual_seed((params.seed * _SEED_MIX + position) & _SEED_MASK)
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -79,10 +103,21 @@ def sampling_from_pb(params: common_pb2.SamplingParams, default_max_tokens: int)
         max_tokens=params.max_tokens if params.HasField("max_tokens") else default_max_tokens,
         stop=tuple(params.stop),
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty if params.HasField("presence_penalty") else 0.0,
+        frequency_penalty=params.frequency_penalty if params.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=params.repetition_penalty if params.HasField("repetition_penalty") else 1.0,
+        min_p=params.min_p if params.HasField("min_p") else 0.0,
+        logit_bias=tuple(sorted(params.logit_bias.items())),
+        min_tokens=params.min_tokens,
+        stop_token_ids=tuple(params.stop_token_ids),
     )
 
 
 def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
     return common_pb2.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
                                      seed=params.seed, max_tokens=params.max_tokens, stop=list(params.stop),
-                                     ignore_eos=params.ignore_eos)
+                                     ignore_eos=params.ignore_eos, presence_penalty=params.presence_penalty,
+                                     frequency_penalty=params.frequency_penalty,
+                                     repetition_penalty=params.repetition_penalty, min_p=params.min_p,
+                                     logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens,
+                                     stop_token_ids=list(params.stop_token_ids))

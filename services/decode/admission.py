@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, \
-    UnknownRequest
+from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, UnknownRequest
 from services.common.kv_codec import KvLayout
+from services.common.logit_controls import check_vocabulary
 from services.common.runtime import ModelGeometry
 from services.common.validation import budget_bytes, check_budget_mb, check_id, check_token_ids
 from services.decode.blocks import BlockManager
@@ -42,6 +42,7 @@ class Admission:
         if not request.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", request.prompt_ids, self._geometry.vocab_size)
+        check_vocabulary(request.sampling.logit_bias, request.sampling.stop_token_ids, self._geometry.vocab_size)
         if request.position_offset >= request.sampling.max_tokens:
             raise InvalidRequest(f"position_offset ({request.position_offset}) must be below max_tokens "
                                  f"({request.sampling.max_tokens}): the completion would already be complete")

@@ -35,6 +35,7 @@ from opentelemetry import trace
 from services.common.errors import DeadlineExceeded, InternalFailure, RequestCancelled
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
+from services.common.logit_controls import TokenContext
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
@@ -165,7 +166,7 @@ class DecodeEngine:
     async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> int:
         logits = await self._thread.run(self._runtime.prefill, sequence.prompt_ids,
                                         lambda layer, k, v: writer.write(layer, 0, k, v))
-        return sample(logits, sequence.sampling, sequence.position_offset)
+        return sample(logits, sequence.sampling, sequence.position_offset, self._context(sequence))
 
     def _kv_arrived(self, sequence: Sequence, first_token: int) -> None:
         """The KV is complete: the first token goes out on the stream too (the gateway has it from
@@ -253,12 +254,19 @@ class DecodeEngine:
         logits = self._runner.step(slots)
         return _Executed([self._sample(logits[row], s) for row, s in enumerate(plan.run)], swapped)
 
-    @staticmethod
-    def _sample(logits: torch.Tensor, sequence: Sequence) -> int | Exception:
+    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int | Exception:
         try:
-            return sample(logits, sequence.sampling, sequence.completion_index)
+            return sample(logits, sequence.sampling, sequence.completion_index, self._context(sequence))
         except Exception as error:  # noqa: BLE001 - only this sequence fails
             return error
+
+    def _context(self, sequence: Sequence) -> TokenContext | None:
+        """The tokens the logit controls see (built only for a request that uses them): the prompt,
+        whose last `position_offset` tokens were generated before a failover, then the completion."""
+        if not sequence.sampling.reshapes_logits:
+            return None
+        return TokenContext(sequence.prompt_ids + sequence.generated,
+                            len(sequence.prompt_ids) - sequence.position_offset, self._runtime.geometry.eos_token_ids)
 
     def _postprocess(self, plan: StepPlan, executed: _Executed) -> None:
         for sequence, token in zip(plan.run, executed.tokens):
@@ -281,6 +289,8 @@ class DecodeEngine:
         token, produced = sequence.generated[-1], sequence.completion_index
         reason = None
         if not sequence.sampling.ignore_eos and token in self._runtime.geometry.eos_token_ids:
+            reason = FINISH_STOP
+        elif token in sequence.sampling.stop_token_ids:
             reason = FINISH_STOP
         elif produced >= sequence.sampling.max_tokens:
             reason = FINISH_LENGTH

@@ -31,6 +31,7 @@ from opentelemetry import trace
 
 from services.common.channels import ChannelPool
 from services.common.errors import InvalidRequest
+from services.common.logit_controls import check_vocabulary
 from services.common.metrics import GatewayMetrics
 from services.common.pb import decode_pb2, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
@@ -119,6 +120,7 @@ class Gateway:
             ids = self.encoder.encode_text(request.prompt)
         else:
             raise InvalidRequest("give a prompt or chat messages")
+        check_vocabulary(request.sampling.logit_bias, request.sampling.stop_token_ids, len(self.encoder.tokenizer))
         max_tokens, context = request.sampling.max_tokens, self.encoder.max_model_len
         if max_tokens > self._limits.max_tokens_limit:
             raise InvalidRequest(f"max_tokens must be <= {self._limits.max_tokens_limit}, got {max_tokens}")
@@ -150,6 +152,9 @@ class Gateway:
                                 return
                             timeline.token()
                             generated.append(token_id)
+                            if token_id in request.sampling.stop_token_ids:  # its text is not part of the output
+                                yield self._finish(request, prompt_ids, timeline, [token_id], stream.flush(), "stop")
+                                return
                             delta, stopped = stream.add(token_id)
                             if stopped:
                                 yield self._finish(request, prompt_ids, timeline, [token_id], delta, "stop")
@@ -189,6 +194,8 @@ class Gateway:
         if len(generated) >= request.sampling.max_tokens:
             return "length"
         if generated and not request.sampling.ignore_eos and generated[-1] in self.encoder.eos_token_ids:
+            return "stop"
+        if generated and generated[-1] in request.sampling.stop_token_ids:
             return "stop"
         return None
 

@@ -180,10 +180,22 @@ def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple
                             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
                             seed=secrets.randbits(63) if body.seed is None else body.seed,
                             max_tokens=config.default_max_tokens if max_tokens is None else max_tokens,
-                            stop=body.stop_strings(), ignore_eos=body.ignore_eos)
+                            stop=body.stop_strings(), ignore_eos=body.ignore_eos,
+                            presence_penalty=body.presence_penalty or 0.0,
+                            frequency_penalty=body.frequency_penalty or 0.0,
+                            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                            min_p=body.min_p or 0.0, logit_bias=_logit_bias(body), min_tokens=body.min_tokens,
+                            stop_token_ids=tuple(body.stop_token_ids or ()))
     except InvalidRequest as error:
         raise _api_error(error) from None
     return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)
+
+
+def _logit_bias(body: _Common) -> tuple[tuple[int, float], ...]:
+    try:
+        return body.logit_bias_items()
+    except ValueError as error:
+        raise ApiError(400, str(error), "logit_bias") from None
 
 
 async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: list[GenerateInput], body: _Common,

@@ -26,13 +26,6 @@ def _equals(neutral: float) -> Callable[[Any], bool]:
 
 # Controls this server does not implement yet, with the values that ask for nothing.
 _NEUTRAL: Mapping[str, Callable[[Any], bool]] = {
-    "presence_penalty": _equals(0),
-    "frequency_penalty": _equals(0),
-    "repetition_penalty": _equals(1),
-    "min_p": _equals(0),
-    "min_tokens": _equals(0),
-    "logit_bias": _empty,
-    "stop_token_ids": _empty,
     "top_logprobs": _equals(0),
     "suffix": _empty,
     "tools": _empty,

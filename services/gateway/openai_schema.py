@@ -51,6 +51,23 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
+    # logit controls (services.common.logit_controls checks their ranges)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # vLLM's
+    min_p: float | None = None  # vLLM's
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's
+    stop_token_ids: list[int] | None = None  # vLLM's
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias), ids ascending; a key that is not a token id raises ValueError."""
+        items = []
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            items.append((int(key), bias))
+        return tuple(sorted(items))
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:

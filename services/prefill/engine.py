@@ -34,6 +34,7 @@ from services.common.errors import AlreadyExists, BackendUnavailable, InvalidReq
 from services.common.kv_codec import RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
+from services.common.logit_controls import TokenContext, check_vocabulary
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread, Timed
 from services.common.runtime import LayerKvCallback, ModelRuntime
@@ -105,12 +106,18 @@ class PrefillEngine:
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
 
+    def _context(self, job: PrefillJob) -> TokenContext:
+        """The prompt, whose last `position_offset` tokens are the completion so far (a failover)."""
+        return TokenContext(job.prompt_ids, len(job.prompt_ids) - job.position_offset,
+                            self._runtime.geometry.eos_token_ids)
+
     def validate(self, job: PrefillJob) -> None:
         geometry = self._runtime.geometry
         check_id("request_id", job.request_id)
         if not job.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", job.prompt_ids, geometry.vocab_size)
+        check_vocabulary(job.sampling.logit_bias, job.sampling.stop_token_ids, geometry.vocab_size)
         if job.known_first_token is not None:
             check_token_ids("known_first_token", [job.known_first_token], geometry.vocab_size)
         if len(job.prompt_ids) >= geometry.max_model_len:
@@ -165,7 +172,7 @@ class PrefillEngine:
             self._record_forward(forward)
             first = job.known_first_token
             if first is None:
-                first = sample(forward.value, job.sampling, job.position_offset)
+                first = sample(forward.value, job.sampling, job.position_offset, self._context(job))
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
             yield FirstToken(first)
