@@ -93,7 +93,8 @@ def test_min_p_samples_only_tokens_near_the_most_likely() -> None:
 @pytest.mark.parametrize(("fields", "name"), [
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": float("nan")}, "frequency_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
-    ({"logit_bias": ((3, 101.0),)}, "logit_bias"), ({"min_tokens": 17}, "min_tokens"),
+    ({"logit_bias": ((3, 101.0),)}, "logit_bias"), ({"logit_bias": ((3, 1.0), (3, 2.0))}, "logit_bias"),
+    ({"min_tokens": 17}, "min_tokens"),
     ({"stop_token_ids": (-1,)}, "stop_token_ids"),
 ])
 def test_controls_out_of_range_are_refused_naming_them(fields: dict[str, Any], name: str) -> None:
@@ -173,6 +174,7 @@ async def test_http_controls_equal_the_grpc_ones(memory_stack: RunningStack, enc
     ({"logit_bias": {"abc": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 500}}, "logit_bias"),
     ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 1, " 5": 2}}, "logit_bias"),
     ({"min_tokens": 9}, "min_tokens"),
     ({"stop_token_ids": [99999999]}, "stop_token_ids"),
 ])

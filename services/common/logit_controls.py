@@ -53,6 +53,10 @@ def check_controls(presence_penalty: float, frequency_penalty: float, repetition
         raise InvalidRequest(f"min_p must be in [0, 1], got {min_p}")
     if len(logit_bias) > MAX_TOKEN_LIST or len(stop_token_ids) > MAX_TOKEN_LIST:
         raise InvalidRequest(f"logit_bias and stop_token_ids take at most {MAX_TOKEN_LIST} token ids each")
+    ids = [token_id for token_id, _ in logit_bias]
+    if len(set(ids)) != len(ids):  # "5" and " 5" are one token id: which bias would be meant?
+        twice = next(token_id for token_id in ids if ids.count(token_id) > 1)
+        raise InvalidRequest(f"logit_bias names token id {twice} twice")
     for token_id, bias in logit_bias:
         if token_id < 0 or not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
             raise InvalidRequest(f"logit_bias[{token_id}] must be a token id >= 0 with a bias in "
