@@ -152,7 +152,7 @@ def test_a_full_dev_shm_refuses_a_put_with_unavailable_and_keeps_what_it_holds()
     """In a private mount namespace whose /dev/shm is a 64 KiB tmpfs (needs root: skipped without;
     the same error path is covered everywhere by test_kvstore.py's refused writes)."""
     if shutil.which("unshare") is None:
-        pytest.skip("no unshare here")
+        pytest.skip("unshare (util-linux) is not on PATH: a private /dev/shm mount needs it")
     mount_then_run = 'mount -t tmpfs -o size=64k tmpfs /dev/shm || exit 99; exec "$0" -c "$1"'
     run = subprocess.run(["unshare", "--mount", "sh", "-c", mount_then_run, sys.executable, _FILL_A_SMALL_DEV_SHM],
                          capture_output=True, text=True, timeout=120, check=False,

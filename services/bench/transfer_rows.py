@@ -134,13 +134,7 @@ async def grpc_raw(case: TransferCase, encoded: Callable[[list[KvMessage]], list
             request_id = f"bench-{slug(path)}-{attempt}"
             payloads = (encoded or _wire)(renamed(case.messages, request_id))
             generation = await admit(stub, request_id, case.prompt)
-            call = transfer_kv(timeout=300)
-            started = time.perf_counter()
-            for payload in payloads:
-                await call.write(payload)
-            await call.done_writing()
-            await call
-            times.append(time.perf_counter() - started)
+            times.append(await _timed_stream(transfer_kv, payloads))
             while await generation.read() is not grpc.aio.EOF:
                 pass
     return Row(path, case.kv_bytes, len(case.chunks), min(times))
@@ -157,17 +151,22 @@ async def grpc_sink(case: TransferCase) -> Row:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS) as channel:
             transfer_kv = transfer_kv_bytes(channel)
             for _ in range(case.repeats):
-                call = transfer_kv(timeout=300)
-                started = time.perf_counter()
-                for payload in payloads:
-                    await call.write(payload)
-                await call.done_writing()
-                await call
-                times.append(time.perf_counter() - started)
+                times.append(await _timed_stream(transfer_kv, payloads))
     finally:
         sink.kill()
         sink.wait(timeout=RECEIVER_SECONDS)
     return Row("gRPC sink", case.kv_bytes, len(case.chunks), min(times))
+
+
+async def _timed_stream(transfer_kv: grpc.aio.StreamUnaryMultiCallable, payloads: list[bytes]) -> float:
+    """Seconds from the first write of one TransferKv stream to its reply."""
+    call = transfer_kv(timeout=300)
+    started = time.perf_counter()
+    for payload in payloads:
+        await call.write(payload)
+    await call.done_writing()
+    await call
+    return time.perf_counter() - started
 
 
 def _wire(messages: list[KvMessage]) -> list[bytes]:

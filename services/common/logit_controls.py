@@ -76,9 +76,9 @@ def check_vocabulary(logit_bias: tuple[tuple[int, float], ...], stop_token_ids: 
 
 def apply_controls(logits: torch.Tensor, controls: LogitControlsLike, position: int,
                    context: TokenContext) -> torch.Tensor:
-    """The row's logits after the request's controls (a new tensor; `logits` is left as it is)."""
+    """The row's logits after the request's controls (a new tensor; `logits` is left as it is).
+    Token ids were checked against the vocabulary when the request was admitted (check_vocabulary)."""
     scores = logits.float().clone()
-    check_vocabulary(controls.logit_bias, controls.stop_token_ids, scores.numel())
     if controls.repetition_penalty != 1 and context.tokens:
         seen = torch.tensor(sorted(set(context.tokens)), dtype=torch.long)
         picked = scores[seen]

@@ -69,11 +69,12 @@ def sample(logits: torch.Tensor, params: Sampling, position: int, context: Token
     """The token at completion position `position` given its 1-D float32 logits and, for the logit
     controls, the row's tokens so far. Logits holding NaN or +inf (a broken model or KV) raise
     InternalFailure instead of yielding an arbitrary token."""
-    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(logits.max())):
+    peak = logits.max()
+    if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(peak)):
         raise InternalFailure("the model produced non-finite logits")
     if params.reshapes_logits:
         logits = apply_controls(logits, params, position, context or TokenContext((), 0, frozenset()))
-    peak = logits.max()
+        peak = logits.max()
     if params.greedy:
         return int(torch.argmax(logits))
     # Shifted so the best score is 0: dividing by any allowed temperature cannot overflow.

@@ -193,9 +193,9 @@ class Gateway:
         """The finish reason of a completion that has all its tokens already, else None."""
         if len(generated) >= request.sampling.max_tokens:
             return "length"
-        if generated and not request.sampling.ignore_eos and generated[-1] in self.encoder.eos_token_ids:
-            return "stop"
-        if generated and generated[-1] in request.sampling.stop_token_ids:
+        sampling = request.sampling
+        if generated and (generated[-1] in sampling.stop_token_ids
+                          or not sampling.ignore_eos and generated[-1] in self.encoder.eos_token_ids):
             return "stop"
         return None
 
