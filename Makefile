@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+EVAL_INSTALLED := $(VENV)/.eval-installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare soak clean
+.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +16,11 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
+
+# lm-evaluation-harness (heavy: pandas, pyarrow, scipy), only for bench-eval and its short test.
+$(EVAL_INSTALLED): $(INSTALLED) requirements-eval.txt
+	$(PY) -m pip install -q -r requirements-eval.txt
+	touch $(EVAL_INSTALLED)
 
 proto: $(INSTALLED)
 	$(PY) tools/gen_proto.py
@@ -31,8 +37,9 @@ test: $(INSTALLED)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The slow tests `make test` leaves out (SLOW_MODULES in tests/conftest.py): fault injection with
-# real processes killed and restarted, TLS, the shared-memory transport, benchmarks. CI runs them.
-test-slow: $(INSTALLED)
+# real processes killed and restarted, TLS, the shared-memory transport, benchmarks, the short
+# lm-eval run (which needs requirements-eval.txt). CI runs them.
+test-slow: $(INSTALLED) $(EVAL_INSTALLED)
 	$(PY) -m services.common.model_files default tiny
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
@@ -66,6 +73,11 @@ bench: $(INSTALLED)
 bench-compare: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.compare $(COMPARE_ARGS)
+
+# lm-eval scores through this server vs its own hf backend on the same data (services/bench/eval.py).
+bench-eval: $(EVAL_INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.eval $(EVAL_ARGS)
 
 bench-interference: $(INSTALLED)
 	$(PY) -m services.common.model_files default

@@ -205,7 +205,7 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
 SLOW_MODULES = frozenset({
     "tests.faults.test_cancel_stages", "tests.faults.test_store_faults", "tests.faults.test_worker_faults",
     "tests.test_batching", "tests.test_bench", "tests.test_compose", "tests.test_decode_hardening", "tests.test_failover",
-    "tests.test_kv_fp8_services", "tests.test_kvstore_service", "tests.test_kvstore_shm",
+    "tests.test_kv_fp8_services", "tests.test_kvstore_service", "tests.test_kvstore_shm", "tests.test_lm_eval",
     "tests.test_prefill_faults", "tests.test_shm_transport", "tests.test_soak", "tests.test_tls",
 })
 

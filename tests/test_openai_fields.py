@@ -21,7 +21,7 @@ CHAT = [{"role": "user", "content": "Say hi"}]
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "tool_choice"),
-    ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("/v1/chat/completions", {"guided_regex": "a+"}, "guided_regex"),
 ])
 def test_an_unimplemented_control_is_refused_naming_it(memory_stack: RunningStack, path: str, extra: dict,
                                                        param: str) -> None:

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="API key, when the gateway requires one [env GATEWAY_API_KEY]")
     parser.add_argument("--timeout", type=float, default=None, help="deadline of the whole call, in seconds")
     parser.add_argument("--usage", action="store_true", help="print token usage at the end (stderr)")
+    parser.add_argument("--logprobs", type=int, default=None, metavar="N",
+                        help="print each token's log-probability and its N most likely alternatives (stderr)")
     add_tls_arguments(parser)
     return parser.parse_args(argv)
 
@@ -56,7 +58,7 @@ async def run(args: argparse.Namespace) -> int:
     controls = LogitControls(args.presence_penalty, args.frequency_penalty, args.repetition_penalty, args.min_p,
                              dict(args.logit_bias), args.min_tokens, args.stop_token_id)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stop=args.stop, controls=controls)
+                   seed=args.seed, stop=args.stop, controls=controls, logprobs=args.logprobs)
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
@@ -66,6 +68,10 @@ async def run(args: argparse.Namespace) -> int:
             async for chunk in client.generate(None if args.chat else args.prompt, messages=messages, **options):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
+                for entry in chunk.logprobs:
+                    alternatives = " ".join(f"{token}:{value:.3f}" for token, value in entry.top)
+                    print(f"\n[token {entry.token_id} logprob {entry.logprob:.4f} rank {entry.rank}] {alternatives}",
+                          file=sys.stderr)
                 if chunk.usage and args.usage:
                     print(f"\n[{chunk.finish_reason}] prompt {chunk.usage.prompt_tokens} + completion "
                           f"{chunk.usage.completion_tokens} tokens", file=sys.stderr)

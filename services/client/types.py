@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from services.common.logprobs import TokenLogprob, from_pb
 from services.common.pb import common_pb2, gateway_pb2
 
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
@@ -29,6 +30,8 @@ class GenerateChunk:
     text: str
     finish_reason: str | None
     usage: Usage | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked (logprobs=)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked (prompt_logprobs=)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,8 @@ class Completion:
     text: str
     finish_reason: str | None
     usage: Usage | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked (logprobs=)
+    prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked (prompt_logprobs=)
 
 
 class GatewayError(Exception):
@@ -100,9 +105,11 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[s
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
                   max_cache_budget_mb: float = 0.0,
-                  controls: LogitControls | None = None) -> gateway_pb2.GenerateRequest:
+                  controls: LogitControls | None = None, *, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                                         max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos)
+                                         max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos,
+                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     if controls is not None:
         controls.to_pb(sampling)
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
@@ -119,9 +126,11 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[s
 
 def to_chunk(response: gateway_pb2.GenerateResponse) -> GenerateChunk:
     usage = response.usage if response.HasField("usage") else None
+    prompt = [from_pb(entry) for entry in response.prompt_logprobs]
     return GenerateChunk(response.request_id, list(response.token_ids), response.text,
                          _FINISH.get(response.finish_reason),
-                         Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None)
+                         Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None,
+                         [from_pb(entry) for entry in response.logprobs], prompt or None)
 
 
 def join(chunks: list[GenerateChunk]) -> Completion:
@@ -129,7 +138,8 @@ def join(chunks: list[GenerateChunk]) -> Completion:
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without a response")
     last = chunks[-1]
     return Completion(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
-                      last.finish_reason, last.usage)
+                      last.finish_reason, last.usage, [entry for c in chunks for entry in c.logprobs],
+                      chunks[0].prompt_logprobs)
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
+from services.common.logprobs import TokenLogprob  # noqa: E402
+from services.common.scoring import prompt_logprobs  # noqa: E402
 from services.common.model_files import resolve_model_dir, weights_digest  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -104,17 +106,30 @@ class ModelRuntime:
         """Forward the prompt (or, with `cache`, its next chunk); call `on_layer` with each layer's
         KV of these tokens as soon as the layer is done. Returns the last position's logits
         (float32, on CPU)."""
+        hidden = self._hidden(token_ids, on_layer, cache)
+        return self._model.lm_head(hidden[-1:])[0].float().cpu()  # as HF's logits_to_keep=1 computes it
+
+    @torch.inference_mode()
+    def prefill_scored(self, token_ids: list[int], on_layer: LayerKvCallback, next_ids: list[int], top_n: int,
+                       cache: DynamicCache | None = None) -> tuple[torch.Tensor, list[TokenLogprob]]:
+        """`prefill`, and the log-probability of `next_ids[i]` at position i (the prompt's own next
+        tokens: one fewer than `token_ids` for a whole prompt, as many for a chunk of a longer one)."""
+        hidden = self._hidden(token_ids, on_layer, cache)
+        last = self._model.lm_head(hidden[-1:])[0].float().cpu()
+        return last, prompt_logprobs(hidden, self._model.lm_head, next_ids, top_n)
+
+    def _hidden(self, token_ids: list[int], on_layer: LayerKvCallback, cache: DynamicCache | None) -> torch.Tensor:
+        """The final hidden states [tokens, hidden] of a forward pass, the layers' KV handed out."""
         cache = cache if cache is not None else self.new_cache()
         start = cache.get_seq_length()
         hooks = [layer.register_forward_hook(self._layer_hook(index, cache, start, on_layer))
                  for index, layer in enumerate(self._layers)]
         try:
             ids = torch.tensor([token_ids], device=self.device)
-            logits = self._model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits
+            return self._model.model(input_ids=ids, cache=cache, use_cache=True).last_hidden_state[0]
         finally:
             for hook in hooks:
                 hook.remove()
-        return logits[0, -1].float().cpu()
 
     @torch.inference_mode()
     def prefill_batch(self, prompts: list[list[int]], on_layer: list[LayerKvCallback]) -> list[torch.Tensor]:

@@ -13,6 +13,7 @@ import torch
 
 from services.common.errors import InternalFailure, InvalidRequest
 from services.common.logit_controls import TokenContext, apply_controls, check_controls
+from services.common.logprobs import check_top_n
 from services.common.pb import common_pb2
 from services.common.validation import check_temperature
 
@@ -38,6 +39,8 @@ class Sampling:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), ids ascending
     min_tokens: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None  # alternatives with each token's log-probability; None: none at all
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (computed by the prefill)
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -53,6 +56,8 @@ class Sampling:
                        self.logit_bias, self.stop_token_ids)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
+        check_top_n("logprobs", self.logprobs)
+        check_top_n("prompt_logprobs", self.prompt_logprobs)
 
     @property
     def reshapes_logits(self) -> bool:
@@ -111,6 +116,8 @@ def sampling_from_pb(params: common_pb2.SamplingParams, default_max_tokens: int)
         logit_bias=tuple(sorted(params.logit_bias.items())),
         min_tokens=params.min_tokens,
         stop_token_ids=tuple(params.stop_token_ids),
+        logprobs=params.logprobs if params.HasField("logprobs") else None,
+        prompt_logprobs=params.prompt_logprobs if params.HasField("prompt_logprobs") else None,
     )
 
 
@@ -121,4 +128,5 @@ def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
                                      frequency_penalty=params.frequency_penalty,
                                      repetition_penalty=params.repetition_penalty, min_p=params.min_p,
                                      logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens,
-                                     stop_token_ids=list(params.stop_token_ids))
+                                     stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
+                                     prompt_logprobs=params.prompt_logprobs)

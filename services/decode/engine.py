@@ -36,6 +36,7 @@ from services.common.errors import DeadlineExceeded, InternalFailure, RequestCan
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.logit_controls import TokenContext
+from services.common.scoring import token_logprob
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
@@ -74,7 +75,7 @@ class _Executed:
     """What one model-thread job returns: each run sequence's token (or why it has none) and the
     copied-out KV of each sequence being preempted."""
 
-    tokens: list[int | Exception]
+    tokens: list[Token | Exception]  # index: the completion index of the token
     swapped_out: list[list[object]]
 
 
@@ -142,7 +143,7 @@ class DecodeEngine:
         sequence.kv_bytes_received = receipt.byte_count
         self._metrics.kv_bytes_received.inc(receipt.byte_count)
         self._record_handoff(receipt)
-        self._kv_arrived(sequence, receipt.first_token)
+        self._kv_arrived(sequence, Token(receipt.first_token, sequence.position_offset))
 
     def transfer_failed(self, sequence: Sequence, lease: Lease, error: Exception) -> Exception:
         """A pushed transfer was bad: the request fails with its status, and the sender gets it
@@ -163,16 +164,25 @@ class DecodeEngine:
                                   f"prefill-{sequence.request_id}", self._wake.set)
         self._scheduler.watch(sequence, transfer)
 
-    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> int:
-        logits = await self._thread.run(self._runtime.prefill, sequence.prompt_ids,
-                                        lambda layer, k, v: writer.write(layer, 0, k, v))
-        return sample(logits, sequence.sampling, sequence.position_offset, self._context(sequence))
+    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> Token:
+        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+            writer.write(layer, 0, keys, values)
 
-    def _kv_arrived(self, sequence: Sequence, first_token: int) -> None:
+        prompt, top_n = sequence.prompt_ids, sequence.sampling.prompt_logprobs
+        if top_n is None:
+            logits, scored = await self._thread.run(self._runtime.prefill, prompt, on_layer), []
+        else:
+            logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:], top_n)
+        token = self._sample(logits, sequence)
+        if isinstance(token, Exception):
+            raise token
+        return Token(token.token_id, sequence.position_offset, token.logprob, tuple(scored))
+
+    def _kv_arrived(self, sequence: Sequence, first: Token) -> None:
         """The KV is complete: the first token goes out on the stream too (the gateway has it from
         the prefill already, unless that prefill died before passing it on) and the sequence joins."""
-        sequence.events.put_nowait(Token(first_token, sequence.position_offset))
-        sequence.generated.append(first_token)
+        sequence.events.put_nowait(first)
+        sequence.generated.append(first.token_id)
         if self._finish(sequence) is None:
             self._scheduler.ready(sequence)
             self._wake.set()
@@ -214,8 +224,8 @@ class DecodeEngine:
 
     def _apply(self, plan: StepPlan) -> None:
         """What the plan says before the step: arrivals join, failures are told, swap-ins start."""
-        for sequence, first_token in plan.arrived:
-            self._kv_arrived(sequence, first_token)
+        for sequence, first in plan.arrived:
+            self._kv_arrived(sequence, first)
         for sequence, error in plan.failed:
             self._fail(sequence, error)
         for sequence in plan.swap_in:
@@ -254,9 +264,14 @@ class DecodeEngine:
         logits = self._runner.step(slots)
         return _Executed([self._sample(logits[row], s) for row, s in enumerate(plan.run)], swapped)
 
-    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> int | Exception:
+    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> Token | Exception:
+        """The sequence's next token, with its log-probability when asked (from the logits before
+        any control reshaped them)."""
         try:
-            return sample(logits, sequence.sampling, sequence.completion_index, self._context(sequence))
+            index = sequence.completion_index
+            token_id = sample(logits, sequence.sampling, index, self._context(sequence))
+            top_n = sequence.sampling.logprobs
+            return Token(token_id, index, None if top_n is None else token_logprob(logits, token_id, top_n))
         except Exception as error:  # noqa: BLE001 - only this sequence fails
             return error
 
@@ -275,8 +290,8 @@ class DecodeEngine:
             if isinstance(token, Exception):
                 self._fail(sequence, token if isinstance(token, InternalFailure) else InternalFailure(str(token)))
                 continue
-            sequence.generated.append(token)
-            sequence.events.put_nowait(Token(token, sequence.completion_index - 1))
+            sequence.generated.append(token.token_id)
+            sequence.events.put_nowait(token)
             self._finish(sequence)
         for sequence, messages in zip(plan.swap_out, executed.swapped_out):
             self._scheduler.copied_out(sequence)

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.decode.blocks import BlockManager
-from services.decode.sequence import Sequence, State
+from services.decode.sequence import Sequence, State, Token
 from services.decode.transfers import Poll, Transfer
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class StepPlan:
     run: list[Sequence] = field(default_factory=list)  # one decode step each (blocks already grown)
     swap_out: list[Sequence] = field(default_factory=list)  # copy KV out in the step's job, then store it
     swap_in: list[Sequence] = field(default_factory=list)  # blocks reserved under a new lease: bring KV back
-    arrived: list[tuple[Sequence, int]] = field(default_factory=list)  # fill done: (sequence, first token)
+    arrived: list[tuple[Sequence, Token]] = field(default_factory=list)  # fill done: (sequence, first token)
     failed: list[tuple[Sequence, BaseException]] = field(default_factory=list)  # blocks already freed
 
     @property
@@ -131,7 +131,7 @@ class Scheduler:
             elif status is Poll.FAILED:
                 self._fail(sequence, transfer.error(), plan)  # type: ignore[union-attr]
             elif sequence.state is State.AWAITING_KV:
-                plan.arrived.append((sequence, int(transfer.result())))  # type: ignore[union-attr]
+                plan.arrived.append((sequence, transfer.result()))  # type: ignore[union-attr,arg-type]
             elif sequence.state is State.SWAPPING_OUT:
                 self._preempt_done(sequence, swapped=bool(transfer.result()))  # type: ignore[union-attr]
             elif sequence.state is State.SWAPPING_IN:

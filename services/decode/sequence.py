@@ -7,6 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from services.common.logprobs import TokenLogprob
 from services.common.sampling import Sampling
 from services.decode.blocks import Lease
 from services.decode.transfers import Transfer
@@ -26,6 +27,8 @@ class State(enum.Enum):
 class Token:
     token_id: int
     index: int
+    logprob: TokenLogprob | None = None  # when the request asks for logprobs (none on a re-sent first token)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # a locally prefilled first token's, when asked
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
 from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
 from services.common.kv_shm import ShmReceiver
+from services.common import logprobs
 from services.common.kv_wire import parse_wire, transfer_prefix
 from services.common.logs import request_id_var, request_tag
 from services.common.model_info import model_info_pb
@@ -22,7 +23,7 @@ from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.decode.engine import FINISH_LENGTH, DecodeEngine
-from services.decode.sequence import Finished, Sequence
+from services.decode.sequence import Finished, Sequence, Token
 
 tracer = trace.get_tracer("disagg.decode")
 _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, FINISH_LENGTH: common_pb2.FINISH_REASON_LENGTH}
@@ -86,8 +87,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                         reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
                 else:
                     tokens += 1
-                    yield decode_pb2.DecodeEvent(token=decode_pb2.DecodeToken(token_id=event.token_id,
-                                                                              index=event.index))
+                    yield decode_pb2.DecodeEvent(token=_token_pb(event))
 
     @grpc_edge(new_work=False)  # part of an admitted request's work: accepted while draining
     async def TransferKv(self, request_iterator: TransferStream,
@@ -213,3 +213,11 @@ def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
     name = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     server.add_registered_method_handlers(name, handlers)
+
+
+def _token_pb(event: Token) -> decode_pb2.DecodeToken:
+    message = decode_pb2.DecodeToken(token_id=event.token_id, index=event.index,
+                                     prompt_logprobs=[logprobs.to_pb(entry) for entry in event.prompt_logprobs])
+    if event.logprob is not None:
+        message.logprob.CopyFrom(logprobs.to_pb(event.logprob))
+    return message

@@ -7,7 +7,7 @@
      storing it in the kvstore); unified and conditional modes skip it (the decode prefills)
   -> the decode's tokens, by completion index: indices already passed on are skipped (the decode
      sends the first token too, for when the prefill that sampled it died before passing it on)
-  -> (0, finish reason). However the try ends, its calls to the workers are cancelled, which frees
+  -> the finish reason. However the try ends, its calls to the workers are cancelled, which frees
      what they hold.
 Errors: one that is the decode worker's (its own call failed, or the prefill says the decode caused
 it) comes out as that call's gRPC status, for the failover rules; any other (a kvstore that is
@@ -27,7 +27,9 @@ import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
+from services.common import logprobs
 from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError
+from services.common.logprobs import TokenLogprob
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from services.gateway.prefill_route import PrefillRoute, fault_role
 from services.gateway.routing import Worker, WorkerPool
@@ -70,6 +72,21 @@ class Timeline:
 
 
 @dataclass(frozen=True, slots=True)
+class Delivery:
+    """A try's next new token, or (finish set) its end."""
+
+    token_id: int = 0
+    finish: str | None = None
+    logprob: TokenLogprob | None = None  # when the request asks for logprobs and the worker had it
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with the first token, when the request asks
+
+    @classmethod
+    def of(cls, token: prefill_pb2.FirstToken | decode_pb2.DecodeToken) -> Delivery:
+        return cls(token.token_id, None, logprobs.from_pb(token.logprob) if token.HasField("logprob") else None,
+                   tuple(logprobs.from_pb(entry) for entry in token.prompt_logprobs))
+
+
+@dataclass(frozen=True, slots=True)
 class AttemptRequests:
     """What the workers are asked: the same prompt, sampling and position for both."""
 
@@ -87,8 +104,8 @@ class AttemptRunner:
         self._prefill_route = prefill_route
 
     async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
-                     failed: set[str]) -> AsyncIterator[tuple[int, str | None]]:
-        """(token, None) for each new token, then (0, finish reason)."""
+                     failed: set[str]) -> AsyncIterator[Delivery]:
+        """Each new token, then the finish."""
         calls: list[grpc.aio.Call] = []
         delivered = requests.offset
         with ExitStack() as leases:
@@ -108,37 +125,37 @@ class AttemptRunner:
                 if not local:
                     requests.prefill.decode_address = decode.address
                     requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
-                    async for token in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
+                    async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
                         delivered += 1
-                        yield token, None
-                async for token, finish in self._decoded(decode_call, delivered):
-                    yield token, finish
+                        yield delivery
+                async for delivery in self._decoded(decode_call, delivered):
+                    yield delivery
             finally:
                 for call in calls:
                     call.cancel()
 
     @staticmethod
-    async def _decoded(call: grpc.aio.UnaryStreamCall, delivered: int) -> AsyncIterator[tuple[int, str | None]]:
+    async def _decoded(call: grpc.aio.UnaryStreamCall, delivered: int) -> AsyncIterator[Delivery]:
         """The decode's tokens from completion index `delivered` on, then its finish."""
         # read() rather than `async for`: admission already read from this call
         while (event := await call.read()) is not grpc.aio.EOF:
             if event.HasField("finished"):
-                yield 0, FINISH_NAMES[event.finished.reason]
+                yield Delivery(finish=FINISH_NAMES[event.finished.reason])
                 return
             if event.token.index >= delivered:
                 delivered = event.token.index + 1
-                yield event.token.token_id, None
+                yield Delivery.of(event.token)
         raise KvProtocolError("decode stream ended without a finish event")
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: Timeline,
-                       decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt) -> AsyncIterator[int]:
+                       decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt) -> AsyncIterator[Delivery]:
         """The first token as soon as it is sampled; returns once the KV handoff is complete (see
         the module docstring for how errors come out)."""
         first_attempt = attempt.number * self._prefill_route.attempts
         try:
             async for event in self._prefill_route.events(request, calls, decode_call, first_attempt):
                 if event.HasField("first_token"):
-                    yield event.first_token.token_id
+                    yield Delivery.of(event.first_token)
                 else:
                     timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
         except grpc.aio.AioRpcError as error:

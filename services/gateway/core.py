@@ -24,19 +24,20 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
-from services.common.errors import InvalidRequest
+from services.common.errors import BackendUnavailable, InvalidRequest
 from services.common.logit_controls import check_vocabulary
+from services.common.logprobs import TokenLogprob
 from services.common.metrics import GatewayMetrics
 from services.common.pb import decode_pb2, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
 from services.common.validation import check_budget_mb
-from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, Timeline
+from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, Delivery, Timeline
 from services.gateway.prefill_route import PrefillRoute
 from services.gateway.routing import WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
@@ -78,6 +79,9 @@ class GenerateOutput:
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asks for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first output, when asked
+    prompt_token_ids: tuple[int, ...] = ()  # with prompt_logprobs: the prompt (after any chat template)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,26 +150,29 @@ class Gateway:
                 try:
                     requests = self._requests(request, prompt_ids + generated, len(generated))
                     async with aclosing(self._attempts.tokens(requests, timeline, attempt, failed)) as tokens:
-                        async for token_id, finish in tokens:
-                            if finish is not None:
-                                yield self._finish(request, prompt_ids, timeline, [], stream.flush(), finish)
+                        async for delivery in tokens:
+                            if delivery.finish is not None:
+                                output = GenerateOutput([], stream.flush())
+                                yield self._finish(request, prompt_ids, timeline, output, delivery.finish)
                                 return
                             timeline.token()
-                            generated.append(token_id)
-                            if token_id in request.sampling.stop_token_ids:  # its text is not part of the output
-                                yield self._finish(request, prompt_ids, timeline, [token_id], stream.flush(), "stop")
+                            output = _token_output(request.sampling, prompt_ids, delivery, first=not generated)
+                            generated.append(delivery.token_id)
+                            if delivery.token_id in request.sampling.stop_token_ids:  # its text is not output
+                                yield self._finish(request, prompt_ids, timeline, replace(output, text=stream.flush()),
+                                                   "stop")
                                 return
-                            delta, stopped = stream.add(token_id)
+                            delta, stopped = stream.add(delivery.token_id)
                             if stopped:
-                                yield self._finish(request, prompt_ids, timeline, [token_id], delta, "stop")
+                                yield self._finish(request, prompt_ids, timeline, replace(output, text=delta), "stop")
                                 return
-                            yield GenerateOutput([token_id], delta)
+                            yield replace(output, text=delta)
                 except grpc.aio.AioRpcError as error:
                     self._report_decode(error, attempt)
                     if (reason := self._complete(request, generated)) is not None:
                         # the stream broke after its last token: nothing is missing (a failover
                         # would sample one token too many, or go on past the end of sequence)
-                        yield self._finish(request, prompt_ids, timeline, [], stream.flush(), reason)
+                        yield self._finish(request, prompt_ids, timeline, GenerateOutput([], stream.flush()), reason)
                         return
                     if not self._may_fail_over(error, attempt, failover):
                         raise
@@ -183,6 +190,8 @@ class Gateway:
         decode that finishes the request deletes what a failed one left in the kvstore (everything
         of a request shares one key prefix)."""
         sampling = sampling_to_pb(request.sampling)
+        if offset:  # the prompt's log-probabilities came with the first token, before the failover
+            sampling.ClearField("prompt_logprobs")
         common = {"request_id": request.request_id, "prompt_token_ids": prompt_ids, "sampling": sampling,
                   "position_offset": offset, "client_request_id": request.name}
         return AttemptRequests(prefill_pb2.PrefillRequest(**common),
@@ -209,11 +218,11 @@ class Gateway:
         return (error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
                 and failover < self._limits.max_failovers)
 
-    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: Timeline, token_ids: list[int],
-                text: str, reason: str) -> GenerateOutput:
+    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: Timeline, output: GenerateOutput,
+                reason: str) -> GenerateOutput:
         usage = Usage(len(prompt_ids), len(timeline.token_times))
         self._observe(request.name, usage, timeline)
-        return GenerateOutput(token_ids, text, reason, usage)
+        return replace(output, finish_reason=reason, usage=usage)
 
     def _observe(self, request_id: str, usage: Usage, timeline: Timeline) -> None:
         times, metrics = timeline.token_times, self._metrics
@@ -233,3 +242,18 @@ class Gateway:
                      " | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
                      usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
                      tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
+
+
+def _token_output(sampling: Sampling, prompt_ids: list[int], delivery: Delivery, first: bool) -> GenerateOutput:
+    """The output of one new token (its text is added by the caller), with the log-probabilities the
+    request asks for. A worker that did not send them (a first token re-sent by the decode after the
+    prefill that sampled it died) fails the request rather than leave a gap."""
+    if sampling.logprobs is not None and delivery.logprob is None:
+        raise BackendUnavailable("a token's log-probability was lost with the worker that sampled it; retry")
+    scored = () if delivery.logprob is None else (delivery.logprob,)
+    if not first or sampling.prompt_logprobs is None:
+        return GenerateOutput([delivery.token_id], "", logprobs=scored)
+    if [entry.token_id for entry in delivery.prompt_logprobs] != prompt_ids[1:]:
+        raise BackendUnavailable("the prompt's log-probabilities were lost with the prefill worker; retry")
+    return GenerateOutput([delivery.token_id], "", logprobs=scored, prompt_logprobs=delivery.prompt_logprobs,
+                          prompt_token_ids=tuple(prompt_ids))

@@ -6,7 +6,8 @@ event loop). It drives the same Gateway core as the gRPC API.
   GET  /v1/models (with max_model_len), GET /health
 
 A request field this server does not implement is refused with 400 naming it, unless it is
-harmless metadata or holds its neutral value (openai_fields).
+harmless metadata or holds its neutral value (openai_fields). Log-probabilities (completions
+`logprobs` and `echo`, chat `logprobs` and `top_logprobs`) come in OpenAI's shapes (openai_logprobs).
 
 Errors use OpenAI's shape and HTTP statuses: 400 bad JSON or field, 401 API key, 404 unknown
 model, 429/503 no capacity. A client that disconnects mid-stream cancels its request everywhere.
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import BackendUnavailable, InvalidRequest, ServiceError, status_of
+from services.common.logprobs import check_top_n
 from services.common.sampling import Sampling
 from services.common.server import Lifecycle
 from services.gateway.auth import ApiKeys, bearer
@@ -39,6 +41,7 @@ from services.gateway.fanout import merged
 from services.gateway.http_tokens import TokenRoutes, add_token_routes
 from services.gateway.openai_fields import unsupported_field
 from services.gateway.openai_formats import ChatFormat, CompletionFormat, Indexed, ResponseFormat
+from services.gateway.openai_logprobs import TokenNames
 from services.gateway.text import PromptEncoder
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
@@ -137,25 +140,34 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         authorize(request)
         check_model(body)
         _unsupported(body.n != 1, "n", "only n=1 is supported")
-        _unsupported(body.echo, "echo", "echo is not supported")
-        _unsupported(body.logprobs is not None, "logprobs", "logprobs are not supported")
         _unsupported((body.best_of or 1) != 1, "best_of", "only best_of=1 is supported")
         try:
             prompts = body.prompts()
         except InvalidRequest as error:
             raise _api_error(error) from None
-        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config) for prompt in prompts]
-        return await _respond(gateway, lifecycle, jobs, body, CompletionFormat(jobs[0].request_id, config.model_id))
+        scores = Scores(body.logprobs, body.logprobs if body.echo else None)
+        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores) for prompt in prompts]
+        names = TokenNames(encoder().tokenizer) if body.logprobs is not None else None
+        echo = [_prompt_text(prompt, encoder()) for prompt in prompts] if body.echo else None
+        form = CompletionFormat(jobs[0].request_id, config.model_id, names, echo)
+        return await _respond(gateway, lifecycle, jobs, body, form)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         authorize(request)
         check_model(body)
         _unsupported(body.n != 1, "n", "only n=1 is supported")
-        _unsupported(body.logprobs, "logprobs", "logprobs are not supported")
+        _unsupported(body.top_logprobs is not None and not body.logprobs, "top_logprobs",
+                     "top_logprobs needs logprobs: true")
+        try:
+            check_top_n("top_logprobs", body.top_logprobs)
+        except InvalidRequest as error:
+            raise _api_error(error) from None
         messages = [(message.role, message.text()) for message in body.messages]
-        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config)
-        return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id))
+        scores = Scores((body.top_logprobs or 0) if body.logprobs else None)
+        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config, scores)
+        names = TokenNames(encoder().tokenizer) if body.logprobs else None
+        return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
 
     return app
 
@@ -173,8 +185,21 @@ def _unsupported(condition: bool, param: str, message: str) -> None:
         raise ApiError(400, message, param)
 
 
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """The log-probabilities a request asks for (alternatives per token; None: none)."""
+
+    completion: int | None = None
+    prompt: int | None = None
+
+
+def _prompt_text(prompt: str | tuple[int, ...], encoder: PromptEncoder) -> str:
+    """What echo returns: the prompt as given, or its token ids decoded."""
+    return prompt if isinstance(prompt, str) else encoder.tokenizer.decode(list(prompt))
+
+
 def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple[str, str]] | None, body: _Common,
-         max_tokens: int | None, config: HttpApiConfig) -> GenerateInput:
+         max_tokens: int | None, config: HttpApiConfig, scores: Scores) -> GenerateInput:
     try:
         sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
@@ -185,7 +210,8 @@ def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple
                             frequency_penalty=body.frequency_penalty or 0.0,
                             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                             min_p=body.min_p or 0.0, logit_bias=_logit_bias(body), min_tokens=body.min_tokens,
-                            stop_token_ids=tuple(body.stop_token_ids or ()))
+                            stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=scores.completion,
+                            prompt_logprobs=scores.prompt)
     except InvalidRequest as error:
         raise _api_error(error) from None
     return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)
@@ -248,7 +274,7 @@ async def _sse(first: Indexed, outputs: AsyncIterator[Indexed], form: ResponseFo
         async with aclosing(outputs) as stream:
             yield _event(form.first())
             async for index, output in _prepend(first, stream):
-                if output.text or output.finish_reason:
+                if output.text or output.finish_reason or output.logprobs or output.prompt_logprobs:
                     yield _event(form.delta(output, index))
                 if output.usage is not None and usage_after:
                     usages.append(output.usage)

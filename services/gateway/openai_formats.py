@@ -1,13 +1,16 @@
 """How the OpenAI API's endpoints shape their responses: whole objects, stream chunks and usage.
 Outputs come tagged with their choice's index (a completion request may carry several prompts:
-choice i answers prompt i); usage sums every choice."""
+choice i answers prompt i); usage sums every choice. Log-probabilities: openai_logprobs."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from services.common.logprobs import TokenLogprob
 from services.gateway.core import GenerateOutput, Usage
+from services.gateway.openai_logprobs import TokenNames, chat_logprobs, completion_logprobs, joined
 
 Indexed = tuple[int, GenerateOutput]
 
@@ -55,23 +58,46 @@ class CompletionFormat(ResponseFormat):
     chunk_object = "text_completion"
     endpoint = "completions"
 
+    def __init__(self, request_id: str, model: str, names: TokenNames | None = None,
+                 echo: Sequence[str] | None = None) -> None:
+        super().__init__(request_id, model)
+        self._names = names  # set when the request asks for logprobs
+        self._echo = echo  # each choice's prompt text, when the request asks for echo
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
+
     def first(self) -> dict[str, Any]:
-        return self._chunk([self._choice(0, "", None)])
+        return self._chunk([{"index": 0, "text": "", "finish_reason": None, "logprobs": None}])
 
     def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
-        return self._chunk([self._choice(index, output.text, output.finish_reason)])
+        return self._chunk([self._choice(index, output)])
 
-    @staticmethod
-    def _choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text, "finish_reason": finish, "logprobs": None}
+    def _choice(self, index: int, output: GenerateOutput) -> dict[str, Any]:
+        """One output of choice `index`; its first output echoes the prompt (and its scores) when asked."""
+        text, token_ids = output.text, list(output.token_ids)
+        entries: list[TokenLogprob | None] = list(output.logprobs)
+        if index not in self._offsets:
+            self._offsets[index] = 0
+            if self._echo is not None:
+                text = self._echo[index] + text
+                if output.prompt_token_ids:
+                    token_ids = [*output.prompt_token_ids, *token_ids]
+                    entries = [None, *(output.prompt_logprobs or ()), *entries]
+        logprobs = None
+        if self._names is not None:
+            logprobs = completion_logprobs(self._names, token_ids, entries, self._offsets[index])
+            self._offsets[index] += sum(len(token) for token in logprobs["tokens"])
+        return {"index": index, "text": text, "finish_reason": output.finish_reason, "logprobs": logprobs}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {**self._base, "object": "text_completion", "choices": choices}
 
     def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
         grouped = _by_choice(outputs, choices)
-        body = self._chunk([self._choice(i, "".join(o.text for o in group), group[-1].finish_reason)
-                            for i, group in enumerate(grouped)])
+        parts = [[self._choice(i, output) for output in group] for i, group in enumerate(grouped)]
+        body = self._chunk([{"index": i, "text": "".join(part["text"] for part in made),
+                             "finish_reason": made[-1]["finish_reason"],
+                             "logprobs": joined([part["logprobs"] for part in made])}
+                            for i, made in enumerate(parts)])
         return {**body, "usage": _usage(_finished_usages(grouped))}
 
 
@@ -79,19 +105,29 @@ class ChatFormat(ResponseFormat):
     chunk_object = "chat.completion.chunk"
     endpoint = "chat_completions"
 
+    def __init__(self, request_id: str, model: str, names: TokenNames | None = None) -> None:
+        super().__init__(request_id, model)
+        self._names = names  # set when the request asks for logprobs
+
     def first(self) -> dict[str, Any]:
-        return self._chunk({"role": "assistant", "content": ""}, None, 0)
+        return self._chunk({"role": "assistant", "content": ""}, None, 0, None)
 
     def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
-        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason, index)
+        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason, index,
+                           self._logprobs(output))
 
-    def _chunk(self, delta: dict[str, str], finish: str | None, index: int) -> dict[str, Any]:
+    def _logprobs(self, output: GenerateOutput) -> dict[str, Any] | None:
+        return None if self._names is None else chat_logprobs(self._names, output.logprobs)
+
+    def _chunk(self, delta: dict[str, str], finish: str | None, index: int,
+               logprobs: dict[str, Any] | None) -> dict[str, Any]:
         return {**self._base, "object": "chat.completion.chunk",
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
     def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
         grouped = _by_choice(outputs, choices)
         return {**self._base, "object": "chat.completion", "usage": _usage(_finished_usages(grouped)),
                 "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in group)},
-                             "finish_reason": group[-1].finish_reason, "logprobs": None}
+                             "finish_reason": group[-1].finish_reason,
+                             "logprobs": joined([self._logprobs(output) for output in group])}
                             for i, group in enumerate(grouped)]}

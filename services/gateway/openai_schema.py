@@ -123,3 +123,4 @@ class ChatCompletionRequest(_Common):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False
+    top_logprobs: int | None = None  # alternatives per token (0-20), with logprobs: true

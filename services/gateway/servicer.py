@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import grpc
 from opentelemetry import trace
 
+from services.common import logprobs
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest
 from services.common.logs import request_id_var, request_tag
@@ -49,7 +50,11 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
 
 
 def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateResponse:
-    response = gateway_pb2.GenerateResponse(request_id=request_id, token_ids=output.token_ids, text=output.text)
+    response = gateway_pb2.GenerateResponse(request_id=request_id, token_ids=output.token_ids, text=output.text,
+                                            logprobs=[logprobs.to_pb(entry) for entry in output.logprobs],
+                                            prompt_logprobs=[logprobs.to_pb(entry)
+                                                             for entry in output.prompt_logprobs or ()],
+                                            prompt_token_ids=output.prompt_token_ids)
     if output.finish_reason is not None:
         response.finish_reason = _FINISH_PB[output.finish_reason]
     if output.usage is not None:

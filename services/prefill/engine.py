@@ -8,7 +8,9 @@ Life of a request, as a sequence of queues:
      segment is reserved meanwhile), then a finished layer group is cut into chunks, encoded off
      the event loop, and sent to every sink (the decode worker's TransferKv stream, the kvstore)
      while later layers compute
-  -> the first token is sampled from the last logits and emitted at once (TTFT)
+  -> the first token is sampled from the last logits and emitted at once (TTFT), with its
+     log-probability and the prompt's (computed from the forward pass's hidden states, a slice of
+     positions at a time; such a prompt is not batched with others) when the request asks
   (a prompt longer than the prefill chunk runs as several forward jobs, each chunk's KV sent as
   soon as it is computed, so one huge prompt neither blows memory nor starves the queue)
   -> the end message (chunk count, first token, forward end time) closes each sink; the decode's
@@ -29,12 +31,15 @@ from dataclasses import dataclass
 
 import torch
 from opentelemetry import trace
+from transformers import DynamicCache
 
 from services.common.errors import AlreadyExists, BackendUnavailable, InvalidRequest
 from services.common.kv_codec import RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
 from services.common.logit_controls import TokenContext, check_vocabulary
+from services.common.logprobs import TokenLogprob
+from services.common.scoring import token_logprob
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread, Timed
 from services.common.runtime import LayerKvCallback, ModelRuntime
@@ -46,6 +51,7 @@ from services.prefill.batcher import PrefillBatcher
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
+Forwarded = tuple[torch.Tensor, list[TokenLogprob]]  # the last position's logits; the prompt's scores if asked
 tracer = trace.get_tracer("disagg.prefill")
 
 
@@ -69,6 +75,8 @@ class PrefillJob:
 @dataclass(frozen=True, slots=True)
 class FirstToken:
     token_id: int
+    logprob: TokenLogprob | None = None  # when the request asks for logprobs
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # each prompt token's after the first, when asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,19 +174,17 @@ class PrefillEngine:
                 loop = asyncio.get_running_loop()
                 layers: asyncio.Queue[LayerKv] = asyncio.Queue()
                 pump = asyncio.ensure_future(self._pump(job.key, layout, layers, sinks))
-                forward = await self._forward(job.prompt_ids,
-                                              lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+                forward = await self._forward(job, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
-            first = job.known_first_token
-            if first is None:
-                first = sample(forward.value, job.sampling, job.position_offset, self._context(job))
+            first = self._first_token(job, forward.value)
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
-            yield FirstToken(first)
+            yield first
+            first_id = first.token_id
             if pump is not None:
                 first_sent = await pump
-            end = KvEnd(job.request_id, layout.chunk_count, first, perf_to_unix_nanos(forward_done))
+            end = KvEnd(job.request_id, layout.chunk_count, first_id, perf_to_unix_nanos(forward_done))
             for sink in sinks:
                 await sink.close(end)
             if store_sink is not None:  # the decode acknowledged: its keys now
@@ -199,7 +205,16 @@ class PrefillEngine:
     async def close(self) -> None:
         await self._tasks.cancel_all()
 
-    def _record_forward(self, forward: Timed[torch.Tensor]) -> None:
+    def _first_token(self, job: PrefillJob, forward: Forwarded) -> FirstToken:
+        """Sampled from the last logits (or a retry's known token), with what the request asks for."""
+        logits, scored = forward
+        first = job.known_first_token
+        if first is None:
+            first = sample(logits, job.sampling, job.position_offset, self._context(job))
+        top_n = job.sampling.logprobs
+        return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n), tuple(scored))
+
+    def _record_forward(self, forward: Timed[Forwarded]) -> None:
         started = int(forward.started_unix * 1e9)
         tracer.start_span("prefill.queue_wait", start_time=started - int(forward.queued_seconds * 1e9)).end(
             end_time=started)
@@ -220,22 +235,40 @@ class PrefillEngine:
         self._metrics.kv_throughput.observe(throughput)
         self._metrics.handoff_seconds.observe(summary.handoff_seconds)
 
-    async def _forward(self, prompt_ids: list[int], on_layer: LayerKvCallback) -> Timed[torch.Tensor]:
+    async def _forward(self, job: PrefillJob, on_layer: LayerKvCallback) -> Timed[Forwarded]:
+        """The whole prompt in one forward pass (batched with others, unless its prompt is scored)."""
+        top_n = job.sampling.prompt_logprobs
+        if top_n is not None:
+            return await self._thread.run_timed(self._runtime.prefill_scored, job.prompt_ids, on_layer,
+                                                job.prompt_ids[1:], top_n)
         if self._batcher is not None:
-            return await self._batcher.forward(prompt_ids, on_layer)
-        return await self._thread.run_timed(self._runtime.prefill, prompt_ids, on_layer)
+            timed = await self._batcher.forward(job.prompt_ids, on_layer)
+        else:
+            timed = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids, on_layer)
+        return Timed((timed.value, []), timed.queued_seconds, timed.run_seconds, timed.started_unix)
+
+    def _forward_chunk(self, job: PrefillJob, start: int, on_layer: LayerKvCallback, cache: DynamicCache
+                       ) -> Forwarded:
+        """On the model thread: one forward chunk of a long prompt, scored when the request asks."""
+        end = start + self._chunking.prefill_chunk_tokens
+        if job.sampling.prompt_logprobs is None:
+            return self._runtime.prefill(job.prompt_ids[start:end], on_layer, cache), []
+        return self._runtime.prefill_scored(job.prompt_ids[start:end], on_layer, job.prompt_ids[start + 1 : end + 1],
+                                            job.sampling.prompt_logprobs, cache)
 
     async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout,
-                                 sinks: list[KvSink]) -> tuple[Timed[torch.Tensor], float]:
+                                 sinks: list[KvSink]) -> tuple[Timed[Forwarded], float]:
         """Chunked prefill: each forward chunk is its own job on the model thread, so other
         requests' work runs in between and activations stay bounded; its KV chunks go out at once."""
         cache, step = self._runtime.new_cache(), self._chunking.prefill_chunk_tokens
         queued = run = 0.0
         first_sent, started_unix = 0.0, 0.0
+        scored: list[TokenLogprob] = []
         for start in range(0, len(job.prompt_ids), step):
             kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-            part = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids[start : start + step],
+            part = await self._thread.run_timed(self._forward_chunk, job, start,
                                                 lambda index, k, v: kv.__setitem__(index, (k, v)), cache)
+            scored.extend(part.value[1])
             queued, run = queued + part.queued_seconds, run + part.run_seconds
             started_unix = started_unix or part.started_unix
             keys, values = torch.stack([kv[i][0] for i in sorted(kv)]), torch.stack([kv[i][1] for i in sorted(kv)])
@@ -245,7 +278,7 @@ class PrefillEngine:
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
                 self.kv_bytes_held[job.key] += chunk.byte_length
-        return Timed(part.value, queued, run, started_unix), first_sent
+        return Timed((part.value[0], scored), queued, run, started_unix), first_sent
 
     async def _pump(self, key: str, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send the layout, then each layer group's chunks as soon as the group's layers are

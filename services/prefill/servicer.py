@@ -16,6 +16,7 @@ from services.common.model_info import model_info_pb
 from services.common.kv_wire import transfer_kv_bytes
 from services.common.pb import common_pb2, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelGeometry
+from services.common import logprobs
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
@@ -69,7 +70,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                          request.known_first_token if request.HasField("known_first_token") else None)
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
-                yield prefill_pb2.PrefillEvent(first_token=prefill_pb2.FirstToken(token_id=event.token_id))
+                yield prefill_pb2.PrefillEvent(first_token=_first_token_pb(event))
             else:
                 if sink.transport == "shm":
                     self.shm_transfers_total += 1
@@ -97,3 +98,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         return prefill_pb2.PrefillStats(active_requests=len(held), kv_bytes_held=sum(held.values()),
                                         requests_total=engine.requests_total, model=info,
                                         shm_transfers_total=self.shm_transfers_total)
+
+
+def _first_token_pb(event: FirstToken) -> prefill_pb2.FirstToken:
+    message = prefill_pb2.FirstToken(token_id=event.token_id,
+                                     prompt_logprobs=[logprobs.to_pb(entry) for entry in event.prompt_logprobs])
+    if event.logprob is not None:
+        message.logprob.CopyFrom(logprobs.to_pb(event.logprob))
+    return message
