@@ -12,6 +12,7 @@ from services.client.types import (
     Completion,
     GatewayError,
     GenerateChunk,
+    Guided,
     LogitControls,
     RetryPolicy,
     auth_metadata,
@@ -52,11 +53,12 @@ class SyncGatewayClient:
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                  request_id: str = "", timeout: float | None = None,
                  max_cache_budget_mb: float = 0.0, controls: LogitControls | None = None, logprobs: int | None = None,
-                 prompt_logprobs: int | None = None) -> Iterator[GenerateChunk]:
+                 prompt_logprobs: int | None = None,
+                 guided: Guided | None = None) -> Iterator[GenerateChunk]:
         """Stream a completion (see GatewayClient.generate)."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                 request_id, max_cache_budget_mb, controls, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs)
+                                prompt_logprobs=prompt_logprobs, guided=guided)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,18 +101,42 @@ class LogitControls:
         sampling.stop_token_ids.extend(self.stop_token_ids)
 
 
+@dataclass(frozen=True, slots=True)
+class Guided:
+    """Structured output, one of: any JSON object, a JSON schema (a dict or JSON text), a regular
+    expression the whole output matches, or a choice of strings the output is exactly one of."""
+
+    json_object: bool = False
+    json_schema: Mapping[str, object] | str | None = None
+    regex: str | None = None
+    choice: Sequence[str] | None = None
+
+    def to_pb(self) -> common_pb2.StructuredOutput:
+        if self.json_schema is not None:
+            schema = self.json_schema if isinstance(self.json_schema, str) else json.dumps(self.json_schema)
+            return common_pb2.StructuredOutput(json_schema=schema)
+        if self.regex is not None:
+            return common_pb2.StructuredOutput(regex=self.regex)
+        if self.choice is not None:
+            return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=list(self.choice)))
+        return common_pb2.StructuredOutput(json_object=self.json_object)
+
+
 def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[str, str]] | None,
                   max_tokens: int | None,
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
                   max_cache_budget_mb: float = 0.0,
                   controls: LogitControls | None = None, *, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None) -> gateway_pb2.GenerateRequest:
+                  prompt_logprobs: int | None = None,
+                  guided: Guided | None = None) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos,
                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     if controls is not None:
         controls.to_pb(sampling)
+    if guided is not None:
+        sampling.structured_output.CopyFrom(guided.to_pb())
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
                                           max_cache_budget_mb=max_cache_budget_mb)
     if messages is not None:

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
+from services.common.grammar import GrammarEngine  # noqa: E402
 from services.common.logprobs import TokenLogprob  # noqa: E402
 from services.common.scoring import prompt_logprobs  # noqa: E402
 from services.common.model_files import resolve_model_dir, weights_digest  # noqa: E402
@@ -85,12 +86,14 @@ class ModelRuntime:
 
     def __init__(self, model: str, dtype: str, device: str, cache_dir: Path) -> None:
         model_dir = resolve_model_dir(model, cache_dir)
+        self.model_dir = model_dir
         self.geometry = read_geometry(model_dir, model, dtype)
         self.device = resolve_device(device)
         log.info("loading %s (%s) on %s", model_dir, dtype, self.device)
         self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device)
         self._model.eval()
         self._layers = self._model.model.layers
+        self.grammars = GrammarEngine(model_dir, self.geometry.vocab_size, self.geometry.eos_token_ids)
 
     @property
     def model(self) -> torch.nn.Module:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common.errors import InternalFailure, InvalidRequest
+from services.common.grammar import Constraint
 from services.common.logit_controls import TokenContext, apply_controls, check_controls
 from services.common.logprobs import check_top_n
 from services.common.pb import common_pb2
@@ -41,6 +42,7 @@ class Sampling:
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None  # alternatives with each token's log-probability; None: none at all
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (computed by the prefill)
+    constraint: Constraint | None = None  # structured output: the grammar the output must match
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -70,16 +72,27 @@ class Sampling:
         return self.temperature == 0
 
 
-def sample(logits: torch.Tensor, params: Sampling, position: int, context: TokenContext | None = None) -> int:
-    """The token at completion position `position` given its 1-D float32 logits and, for the logit
-    controls, the row's tokens so far. Logits holding NaN or +inf (a broken model or KV) raise
-    InternalFailure instead of yielding an arbitrary token."""
+def sample(logits: torch.Tensor, params: Sampling, position: int, context: TokenContext | None = None,
+           allowed: torch.Tensor | None = None) -> int:
+    """The token at completion position `position` given its 1-D float32 logits, for the logit
+    controls the row's tokens so far, and for structured output the tokens its grammar allows (bool).
+    Logits holding NaN or +inf (a broken model or KV) raise InternalFailure instead of yielding an
+    arbitrary token."""
     peak = logits.max()
     if bool(torch.isnan(logits).any()) or not bool(torch.isfinite(peak)):
         raise InternalFailure("the model produced non-finite logits")
+    raw = logits
     if params.reshapes_logits:
         logits = apply_controls(logits, params, position, context or TokenContext((), 0, frozenset()))
         peak = logits.max()
+    if allowed is not None:
+        if not bool(allowed.any()):
+            raise InternalFailure("the output's grammar allows no token")
+        logits = logits.masked_fill(~allowed[: logits.numel()], float("-inf"))
+        peak = logits.max()
+        if not bool(torch.isfinite(peak)):  # min_tokens banned the only tokens allowed (EOS): the grammar wins
+            logits = raw.masked_fill(~allowed[: raw.numel()], float("-inf"))
+            peak = logits.max()
     if params.greedy:
         return int(torch.argmax(logits))
     # Shifted so the best score is 0: dividing by any allowed temperature cannot overflow.
@@ -118,7 +131,26 @@ def sampling_from_pb(params: common_pb2.SamplingParams, default_max_tokens: int)
         stop_token_ids=tuple(params.stop_token_ids),
         logprobs=params.logprobs if params.HasField("logprobs") else None,
         prompt_logprobs=params.prompt_logprobs if params.HasField("prompt_logprobs") else None,
+        constraint=constraint_from_pb(params.structured_output) if params.HasField("structured_output") else None,
     )
+
+
+def constraint_from_pb(message: common_pb2.StructuredOutput) -> Constraint:
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequest("structured_output is set but names no constraint")
+    if kind == "json_object" and not message.json_object:
+        raise InvalidRequest("structured_output.json_object must be true when set")
+    return Constraint(kind, message.regex if kind == "regex" else message.json_schema,
+                      tuple(message.choice.choices))
+
+
+def constraint_to_pb(constraint: Constraint) -> common_pb2.StructuredOutput:
+    if constraint.kind == "json_object":
+        return common_pb2.StructuredOutput(json_object=True)
+    if constraint.kind == "choice":
+        return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=list(constraint.choices)))
+    return common_pb2.StructuredOutput(**{constraint.kind: constraint.spec})
 
 
 def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
@@ -129,4 +161,6 @@ def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
                                      repetition_penalty=params.repetition_penalty, min_p=params.min_p,
                                      logit_bias=dict(params.logit_bias), min_tokens=params.min_tokens,
                                      stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
-                                     prompt_logprobs=params.prompt_logprobs)
+                                     prompt_logprobs=params.prompt_logprobs,
+                                     structured_output=None if params.constraint is None
+                                     else constraint_to_pb(params.constraint))

@@ -214,12 +214,16 @@ def client_files(tls: bool = False, ca: str | None = None, cert: str | None = No
     return files if tls or files.ca or files.cert else None
 
 
+CLIENT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
 def client_channel(module: ModuleType, address: str | Sequence[str], tls: TlsFiles | None) -> Any:
     """A channel of `module` (grpc or grpc.aio) from outside the services: plaintext, or TLS with
     `tls` read once. Several addresses (a comma separated list) make one round-robin channel over
     the servers whose health is SERVING (services/common/targets.py)."""
     target = channel_target(address)
-    options = [*target.options, *RECONNECT_OPTIONS]
+    # A response may carry a long prompt's log-probabilities (~155 bytes a token with 20 alternatives).
+    options = [*target.options, *RECONNECT_OPTIONS, ("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE_BYTES)]
     if tls is None:
         return module.insecure_channel(target.target, options=options)
     return module.secure_channel(target.target, tls.client_credentials(), options=[*options, *tls.channel_options()])

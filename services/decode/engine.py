@@ -27,12 +27,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, InternalFailure, RequestCancelled
+from services.common.errors import DeadlineExceeded, InternalFailure, InvalidRequest, RequestCancelled
+from services.common.grammar import GrammarState
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.logit_controls import TokenContext
@@ -113,6 +114,17 @@ class DecodeEngine:
     def budget_bytes(self, requested_mb: float) -> int:
         return self._admission.budget_bytes(requested_mb)
 
+    async def grammar(self, sequence: Sequence) -> GrammarState | None:
+        """A structured-output request's grammar, past the completion so far (a failover moved it into
+        the prompt); compiled off the event loop."""
+        if sequence.sampling.constraint is None:
+            return None
+        prompt, offset = sequence.prompt_ids, sequence.position_offset
+        if not 0 <= offset < len(prompt):
+            raise InvalidRequest(f"position_offset {offset} must be below the prompt's length")
+        return await asyncio.to_thread(self._runtime.grammars.start, sequence.sampling.constraint,
+                                       prompt[len(prompt) - offset :])
+
     def admit(self, request: Sequence) -> Sequence:
         """Admit a request (validated here, before anything is reserved) and reserve its prompt's blocks."""
         self._admission.check(request, self.sequences)
@@ -181,11 +193,26 @@ class DecodeEngine:
     def _kv_arrived(self, sequence: Sequence, first: Token) -> None:
         """The KV is complete: the first token goes out on the stream too (the gateway has it from
         the prefill already, unless that prefill died before passing it on) and the sequence joins."""
+        if not self._consume(sequence, first.token_id):
+            return
+        if sequence.grammar is not None and sequence.grammar.finished:
+            first = replace(first, ends_output=True)
         sequence.events.put_nowait(first)
         sequence.generated.append(first.token_id)
         if self._finish(sequence) is None:
             self._scheduler.ready(sequence)
             self._wake.set()
+
+    def _consume(self, sequence: Sequence, token_id: int) -> bool:
+        """Advance the sequence's grammar past its new token; False (the sequence failed) if it cannot."""
+        if sequence.grammar is None:
+            return True
+        try:
+            sequence.grammar.consume(token_id)
+        except InternalFailure as error:
+            self._fail(sequence, error)
+            return False
+        return True
 
     def _fail(self, sequence: Sequence, error: BaseException) -> None:
         self._scheduler.finish(sequence)
@@ -269,7 +296,8 @@ class DecodeEngine:
         any control reshaped them)."""
         try:
             index = sequence.completion_index
-            token_id = sample(logits, sequence.sampling, index, self._context(sequence))
+            allowed = None if sequence.grammar is None else sequence.grammar.allowed()
+            token_id = sample(logits, sequence.sampling, index, self._context(sequence), allowed)
             top_n = sequence.sampling.logprobs
             return Token(token_id, index, None if top_n is None else token_logprob(logits, token_id, top_n))
         except Exception as error:  # noqa: BLE001 - only this sequence fails
@@ -290,6 +318,10 @@ class DecodeEngine:
             if isinstance(token, Exception):
                 self._fail(sequence, token if isinstance(token, InternalFailure) else InternalFailure(str(token)))
                 continue
+            if not self._consume(sequence, token.token_id):
+                continue
+            if sequence.grammar is not None and sequence.grammar.finished:
+                token = replace(token, ends_output=True)
             sequence.generated.append(token.token_id)
             sequence.events.put_nowait(token)
             self._finish(sequence)
@@ -306,6 +338,8 @@ class DecodeEngine:
         if not sequence.sampling.ignore_eos and token in self._runtime.geometry.eos_token_ids:
             reason = FINISH_STOP
         elif token in sequence.sampling.stop_token_ids:
+            reason = FINISH_STOP
+        elif sequence.grammar is not None and sequence.grammar.finished:  # nothing more may follow
             reason = FINISH_STOP
         elif produced >= sequence.sampling.max_tokens:
             reason = FINISH_LENGTH

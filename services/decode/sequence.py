@@ -7,6 +7,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from services.common.grammar import GrammarState
 from services.common.logprobs import TokenLogprob
 from services.common.sampling import Sampling
 from services.decode.blocks import Lease
@@ -29,6 +30,7 @@ class Token:
     index: int
     logprob: TokenLogprob | None = None  # when the request asks for logprobs (none on a re-sent first token)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # a locally prefilled first token's, when asked
+    ends_output: bool = False  # the token completed the request's grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,7 @@ class Sequence:
     swaps: int = 0  # times it was swapped out (names its kvstore keys)
     admitted_at: float = field(default_factory=time.monotonic)
     kv_bytes_received: int = 0
+    grammar: GrammarState | None = None  # structured output: where the completion stands in its grammar
 
     @property
     def kv_tokens(self) -> int:

@@ -65,6 +65,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
             request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id))
         try:
+            # Compiled once admitted (a full pool refuses first) and before Accepted: no KV, so no
+            # first token, can arrive before the grammar is there.
+            sequence.grammar = await engine.grammar(sequence)
             yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted(kv_shm_host=self._shm_host))
             if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
                 engine.prefill_locally(sequence)
@@ -216,7 +219,7 @@ def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
 
 
 def _token_pb(event: Token) -> decode_pb2.DecodeToken:
-    message = decode_pb2.DecodeToken(token_id=event.token_id, index=event.index,
+    message = decode_pb2.DecodeToken(token_id=event.token_id, index=event.index, ends_output=event.ends_output,
                                      prompt_logprobs=[logprobs.to_pb(entry) for entry in event.prompt_logprobs])
     if event.logprob is not None:
         message.logprob.CopyFrom(logprobs.to_pb(event.logprob))

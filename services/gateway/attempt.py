@@ -79,11 +79,12 @@ class Delivery:
     finish: str | None = None
     logprob: TokenLogprob | None = None  # when the request asks for logprobs and the worker had it
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with the first token, when the request asks
+    ends_output: bool = False  # the token completed the output's grammar: nothing may follow
 
     @classmethod
     def of(cls, token: prefill_pb2.FirstToken | decode_pb2.DecodeToken) -> Delivery:
         return cls(token.token_id, None, logprobs.from_pb(token.logprob) if token.HasField("logprob") else None,
-                   tuple(logprobs.from_pb(entry) for entry in token.prompt_logprobs))
+                   tuple(logprobs.from_pb(entry) for entry in token.prompt_logprobs), token.ends_output)
 
 
 @dataclass(frozen=True, slots=True)

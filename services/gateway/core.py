@@ -19,6 +19,7 @@ up to --max-failovers), unless it already has every token (it then just finishes
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -137,11 +138,14 @@ class Gateway:
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
         timeline = Timeline()
+        if request.sampling.constraint is not None:  # a bad schema is 400 here, not on a worker
+            await asyncio.to_thread(request.sampling.constraint.check)
         with tracer.start_as_current_span("gateway.tokenize") as span:
             prompt_ids = self.tokenize(request)
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
         stream = TextStream(self.encoder.tokenizer, request.sampling.stop)
         generated: list[int] = []
+        ended = False  # the last token completed the output's grammar
         failed: set[str] = set()
         self.active_requests += 1
         try:
@@ -158,6 +162,7 @@ class Gateway:
                             timeline.token()
                             output = _token_output(request.sampling, prompt_ids, delivery, first=not generated)
                             generated.append(delivery.token_id)
+                            ended = delivery.ends_output
                             if delivery.token_id in request.sampling.stop_token_ids:  # its text is not output
                                 yield self._finish(request, prompt_ids, timeline, replace(output, text=stream.flush()),
                                                    "stop")
@@ -169,7 +174,8 @@ class Gateway:
                             yield replace(output, text=delta)
                 except grpc.aio.AioRpcError as error:
                     self._report_decode(error, attempt)
-                    if (reason := self._complete(request, generated)) is not None:
+                    if (reason := finished_already(request.sampling, generated, ended,
+                                                   self.encoder.eos_token_ids)) is not None:
                         # the stream broke after its last token: nothing is missing (a failover
                         # would sample one token too many, or go on past the end of sequence)
                         yield self._finish(request, prompt_ids, timeline, GenerateOutput([], stream.flush()), reason)
@@ -197,16 +203,6 @@ class Gateway:
         return AttemptRequests(prefill_pb2.PrefillRequest(**common),
                                decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb),
                                offset)
-
-    def _complete(self, request: GenerateInput, generated: list[int]) -> str | None:
-        """The finish reason of a completion that has all its tokens already, else None."""
-        if len(generated) >= request.sampling.max_tokens:
-            return "length"
-        sampling = request.sampling
-        if generated and (generated[-1] in sampling.stop_token_ids
-                          or not sampling.ignore_eos and generated[-1] in self.encoder.eos_token_ids):
-            return "stop"
-        return None
 
     def _report_decode(self, error: grpc.aio.AioRpcError, attempt: Attempt) -> None:
         """A decode worker that disappeared (UNAVAILABLE) is skipped with backoff."""
@@ -257,3 +253,16 @@ def _token_output(sampling: Sampling, prompt_ids: list[int], delivery: Delivery,
         raise BackendUnavailable("the prompt's log-probabilities were lost with the prefill worker; retry")
     return GenerateOutput([delivery.token_id], "", logprobs=scored, prompt_logprobs=delivery.prompt_logprobs,
                           prompt_token_ids=tuple(prompt_ids))
+
+
+def finished_already(sampling: Sampling, generated: list[int], ended: bool, eos_token_ids: frozenset[int]) -> str | None:
+    """The finish reason of a completion that has all its tokens already, else None (`ended`: its
+    last token completed its grammar, so a failover must not sample one more)."""
+    if ended:
+        return "stop"
+    if len(generated) >= sampling.max_tokens:
+        return "length"
+    if generated and (generated[-1] in sampling.stop_token_ids
+                      or not sampling.ignore_eos and generated[-1] in eos_token_ids):
+        return "stop"
+    return None

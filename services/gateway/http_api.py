@@ -5,6 +5,8 @@ event loop). It drives the same Gateway core as the gRPC API.
   POST /tokenize, POST /detokenize  (vLLM's utility endpoints)
   GET  /v1/models (with max_model_len), GET /health
 
+Structured output (`response_format` json_object / json_schema, vLLM's guided_json, guided_regex,
+guided_choice) becomes one grammar constraint (openai_structured).
 A request field this server does not implement is refused with 400 naming it, unless it is
 harmless metadata or holds its neutral value (openai_fields). Log-probabilities (completions
 `logprobs` and `echo`, chat `logprobs` and `top_logprobs`) come in OpenAI's shapes (openai_logprobs).
@@ -32,6 +34,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import BackendUnavailable, InvalidRequest, ServiceError, status_of
+from services.common.grammar import Constraint
 from services.common.logprobs import check_top_n
 from services.common.sampling import Sampling
 from services.common.server import Lifecycle
@@ -42,6 +45,7 @@ from services.gateway.http_tokens import TokenRoutes, add_token_routes
 from services.gateway.openai_fields import unsupported_field
 from services.gateway.openai_formats import ChatFormat, CompletionFormat, Indexed, ResponseFormat
 from services.gateway.openai_logprobs import TokenNames
+from services.gateway.openai_structured import constraint_of
 from services.gateway.text import PromptEncoder
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
@@ -146,7 +150,8 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         except InvalidRequest as error:
             raise _api_error(error) from None
         scores = Scores(body.logprobs, body.logprobs if body.echo else None)
-        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores) for prompt in prompts]
+        constraint = await _constraint(body)
+        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores, constraint) for prompt in prompts]
         names = TokenNames(encoder().tokenizer) if body.logprobs is not None else None
         echo = [_prompt_text(prompt, encoder()) for prompt in prompts] if body.echo else None
         form = CompletionFormat(jobs[0].request_id, config.model_id, names, echo)
@@ -165,7 +170,8 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
             raise _api_error(error) from None
         messages = [(message.role, message.text()) for message in body.messages]
         scores = Scores((body.top_logprobs or 0) if body.logprobs else None)
-        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config, scores)
+        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config, scores,
+                   await _constraint(body))
         names = TokenNames(encoder().tokenizer) if body.logprobs else None
         return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
 
@@ -198,8 +204,16 @@ def _prompt_text(prompt: str | tuple[int, ...], encoder: PromptEncoder) -> str:
     return prompt if isinstance(prompt, str) else encoder.tokenizer.decode(list(prompt))
 
 
+async def _constraint(body: _Common) -> Constraint | None:
+    try:
+        return await constraint_of(body.structured_fields())
+    except InvalidRequest as error:
+        raise _api_error(error) from None
+
+
 def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple[str, str]] | None, body: _Common,
-         max_tokens: int | None, config: HttpApiConfig, scores: Scores) -> GenerateInput:
+         max_tokens: int | None, config: HttpApiConfig, scores: Scores, constraint: Constraint | None
+         ) -> GenerateInput:
     try:
         sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
@@ -211,7 +225,7 @@ def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple
                             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                             min_p=body.min_p or 0.0, logit_bias=_logit_bias(body), min_tokens=body.min_tokens,
                             stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=scores.completion,
-                            prompt_logprobs=scores.prompt)
+                            prompt_logprobs=scores.prompt, constraint=constraint)
     except InvalidRequest as error:
         raise _api_error(error) from None
     return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)

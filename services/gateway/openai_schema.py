@@ -59,6 +59,15 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     min_tokens: int = Field(default=0, ge=0)  # vLLM's
     stop_token_ids: list[int] | None = None  # vLLM's
+    # structured output (openai_structured turns these into one constraint)
+    response_format: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None  # vLLM's
+    guided_regex: str | None = None  # vLLM's
+    guided_choice: list[str] | None = None  # vLLM's
+
+    def structured_fields(self) -> dict[str, Any]:
+        return {"response_format": self.response_format, "guided_json": self.guided_json,
+                "guided_regex": self.guided_regex, "guided_choice": self.guided_choice}
 
     def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as (token id, bias), ids ascending; a key that is not a token id raises ValueError."""

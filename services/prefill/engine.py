@@ -8,7 +8,8 @@ Life of a request, as a sequence of queues:
      segment is reserved meanwhile), then a finished layer group is cut into chunks, encoded off
      the event loop, and sent to every sink (the decode worker's TransferKv stream, the kvstore)
      while later layers compute
-  -> the first token is sampled from the last logits and emitted at once (TTFT), with its
+  -> the first token is sampled from the last logits (masked by the request's grammar, compiled off
+     the event loop before the forward pass, for structured output) and emitted at once (TTFT), with its
      log-probability and the prompt's (computed from the forward pass's hidden states, a slice of
      positions at a time; such a prompt is not batched with others) when the request asks
   (a prompt longer than the prefill chunk runs as several forward jobs, each chunk's KV sent as
@@ -37,6 +38,7 @@ from services.common.errors import AlreadyExists, BackendUnavailable, InvalidReq
 from services.common.kv_codec import RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
+from services.common.grammar import GrammarState
 from services.common.logit_controls import TokenContext, check_vocabulary
 from services.common.logprobs import TokenLogprob
 from services.common.scoring import token_logprob
@@ -77,6 +79,7 @@ class FirstToken:
     token_id: int
     logprob: TokenLogprob | None = None  # when the request asks for logprobs
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # each prompt token's after the first, when asked
+    ends_output: bool = False  # the token completed the request's grammar
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +131,8 @@ class PrefillEngine:
         check_vocabulary(job.sampling.logit_bias, job.sampling.stop_token_ids, geometry.vocab_size)
         if job.known_first_token is not None:
             check_token_ids("known_first_token", [job.known_first_token], geometry.vocab_size)
+        if not 0 <= job.position_offset < len(job.prompt_ids):
+            raise InvalidRequest(f"position_offset {job.position_offset} must be below the prompt's length")
         if len(job.prompt_ids) >= geometry.max_model_len:
             raise InvalidRequest(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                  f"{geometry.max_model_len}")
@@ -167,6 +172,7 @@ class PrefillEngine:
         pump: asyncio.Task[float] | None = None
         first_sent = 0.0
         try:
+            grammar = await self._grammar(job)  # after the key is held: a duplicate is refused meanwhile
             if self._chunked(job):
                 await _send_all(sinks, layout)
                 forward, first_sent = await self._forward_in_chunks(job, layout, sinks)
@@ -177,7 +183,7 @@ class PrefillEngine:
                 forward = await self._forward(job, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
-            first = self._first_token(job, forward.value)
+            first = self._first_token(job, forward.value, grammar)
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
             yield first
@@ -205,14 +211,28 @@ class PrefillEngine:
     async def close(self) -> None:
         await self._tasks.cancel_all()
 
-    def _first_token(self, job: PrefillJob, forward: Forwarded) -> FirstToken:
+    async def _grammar(self, job: PrefillJob) -> GrammarState | None:
+        """The request's grammar at the token sampled here (off the event loop: compiling takes ms)."""
+        constraint = job.sampling.constraint
+        if constraint is None or job.known_first_token is not None:
+            return None
+        so_far = job.prompt_ids[len(job.prompt_ids) - job.position_offset :]
+        return await asyncio.to_thread(self._runtime.grammars.start, constraint, so_far)
+
+    def _first_token(self, job: PrefillJob, forward: Forwarded, grammar: GrammarState | None) -> FirstToken:
         """Sampled from the last logits (or a retry's known token), with what the request asks for."""
         logits, scored = forward
         first = job.known_first_token
         if first is None:
-            first = sample(logits, job.sampling, job.position_offset, self._context(job))
+            allowed = None if grammar is None else grammar.allowed()
+            first = sample(logits, job.sampling, job.position_offset, self._context(job), allowed)
         top_n = job.sampling.logprobs
-        return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n), tuple(scored))
+        ends_output = False
+        if grammar is not None:
+            grammar.consume(first)
+            ends_output = grammar.finished
+        return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n), tuple(scored),
+                          ends_output)
 
     def _record_forward(self, forward: Timed[Forwarded]) -> None:
         started = int(forward.started_unix * 1e9)

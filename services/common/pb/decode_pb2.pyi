@@ -45,16 +45,18 @@ class Accepted(_message.Message):
     def __init__(self, kv_shm_host: _Optional[str] = ...) -> None: ...
 
 class DecodeToken(_message.Message):
-    __slots__ = ("token_id", "index", "logprob", "prompt_logprobs")
+    __slots__ = ("token_id", "index", "logprob", "prompt_logprobs", "ends_output")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ENDS_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     index: int
     logprob: _common_pb2.TokenLogprob
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprob]
-    def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ...) -> None: ...
+    ends_output: bool
+    def __init__(self, token_id: _Optional[int] = ..., index: _Optional[int] = ..., logprob: _Optional[_Union[_common_pb2.TokenLogprob, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprob, _Mapping]]] = ..., ends_output: _Optional[bool] = ...) -> None: ...
 
 class DecodeFinished(_message.Message):
     __slots__ = ("reason", "completion_tokens")
