@@ -74,3 +74,13 @@ def test_bad_token_requests_get_openai_errors(memory_stack: RunningStack, path: 
     response = httpx.post(memory_stack["http"] + path, json=body, timeout=30)
     assert response.status_code == status, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("extra", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                   {"tool_choice": "required"}])
+def test_tools_with_a_template_that_cannot_render_them_get_a_clear_400(memory_stack: RunningStack,
+                                                                      extra: dict) -> None:
+    body = {"model": MODEL, "max_tokens": 2, "messages": CHAT, **extra}
+    response = httpx.post(memory_stack["http"] + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 400
+    assert "chat template has no tool support" in response.json()["error"]["message"]

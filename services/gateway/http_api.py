@@ -160,6 +160,8 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         authorize(request)
+        check_model_id(body.model)
+        _refuse_tools(body.model_extra, encoder())
         check_model(body)
         _unsupported(body.n != 1, "n", "only n=1 is supported")
         _unsupported(body.top_logprobs is not None and not body.logprobs, "top_logprobs",
@@ -176,6 +178,16 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
 
     return app
+
+
+def _refuse_tools(extra: dict[str, Any] | None, encoder: PromptEncoder) -> None:
+    """Tools need a chat template that renders them: without one, say so (not just "unsupported")."""
+    extra = extra or {}
+    asked = [name for name in ("tools", "functions") if extra.get(name)]
+    asked += [name for name in ("tool_choice", "function_call") if extra.get(name) not in (None, "none")]
+    if asked and not encoder.supports_tools:
+        raise ApiError(400, f"{asked[0]}: this model's chat template has no tool support, so it cannot call tools",
+                       asked[0], "unsupported_parameter")
 
 
 def _ready(gateway: Callable[[], Gateway]) -> bool:

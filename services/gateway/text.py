@@ -23,6 +23,11 @@ class PromptEncoder:
             raise InvalidRequest("prompt must not be empty")
         return list(self.tokenizer.encode(prompt, add_special_tokens=True))
 
+    @property
+    def supports_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list (tool calling is impossible without it)."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
     def check_ids(self, ids: tuple[int, ...]) -> list[int]:
         """A prompt given as token ids: non-empty, every id inside the vocabulary."""
         if not ids:
