@@ -1,6 +1,6 @@
 """Nothing a client asks for is silently ignored: unimplemented controls (and implemented ones given
-a value of the wrong type) are refused with 400 naming them (their neutral values and harmless metadata pass), and vLLM's /tokenize and
-/detokenize work with the model's tokenizer."""
+a value of the wrong type) are refused with 400 naming them (their neutral values and harmless
+metadata pass), and vLLM's /tokenize and /detokenize work with the model's tokenizer."""
 
 from __future__ import annotations
 
