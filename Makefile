@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 EVAL_INSTALLED := $(VENV)/.eval-installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval soak clean
+.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval bench-prefill soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -73,6 +73,11 @@ bench: $(INSTALLED)
 bench-compare: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.compare $(COMPARE_ARGS)
+
+# The prefill's forward pass (whole, chunked, scored) vs Hugging Face's forward, in process.
+bench-prefill: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.prefill $(PREFILL_ARGS)
 
 # lm-eval scores through this server vs its own hf backend on the same data (services/bench/eval.py).
 bench-eval: $(EVAL_INSTALLED)
