@@ -2,15 +2,18 @@
 
 Life of a request, as a sequence of queues:
   admit (refuse what can never fit the pool, what is above the reject threshold, ids already live;
-  else reserve the prompt's blocks under a lease)                             -> AWAITING_KV
+  else reserve the prompt's blocks under a lease; compile a structured-output grammar off the
+  event loop)                                                                 -> AWAITING_KV
   -> its KV lands straight in those blocks, every write checking the lease: a TransferKv stream
      (chunks inline, or announced there and loaded from the kvstore; a retried transfer with a
      higher attempt supersedes an unfinished one) or a local prefill (unified mode, a background
      transfer); every chunk is verified                                       -> READY queue
   -> the loop: schedule (pure bookkeeping, see scheduler.py) -> execute (one model-thread job:
-     copy out the KV of sequences being preempted, then one batched decode step) -> postprocess
-     (append, stream, finish and free; start the swap transfers the plan asked for)
-  -> finished (EOS, max_tokens), failed (bad KV, KV timeout, a failed step) or cancelled;
+     copy out the KV of sequences being preempted, then one batched decode step, each row's token
+     chosen by choosing.py: controls, grammar mask, sample, log-probability) -> postprocess (the
+     grammar takes the token; append, stream, finish and free; start the swap transfers asked for)
+  -> finished (EOS, a stop token id, a complete grammar, max_tokens), failed (bad KV, KV timeout,
+     a failed step) or cancelled;
      however it ends, its blocks return to the pool, its lease is revoked (late writes are
      dropped) and its stored KV is deleted.
 A failing step fails only its own sequences. If the loop itself ever ends, `on_fatal` is called
@@ -27,25 +30,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, InternalFailure, InvalidRequest, RequestCancelled
+from services.common.errors import DeadlineExceeded, InternalFailure, RequestCancelled
 from services.common.grammar import GrammarState
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
-from services.common.logit_controls import TokenContext
-from services.common.scoring import token_logprob
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
-from services.common.sampling import sample
 from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
 from services.decode.admission import Admission, AdmissionLimits
 from services.decode.blocks import BlockManager, BlockPool, Lease, LeasedWriter, PoolConfig
+from services.decode.choosing import TokenChooser
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
 from services.decode.sequence import Event, Finished, Sequence, State, Token
@@ -95,6 +96,7 @@ class DecodeEngine:
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))
         self._admission = Admission(runtime.geometry, self.blocks, limits.admission)
+        self._chooser = TokenChooser(runtime)
         self.sequences: dict[str, Sequence] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wake = asyncio.Event()
@@ -115,15 +117,8 @@ class DecodeEngine:
         return self._admission.budget_bytes(requested_mb)
 
     async def grammar(self, sequence: Sequence) -> GrammarState | None:
-        """A structured-output request's grammar, past the completion so far (a failover moved it into
-        the prompt); compiled off the event loop."""
-        if sequence.sampling.constraint is None:
-            return None
-        prompt, offset = sequence.prompt_ids, sequence.position_offset
-        if not 0 <= offset < len(prompt):
-            raise InvalidRequest(f"position_offset {offset} must be below the prompt's length")
-        return await asyncio.to_thread(self._runtime.grammars.start, sequence.sampling.constraint,
-                                       prompt[len(prompt) - offset :])
+        """A structured-output request's grammar (see TokenChooser.grammar)."""
+        return await self._chooser.grammar(sequence)
 
     def admit(self, request: Sequence) -> Sequence:
         """Admit a request (validated here, before anything is reserved) and reserve its prompt's blocks."""
@@ -185,7 +180,7 @@ class DecodeEngine:
             logits, scored = await self._thread.run(self._runtime.prefill, prompt, on_layer), []
         else:
             logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:], top_n)
-        token = self._sample(logits, sequence)
+        token = self._chooser.choose(logits, sequence)
         if isinstance(token, Exception):
             raise token
         return Token(token.token_id, sequence.position_offset, token.logprob, tuple(scored))
@@ -193,26 +188,22 @@ class DecodeEngine:
     def _kv_arrived(self, sequence: Sequence, first: Token) -> None:
         """The KV is complete: the first token goes out on the stream too (the gateway has it from
         the prefill already, unless that prefill died before passing it on) and the sequence joins."""
-        if not self._consume(sequence, first.token_id):
+        if (accepted := self._accept(sequence, first)) is None:
             return
-        if sequence.grammar is not None and sequence.grammar.finished:
-            first = replace(first, ends_output=True)
+        first = accepted
         sequence.events.put_nowait(first)
         sequence.generated.append(first.token_id)
         if self._finish(sequence) is None:
             self._scheduler.ready(sequence)
             self._wake.set()
 
-    def _consume(self, sequence: Sequence, token_id: int) -> bool:
-        """Advance the sequence's grammar past its new token; False (the sequence failed) if it cannot."""
-        if sequence.grammar is None:
-            return True
+    def _accept(self, sequence: Sequence, token: Token) -> Token | None:
+        """The token as it goes out; None (the sequence failed) if its grammar cannot take it."""
         try:
-            sequence.grammar.consume(token_id)
+            return self._chooser.accept(sequence, token)
         except InternalFailure as error:
             self._fail(sequence, error)
-            return False
-        return True
+            return None
 
     def _fail(self, sequence: Sequence, error: BaseException) -> None:
         self._scheduler.finish(sequence)
@@ -289,27 +280,7 @@ class DecodeEngine:
             return _Executed([], swapped)
         slots = [StepSlot(self.blocks.table(s.request_id), s.kv_tokens, s.generated[-1]) for s in plan.run]
         logits = self._runner.step(slots)
-        return _Executed([self._sample(logits[row], s) for row, s in enumerate(plan.run)], swapped)
-
-    def _sample(self, logits: torch.Tensor, sequence: Sequence) -> Token | Exception:
-        """The sequence's next token, with its log-probability when asked (from the logits before
-        any control reshaped them)."""
-        try:
-            index = sequence.completion_index
-            allowed = None if sequence.grammar is None else sequence.grammar.allowed()
-            token_id = sample(logits, sequence.sampling, index, self._context(sequence), allowed)
-            top_n = sequence.sampling.logprobs
-            return Token(token_id, index, None if top_n is None else token_logprob(logits, token_id, top_n))
-        except Exception as error:  # noqa: BLE001 - only this sequence fails
-            return error
-
-    def _context(self, sequence: Sequence) -> TokenContext | None:
-        """The tokens the logit controls see (built only for a request that uses them): the prompt,
-        whose last `position_offset` tokens were generated before a failover, then the completion."""
-        if not sequence.sampling.reshapes_logits:
-            return None
-        return TokenContext(sequence.prompt_ids + sequence.generated,
-                            len(sequence.prompt_ids) - sequence.position_offset, self._runtime.geometry.eos_token_ids)
+        return _Executed([self._chooser.choose(logits[row], s) for row, s in enumerate(plan.run)], swapped)
 
     def _postprocess(self, plan: StepPlan, executed: _Executed) -> None:
         for sequence, token in zip(plan.run, executed.tokens):
@@ -318,10 +289,9 @@ class DecodeEngine:
             if isinstance(token, Exception):
                 self._fail(sequence, token if isinstance(token, InternalFailure) else InternalFailure(str(token)))
                 continue
-            if not self._consume(sequence, token.token_id):
+            if (accepted := self._accept(sequence, token)) is None:
                 continue
-            if sequence.grammar is not None and sequence.grammar.finished:
-                token = replace(token, ends_output=True)
+            token = accepted
             sequence.generated.append(token.token_id)
             sequence.events.put_nowait(token)
             self._finish(sequence)
