@@ -4,11 +4,13 @@ to Hugging Face `generate`."""
 
 from __future__ import annotations
 
+import math
+import re
 import signal
 
 import pytest
 
-from services.client import GatewayClient
+from services.client import GatewayClient, Guided
 from tests.conftest import RunningStack, add_service, busy_decode, start_stack
 
 PROMPT = "Once upon a time, in a small village,"
@@ -40,3 +42,33 @@ async def test_killed_decode_worker_is_replaced_mid_stream(two_decode_stack: Run
     assert "".join(text) == encoder.tokenizer.decode(expected, skip_special_tokens=True)
     assert last.usage.completion_tokens == len(expected)
     assert two_decode_stack.stack.processes[victim].wait(10) == -signal.SIGKILL
+
+
+REGEX = " there lived( [a-z]+){12,30}[.]"
+
+
+async def test_a_failover_keeps_the_grammar_and_the_logprobs(two_decode_stack: RunningStack) -> None:
+    """The new decode replays the completion so far into the request's grammar; every token still
+    has its log-probability (the one sampled after the failover comes from the new prefill)."""
+    running = two_decode_stack
+    alive = [name for name in ("decode", "decode2") if running.stack.processes[name].poll() is None]
+    running.addresses["decode3"] = add_service(running, "decode3", "decode")
+    decodes = [*alive, "decode3"]
+    add_service(running, "gateway3", "gateway", "--decode-addresses", ",".join(running[name] for name in decodes))
+    options = {"max_tokens": 40, "temperature": 0, "logprobs": 2, "guided": Guided(regex=REGEX)}
+    async with GatewayClient(running["gateway3"]) as client:
+        whole = await client.complete(PROMPT, **options)
+        tokens, logprobs, text = [], [], []
+        async for chunk in client.generate(PROMPT, **options):
+            tokens += chunk.token_ids
+            logprobs += chunk.logprobs
+            text.append(chunk.text)
+            if len(tokens) == 8:
+                victim = await busy_decode(running, "gateway3", decodes)
+                running.stack.processes[victim].send_signal(signal.SIGKILL)
+    assert running.stack.processes[victim].wait(10) == -signal.SIGKILL
+    assert tokens == whole.token_ids and len(tokens) > 8
+    assert "".join(text) == whole.text and whole.finish_reason == "stop" and re.fullmatch(REGEX, whole.text)
+    assert [entry.token_id for entry in logprobs] == tokens
+    for resumed, alone in zip(logprobs, whole.logprobs, strict=True):
+        assert math.isclose(resumed.logprob, alone.logprob, abs_tol=1e-4)
