@@ -11,7 +11,9 @@ is in services.common.scoring. This module holds no torch: the client SDK uses i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import InvalidRequest
 from services.common.pb import common_pb2
@@ -36,6 +38,14 @@ def to_pb(entry: TokenLogprob) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob, rank=entry.rank,
                                    top_token_ids=[token for token, _ in entry.top],
                                    top_logprobs=[value for _, value in entry.top])
+
+
+def token_fields(logprob: TokenLogprob | None, prompt: Sequence[TokenLogprob]) -> dict[str, Any]:
+    """The log-probability fields of a FirstToken or DecodeToken message, as constructor arguments."""
+    fields: dict[str, Any] = {"prompt_logprobs": [to_pb(entry) for entry in prompt]}
+    if logprob is not None:
+        fields["logprob"] = to_pb(logprob)
+    return fields
 
 
 def from_pb(entry: common_pb2.TokenLogprob) -> TokenLogprob:

@@ -109,17 +109,17 @@ class ModelRuntime:
         """Forward the prompt (or, with `cache`, its next chunk); call `on_layer` with each layer's
         KV of these tokens as soon as the layer is done. Returns the last position's logits
         (float32, on CPU)."""
-        hidden = self._hidden(token_ids, on_layer, cache)
-        return self._model.lm_head(hidden[-1:])[0].float().cpu()  # as HF's logits_to_keep=1 computes it
+        return self.prefill_scored(token_ids, on_layer, [], None, cache)[0]
 
     @torch.inference_mode()
-    def prefill_scored(self, token_ids: list[int], on_layer: LayerKvCallback, next_ids: list[int], top_n: int,
-                       cache: DynamicCache | None = None) -> tuple[torch.Tensor, list[TokenLogprob]]:
-        """`prefill`, and the log-probability of `next_ids[i]` at position i (the prompt's own next
-        tokens: one fewer than `token_ids` for a whole prompt, as many for a chunk of a longer one)."""
+    def prefill_scored(self, token_ids: list[int], on_layer: LayerKvCallback, next_ids: list[int],
+                       top_n: int | None, cache: DynamicCache | None = None) -> tuple[torch.Tensor, list[TokenLogprob]]:
+        """`prefill`, and, unless `top_n` is None, the log-probability of `next_ids[i]` at position i
+        (the prompt's own next tokens: one fewer than `token_ids` for a whole prompt, as many for a
+        chunk of a longer one) with the `top_n` most likely tokens there."""
         hidden = self._hidden(token_ids, on_layer, cache)
-        last = self._model.lm_head(hidden[-1:])[0].float().cpu()
-        return last, prompt_logprobs(hidden, self._model.lm_head, next_ids, top_n)
+        last = self._model.lm_head(hidden[-1:])[0].float().cpu()  # as HF's logits_to_keep=1 computes it
+        return last, [] if top_n is None else prompt_logprobs(hidden, self._model.lm_head, next_ids, top_n)
 
     def _hidden(self, token_ids: list[int], on_layer: LayerKvCallback, cache: DynamicCache | None) -> torch.Tensor:
         """The final hidden states [tokens, hidden] of a forward pass, the layers' KV handed out."""

@@ -175,11 +175,9 @@ class DecodeEngine:
         def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             writer.write(layer, 0, keys, values)
 
-        prompt, top_n = sequence.prompt_ids, sequence.sampling.prompt_logprobs
-        if top_n is None:
-            logits, scored = await self._thread.run(self._runtime.prefill, prompt, on_layer), []
-        else:
-            logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:], top_n)
+        prompt = sequence.prompt_ids
+        logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:],
+                                                sequence.sampling.prompt_logprobs)
         token = self._chooser.choose(logits, sequence)
         if isinstance(token, Exception):
             raise token

@@ -219,8 +219,5 @@ def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
 
 
 def _token_pb(event: Token) -> decode_pb2.DecodeToken:
-    message = decode_pb2.DecodeToken(token_id=event.token_id, index=event.index, ends_output=event.ends_output,
-                                     prompt_logprobs=[logprobs.to_pb(entry) for entry in event.prompt_logprobs])
-    if event.logprob is not None:
-        message.logprob.CopyFrom(logprobs.to_pb(event.logprob))
-    return message
+    return decode_pb2.DecodeToken(token_id=event.token_id, index=event.index, ends_output=event.ends_output,
+                                  **logprobs.token_fields(event.logprob, event.prompt_logprobs))

@@ -257,22 +257,16 @@ class PrefillEngine:
 
     async def _forward(self, job: PrefillJob, on_layer: LayerKvCallback) -> Timed[Forwarded]:
         """The whole prompt in one forward pass (batched with others, unless its prompt is scored)."""
-        top_n = job.sampling.prompt_logprobs
-        if top_n is not None:
+        if self._batcher is None or job.sampling.prompt_logprobs is not None:
             return await self._thread.run_timed(self._runtime.prefill_scored, job.prompt_ids, on_layer,
-                                                job.prompt_ids[1:], top_n)
-        if self._batcher is not None:
-            timed = await self._batcher.forward(job.prompt_ids, on_layer)
-        else:
-            timed = await self._thread.run_timed(self._runtime.prefill, job.prompt_ids, on_layer)
+                                                job.prompt_ids[1:], job.sampling.prompt_logprobs)
+        timed = await self._batcher.forward(job.prompt_ids, on_layer)
         return Timed((timed.value, []), timed.queued_seconds, timed.run_seconds, timed.started_unix)
 
     def _forward_chunk(self, job: PrefillJob, start: int, on_layer: LayerKvCallback, cache: DynamicCache
                        ) -> Forwarded:
         """On the model thread: one forward chunk of a long prompt, scored when the request asks."""
         end = start + self._chunking.prefill_chunk_tokens
-        if job.sampling.prompt_logprobs is None:
-            return self._runtime.prefill(job.prompt_ids[start:end], on_layer, cache), []
         return self._runtime.prefill_scored(job.prompt_ids[start:end], on_layer, job.prompt_ids[start + 1 : end + 1],
                                             job.sampling.prompt_logprobs, cache)
 

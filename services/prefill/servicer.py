@@ -101,8 +101,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 
 def _first_token_pb(event: FirstToken) -> prefill_pb2.FirstToken:
-    message = prefill_pb2.FirstToken(token_id=event.token_id, ends_output=event.ends_output,
-                                     prompt_logprobs=[logprobs.to_pb(entry) for entry in event.prompt_logprobs])
-    if event.logprob is not None:
-        message.logprob.CopyFrom(logprobs.to_pb(event.logprob))
-    return message
+    return prefill_pb2.FirstToken(token_id=event.token_id, ends_output=event.ends_output,
+                                  **logprobs.token_fields(event.logprob, event.prompt_logprobs))
