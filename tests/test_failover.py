@@ -72,3 +72,29 @@ async def test_a_failover_keeps_the_grammar_and_the_logprobs(two_decode_stack: R
     assert [entry.token_id for entry in logprobs] == tokens
     for resumed, alone in zip(logprobs, whole.logprobs, strict=True):
         assert math.isclose(resumed.logprob, alone.logprob, abs_tol=1e-4)
+
+
+async def test_each_choice_fails_over_on_its_own_and_continues_with_its_seed(two_decode_stack: RunningStack) -> None:
+    """Three sampled choices share one decode worker until it is killed; each unfinished choice then
+    resumes alone elsewhere (prompt + its tokens, its own seed) and ends exactly as without a kill."""
+    running = two_decode_stack
+    alive = [name for name in ("decode", "decode2", "decode3") if name in running.stack.processes
+             and running.stack.processes[name].poll() is None]
+    running.addresses["decode4"] = add_service(running, "decode4", "decode")
+    decodes = [*alive, "decode4"]
+    add_service(running, "gateway4", "gateway", "--decode-addresses", ",".join(running[name] for name in decodes))
+    options = {"max_tokens": 24, "temperature": 0.9, "seed": 5, "ignore_eos": True, "n": 3}
+    async with GatewayClient(running["gateway4"]) as client:
+        whole = await client.choices(PROMPT, **options)
+        tokens: dict[int, list[int]] = {0: [], 1: [], 2: []}
+        finishes = []
+        async for chunk in client.generate(PROMPT, **options):
+            tokens[chunk.choice] += chunk.token_ids
+            if chunk.finish_reason:
+                finishes.append(chunk.choice)
+            if sum(map(len, tokens.values())) == 15:
+                victim = await busy_decode(running, "gateway4", decodes)
+                running.stack.processes[victim].send_signal(signal.SIGKILL)
+    assert running.stack.processes[victim].wait(10) == -signal.SIGKILL
+    assert sorted(finishes) == [0, 1, 2]
+    assert [tokens[index] for index in range(3)] == [choice.token_ids for choice in whole]

@@ -75,12 +75,21 @@ def test_stop_and_seed(client: openai.OpenAI) -> None:
     assert runs[0] == runs[1]
 
 
+def test_the_openai_client_gets_n_choices(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                          temperature=0.8, seed=3, n=2)
+    assert [choice.index for choice in chat.choices] == [0, 1] and chat.usage.completion_tokens == 8
+    best = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0.8, seed=3, n=1,
+                                     best_of=3)
+    assert len(best.choices) == 1 and best.choices[0].logprobs is None
+
+
 @pytest.mark.parametrize(("body", "status", "param"), [
     ({"model": MODEL, "prompt": PROMPT, "temperature": -1}, 400, "temperature"),
     ({"model": MODEL, "prompt": PROMPT, "top_p": 0}, 400, "top_p"),
     ({"model": MODEL, "prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": ""}, 400, "prompt"),
-    ({"model": MODEL, "prompt": PROMPT, "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": PROMPT, "n": 0}, 400, "n"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": MODEL, "prompt": PROMPT, "max_tokens": "lots"}, 400, "max_tokens"),
     ({"model": "gpt-9", "prompt": PROMPT}, 404, "model"),

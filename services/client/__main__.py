@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--usage", action="store_true", help="print token usage at the end (stderr)")
     parser.add_argument("--logprobs", type=int, default=None, metavar="N",
                         help="print each token's log-probability and its N most likely alternatives (stderr)")
+    parser.add_argument("--n", type=int, default=None, help="choices to generate (printed one after another)")
+    parser.add_argument("--best-of", type=int, default=0, help="generate this many choices, print the --n best")
     add_tls_arguments(parser)
     return parser.parse_args(argv)
 
@@ -58,13 +60,19 @@ async def run(args: argparse.Namespace) -> int:
     controls = LogitControls(args.presence_penalty, args.frequency_penalty, args.repetition_penalty, args.min_p,
                              dict(args.logit_bias), args.min_tokens, args.stop_token_id)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, stop=args.stop, controls=controls, logprobs=args.logprobs)
+                   seed=args.seed, stop=args.stop, controls=controls, logprobs=args.logprobs, n=args.n,
+                   best_of=args.best_of)
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
     async with GatewayClient(args.address, api_key=args.api_key, timeout_seconds=args.timeout,
                              **sdk_tls_options(args)) as client:
         try:
+            if (args.n or 1) > 1 or args.best_of:
+                for index, choice in enumerate(await client.choices(None if args.chat else args.prompt,
+                                                                    messages=messages, **options)):
+                    print(f"--- choice {index} [{choice.finish_reason}] ---\n{choice.text}")
+                return 0
             async for chunk in client.generate(None if args.chat else args.prompt, messages=messages, **options):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

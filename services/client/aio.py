@@ -19,6 +19,7 @@ from services.client.types import (
     build_request,
     join,
     to_chunk,
+    join_choices,
 )
 from services.common.pb import common_pb2, gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
@@ -61,13 +62,14 @@ class GatewayClient:
                        max_cache_budget_mb: float = 0.0,
                        controls: LogitControls | None = None, logprobs: int | None = None,
                        prompt_logprobs: int | None = None,
-                       guided: Guided | None = None) -> AsyncIterator[GenerateChunk]:
+                       guided: Guided | None = None, n: int | None = None,
+                       best_of: int = 0) -> AsyncIterator[GenerateChunk]:
         """Stream a completion of `prompt`, or of a chat `messages` list of (role, content).
         `timeout` (seconds) bounds the whole call; `max_cache_budget_mb` caps the KV the request
         may hold while others need the decode pool. Failures raise GatewayError."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                 request_id, max_cache_budget_mb, controls, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs, guided=guided)
+                                prompt_logprobs=prompt_logprobs, guided=guided, n=n, best_of=best_of)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False
@@ -86,6 +88,10 @@ class GatewayClient:
     async def complete(self, prompt: str | Sequence[int] | None = None, **options: object) -> Completion:
         """The whole completion (same options as generate)."""
         return join([chunk async for chunk in self.generate(prompt, **options)])  # type: ignore[arg-type]
+
+    async def choices(self, prompt: str | Sequence[int] | None = None, **options: object) -> list[Completion]:
+        """Every choice of a request with n= (and best_of=), whole, in choice order."""
+        return join_choices([chunk async for chunk in self.generate(prompt, **options)])  # type: ignore[arg-type]
 
     async def model_info(self, timeout: float | None = None) -> common_pb2.ModelInfo:
         try:

@@ -19,6 +19,7 @@ from services.client.types import (
     build_request,
     join,
     to_chunk,
+    join_choices,
 )
 from services.common.pb import gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
@@ -54,11 +55,12 @@ class SyncGatewayClient:
                  request_id: str = "", timeout: float | None = None,
                  max_cache_budget_mb: float = 0.0, controls: LogitControls | None = None, logprobs: int | None = None,
                  prompt_logprobs: int | None = None,
-                 guided: Guided | None = None) -> Iterator[GenerateChunk]:
+                 guided: Guided | None = None, n: int | None = None,
+                 best_of: int = 0) -> Iterator[GenerateChunk]:
         """Stream a completion (see GatewayClient.generate)."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                 request_id, max_cache_budget_mb, controls, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs, guided=guided)
+                                prompt_logprobs=prompt_logprobs, guided=guided, n=n, best_of=best_of)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False
@@ -77,3 +79,7 @@ class SyncGatewayClient:
 
     def complete(self, prompt: str | Sequence[int] | None = None, **options: object) -> Completion:
         return join(list(self.generate(prompt, **options)))  # type: ignore[arg-type]
+
+    def choices(self, prompt: str | Sequence[int] | None = None, **options: object) -> list[Completion]:
+        """Every choice of a request with n= (and best_of=), whole, in choice order."""
+        return join_choices(list(self.generate(prompt, **options)))  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -33,6 +33,7 @@ class GenerateChunk:
     usage: Usage | None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked (logprobs=)
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked (prompt_logprobs=)
+    choice: int = 0  # which of the request's choices (n=) it belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,17 +129,17 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[s
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
                   max_cache_budget_mb: float = 0.0,
                   controls: LogitControls | None = None, *, logprobs: int | None = None,
-                  prompt_logprobs: int | None = None,
-                  guided: Guided | None = None) -> gateway_pb2.GenerateRequest:
+                  prompt_logprobs: int | None = None, guided: Guided | None = None, n: int | None = None,
+                  best_of: int = 0) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos,
-                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                                         logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=n)
     if controls is not None:
         controls.to_pb(sampling)
     if guided is not None:
         sampling.structured_output.CopyFrom(guided.to_pb())
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
-                                          max_cache_budget_mb=max_cache_budget_mb)
+                                          max_cache_budget_mb=max_cache_budget_mb, best_of=best_of)
     if messages is not None:
         request.chat.CopyFrom(gateway_pb2.ChatMessages(
             messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in messages]))
@@ -155,16 +156,26 @@ def to_chunk(response: gateway_pb2.GenerateResponse) -> GenerateChunk:
     return GenerateChunk(response.request_id, list(response.token_ids), response.text,
                          _FINISH.get(response.finish_reason),
                          Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None,
-                         [from_pb(entry) for entry in response.logprobs], prompt or None)
+                         [from_pb(entry) for entry in response.logprobs], prompt or None, response.choice)
 
 
 def join(chunks: list[GenerateChunk]) -> Completion:
     if not chunks:
         raise GatewayError(grpc.StatusCode.INTERNAL, "the gateway closed the stream without a response")
+    if any(chunk.choice for chunk in chunks):
+        raise ValueError("the request has several choices (n > 1): use choices() to get each")
     last = chunks[-1]
     return Completion(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
                       last.finish_reason, last.usage, [entry for c in chunks for entry in c.logprobs],
                       chunks[0].prompt_logprobs)
+
+
+def join_choices(chunks: list[GenerateChunk]) -> list[Completion]:
+    """One Completion per choice, in choice order."""
+    by_choice: dict[int, list[GenerateChunk]] = {}
+    for chunk in chunks:
+        by_choice.setdefault(chunk.choice, []).append(chunk)
+    return [join([replace(chunk, choice=0) for chunk in by_choice[choice]]) for choice in sorted(by_choice)]
 
 
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:

@@ -113,6 +113,10 @@ class GrammarState:
         """The grammar is complete: nothing more may follow."""
         return self._matcher.is_stopped()
 
+    def fork(self) -> GrammarState:
+        """An independent copy at the same position (another choice of the same request)."""
+        return GrammarState(self._matcher.deep_copy(), self._vocab_size)
+
 
 class GrammarEngine:
     """A worker's grammars: the tokenizer as llguidance sees it (built once, ~0.3 s; `warm` at start)

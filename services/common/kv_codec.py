@@ -129,6 +129,7 @@ class KvEnd:
     chunk_count: int
     first_token: int
     forward_end_unix_nanos: int = 0
+    choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: the first tokens of choices 1 .. n-1
 
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
@@ -186,6 +187,7 @@ class KvReceipt:
     first_token: int
     byte_count: int
     forward_end_unix_nanos: int
+    choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1 .. n-1
 
 
 class KvTarget(Protocol):
@@ -294,11 +296,12 @@ class KvAssembler:
         self._check_request(end.request_id)
         if end.chunk_count != layout.chunk_count:
             raise KvProtocolError(f"KV end declares {end.chunk_count} chunks, the layout has {layout.chunk_count}")
-        if not 0 <= end.first_token < self._geometry.vocab_size:
-            raise KvProtocolError(f"KV end's first_token {end.first_token} is outside the model's vocabulary "
-                                  f"of {self._geometry.vocab_size}")
+        for token in (end.first_token, *end.choice_first_tokens):
+            if not 0 <= token < self._geometry.vocab_size:
+                raise KvProtocolError(f"KV end's first token {token} is outside the model's vocabulary "
+                                      f"of {self._geometry.vocab_size}")
         self.check_complete()
-        return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos)
+        return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos, end.choice_first_tokens)
 
     def check_complete(self) -> None:
         layout = self._require_layout()

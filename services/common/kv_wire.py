@@ -74,7 +74,7 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             shm=_shm_to_pb(message.shm), scales=message.scales))
     return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
         request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token,
-        forward_end_unix_nanos=message.forward_end_unix_nanos))
+        forward_end_unix_nanos=message.forward_end_unix_nanos, choice_first_tokens=message.choice_first_tokens))
 
 
 def _varint(value: int) -> bytes:
@@ -135,7 +135,7 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
         return _chunk(message.chunk, message.chunk.data)
     if kind == "end":
         e = message.end
-        return KvEnd(e.request_id, e.chunk_count, e.first_token, e.forward_end_unix_nanos)
+        return KvEnd(e.request_id, e.chunk_count, e.first_token, e.forward_end_unix_nanos, tuple(e.choice_first_tokens))
     raise KvProtocolError("empty KV transfer message")
 
 

@@ -7,7 +7,7 @@ The token at completion position i is drawn from a generator seeded by (seed, i)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -20,6 +20,7 @@ from services.common.validation import check_temperature
 
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio constant: spreads (seed, position) pairs apart
 _SEED_MASK = (1 << 63) - 1
+MAX_CHOICES = 16  # most choices (n, best_of) one request may ask for
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +44,7 @@ class Sampling:
     logprobs: int | None = None  # alternatives with each token's log-probability; None: none at all
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (computed by the prefill)
     constraint: Constraint | None = None  # structured output: the grammar the output must match
+    n: int = 1  # choices generated from the prompt; choice c samples with seed + c
 
     def __post_init__(self) -> None:
         check_temperature(self.temperature)
@@ -60,6 +62,12 @@ class Sampling:
             raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         check_top_n("logprobs", self.logprobs)
         check_top_n("prompt_logprobs", self.prompt_logprobs)
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise InvalidRequest(f"n must be in [1, {MAX_CHOICES}], got {self.n}")
+
+    def for_choice(self, choice: int) -> Sampling:
+        """How choice `choice` of the request samples: alone, with its own seed."""
+        return replace(self, seed=(self.seed + choice) % (1 << 64), n=1)
 
     @property
     def reshapes_logits(self) -> bool:
@@ -132,6 +140,7 @@ def sampling_from_pb(params: common_pb2.SamplingParams, default_max_tokens: int)
         logprobs=params.logprobs if params.HasField("logprobs") else None,
         prompt_logprobs=params.prompt_logprobs if params.HasField("prompt_logprobs") else None,
         constraint=constraint_from_pb(params.structured_output) if params.HasField("structured_output") else None,
+        n=params.n if params.HasField("n") else 1,
     )
 
 
@@ -163,4 +172,4 @@ def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:
                                      stop_token_ids=list(params.stop_token_ids), logprobs=params.logprobs,
                                      prompt_logprobs=params.prompt_logprobs,
                                      structured_output=None if params.constraint is None
-                                     else constraint_to_pb(params.constraint))
+                                     else constraint_to_pb(params.constraint), n=params.n)

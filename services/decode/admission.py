@@ -36,13 +36,17 @@ class Admission:
     def check(self, request: Sequence, live: dict[str, Sequence]) -> None:
         check_id("request_id", request.request_id)
         check_id("client_request_id", request.label, required=False)
-        if request.request_id in live or self._blocks.holds_blocks(request.request_id):
-            # (a released request whose step is still running keeps its blocks until the step ends)
-            raise AlreadyExists(f"request {request.request_id!r} is already live on this worker")
+        for choice in request.choices:  # (another choice's id is the request's with a suffix)
+            if choice.request_id in live or self._blocks.holds_blocks(choice.request_id):
+                # (a released request whose step is still running keeps its blocks until the step ends)
+                raise AlreadyExists(f"request {choice.request_id!r} is already live on this worker")
         if not request.prompt_ids:
             raise InvalidRequest("prompt_token_ids must not be empty")
         check_token_ids("prompt_token_ids", request.prompt_ids, self._geometry.vocab_size)
         check_vocabulary(request.sampling.logit_bias, request.sampling.stop_token_ids, self._geometry.vocab_size)
+        if request.position_offset and request.sampling.n > 1:
+            raise InvalidRequest("position_offset must be 0 with sampling.n > 1 (a failover resumes each choice "
+                                 "on its own)")
         if request.position_offset >= request.sampling.max_tokens:
             raise InvalidRequest(f"position_offset ({request.position_offset}) must be below max_tokens "
                                  f"({request.sampling.max_tokens}): the completion would already be complete")
@@ -55,13 +59,15 @@ class Admission:
             raise CapacityExhausted(f"prompt + max_tokens need {peak} tokens of KV, more than this worker's whole "
                                     f"KV pool ({self._blocks.total} blocks of {self._blocks.block_size} tokens) "
                                     "can ever hold")
-        if len(live) >= self._limits.max_active_requests:
-            raise CapacityExhausted(f"decode worker is full ({self._limits.max_active_requests} active requests)")
+        if len(live) + len(request.choices) > self._limits.max_active_requests:
+            raise CapacityExhausted(f"decode worker is full ({self._limits.max_active_requests} active requests, "
+                                    "each choice counting as one)")
         if self._blocks.pressure > self._limits.reject_threshold:
             raise CapacityExhausted(f"KV pool pressure {self._blocks.pressure:.2f} is above the reject threshold")
-        if not self._blocks.can_fit(len(request.prompt_ids)):
-            raise CapacityExhausted(f"KV pool full: the prompt needs {self._blocks.blocks_for(len(request.prompt_ids))}"
-                                    f" blocks, {self._blocks.free_blocks} free")
+        prompt = len(request.prompt_ids)
+        needed = self._blocks.blocks_for(prompt) + len(request.siblings) * (prompt % self._blocks.block_size > 0)
+        if needed > self._blocks.free_blocks:
+            raise CapacityExhausted(f"KV pool full: the prompt needs {needed} blocks, {self._blocks.free_blocks} free")
 
     @staticmethod
     def transfer_target(layout: KvLayout, live: dict[str, Sequence]) -> Sequence:
@@ -71,6 +77,9 @@ class Admission:
         sequence = live.get(layout.request_id)
         if sequence is None or sequence.state is State.FINISHED:
             raise UnknownRequest(f"no request {layout.request_id!r} is waiting for KV on this worker")
+        if sequence.choice:
+            raise KvProtocolError(f"{layout.request_id!r} is choice {sequence.choice} of a request: its KV comes "
+                                  "with the request's")
         if sequence.state is not State.AWAITING_KV:  # a retry after an earlier transfer completed
             raise AlreadyExists(f"request {layout.request_id!r} already holds its complete KV")
         if sequence.transfer is not None:

@@ -4,7 +4,9 @@ KV lives in fixed-size blocks of `block_size` tokens, in one tensor per layer fo
 values ([num_blocks, block_size, kv_heads, head_dim]: a gathered run of blocks is already a
 [tokens, kv_heads, head_dim] sequence, no second copy needed). The BlockManager hands blocks to sequences
 and takes them back; usage (used / total blocks) is exact, and is the worker's KV pressure. Every
-reservation carries a lease, and every writer proves it still holds one (see BlockManager).
+reservation carries a lease, and every writer proves it still holds one (see BlockManager). The
+choices of one request (sampling.n) share their prompt's full blocks, counted by reference; each
+choice has its own copy of the prompt's last, partial block, the only prompt block it writes into.
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ class BlockPool:
             self.values[layer][blocks[block], offset : offset + take] = values[:, rows].transpose(0, 1)
             position += take
 
+    def copy_block(self, source: int, target: int) -> None:
+        """Every layer's keys and values of block `source` into block `target`."""
+        for tensors in (self.keys, self.values):
+            for layer in tensors:
+                copy_rows(layer[target], layer[source])
+
     def read(self, blocks: list[int], layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [kv_heads, length, head_dim] of one layer of a sequence."""
         index = torch.tensor(blocks, device=self.keys[layer].device)
@@ -142,6 +150,7 @@ class BlockManager:
         self.block_size = config.block_size
         self.total = config.num_blocks
         self._free = list(range(config.num_blocks - 1, -1, -1))
+        self._refs = [0] * config.num_blocks  # tables holding each block (> 1: shared by choices)
         self._tables: dict[str, list[int]] = {}
         self._epochs: dict[str, int] = {}
         self._next_epoch = itertools.count(1)
@@ -165,16 +174,47 @@ class BlockManager:
     def can_fit(self, tokens: int) -> bool:
         return self.blocks_for(tokens) <= len(self._free)
 
-    def allocate(self, owner: str, tokens: int) -> Lease:
-        """Blocks for `tokens` tokens of a new owner, and the lease to write them."""
+    def allocate(self, owner: str, tokens: int, spare: int = 0) -> Lease:
+        """Blocks for `tokens` tokens of a new owner (and `spare` more at the table's end, for the
+        copies `fork` makes), and the lease to write them."""
         if owner in self._tables:
             raise ValueError(f"{owner!r} already holds blocks")
-        needed = self.blocks_for(tokens)
+        needed = self.blocks_for(tokens) + spare
         if needed > len(self._free):
             raise CapacityExhausted(f"KV pool full: {needed} blocks needed, {len(self._free)} free")
         with self._lock:
-            self._tables[owner] = [self._free.pop() for _ in range(needed)]
+            self._tables[owner] = self._take(needed)
             return self._grant(owner)
+
+    def _take(self, count: int) -> list[int]:
+        taken = [self._free.pop() for _ in range(count)]
+        for block in taken:
+            self._refs[block] = 1
+        return taken
+
+    def fork(self, parent: str, child: str, tokens: int) -> tuple[Lease, tuple[int, int] | None]:
+        """A new owner sharing the parent's first `tokens` tokens: their full blocks by reference,
+        the partial last one as a spare block of the parent's (see `allocate`), which the caller
+        fills with a copy; returns the child's lease and that (source, target) copy, if any."""
+        if child in self._tables:
+            raise ValueError(f"{child!r} already holds blocks")
+        with self._lock:
+            table, full, held = self._tables[parent], tokens // self.block_size, self.blocks_for(tokens)
+            if len(table) < held + (held - full):
+                raise CapacityExhausted(f"{parent!r} holds no spare block for another choice")
+            shared = table[:full]
+            for block in shared:
+                self._refs[block] += 1
+            copy = None
+            if held > full:  # the partial block: the parent's last spare block becomes the child's copy
+                copy = (table[full], table.pop())
+                shared.append(copy[1])
+            self._tables[child] = shared
+            return self._grant(child), copy
+
+    def freeable(self, owner: str) -> int:
+        """Blocks that go back to the pool when the owner frees its table (not shared with another)."""
+        return sum(self._refs[block] == 1 for block in self._tables.get(owner, ()))
 
     def renew(self, owner: str) -> Lease:
         """A new lease on the owner's blocks; every older lease is revoked."""
@@ -196,7 +236,7 @@ class BlockManager:
         missing = self.blocks_for(tokens) - len(table)
         if missing > len(self._free):
             return False
-        table.extend(self._free.pop() for _ in range(max(0, missing)))
+        table.extend(self._take(max(0, missing)))
         return True
 
     def table(self, owner: str) -> list[int]:
@@ -218,12 +258,18 @@ class BlockManager:
             yield self._tables[lease.owner]
 
     def free(self, owner: str) -> int:
-        """Give the owner's blocks back and revoke its leases (waits for a write in progress)."""
+        """Give back the owner's blocks no other owner shares and revoke its leases (waits for a
+        write in progress); returns how many went back."""
         with self._lock:
             table = self._tables.pop(owner, [])
             self._epochs.pop(owner, None)
-        self._free.extend(reversed(table))
-        return len(table)
+            released = []
+            for block in reversed(table):
+                self._refs[block] -= 1
+                if self._refs[block] == 0:
+                    released.append(block)
+        self._free.extend(released)
+        return len(released)
 
 
 class LeasedWriter:

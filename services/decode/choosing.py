@@ -45,7 +45,8 @@ class TokenChooser:
             allowed = None if sequence.grammar is None else sequence.grammar.allowed()
             token_id = sample(logits, sequence.sampling, index, self.context(sequence), allowed)
             top_n = sequence.sampling.logprobs
-            return Token(token_id, index, None if top_n is None else token_logprob(logits, token_id, top_n))
+            return Token(token_id, index, None if top_n is None else token_logprob(logits, token_id, top_n),
+                         choice=sequence.choice)
         except Exception as error:  # noqa: BLE001 - only this sequence fails
             return error
 

@@ -2,12 +2,15 @@
 
 Life of a request, as a sequence of queues:
   admit (refuse what can never fit the pool, what is above the reject threshold, ids already live;
-  else reserve the prompt's blocks under a lease; compile a structured-output grammar off the
-  event loop)                                                                 -> AWAITING_KV
+  else reserve the prompt's blocks under a lease, plus a spare block per extra choice when the
+  prompt ends in a partial block; compile a structured-output grammar off the event loop)
+                                                                              -> AWAITING_KV
   -> its KV lands straight in those blocks, every write checking the lease: a TransferKv stream
      (chunks inline, or announced there and loaded from the kvstore; a retried transfer with a
      higher attempt supersedes an unfinished one) or a local prefill (unified mode, a background
-     transfer); every chunk is verified                                       -> READY queue
+     transfer); every chunk is verified
+  -> with sampling.n > 1, choices 1 .. n-1 fork from choice 0: they share its full prompt blocks
+     and get a copy of the partial one, and each starts from its own first token  -> READY queue
   -> the loop: schedule (pure bookkeeping, see scheduler.py) -> execute (one model-thread job:
      copy out the KV of sequences being preempted, then one batched decode step, each row's token
      chosen by choosing.py: controls, grammar mask, sample, log-probability) -> postprocess (the
@@ -30,13 +33,12 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from opentelemetry import trace
 
-from services.common.errors import DeadlineExceeded, InternalFailure, RequestCancelled
-from services.common.grammar import GrammarState
+from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
@@ -116,15 +118,21 @@ class DecodeEngine:
     def budget_bytes(self, requested_mb: float) -> int:
         return self._admission.budget_bytes(requested_mb)
 
-    async def grammar(self, sequence: Sequence) -> GrammarState | None:
-        """A structured-output request's grammar (see TokenChooser.grammar)."""
-        return await self._chooser.grammar(sequence)
+    async def compile_grammar(self, sequence: Sequence) -> None:
+        """A structured-output request's grammar (see TokenChooser.grammar), for each of its choices."""
+        grammar = await self._chooser.grammar(sequence)
+        for choice in sequence.choices:
+            choice.grammar = grammar if choice is sequence or grammar is None else grammar.fork()
 
     def admit(self, request: Sequence) -> Sequence:
-        """Admit a request (validated here, before anything is reserved) and reserve its prompt's blocks."""
+        """Admit a request (validated here, before anything is reserved) and reserve its prompt's
+        blocks, with a spare block for each other choice's copy of a partial last block."""
+        request.siblings = [request.sibling(choice) for choice in range(1, request.sampling.n)]
         self._admission.check(request, self.sequences)
-        request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids))
-        self.sequences[request.request_id] = request
+        spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
+        request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare)
+        for choice in request.choices:
+            self.sequences[choice.request_id] = choice
         self.requests_total += 1
         self._deadlines[request.request_id] = asyncio.get_running_loop().call_later(
             self._limits.kv_timeout_seconds, self._kv_deadline, request)
@@ -150,7 +158,12 @@ class DecodeEngine:
         sequence.kv_bytes_received = receipt.byte_count
         self._metrics.kv_bytes_received.inc(receipt.byte_count)
         self._record_handoff(receipt)
-        self._kv_arrived(sequence, Token(receipt.first_token, sequence.position_offset))
+        firsts = (receipt.first_token, *receipt.choice_first_tokens)
+        if len(firsts) != len(sequence.choices):
+            raise KvProtocolError(f"KV end carries first tokens for {len(firsts)} choices; the request has "
+                                  f"{len(sequence.choices)}")
+        self._kv_arrived(sequence, [Token(first, sequence.position_offset, choice=choice)
+                                    for choice, first in enumerate(firsts)])
 
     def transfer_failed(self, sequence: Sequence, lease: Lease, error: Exception) -> Exception:
         """A pushed transfer was bad: the request fails with its status, and the sender gets it
@@ -171,29 +184,38 @@ class DecodeEngine:
                                   f"prefill-{sequence.request_id}", self._wake.set)
         self._scheduler.watch(sequence, transfer)
 
-    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> Token:
+    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> list[Token]:
+        """Each choice's first token (the prompt's scores go with choice 0's)."""
         def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             writer.write(layer, 0, keys, values)
 
         prompt = sequence.prompt_ids
         logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:],
                                                 sequence.sampling.prompt_logprobs)
-        token = self._chooser.choose(logits, sequence)
-        if isinstance(token, Exception):
-            raise token
-        return Token(token.token_id, sequence.position_offset, token.logprob, tuple(scored))
+        firsts = []
+        for choice in sequence.choices:
+            token = self._chooser.choose(logits, choice)
+            if isinstance(token, Exception):
+                raise token
+            firsts.append(replace(token, prompt_logprobs=tuple(scored) if choice is sequence else ()))
+        return firsts
 
-    def _kv_arrived(self, sequence: Sequence, first: Token) -> None:
-        """The KV is complete: the first token goes out on the stream too (the gateway has it from
-        the prefill already, unless that prefill died before passing it on) and the sequence joins."""
-        if (accepted := self._accept(sequence, first)) is None:
-            return
-        first = accepted
-        sequence.events.put_nowait(first)
-        sequence.generated.append(first.token_id)
-        if self._finish(sequence) is None:
-            self._scheduler.ready(sequence)
-            self._wake.set()
+    def _kv_arrived(self, sequence: Sequence, firsts: list[Token]) -> None:
+        """The KV is complete: the other choices fork from it, and each choice's first token goes
+        out on the stream too (the gateway has it from the prefill already, unless that prefill
+        died before passing it on) and the choice joins."""
+        for choice in sequence.siblings:  # all forked before any choice may fail and free the prompt's blocks
+            choice.lease, copy = self.blocks.fork(sequence.request_id, choice.request_id, len(sequence.prompt_ids))
+            if copy is not None:
+                self._pool.copy_block(*copy)
+        for choice, first in zip(sequence.choices, firsts):
+            if (accepted := self._accept(choice, first)) is None:
+                continue
+            choice.events.put_nowait(accepted)
+            choice.generated.append(accepted.token_id)
+            if self._finish(choice) is None:
+                self._scheduler.ready(choice)
+        self._wake.set()
 
     def _accept(self, sequence: Sequence, token: Token) -> Token | None:
         """The token as it goes out; None (the sequence failed) if its grammar cannot take it."""
@@ -217,14 +239,15 @@ class DecodeEngine:
         self._metrics.handoff_seconds.observe(latency)
 
     async def events(self, sequence: Sequence) -> AsyncIterator[Token | Finished]:
-        """What the request's Generate stream sends, until Finished. Raises the request's error."""
-        while True:
+        """What the request's Generate stream sends, until every choice has Finished. Raises the
+        request's error (any choice's)."""
+        unfinished = len(sequence.choices)
+        while unfinished:
             event: Event = await sequence.events.get()
             if isinstance(event, Exception):
                 raise event
             yield event
-            if isinstance(event, Finished):
-                return
+            unfinished -= isinstance(event, Finished)
 
     # the loop -----------------------------------------------------------------------------
     async def _loop(self) -> None:
@@ -312,22 +335,23 @@ class DecodeEngine:
         elif produced >= sequence.sampling.max_tokens:
             reason = FINISH_LENGTH
         if reason is not None:
-            sequence.events.put_nowait(Finished(reason, produced))
+            sequence.events.put_nowait(Finished(reason, produced, sequence.choice))
             self._scheduler.finish(sequence)
         return reason
 
     # end of a request ---------------------------------------------------------------------
     def release(self, sequence: Sequence) -> None:
-        """Drop everything the request holds, however it ended."""
-        if self.sequences.get(sequence.request_id) is sequence:
-            del self.sequences[sequence.request_id]
+        """Drop everything the request (every choice of it) holds, however it ended."""
         if (deadline := self._deadlines.pop(sequence.request_id, None)) is not None:
             deadline.cancel()
-        transfer = sequence.transfer
-        self._scheduler.finish(sequence)
+        for choice in sequence.choices:
+            if self.sequences.get(choice.request_id) is choice:
+                del self.sequences[choice.request_id]
+            transfer = choice.transfer
+            self._scheduler.finish(choice)
+            if self.swapper.has_store and (choice is sequence or choice.swaps):  # what it may have stored
+                self._tasks.spawn(self._forget(choice.request_id, transfer), f"forget-{choice.request_id}")
         self._wake.set()  # freed blocks may let a preempted sequence resume
-        if self.swapper.has_store:
-            self._tasks.spawn(self._forget(sequence.request_id, transfer), f"forget-{sequence.request_id}")
 
     async def _forget(self, request_id: str, transfer: Transfer[object] | None) -> None:
         if transfer is not None:  # a cancelled swap-out must stop writing before its keys go

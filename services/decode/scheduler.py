@@ -40,7 +40,7 @@ class StepPlan:
     run: list[Sequence] = field(default_factory=list)  # one decode step each (blocks already grown)
     swap_out: list[Sequence] = field(default_factory=list)  # copy KV out in the step's job, then store it
     swap_in: list[Sequence] = field(default_factory=list)  # blocks reserved under a new lease: bring KV back
-    arrived: list[tuple[Sequence, Token]] = field(default_factory=list)  # fill done: (sequence, first token)
+    arrived: list[tuple[Sequence, list[Token]]] = field(default_factory=list)  # fill done: each choice's first
     failed: list[tuple[Sequence, BaseException]] = field(default_factory=list)  # blocks already freed
 
     @property
@@ -192,7 +192,7 @@ class Scheduler:
             leaving = self._leaving(plan)
             while short > leaving and (victim := self._newer_victim(sequence)) is not None:
                 self._preempt(victim, plan)
-                leaving += self._blocks.blocks_of(victim.request_id)
+                leaving += self._blocks.freeable(victim.request_id)
             if short > leaving and len(self._running) > 1:
                 self._preempt(sequence, plan)
         return runnable
@@ -205,7 +205,7 @@ class Scheduler:
 
     def _leaving(self, plan: StepPlan) -> int:
         """Blocks that come back once this step's job has copied the preempted sequences out."""
-        return sum(self._blocks.blocks_of(s.request_id) for s in plan.swap_out)
+        return sum(self._blocks.freeable(s.request_id) for s in plan.swap_out)
 
     def _relieve_pressure(self, plan: StepPlan) -> None:
         while ((self._blocks.used - self._leaving(plan)) / self._blocks.total > self._limits.preempt_threshold

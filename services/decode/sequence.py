@@ -31,12 +31,14 @@ class Token:
     logprob: TokenLogprob | None = None  # when the request asks for logprobs (none on a re-sent first token)
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # a locally prefilled first token's, when asked
     ends_output: bool = False  # the token completed the request's grammar
+    choice: int = 0  # which of the request's sampling.n choices it belongs to
 
 
 @dataclass(frozen=True, slots=True)
 class Finished:
     reason: str
     completion_tokens: int
+    choice: int = 0
 
 
 Event = Token | Finished | Exception
@@ -61,6 +63,20 @@ class Sequence:
     admitted_at: float = field(default_factory=time.monotonic)
     kv_bytes_received: int = 0
     grammar: GrammarState | None = None  # structured output: where the completion stands in its grammar
+    choice: int = 0  # which of the request's choices this is (sampling.n > 1)
+    siblings: list[Sequence] = field(default_factory=list)  # choice 0's: choices 1 .. n-1, sharing its queue
+
+    @property
+    def choices(self) -> list[Sequence]:
+        """Every choice of the request (this one is choice 0)."""
+        return [self, *self.siblings]
+
+    def sibling(self, choice: int) -> Sequence:
+        """Choice `choice` of this request (choice 0's): its own id (its own blocks and swap keys),
+        seed and grammar position; the request's event queue."""
+        return Sequence(f"{self.request_id}-c{choice}", self.prompt_ids, self.sampling.for_choice(choice),
+                        self.position_offset, self.budget_bytes, self.label, events=self.events,
+                        grammar=None if self.grammar is None else self.grammar.fork(), choice=choice)
 
     @property
     def kv_tokens(self) -> int:

@@ -67,7 +67,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         try:
             # Compiled once admitted (a full pool refuses first) and before Accepted: no KV, so no
             # first token, can arrive before the grammar is there.
-            sequence.grammar = await engine.grammar(sequence)
+            await engine.compile_grammar(sequence)
             yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted(kv_shm_host=self._shm_host))
             if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
                 engine.prefill_locally(sequence)
@@ -87,7 +87,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                          "decode.time_per_output_token_ms":
                                              (time.perf_counter() - started) * 1e3 / max(tokens, 1)})
                     yield decode_pb2.DecodeEvent(finished=decode_pb2.DecodeFinished(
-                        reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens))
+                        reason=_FINISH_PB[event.reason], completion_tokens=event.completion_tokens,
+                        choice=event.choice))
                 else:
                     tokens += 1
                     yield decode_pb2.DecodeEvent(token=_token_pb(event))
@@ -220,4 +221,5 @@ def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
 
 def _token_pb(event: Token) -> decode_pb2.DecodeToken:
     return decode_pb2.DecodeToken(token_id=event.token_id, index=event.index, ends_output=event.ends_output,
+                                  choice=event.choice,
                                   **logprobs.token_fields(event.logprob, event.prompt_logprobs))

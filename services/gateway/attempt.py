@@ -5,10 +5,11 @@
   -> the prefill (services/gateway/prefill_route.py: another prefill worker when one fails) sends
      the first token at once and hands the KV to that decode worker (inline, or announced after
      storing it in the kvstore); unified and conditional modes skip it (the decode prefills)
-  -> the decode's tokens, by completion index: indices already passed on are skipped (the decode
-     sends the first token too, for when the prefill that sampled it died before passing it on)
-  -> the finish reason. However the try ends, its calls to the workers are cancelled, which frees
-     what they hold.
+  -> the decode's tokens, by choice and completion index: indices already passed on are skipped
+     (the decode sends the first token too, for when the prefill that sampled it died before
+     passing it on)
+  -> each choice's finish reason (sampling.n choices share the try). However the try ends, its
+     calls to the workers are cancelled, which frees what they hold.
 Errors: one that is the decode worker's (its own call failed, or the prefill says the decode caused
 it) comes out as that call's gRPC status, for the failover rules; any other (a kvstore that is
 down, a request the prefill refuses) as an UpstreamError, so it never counts as a decode failure.
@@ -80,11 +81,12 @@ class Delivery:
     logprob: TokenLogprob | None = None  # when the request asks for logprobs and the worker had it
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # with the first token, when the request asks
     ends_output: bool = False  # the token completed the output's grammar: nothing may follow
+    choice: int = 0  # which of the request's choices (sampling.n) it belongs to
 
     @classmethod
     def of(cls, token: prefill_pb2.FirstToken | decode_pb2.DecodeToken) -> Delivery:
         return cls(token.token_id, None, logprobs.from_pb(token.logprob) if token.HasField("logprob") else None,
-                   tuple(logprobs.from_pb(entry) for entry in token.prompt_logprobs), token.ends_output)
+                   tuple(logprobs.from_pb(entry) for entry in token.prompt_logprobs), token.ends_output, token.choice)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +108,10 @@ class AttemptRunner:
 
     async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
                      failed: set[str]) -> AsyncIterator[Delivery]:
-        """Each new token, then the finish."""
+        """Each choice's new tokens, then its finish (until every choice has finished)."""
         calls: list[grpc.aio.Call] = []
-        delivered = requests.offset
+        choices = requests.decode.sampling.n or 1
+        delivered = [requests.offset] * choices  # per choice: the next completion index not passed on
         with ExitStack() as leases:
             try:
                 local = self._limits.prefill_locally(len(requests.decode.prompt_token_ids))
@@ -127,7 +130,9 @@ class AttemptRunner:
                     requests.prefill.decode_address = decode.address
                     requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
                     async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
-                        delivered += 1
+                        if delivery.choice >= choices:
+                            raise KvProtocolError(f"the prefill sent a first token of choice {delivery.choice}")
+                        delivered[delivery.choice] += 1
                         yield delivery
                 async for delivery in self._decoded(decode_call, delivered):
                     yield delivery
@@ -136,17 +141,23 @@ class AttemptRunner:
                     call.cancel()
 
     @staticmethod
-    async def _decoded(call: grpc.aio.UnaryStreamCall, delivered: int) -> AsyncIterator[Delivery]:
-        """The decode's tokens from completion index `delivered` on, then its finish."""
+    async def _decoded(call: grpc.aio.UnaryStreamCall, delivered: list[int]) -> AsyncIterator[Delivery]:
+        """Each choice's tokens from completion index `delivered[choice]` on, then its finish."""
+        unfinished = set(range(len(delivered)))
         # read() rather than `async for`: admission already read from this call
-        while (event := await call.read()) is not grpc.aio.EOF:
-            if event.HasField("finished"):
-                yield Delivery(finish=FINISH_NAMES[event.finished.reason])
-                return
-            if event.token.index >= delivered:
-                delivered = event.token.index + 1
+        while unfinished and (event := await call.read()) is not grpc.aio.EOF:
+            kind = event.WhichOneof("kind")
+            choice = event.finished.choice if kind == "finished" else event.token.choice
+            if kind not in ("finished", "token") or choice not in unfinished:
+                raise KvProtocolError(f"the decode sent {kind} for choice {choice}, which is not in progress")
+            if kind == "finished":
+                unfinished.discard(choice)
+                yield Delivery(finish=FINISH_NAMES[event.finished.reason], choice=choice)
+            elif event.token.index >= delivered[choice]:
+                delivered[choice] = event.token.index + 1
                 yield Delivery.of(event.token)
-        raise KvProtocolError("decode stream ended without a finish event")
+        if unfinished:
+            raise KvProtocolError("decode stream ended without a finish event")
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: Timeline,
                        decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt) -> AsyncIterator[Delivery]:

@@ -14,7 +14,9 @@ Life of a request, as a sequence of queues:
      ends, the calls to the workers are cancelled, which frees what they hold.
 One try on one decode worker is services/gateway/attempt.py. When that decode worker disappears
 mid-stream (UNAVAILABLE), the request moves to another one (failover: prompt + the tokens so far,
-up to --max-failovers), unless it already has every token (it then just finishes).
+up to --max-failovers), unless it already has every token (it then just finishes). A request with
+several choices (sampling.n, best_of) runs them all in its first try; after a failover each
+unfinished choice goes on alone (services/gateway/choices.py).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ from services.common.pb import decode_pb2, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
 from services.common.validation import check_budget_mb
 from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, Delivery, Timeline
+from services.gateway.choices import ChoiceProgress, best_of_choices, check_best_of, workers_sampling
+from services.gateway.fanout import merged
 from services.gateway.prefill_route import PrefillRoute
 from services.gateway.routing import WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
@@ -54,6 +58,7 @@ class GenerateInput:
     sampling: Sampling
     max_cache_budget_mb: float = 0.0
     label: str = ""  # the client's own id, echoed in responses, logs and traces (default: request_id)
+    best_of: int = 0  # generate this many choices, return the sampling.n best (0: just sampling.n)
 
     def __post_init__(self) -> None:
         check_budget_mb(self.max_cache_budget_mb)
@@ -83,6 +88,7 @@ class GenerateOutput:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asks for logprobs
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first output, when asked
     prompt_token_ids: tuple[int, ...] = ()  # with prompt_logprobs: the prompt (after any chat template)
+    choice: int = 0  # which of the request's choices (sampling.n) it belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,68 +143,137 @@ class Gateway:
         return ids
 
     async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
-        timeline = Timeline()
+        """The request's outputs, each tagged with its choice; with best_of, the n best choices once
+        every one has finished."""
         if request.sampling.constraint is not None:  # a bad schema is 400 here, not on a worker
             await asyncio.to_thread(request.sampling.constraint.check)
+        check_best_of(request.best_of, request.sampling)
         with tracer.start_as_current_span("gateway.tokenize") as span:
             prompt_ids = self.tokenize(request)
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
-        stream = TextStream(self.encoder.tokenizer, request.sampling.stop)
-        generated: list[int] = []
-        ended = False  # the last token completed the output's grammar
-        failed: set[str] = set()
+        sampling = workers_sampling(request.sampling, request.best_of)
+        started = time.perf_counter()
+        choices = [ChoiceProgress(index, request.request_id if sampling.n == 1 else f"{request.request_id}-c{index}",
+                                  sampling.for_choice(index), TextStream(self.encoder.tokenizer, sampling.stop),
+                                  Timeline(started)) for index in range(sampling.n)]
         self.active_requests += 1
         try:
-            for failover in range(self._limits.max_failovers + 1):
-                attempt = Attempt(failover)
-                try:
-                    requests = self._requests(request, prompt_ids + generated, len(generated))
-                    async with aclosing(self._attempts.tokens(requests, timeline, attempt, failed)) as tokens:
-                        async for delivery in tokens:
-                            if delivery.finish is not None:
-                                output = GenerateOutput([], stream.flush())
-                                yield self._finish(request, prompt_ids, timeline, output, delivery.finish)
-                                return
-                            timeline.token()
-                            output = _token_output(request.sampling, prompt_ids, delivery, first=not generated)
-                            generated.append(delivery.token_id)
-                            ended = delivery.ends_output
-                            if delivery.token_id in request.sampling.stop_token_ids:  # its text is not output
-                                yield self._finish(request, prompt_ids, timeline, replace(output, text=stream.flush()),
-                                                   "stop")
-                                return
-                            delta, stopped = stream.add(delivery.token_id)
-                            if stopped:
-                                yield self._finish(request, prompt_ids, timeline, replace(output, text=delta), "stop")
-                                return
-                            yield replace(output, text=delta)
-                except grpc.aio.AioRpcError as error:
-                    self._report_decode(error, attempt)
-                    if (reason := finished_already(request.sampling, generated, ended,
-                                                   self.encoder.eos_token_ids)) is not None:
-                        # the stream broke after its last token: nothing is missing (a failover
-                        # would sample one token too many, or go on past the end of sequence)
-                        yield self._finish(request, prompt_ids, timeline, GenerateOutput([], stream.flush()), reason)
-                        return
-                    if not self._may_fail_over(error, attempt, failover):
-                        raise
-                    failed.add(attempt.decode_address)
-                    log.warning("decode worker %s failed (%s) after %d tokens; resuming elsewhere",
-                                attempt.decode_address, error.code().name, len(generated))
-                    trace.get_current_span().add_event("gateway.failover", {
-                        "decode.failed_worker": attempt.decode_address, "tokens.generated": len(generated)})
+            outputs = self._choices(request, sampling, prompt_ids, choices)
+            if request.best_of:
+                outputs = best_of_choices(outputs, request.sampling.n, request.sampling.logprobs is not None)
+            async with aclosing(outputs) as stream:
+                async for output in stream:
+                    yield output
         finally:
             self.active_requests -= 1
 
-    def _requests(self, request: GenerateInput, prompt_ids: list[int], offset: int) -> AttemptRequests:
+    async def _choices(self, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
+                       choices: list[ChoiceProgress]) -> AsyncIterator[GenerateOutput]:
+        """Every choice in one try; the ones a failover interrupts resume each on its own."""
+        failed: set[str] = set()
+        if len(choices) == 1:
+            async with aclosing(self._one_choice(request, prompt_ids, choices[0], 0, failed)) as alone:
+                async for output in alone:
+                    yield output
+            return
+        async with aclosing(self._together(request, sampling, prompt_ids, choices, failed)) as together:
+            async for output in together:
+                yield output
+        rest = [self._one_choice(request, prompt_ids, choice, 1, failed) for choice in choices if choice.finish is None]
+        async with aclosing(merged(rest)) as resumed:
+            async for _, output in resumed:
+                yield output
+
+    async def _together(self, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
+                        choices: list[ChoiceProgress], failed: set[str]) -> AsyncIterator[GenerateOutput]:
+        """The first try, all choices on one decode worker. Returns early (choices unfinished) when
+        that worker disappears and the choices may fail over."""
+        attempt = Attempt(0)
+        try:
+            requests = self._requests(request.request_id, request, sampling, prompt_ids, 0)
+            async with aclosing(self._attempts.tokens(requests, choices[0].timeline, attempt, failed)) as tokens:
+                async for delivery in tokens:
+                    choice = choices[delivery.choice]
+                    if choice.finish is not None:  # a stop string ended it here; the worker goes on
+                        continue
+                    if delivery.choice and not choice.generated and sampling.prompt_logprobs is not None:
+                        delivery = replace(delivery, prompt_logprobs=choices[0].prompt_logprobs)
+                    yield self._take(request, prompt_ids, choice, delivery)
+        except grpc.aio.AioRpcError as error:
+            self._report_decode(error, attempt)
+            for choice in choices:
+                if choice.finish is None and (reason := self._finished_already(choice)) is not None:
+                    yield self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), reason)
+            if not self._may_fail_over(error, attempt, 0):
+                if any(choice.finish is None for choice in choices):
+                    raise
+                return
+            failed.add(attempt.decode_address)
+            log.warning("decode worker %s failed (%s); resuming %d choices elsewhere", attempt.decode_address,
+                        error.code().name, sum(choice.finish is None for choice in choices))
+
+    async def _one_choice(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress,
+                          first_try: int, failed: set[str]) -> AsyncIterator[GenerateOutput]:
+        """One choice alone, moving to another decode worker when its worker disappears."""
+        for failover in range(first_try, self._limits.max_failovers + 1):
+            attempt = Attempt(failover)
+            try:
+                requests = self._requests(choice.worker_id, request, choice.sampling, prompt_ids + choice.generated,
+                                          len(choice.generated))
+                async with aclosing(self._attempts.tokens(requests, choice.timeline, attempt, failed)) as tokens:
+                    async for delivery in tokens:
+                        output = self._take(request, prompt_ids, choice, delivery)
+                        yield output
+                        if output.finish_reason is not None:
+                            return
+            except grpc.aio.AioRpcError as error:
+                self._report_decode(error, attempt)
+                if (reason := self._finished_already(choice)) is not None:
+                    # the stream broke after its last token: nothing is missing (a failover
+                    # would sample one token too many, or go on past the end of sequence)
+                    yield self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), reason)
+                    return
+                if not self._may_fail_over(error, attempt, failover):
+                    raise
+                failed.add(attempt.decode_address)
+                log.warning("decode worker %s failed (%s) after %d tokens; resuming elsewhere",
+                            attempt.decode_address, error.code().name, len(choice.generated))
+                trace.get_current_span().add_event("gateway.failover", {
+                    "decode.failed_worker": attempt.decode_address, "tokens.generated": len(choice.generated)})
+
+    def _take(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress,
+              delivery: Delivery) -> GenerateOutput:
+        """What the client gets of a choice's next token or end (stop token ids and stop strings
+        end it here)."""
+        if delivery.finish is not None:
+            return self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), delivery.finish)
+        choice.timeline.token()
+        output = replace(_token_output(request.sampling, prompt_ids, delivery, first=not choice.generated),
+                         choice=choice.index)
+        if output.prompt_logprobs is not None:
+            choice.prompt_logprobs = output.prompt_logprobs  # the other choices' first outputs repeat them
+        choice.generated.append(delivery.token_id)
+        choice.ended = delivery.ends_output
+        if delivery.token_id in request.sampling.stop_token_ids:  # its text is not output
+            return self._finish(request, prompt_ids, choice, replace(output, text=choice.stream.flush()), "stop")
+        delta, stopped = choice.stream.add(delivery.token_id)
+        if stopped:
+            return self._finish(request, prompt_ids, choice, replace(output, text=delta), "stop")
+        return replace(output, text=delta)
+
+    def _finished_already(self, choice: ChoiceProgress) -> str | None:
+        return finished_already(choice.sampling, choice.generated, choice.ended, self.encoder.eos_token_ids)
+
+    def _requests(self, worker_id: str, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
+                  offset: int) -> AttemptRequests:
         """What one try asks the workers. `offset` completion tokens were generated before (a
-        failover resumes with them appended to the prompt). Failovers keep the internal id: the
+        failover resumes with them appended to the prompt). Failovers keep the workers' id: the
         decode that finishes the request deletes what a failed one left in the kvstore (everything
         of a request shares one key prefix)."""
-        sampling = sampling_to_pb(request.sampling)
+        sampling_pb = sampling_to_pb(sampling)
         if offset:  # the prompt's log-probabilities came with the first token, before the failover
-            sampling.ClearField("prompt_logprobs")
-        common = {"request_id": request.request_id, "prompt_token_ids": prompt_ids, "sampling": sampling,
+            sampling_pb.ClearField("prompt_logprobs")
+        common = {"request_id": worker_id, "prompt_token_ids": prompt_ids, "sampling": sampling_pb,
                   "position_offset": offset, "client_request_id": request.name}
         return AttemptRequests(prefill_pb2.PrefillRequest(**common),
                                decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb),
@@ -214,13 +289,15 @@ class Gateway:
         return (error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
                 and failover < self._limits.max_failovers)
 
-    def _finish(self, request: GenerateInput, prompt_ids: list[int], timeline: Timeline, output: GenerateOutput,
+    def _finish(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress, output: GenerateOutput,
                 reason: str) -> GenerateOutput:
-        usage = Usage(len(prompt_ids), len(timeline.token_times))
-        self._observe(request.name, usage, timeline)
-        return replace(output, finish_reason=reason, usage=usage)
+        choice.finish = reason
+        usage = Usage(len(prompt_ids), len(choice.timeline.token_times))
+        name = request.name if choice.worker_id == request.request_id else f"{request.name}[{choice.index}]"
+        self._observe(name, usage, choice.timeline, count_prompt=choice.index == 0)
+        return replace(output, finish_reason=reason, usage=usage, choice=choice.index)
 
-    def _observe(self, request_id: str, usage: Usage, timeline: Timeline) -> None:
+    def _observe(self, request_id: str, usage: Usage, timeline: Timeline, count_prompt: bool) -> None:
         times, metrics = timeline.token_times, self._metrics
         e2e = time.perf_counter() - timeline.started
         ttft = times[0] - timeline.started if times else e2e
@@ -231,7 +308,7 @@ class Gateway:
             metrics.time_per_output_token.observe(tpot)
         for earlier, later in zip(times, times[1:]):
             metrics.inter_token_latency.observe(later - earlier)
-        metrics.prompt_tokens.inc(usage.prompt_tokens)
+        metrics.prompt_tokens.inc(usage.prompt_tokens if count_prompt else 0)
         metrics.completion_tokens.inc(usage.completion_tokens)
         if self._limits.request_summary:
             log.info("request %s: prompt %d, completion %d tokens | TTFT %.0f ms | handoff %.1f ms | KV %.2f MB"
@@ -255,7 +332,8 @@ def _token_output(sampling: Sampling, prompt_ids: list[int], delivery: Delivery,
                           prompt_token_ids=tuple(prompt_ids))
 
 
-def finished_already(sampling: Sampling, generated: list[int], ended: bool, eos_token_ids: frozenset[int]) -> str | None:
+def finished_already(sampling: Sampling, generated: list[int], ended: bool,
+                     eos_token_ids: frozenset[int]) -> str | None:
     """The finish reason of a completion that has all its tokens already, else None (`ended`: its
     last token completed its grammar, so a failover must not sample one more)."""
     if ended:

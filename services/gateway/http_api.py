@@ -23,7 +23,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -143,17 +143,19 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
     async def completions(body: CompletionRequest, request: Request) -> Any:
         authorize(request)
         check_model(body)
-        _unsupported(body.n != 1, "n", "only n=1 is supported")
-        _unsupported((body.best_of or 1) != 1, "best_of", "only best_of=1 is supported")
+        best_of = body.best_of or body.n
+        _unsupported(best_of < body.n, "best_of", f"best_of ({best_of}) must be at least n ({body.n})")
+        _unsupported(best_of > body.n and body.stream, "best_of", "best_of > n cannot be streamed")
         try:
             prompts = body.prompts()
         except InvalidRequest as error:
             raise _api_error(error) from None
         scores = Scores(body.logprobs, body.logprobs if body.echo else None)
         constraint = await _constraint(body)
-        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores, constraint) for prompt in prompts]
+        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores, constraint,
+                     best_of if best_of > body.n else 0) for prompt in prompts]
         names = TokenNames(encoder().tokenizer) if body.logprobs is not None else None
-        echo = [_prompt_text(prompt, encoder()) for prompt in prompts] if body.echo else None
+        echo = [_prompt_text(prompt, encoder()) for prompt in prompts for _ in range(body.n)] if body.echo else None
         form = CompletionFormat(jobs[0].request_id, config.model_id, names, echo)
         return await _respond(gateway, lifecycle, jobs, body, form)
 
@@ -163,7 +165,6 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         check_model_id(body.model)
         _refuse_tools(body.model_extra, encoder())
         check_model(body)
-        _unsupported(body.n != 1, "n", "only n=1 is supported")
         _unsupported(body.top_logprobs is not None and not body.logprobs, "top_logprobs",
                      "top_logprobs needs logprobs: true")
         try:
@@ -224,8 +225,8 @@ async def _constraint(body: _Common) -> Constraint | None:
 
 
 def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple[str, str]] | None, body: _Common,
-         max_tokens: int | None, config: HttpApiConfig, scores: Scores, constraint: Constraint | None
-         ) -> GenerateInput:
+         max_tokens: int | None, config: HttpApiConfig, scores: Scores, constraint: Constraint | None,
+         best_of: int = 0) -> GenerateInput:
     try:
         sampling = Sampling(temperature=1.0 if body.temperature is None else body.temperature,
                             top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k or 0,
@@ -237,10 +238,10 @@ def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple
                             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
                             min_p=body.min_p or 0.0, logit_bias=_logit_bias(body), min_tokens=body.min_tokens,
                             stop_token_ids=tuple(body.stop_token_ids or ()), logprobs=scores.completion,
-                            prompt_logprobs=scores.prompt, constraint=constraint)
+                            prompt_logprobs=scores.prompt, constraint=constraint, n=body.n)
     except InvalidRequest as error:
         raise _api_error(error) from None
-    return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling)
+    return GenerateInput(f"{prefix}-{uuid.uuid4().hex[:24]}", prompt, messages, sampling, best_of=best_of)
 
 
 def _logit_bias(body: _Common) -> tuple[tuple[int, float], ...]:
@@ -252,8 +253,8 @@ def _logit_bias(body: _Common) -> tuple[tuple[int, float], ...]:
 
 async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: list[GenerateInput], body: _Common,
                    form: ResponseFormat) -> Any:
-    """Run the request (one generation per prompt, as one response whose choices are indexed by
-    prompt); errors before the first token get a proper HTTP status."""
+    """Run the request (n choices per prompt, as one response whose choice i * n + c is choice c
+    of prompt i); errors before the first token get a proper HTTP status."""
     try:
         end_work = lifecycle.begin()
     except ServiceError as error:
@@ -262,7 +263,8 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
                              attributes={"request.id": [job.request_id for job in jobs], "request.label": jobs[0].name})
     end_work = _ending_span(span, end_work)
     core = gateway()
-    outputs = merged([core.generate(job) for job in jobs])
+    choices = len(jobs) * body.n
+    outputs = _indexed(merged([core.generate(job) for job in jobs]), body.n)
     try:
         with trace.use_span(span, end_on_exit=False):  # worker calls made now join this trace
             first = await anext(outputs)
@@ -278,10 +280,20 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
         end_work()
         raise
     if body.stream:
-        return StreamingResponse(_sse(first, outputs, form, body.include_usage and len(jobs), end_work),
+        return StreamingResponse(_sse(first, outputs, form, body.include_usage and choices, end_work),
                                  media_type="text/event-stream")
     end_work()
-    return JSONResponse(form.whole(collected, len(jobs)))
+    return JSONResponse(form.whole(collected, choices))
+
+
+async def _indexed(outputs: AsyncIterator[Indexed], n: int) -> AsyncIterator[Indexed]:
+    """Each output under its response choice index; the prompt's tokens count once in usage (in
+    choice 0's), not once per choice."""
+    async with aclosing(outputs) as stream:
+        async for prompt, output in stream:
+            if output.choice and output.usage is not None:
+                output = replace(output, usage=replace(output.usage, prompt_tokens=0))
+            yield prompt * n + output.choice, output
 
 
 def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[], None]:
@@ -293,7 +305,7 @@ def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[],
 
 async def _sse(first: Indexed, outputs: AsyncIterator[Indexed], form: ResponseFormat, usage_after: int,
                end_work: Callable[[], None]) -> AsyncIterator[str]:
-    """Server-sent events; with `usage_after` > 0, one usage chunk (summed over the prompts) once
+    """Server-sent events; with `usage_after` > 0, one usage chunk (summed over the choices) once
     that many generations finished."""
     usages: list[Usage] = []
     try:

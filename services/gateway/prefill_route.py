@@ -79,10 +79,8 @@ class PrefillRoute:
                 with WorkerPool.lease(worker):
                     async for event in self._call(worker, request, calls):
                         if event.HasField("first_token"):
-                            if request.HasField("known_first_token"):
+                            if not _remember_first_token(request, event.first_token):
                                 continue
-                            # a retry must continue from the token the client already has
-                            request.known_first_token = event.first_token.token_id
                         yield event
                 return
             except grpc.aio.AioRpcError as error:
@@ -118,6 +116,19 @@ class PrefillRoute:
         log.warning("prefill failed on %s; retry %d on %s", tried[-1], attempt, worker.address)
         trace.get_current_span().add_event("gateway.prefill_retry", {
             "prefill.failed_worker": tried[-1], "prefill.worker": worker.address, "prefill.attempt": attempt})
+
+
+def _remember_first_token(request: prefill_pb2.PrefillRequest, first: prefill_pb2.FirstToken) -> bool:
+    """Whether this first token is news to the client; a retry must continue from the tokens the
+    client already has (choices come in order: choice 0 is known_first_token, then the others)."""
+    known = request.HasField("known_first_token") + len(request.known_choice_first_tokens)
+    if first.choice < known:
+        return False
+    if first.choice == 0:
+        request.known_first_token = first.token_id
+    else:
+        request.known_choice_first_tokens.append(first.token_id)
+    return True
 
 
 def _exhausted(tried: list[str], error: grpc.aio.AioRpcError | BackendUnavailable) -> Exception:

@@ -35,18 +35,19 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     if not sampling_pb.HasField("seed"):
         sampling_pb.seed = secrets.randbits(63)  # fixed per request so any worker samples alike
     sampling = sampling_from_pb(sampling_pb, default_max_tokens)
-    internal_id = new_request_id()
     kind = request.WhichOneof("input")
+    prompt: str | tuple[int, ...] | None = None
+    messages = None
     if kind == "chat":
         messages = [(m.role, m.content) for m in request.chat.messages]
-        return GenerateInput(internal_id, None, messages, sampling, request.max_cache_budget_mb, request.request_id)
-    if kind == "prompt_tokens":
-        return GenerateInput(internal_id, tuple(request.prompt_tokens.token_ids), None, sampling,
-                             request.max_cache_budget_mb, request.request_id)
-    if kind == "prompt":
-        return GenerateInput(internal_id, request.prompt, None, sampling, request.max_cache_budget_mb,
-                             request.request_id)
-    raise InvalidRequest("prompt must not be empty (give prompt or chat)")
+    elif kind == "prompt_tokens":
+        prompt = tuple(request.prompt_tokens.token_ids)
+    elif kind == "prompt":
+        prompt = request.prompt
+    else:
+        raise InvalidRequest("prompt must not be empty (give prompt or chat)")
+    return GenerateInput(new_request_id(), prompt, messages, sampling, request.max_cache_budget_mb, request.request_id,
+                         request.best_of)
 
 
 def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateResponse:
@@ -54,7 +55,7 @@ def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateRe
                                             logprobs=[logprobs.to_pb(entry) for entry in output.logprobs],
                                             prompt_logprobs=[logprobs.to_pb(entry)
                                                              for entry in output.prompt_logprobs or ()],
-                                            prompt_token_ids=output.prompt_token_ids)
+                                            prompt_token_ids=output.prompt_token_ids, choice=output.choice)
     if output.finish_reason is not None:
         response.finish_reason = _FINISH_PB[output.finish_reason]
     if output.usage is not None:

@@ -67,6 +67,7 @@ class PrefillJob:
     position_offset: int = 0  # completion position of the token sampled here
     transfer_attempt: int = 0  # retries of this request's transfer (on other prefill workers)
     known_first_token: int | None = None  # a retry's first token, already sent to the client
+    known_choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1.. the client already has
 
     @property
     def key(self) -> str:
@@ -80,6 +81,7 @@ class FirstToken:
     logprob: TokenLogprob | None = None  # when the request asks for logprobs
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # each prompt token's after the first, when asked
     ends_output: bool = False  # the token completed the request's grammar
+    choice: int = 0  # which of the request's sampling.n choices it starts
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +133,14 @@ class PrefillEngine:
         check_vocabulary(job.sampling.logit_bias, job.sampling.stop_token_ids, geometry.vocab_size)
         if job.known_first_token is not None:
             check_token_ids("known_first_token", [job.known_first_token], geometry.vocab_size)
+        if len(job.known_choice_first_tokens) >= job.sampling.n or (job.known_choice_first_tokens
+                                                                    and job.known_first_token is None):
+            raise InvalidRequest(f"known_choice_first_tokens holds {len(job.known_choice_first_tokens)} tokens: at "
+                                 f"most sampling.n - 1 ({job.sampling.n - 1}), and only with known_first_token")
+        check_token_ids("known_choice_first_tokens", list(job.known_choice_first_tokens), geometry.vocab_size)
+        if job.position_offset and job.sampling.n > 1:
+            raise InvalidRequest("position_offset must be 0 with sampling.n > 1 (a failover resumes each choice "
+                                 "on its own)")
         if not 0 <= job.position_offset < len(job.prompt_ids):
             raise InvalidRequest(f"position_offset {job.position_offset} must be below the prompt's length")
         if len(job.prompt_ids) >= geometry.max_model_len:
@@ -183,14 +193,15 @@ class PrefillEngine:
                 forward = await self._forward(job, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
             forward_done = time.perf_counter()
             self._record_forward(forward)
-            first = self._first_token(job, forward.value, grammar)
+            firsts = [self._first_token(job, forward.value, grammar, choice) for choice in range(job.sampling.n)]
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
-            yield first
-            first_id = first.token_id
+            for first in firsts:
+                yield first
             if pump is not None:
                 first_sent = await pump
-            end = KvEnd(job.request_id, layout.chunk_count, first_id, perf_to_unix_nanos(forward_done))
+            end = KvEnd(job.request_id, layout.chunk_count, firsts[0].token_id, perf_to_unix_nanos(forward_done),
+                        tuple(first.token_id for first in firsts[1:]))
             for sink in sinks:
                 await sink.close(end)
             if store_sink is not None:  # the decode acknowledged: its keys now
@@ -214,25 +225,31 @@ class PrefillEngine:
     async def _grammar(self, job: PrefillJob) -> GrammarState | None:
         """The request's grammar at the token sampled here (off the event loop: compiling takes ms)."""
         constraint = job.sampling.constraint
-        if constraint is None or job.known_first_token is not None:
+        all_known = job.known_first_token is not None and 1 + len(job.known_choice_first_tokens) == job.sampling.n
+        if constraint is None or all_known:
             return None
         so_far = job.prompt_ids[len(job.prompt_ids) - job.position_offset :]
         return await asyncio.to_thread(self._runtime.grammars.start, constraint, so_far)
 
-    def _first_token(self, job: PrefillJob, forward: Forwarded, grammar: GrammarState | None) -> FirstToken:
-        """Sampled from the last logits (or a retry's known token), with what the request asks for."""
+    def _first_token(self, job: PrefillJob, forward: Forwarded, grammar: GrammarState | None,
+                     choice: int) -> FirstToken:
+        """Choice `choice`'s first token, sampled from the last logits with the choice's seed (or a
+        retry's known token), with what the request asks for (the prompt's scores go with choice 0)."""
         logits, scored = forward
-        first = job.known_first_token
-        if first is None:
+        known = (job.known_first_token, *job.known_choice_first_tokens)
+        grammar = None if grammar is None else grammar.fork()  # every choice walks the grammar on its own
+        if choice < len(known) and known[choice] is not None:
+            first = known[choice]
+        else:
             allowed = None if grammar is None else grammar.allowed()
-            first = sample(logits, job.sampling, job.position_offset, self._context(job), allowed)
+            first = sample(logits, job.sampling.for_choice(choice), job.position_offset, self._context(job), allowed)
         top_n = job.sampling.logprobs
         ends_output = False
         if grammar is not None:
             grammar.consume(first)
             ends_output = grammar.finished
-        return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n), tuple(scored),
-                          ends_output)
+        return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n),
+                          tuple(scored) if choice == 0 else (), ends_output, choice)
 
     def _record_forward(self, forward: Timed[Forwarded]) -> None:
         started = int(forward.started_unix * 1e9)

@@ -67,7 +67,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         sink = self._decode_sink(transfer_kv, request.store_kv, request.decode_kv_shm_host)
         job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
                          request.position_offset, request.transfer_attempt,
-                         request.known_first_token if request.HasField("known_first_token") else None)
+                         request.known_first_token if request.HasField("known_first_token") else None,
+                         tuple(request.known_choice_first_tokens))
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=_first_token_pb(event))
@@ -101,5 +102,5 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
 
 
 def _first_token_pb(event: FirstToken) -> prefill_pb2.FirstToken:
-    return prefill_pb2.FirstToken(token_id=event.token_id, ends_output=event.ends_output,
+    return prefill_pb2.FirstToken(token_id=event.token_id, ends_output=event.ends_output, choice=event.choice,
                                   **logprobs.token_fields(event.logprob, event.prompt_logprobs))

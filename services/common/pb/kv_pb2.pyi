@@ -115,16 +115,18 @@ class KvChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., index: _Optional[int] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., shape: _Optional[_Iterable[int]] = ..., byte_length: _Optional[int] = ..., crc32: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32c: _Optional[int] = ..., scales: _Optional[bytes] = ..., shm: _Optional[_Union[KvShmSlice, _Mapping]] = ...) -> None: ...
 
 class KvTransferEnd(_message.Message):
-    __slots__ = ("request_id", "chunk_count", "first_token", "forward_end_unix_nanos")
+    __slots__ = ("request_id", "chunk_count", "first_token", "forward_end_unix_nanos", "choice_first_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FORWARD_END_UNIX_NANOS_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     chunk_count: int
     first_token: int
     forward_end_unix_nanos: int
-    def __init__(self, request_id: _Optional[str] = ..., chunk_count: _Optional[int] = ..., first_token: _Optional[int] = ..., forward_end_unix_nanos: _Optional[int] = ...) -> None: ...
+    choice_first_tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., chunk_count: _Optional[int] = ..., first_token: _Optional[int] = ..., forward_end_unix_nanos: _Optional[int] = ..., choice_first_tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KvTransferMessage(_message.Message):
     __slots__ = ("layout", "chunk", "end")
