@@ -25,7 +25,7 @@ from services.common.logit_controls import TokenContext
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling, sample, sampling_to_pb
-from services.gateway.core import finished_already
+from services.gateway.outputs import finished_already
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
 

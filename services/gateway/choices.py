@@ -11,16 +11,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from services.common.errors import InvalidRequest
 from services.common.logprobs import TokenLogprob
 from services.common.sampling import MAX_CHOICES, Sampling
 from services.gateway.attempt import Timeline
+from services.gateway.outputs import GenerateOutput
 from services.gateway.text import TextStream
-
-if TYPE_CHECKING:
-    from services.gateway.core import GenerateOutput
 
 
 @dataclass(slots=True)

@@ -33,9 +33,8 @@ import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.errors import InvalidRequest
 from services.common.logit_controls import check_vocabulary
-from services.common.logprobs import TokenLogprob
 from services.common.metrics import GatewayMetrics
 from services.common.pb import decode_pb2, prefill_pb2
 from services.common.sampling import Sampling, sampling_to_pb
@@ -43,6 +42,7 @@ from services.common.validation import check_budget_mb
 from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, Delivery, Timeline
 from services.gateway.choices import ChoiceProgress, best_of_choices, check_best_of, workers_sampling
 from services.gateway.fanout import merged
+from services.gateway.outputs import GenerateOutput, Usage, finished_already, token_output
 from services.gateway.prefill_route import PrefillRoute
 from services.gateway.routing import WorkerPool
 from services.gateway.text import PromptEncoder, TextStream
@@ -71,24 +71,6 @@ class GenerateInput:
 def new_request_id() -> str:
     """An internal request id: random, so no client can guess or collide with another's."""
     return uuid.uuid4().hex
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class GenerateOutput:
-    token_ids: list[int]
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id, when the request asks for logprobs
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first output, when asked
-    prompt_token_ids: tuple[int, ...] = ()  # with prompt_logprobs: the prompt (after any chat template)
-    choice: int = 0  # which of the request's choices (sampling.n) it belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +230,7 @@ class Gateway:
         if delivery.finish is not None:
             return self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), delivery.finish)
         choice.timeline.token()
-        output = replace(_token_output(request.sampling, prompt_ids, delivery, first=not choice.generated),
+        output = replace(token_output(request.sampling, prompt_ids, delivery, first=not choice.generated),
                          choice=choice.index)
         if output.prompt_logprobs is not None:
             choice.prompt_logprobs = output.prompt_logprobs  # the other choices' first outputs repeat them
@@ -315,32 +297,3 @@ class Gateway:
                      " | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
                      usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
                      tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
-
-
-def _token_output(sampling: Sampling, prompt_ids: list[int], delivery: Delivery, first: bool) -> GenerateOutput:
-    """The output of one new token (its text is added by the caller), with the log-probabilities the
-    request asks for. A worker that did not send them (a first token re-sent by the decode after the
-    prefill that sampled it died) fails the request rather than leave a gap."""
-    if sampling.logprobs is not None and delivery.logprob is None:
-        raise BackendUnavailable("a token's log-probability was lost with the worker that sampled it; retry")
-    scored = () if delivery.logprob is None else (delivery.logprob,)
-    if not first or sampling.prompt_logprobs is None:
-        return GenerateOutput([delivery.token_id], "", logprobs=scored)
-    if [entry.token_id for entry in delivery.prompt_logprobs] != prompt_ids[1:]:
-        raise BackendUnavailable("the prompt's log-probabilities were lost with the prefill worker; retry")
-    return GenerateOutput([delivery.token_id], "", logprobs=scored, prompt_logprobs=delivery.prompt_logprobs,
-                          prompt_token_ids=tuple(prompt_ids))
-
-
-def finished_already(sampling: Sampling, generated: list[int], ended: bool,
-                     eos_token_ids: frozenset[int]) -> str | None:
-    """The finish reason of a completion that has all its tokens already, else None (`ended`: its
-    last token completed its grammar, so a failover must not sample one more)."""
-    if ended:
-        return "stop"
-    if len(generated) >= sampling.max_tokens:
-        return "length"
-    if generated and (generated[-1] in sampling.stop_token_ids
-                      or not sampling.ignore_eos and generated[-1] in eos_token_ids):
-        return "stop"
-    return None
