@@ -20,8 +20,11 @@ from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc
 from services.common.runtime import ModelGeometry, ModelRuntime
 from services.common.sampling import Sampling
+from services.common.kv_wire import request_prefix, swap_prefix
+from services.decode.admission import Admission, AdmissionLimits
 from services.decode.blocks import BlockManager, BlockPool, PoolConfig
-from services.decode.sequence import Sequence, Token
+from services.decode.scheduler import Scheduler, SchedulerLimits
+from services.decode.sequence import Sequence, State, Token
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
 from tests.engine_harness import PROMPT, started
@@ -44,9 +47,56 @@ def test_choices_share_full_blocks_and_copy_the_partial_one_and_all_come_back() 
     for child, copy in (("r-c1", copy_1), ("r-c2", copy_2)):
         assert copy is not None and copy[0] == parent[2] and copy[1] not in parent
         assert blocks.table(child) == [*parent[:2], copy[1]]
-    assert blocks.freeable("r") == 1 and blocks.freeable("r-c1") == 1  # the full blocks are shared
+    assert blocks.freeable(["r"]) == 1 and blocks.freeable(["r-c1"]) == 1  # the full blocks are shared
     assert blocks.free("r") == 1 and blocks.used == 4  # shared blocks stay while a choice holds them
     assert blocks.free("r-c1") == 1 and blocks.free("r-c2") == 3 and blocks.used == 0
+
+
+def test_shared_blocks_count_as_freed_only_when_every_holder_leaves() -> None:
+    """Preempting every choice of a request frees the prompt's shared blocks too: the scheduler
+    must count them, or it preempts more than it needs to."""
+    blocks = BlockManager(PoolConfig(16, BLOCK))
+    blocks.allocate("r", 40, spare=1)
+    blocks.fork("r", "r-c1", 40)
+    assert blocks.freeable(["r"]) == 1 and blocks.freeable(["r", "r-c1"]) == 4
+
+
+def test_over_budget_choices_do_not_yield_to_their_own_siblings() -> None:
+    blocks = BlockManager(PoolConfig(64, BLOCK))
+    scheduler = Scheduler(blocks, SchedulerLimits(8, 0.95, GEOMETRY.kv_bytes_per_token))
+    first = Sequence("b", [1] * 40, Sampling(temperature=0, max_tokens=50, n=2), budget_bytes=1)
+    first.siblings = [first.sibling(1)]
+    first.lease = blocks.allocate("b", 40, spare=1)
+    blocks.fork("b", "b-c1", 40)
+    for choice in first.choices:
+        choice.generated.append(5)
+        scheduler.ready(choice)
+    plan = scheduler.schedule()
+    assert plan.swap_out == [] and plan.run == first.choices  # alone on the worker, neither yields
+    other = Sequence("o", [1] * 4, Sampling(temperature=0, max_tokens=5))
+    other.lease = blocks.allocate("o", 4)
+    other.generated.append(5)
+    scheduler.step_ended()
+    scheduler.ready(other)
+    assert set(scheduler.schedule().swap_out) == set(first.choices)  # another request waits: they yield
+
+
+def test_a_choice_keeps_its_stored_kv_under_the_request() -> None:
+    """One delete of the request's prefix clears every choice's swapped KV, whoever ends it."""
+    request = Sequence("req", [1, 2, 3], Sampling(n=3))
+    sibling = request.sibling(2)
+    assert sibling.request_id == "req-c2" and sibling.request == "req" and sibling.sampling.seed == 2
+    assert swap_prefix(sibling.store_id, 1).startswith(request_prefix("req"))
+    assert swap_prefix(request.store_id, 1).startswith(request_prefix("req"))
+
+
+def test_finished_choices_do_not_hold_admission_slots_and_too_many_choices_are_refused() -> None:
+    blocks = BlockManager(PoolConfig(64, BLOCK))
+    admission = Admission(GEOMETRY, blocks, AdmissionLimits(max_active_requests=3, reject_threshold=0.95))
+    live = {name: Sequence(name, [1], Sampling(max_tokens=4), state=State.FINISHED) for name in ("x", "y")}
+    admission.check(Sequence("new", [1, 2], Sampling(max_tokens=4, n=3)), live)  # ended choices linger, uncounted
+    with pytest.raises(InvalidRequest, match="more than this worker's --max-active-requests"):
+        admission.check(Sequence("many", [1, 2], Sampling(max_tokens=4, n=4)), {})
 
 
 def test_a_prompt_of_whole_blocks_is_shared_entirely() -> None:
@@ -131,6 +181,20 @@ async def test_preempted_choices_resume_and_finish_like_the_others(tiny: ModelRu
         assert engine.blocks.used == 0 and not engine.sequences
 
 
+async def test_the_request_ends_once_stop_strings_ended_every_choice(memory_stack: RunningStack) -> None:
+    """The decode does not see stop strings: when they have ended every choice at the gateway, the
+    gateway ends the stream (and so the request on the worker) instead of waiting for the worker to
+    decode max_tokens (1,000 steps, half a minute here) that nobody will see."""
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        stream = client.generate("One two three four", max_tokens=1000, temperature=0, ignore_eos=True, stop=[" "],
+                                 n=2)
+        finished = 0
+        while finished < 2:
+            finished += (await anext(stream)).finish_reason == "stop"
+        assert await asyncio.wait_for(anext(stream, None), 10) is None
+    assert (await _stats(memory_stack["decode"])).active_requests == 0
+
+
 def _fields(sampling: Sampling) -> dict[str, Any]:
     return {name: getattr(sampling, name) for name in Sampling.__slots__}
 
@@ -207,13 +271,22 @@ def test_http_completions_with_prompt_lists_index_choices_per_prompt(memory_stac
     assert body["usage"]["completion_tokens"] == 4 * 4
 
 
+def _events(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line[6:]) for line in response.text.splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
 def test_http_chat_and_streamed_choices(memory_stack: RunningStack) -> None:
-    chat = _post(memory_stack, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "n": 2})
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = _post(memory_stack, "/v1/chat/completions", {"messages": messages, "n": 2})
     assert [choice["index"] for choice in chat.json()["choices"]] == [0, 1]
+    chunks = _events(_post(memory_stack, "/v1/chat/completions", {"messages": messages, "n": 3, "stream": True}))
+    for index in range(3):  # each choice's first delta names the role, as OpenAI streams it
+        first = next(c for chunk in chunks for c in chunk["choices"] if c["index"] == index)
+        assert first["delta"]["role"] == "assistant"
     streamed = _post(memory_stack, "/v1/completions", {"prompt": "Hello", "n": 3, "stream": True,
                                                        "stream_options": {"include_usage": True}})
-    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
+    events = _events(streamed)
     finishes = [c["index"] for e in events for c in e["choices"] if c["finish_reason"]]
     assert sorted(finishes) == [0, 1, 2]
     whole = _post(memory_stack, "/v1/completions", {"prompt": "Hello", "n": 3}).json()

@@ -59,13 +59,17 @@ class Admission:
             raise CapacityExhausted(f"prompt + max_tokens need {peak} tokens of KV, more than this worker's whole "
                                     f"KV pool ({self._blocks.total} blocks of {self._blocks.block_size} tokens) "
                                     "can ever hold")
-        if len(live) + len(request.choices) > self._limits.max_active_requests:
+        if request.sampling.n > self._limits.max_active_requests:
+            raise InvalidRequest(f"sampling.n ({request.sampling.n}) is more than this worker's "
+                                 f"--max-active-requests ({self._limits.max_active_requests}): each choice is one")
+        active = sum(sequence.state is not State.FINISHED for sequence in live.values())  # (ended choices linger)
+        if active + request.sampling.n > self._limits.max_active_requests:
             raise CapacityExhausted(f"decode worker is full ({self._limits.max_active_requests} active requests, "
                                     "each choice counting as one)")
         if self._blocks.pressure > self._limits.reject_threshold:
             raise CapacityExhausted(f"KV pool pressure {self._blocks.pressure:.2f} is above the reject threshold")
         prompt = len(request.prompt_ids)
-        needed = self._blocks.blocks_for(prompt) + len(request.siblings) * (prompt % self._blocks.block_size > 0)
+        needed = self._blocks.blocks_for(prompt) + (request.sampling.n - 1) * (prompt % self._blocks.block_size > 0)
         if needed > self._blocks.free_blocks:
             raise CapacityExhausted(f"KV pool full: the prompt needs {needed} blocks, {self._blocks.free_blocks} free")
 

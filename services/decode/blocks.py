@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -212,9 +213,11 @@ class BlockManager:
             self._tables[child] = shared
             return self._grant(child), copy
 
-    def freeable(self, owner: str) -> int:
-        """Blocks that go back to the pool when the owner frees its table (not shared with another)."""
-        return sum(self._refs[block] == 1 for block in self._tables.get(owner, ()))
+    def freeable(self, owners: Iterable[str]) -> int:
+        """Blocks that go back to the pool once all these owners free their tables (blocks no one
+        else shares)."""
+        held = Counter(block for owner in set(owners) for block in self._tables.get(owner, ()))
+        return sum(count == self._refs[block] for block, count in held.items())
 
     def renew(self, owner: str) -> Lease:
         """A new lease on the owner's blocks; every older lease is revoked."""

@@ -344,22 +344,22 @@ class DecodeEngine:
         """Drop everything the request (every choice of it) holds, however it ended."""
         if (deadline := self._deadlines.pop(sequence.request_id, None)) is not None:
             deadline.cancel()
+        transfers = [choice.transfer for choice in sequence.choices if choice.transfer is not None]
         for choice in sequence.choices:
             if self.sequences.get(choice.request_id) is choice:
                 del self.sequences[choice.request_id]
-            transfer = choice.transfer
             self._scheduler.finish(choice)
-            if self.swapper.has_store and (choice is sequence or choice.swaps):  # what it may have stored
-                self._tasks.spawn(self._forget(choice.request_id, transfer), f"forget-{choice.request_id}")
         self._wake.set()  # freed blocks may let a preempted sequence resume
+        if self.swapper.has_store:  # every choice's keys lie under the request's
+            self._tasks.spawn(self._forget(sequence.request_id, transfers), f"forget-{sequence.request_id}")
 
-    async def _forget(self, request_id: str, transfer: Transfer[object] | None) -> None:
-        if transfer is not None:  # a cancelled swap-out must stop writing before its keys go
+    async def _forget(self, request_id: str, transfers: list[Transfer[object]]) -> None:
+        for transfer in transfers:  # a cancelled swap-out must stop writing before its keys go
             await transfer.settled(FORGET_WAIT_SECONDS)
         await self.swapper.forget(request_id)
 
     def load(self) -> DecodeLoad:
-        sequences = list(self.sequences.values())
+        sequences = [s for s in self.sequences.values() if s.state is not State.FINISHED]  # a request's ended choices
         awaiting = sum(s.state is State.AWAITING_KV for s in sequences)
         block_bytes = self._runtime.geometry.kv_bytes_per_token * self.blocks.block_size
         return DecodeLoad(len(sequences), awaiting, self._scheduler.running, self.blocks.used * block_bytes,

@@ -192,7 +192,7 @@ class Scheduler:
             leaving = self._leaving(plan)
             while short > leaving and (victim := self._newer_victim(sequence)) is not None:
                 self._preempt(victim, plan)
-                leaving += self._blocks.freeable(victim.request_id)
+                leaving = self._leaving(plan)
             if short > leaving and len(self._running) > 1:
                 self._preempt(sequence, plan)
         return runnable
@@ -204,8 +204,9 @@ class Scheduler:
         return max(newer or self._ready, key=lambda s: s.admitted_at, default=None)
 
     def _leaving(self, plan: StepPlan) -> int:
-        """Blocks that come back once this step's job has copied the preempted sequences out."""
-        return sum(self._blocks.freeable(s.request_id) for s in plan.swap_out)
+        """Blocks that come back once this step's job has copied the preempted sequences out (a
+        prompt block shared by choices only when every one of them leaves)."""
+        return self._blocks.freeable(s.request_id for s in plan.swap_out)
 
     def _relieve_pressure(self, plan: StepPlan) -> None:
         while ((self._blocks.used - self._leaving(plan)) / self._blocks.total > self._limits.preempt_threshold
@@ -214,7 +215,8 @@ class Scheduler:
 
     def _enforce_budgets(self, plan: StepPlan) -> None:
         for sequence in [s for s in self._running if s.over_budget(self._limits.kv_bytes_per_token)]:
-            if len(self._running) > 1 or self._ready:  # over budget yields to others, never to nobody
+            others = any(s.request != sequence.request for s in (*self._running, *self._ready))
+            if others:  # over budget yields to other requests, never to nobody (nor to its own choices)
                 self._preempt(sequence, plan)
 
     def _preempt(self, sequence: Sequence, plan: StepPlan) -> None:

@@ -65,6 +65,18 @@ class Sequence:
     grammar: GrammarState | None = None  # structured output: where the completion stands in its grammar
     choice: int = 0  # which of the request's choices this is (sampling.n > 1)
     siblings: list[Sequence] = field(default_factory=list)  # choice 0's: choices 1 .. n-1, sharing its queue
+    family: str = ""  # choices 1 .. n-1: choice 0's request id
+
+    @property
+    def request(self) -> str:
+        """The request it is a choice of (its own id for choice 0)."""
+        return self.family or self.request_id
+
+    @property
+    def store_id(self) -> str:
+        """What its stored (swapped) KV is named by: every choice's keys lie under the request's, so
+        one delete clears them all, whoever ends the request."""
+        return f"{self.family}/c{self.choice}" if self.family else self.request_id
 
     @property
     def choices(self) -> list[Sequence]:
@@ -76,7 +88,8 @@ class Sequence:
         seed and grammar position; the request's event queue."""
         return Sequence(f"{self.request_id}-c{choice}", self.prompt_ids, self.sampling.for_choice(choice),
                         self.position_offset, self.budget_bytes, self.label, events=self.events,
-                        grammar=None if self.grammar is None else self.grammar.fork(), choice=choice)
+                        grammar=None if self.grammar is None else self.grammar.fork(), choice=choice,
+                        family=self.request_id)
 
     @property
     def kv_tokens(self) -> int:

@@ -69,7 +69,7 @@ class KvSwapper:
         leaves no keys behind its cleanup."""
         if self._store is None:
             return False
-        prefix = swap_prefix(sequence.request_id, sequence.swaps)
+        prefix = swap_prefix(sequence.store_id, sequence.swaps)
         for message in messages:
             if not wanted():
                 return False
@@ -82,7 +82,7 @@ class KvSwapper:
         if sequence.swapped and self._store is not None:
             assembler = KvAssembler(sequence.request_id, self._runtime.geometry, sequence.kv_tokens, self._limits,
                                     writer)
-            prefix = swap_prefix(sequence.request_id, sequence.swaps)
+            prefix = swap_prefix(sequence.store_id, sequence.swaps)
             try:
                 await self.load(prefix, assembler)
                 await self._delete(prefix)  # back in the pool: the stored copy has served its purpose

@@ -3,8 +3,8 @@ best_of selection.
 
 All choices start in one try on one decode worker (the prompt is prefilled once, its KV blocks are
 shared there); a choice whose worker disappears resumes on its own, as a one-choice request under
-its own worker id (`{request id}-c{index}`, the id its blocks had on the decode worker) and seed
-(the request's + index), so it continues exactly where it stood.
+its own worker id (the request's for choice 0, `{request id}-c{index}` for the others, the ids the
+decode gave them) and seed (the request's + index), so it continues exactly where it stood.
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ class Gateway:
             span.set_attribute("gateway.prompt_tokens", len(prompt_ids))
         sampling = workers_sampling(request.sampling, request.best_of)
         started = time.perf_counter()
-        choices = [ChoiceProgress(index, request.request_id if sampling.n == 1 else f"{request.request_id}-c{index}",
+        # alone (after a failover) a choice keeps its id on the workers: choice 0's is the request's
+        choices = [ChoiceProgress(index, f"{request.request_id}-c{index}" if index else request.request_id,
                                   sampling.for_choice(index), TextStream(self.encoder.tokenizer, sampling.stop),
                                   Timeline(started)) for index in range(sampling.n)]
         self.active_requests += 1
@@ -181,6 +182,8 @@ class Gateway:
                     if delivery.choice and not choice.generated and sampling.prompt_logprobs is not None:
                         delivery = replace(delivery, prompt_logprobs=choices[0].prompt_logprobs)
                     yield self._take(request, prompt_ids, choice, delivery)
+                    if all(choice.finish is not None for choice in choices):
+                        return  # (stop strings may end choices the worker still decodes: cancelled now)
         except grpc.aio.AioRpcError as error:
             self._report_decode(error, attempt)
             for choice in choices:
@@ -275,7 +278,7 @@ class Gateway:
                 reason: str) -> GenerateOutput:
         choice.finish = reason
         usage = Usage(len(prompt_ids), len(choice.timeline.token_times))
-        name = request.name if choice.worker_id == request.request_id else f"{request.name}[{choice.index}]"
+        name = f"{request.name}[{choice.index}]" if request.sampling.n > 1 or request.best_of else request.name
         self._observe(name, usage, choice.timeline, count_prompt=choice.index == 0)
         return replace(output, finish_reason=reason, usage=usage, choice=choice.index)
 

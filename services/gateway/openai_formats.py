@@ -108,13 +108,17 @@ class ChatFormat(ResponseFormat):
     def __init__(self, request_id: str, model: str, names: TokenNames | None = None) -> None:
         super().__init__(request_id, model)
         self._names = names  # set when the request asks for logprobs
+        self._introduced = {0}  # choices whose role went out (choice 0's in the first chunk)
 
     def first(self) -> dict[str, Any]:
         return self._chunk({"role": "assistant", "content": ""}, None, 0, None)
 
     def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
-        return self._chunk({"content": output.text} if output.text else {}, output.finish_reason, index,
-                           self._logprobs(output))
+        delta = {"content": output.text} if output.text else {}
+        if index not in self._introduced:  # each choice's first delta says whose message it is
+            self._introduced.add(index)
+            delta = {"role": "assistant", **delta}
+        return self._chunk(delta, output.finish_reason, index, self._logprobs(output))
 
     def _logprobs(self, output: GenerateOutput) -> dict[str, Any] | None:
         return None if self._names is None else chat_logprobs(self._names, output.logprobs)
