@@ -11,8 +11,9 @@ retries on UNAVAILABLE with backoff, API keys. Async and sync flavours:
 
 from services.client.aio import GatewayClient
 from services.client.sync import SyncGatewayClient
-from services.client.types import Completion, GatewayError, GenerateChunk, Guided, LogitControls, RetryPolicy, Usage
+from services.client.types import (Completion, GatewayError, GenerateChunk, Guided, LogitControls, RetryPolicy,
+                                   ToolCall, Usage)
 from services.common.logprobs import TokenLogprob
 
 __all__ = ["Completion", "GatewayClient", "GatewayError", "GenerateChunk", "Guided", "LogitControls", "RetryPolicy",
-           "SyncGatewayClient", "TokenLogprob", "Usage"]
+           "SyncGatewayClient", "TokenLogprob", "ToolCall", "Usage"]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from services.client import GatewayClient, GatewayError, LogitControls
 from services.common.tls_settings import add_tls_arguments, sdk_tls_options
@@ -20,6 +23,18 @@ def _bias(value: str) -> tuple[int, float]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"expected ID=BIAS, such as 42=-5, got {value!r}")
+
+
+def _function(value: str) -> dict[str, Any]:
+    """An OpenAI function object given as JSON text, or @path of a file holding it."""
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+        function = json.loads(text)
+    except (OSError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"expected a function as JSON or @file: {error}") from None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise argparse.ArgumentTypeError("a function needs at least a \"name\"")
+    return function
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="print each token's log-probability and its N most likely alternatives (stderr)")
     parser.add_argument("--n", type=int, default=None, help="choices to generate (printed one after another)")
     parser.add_argument("--best-of", type=int, default=0, help="generate this many choices, print the --n best")
+    parser.add_argument("--tool", type=_function, action="append", default=[], metavar="JSON",
+                        help="with --chat: a function the model may call, as OpenAI's function object "
+                             "(name, description, parameters) in JSON or @file (repeatable)")
+    parser.add_argument("--tool-choice", default="", help="auto (default), none, required, or a function's name")
     add_tls_arguments(parser)
     return parser.parse_args(argv)
 
@@ -61,7 +80,7 @@ async def run(args: argparse.Namespace) -> int:
                              dict(args.logit_bias), args.min_tokens, args.stop_token_id)
     options = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                    seed=args.seed, stop=args.stop, controls=controls, logprobs=args.logprobs, n=args.n,
-                   best_of=args.best_of)
+                   best_of=args.best_of, tools=args.tool, tool_choice=args.tool_choice)
     messages = None
     if args.chat:
         messages = ([("system", args.system)] if args.system else []) + [("user", args.prompt)]
@@ -80,6 +99,8 @@ async def run(args: argparse.Namespace) -> int:
                     alternatives = " ".join(f"{token}:{value:.3f}" for token, value in entry.top)
                     print(f"\n[token {entry.token_id} logprob {entry.logprob:.4f} rank {entry.rank}] {alternatives}",
                           file=sys.stderr)
+                for call in chunk.tool_calls:
+                    print(f"\n[tool call {call.id}] {call.name}({call.arguments})")
                 if chunk.usage and args.usage:
                     print(f"\n[{chunk.finish_reason}] prompt {chunk.usage.prompt_tokens} + completion "
                           f"{chunk.usage.completion_tokens} tokens", file=sys.stderr)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 from types import TracebackType
 
 import grpc
@@ -20,6 +21,7 @@ from services.client.types import (
     join,
     to_chunk,
     join_choices,
+    Message,
 )
 from services.common.pb import gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
@@ -49,18 +51,19 @@ class SyncGatewayClient:
         self._channel.close()
 
     def generate(self, prompt: str | Sequence[int] | None = None, *,
-                       messages: Sequence[tuple[str, str]] | None = None,
+                       messages: Sequence[Message] | None = None,
                  max_tokens: int | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
                  request_id: str = "", timeout: float | None = None,
                  max_cache_budget_mb: float = 0.0, controls: LogitControls | None = None, logprobs: int | None = None,
                  prompt_logprobs: int | None = None,
-                 guided: Guided | None = None, n: int | None = None,
-                 best_of: int = 0) -> Iterator[GenerateChunk]:
+                 guided: Guided | None = None, n: int | None = None, best_of: int = 0,
+                 tools: Sequence[Mapping[str, Any]] = (), tool_choice: str = "") -> Iterator[GenerateChunk]:
         """Stream a completion (see GatewayClient.generate)."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                 request_id, max_cache_budget_mb, controls, logprobs=logprobs,
-                                prompt_logprobs=prompt_logprobs, guided=guided, n=n, best_of=best_of)
+                                prompt_logprobs=prompt_logprobs, guided=guided, n=n, best_of=best_of,
+                                tools=tools, tool_choice=tool_choice)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

@@ -6,13 +6,25 @@ import json
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import grpc
 
 from services.common.logprobs import TokenLogprob, from_pb
 from services.common.pb import common_pb2, gateway_pb2
 
-_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length"}
+_FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
+           common_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls"}
+# A chat message: (role, content), or a mapping with role, content and, for tool calling,
+# tool_call_id (a tool's result) or tool_calls (an assistant's calls: id, name, arguments).
+Message = tuple[str, str] | Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # a JSON object, as text
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +46,7 @@ class GenerateChunk:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked (logprobs=)
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked (prompt_logprobs=)
     choice: int = 0  # which of the request's choices (n=) it belongs to
+    tool_calls: list[ToolCall] = field(default_factory=list)  # on the last chunk, when the model called tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +60,7 @@ class Completion:
     usage: Usage | None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token id, when asked (logprobs=)
     prompt_logprobs: list[TokenLogprob] | None = None  # on the first chunk, when asked (prompt_logprobs=)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # when the model called tools (finish "tool_calls")
 
 
 class GatewayError(Exception):
@@ -123,14 +137,15 @@ class Guided:
         return common_pb2.StructuredOutput(json_object=self.json_object)
 
 
-def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[str, str]] | None,
+def build_request(prompt: str | Sequence[int] | None, messages: Sequence[Message] | None,
                   max_tokens: int | None,
                   temperature: float | None, top_p: float | None, top_k: int, seed: int | None,
                   stop: Sequence[str], ignore_eos: bool, request_id: str,
                   max_cache_budget_mb: float = 0.0,
                   controls: LogitControls | None = None, *, logprobs: int | None = None,
                   prompt_logprobs: int | None = None, guided: Guided | None = None, n: int | None = None,
-                  best_of: int = 0) -> gateway_pb2.GenerateRequest:
+                  best_of: int = 0, tools: Sequence[Mapping[str, Any]] = (),
+                  tool_choice: str = "") -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos,
                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=n)
@@ -140,14 +155,27 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[tuple[s
         sampling.structured_output.CopyFrom(guided.to_pb())
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
                                           max_cache_budget_mb=max_cache_budget_mb, best_of=best_of)
+    for tool in tools:  # OpenAI function objects: name, description, parameters
+        request.tools.functions.append(gateway_pb2.FunctionTool(
+            name=tool["name"], description=tool.get("description", ""),
+            parameters_json=json.dumps(tool["parameters"]) if "parameters" in tool else ""))
+    request.tools.choice = tool_choice
     if messages is not None:
-        request.chat.CopyFrom(gateway_pb2.ChatMessages(
-            messages=[gateway_pb2.ChatMessage(role=role, content=content) for role, content in messages]))
+        request.chat.CopyFrom(gateway_pb2.ChatMessages(messages=[_message_pb(message) for message in messages]))
     elif prompt is not None and not isinstance(prompt, str):
         request.prompt_tokens.token_ids.extend(prompt)
     else:
         request.prompt = prompt or ""
     return request
+
+
+def _message_pb(message: Message) -> gateway_pb2.ChatMessage:
+    if isinstance(message, tuple):
+        return gateway_pb2.ChatMessage(role=message[0], content=message[1])
+    calls = [gateway_pb2.ToolCall(id=call["id"], name=call["name"], arguments=call["arguments"])
+             for call in message.get("tool_calls", ())]
+    return gateway_pb2.ChatMessage(role=message["role"], content=message.get("content") or "",
+                                   tool_call_id=message.get("tool_call_id", ""), tool_calls=calls)
 
 
 def to_chunk(response: gateway_pb2.GenerateResponse) -> GenerateChunk:
@@ -156,7 +184,8 @@ def to_chunk(response: gateway_pb2.GenerateResponse) -> GenerateChunk:
     return GenerateChunk(response.request_id, list(response.token_ids), response.text,
                          _FINISH.get(response.finish_reason),
                          Usage(usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) if usage else None,
-                         [from_pb(entry) for entry in response.logprobs], prompt or None, response.choice)
+                         [from_pb(entry) for entry in response.logprobs], prompt or None, response.choice,
+                         [ToolCall(call.id, call.name, call.arguments) for call in response.tool_calls])
 
 
 def join(chunks: list[GenerateChunk]) -> Completion:
@@ -167,7 +196,7 @@ def join(chunks: list[GenerateChunk]) -> Completion:
     last = chunks[-1]
     return Completion(last.request_id, [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks),
                       last.finish_reason, last.usage, [entry for c in chunks for entry in c.logprobs],
-                      chunks[0].prompt_logprobs)
+                      chunks[0].prompt_logprobs, last.tool_calls)
 
 
 def join_choices(chunks: list[GenerateChunk]) -> list[Completion]:

@@ -49,7 +49,8 @@ async def run(settings: GatewaySettings) -> None:
         nonlocal http
         await membership.start()
         model_dir = await asyncio.to_thread(resolve_model_dir, settings.model, Path(settings.model_cache_dir))
-        encoder = await asyncio.to_thread(PromptEncoder, model_dir)
+        template = Path(settings.chat_template).read_text() if settings.chat_template else None
+        encoder = await asyncio.to_thread(PromptEncoder, model_dir, template)
         limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer,
                                settings.request_summary, settings.prefill_mode, settings.conditional_threshold,
                                settings.max_failovers, settings.max_prefill_retries,

@@ -18,6 +18,7 @@ from services.common.sampling import MAX_CHOICES, Sampling
 from services.gateway.attempt import Timeline
 from services.gateway.outputs import GenerateOutput
 from services.gateway.text import TextStream
+from services.gateway.tools import ToolCallStream
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class ChoiceProgress:
     ended: bool = False  # its last token completed the output's grammar
     finish: str | None = None  # set once the client has its end
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # choice 0's, when asked: every choice's first output has them
+    tool_stream: ToolCallStream | None = None  # with tools: content out as it comes, calls at the end
 
 
 def check_best_of(best_of: int, sampling: Sampling) -> None:

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
@@ -45,7 +45,8 @@ from services.gateway.fanout import merged
 from services.gateway.outputs import GenerateOutput, Usage, finished_already, token_output
 from services.gateway.prefill_route import PrefillRoute
 from services.gateway.routing import WorkerPool
-from services.gateway.text import PromptEncoder, TextStream
+from services.gateway.text import ChatTurn, PromptEncoder, TextStream
+from services.gateway.tools import ToolCallStream, Tools
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("disagg.gateway")
@@ -54,11 +55,12 @@ tracer = trace.get_tracer("disagg.gateway")
 class GenerateInput:
     request_id: str  # internal: made here, never chosen by a client (workers and store keys use it)
     prompt: str | tuple[int, ...] | None  # text, or token ids taken as they are
-    messages: list[tuple[str, str]] | None
+    messages: Sequence[ChatTurn | tuple[str, str]] | None
     sampling: Sampling
     max_cache_budget_mb: float = 0.0
     label: str = ""  # the client's own id, echoed in responses, logs and traces (default: request_id)
     best_of: int = 0  # generate this many choices, return the sampling.n best (0: just sampling.n)
+    tools: Tools | None = None  # functions the model may call (chat only; services/gateway/tools.py)
 
     def __post_init__(self) -> None:
         check_budget_mb(self.max_cache_budget_mb)
@@ -106,7 +108,7 @@ class Gateway:
 
     def tokenize(self, request: GenerateInput) -> list[int]:
         if request.messages is not None:
-            ids = self.encoder.encode_chat(request.messages)
+            ids = self.encoder.encode_chat(request.messages, None if request.tools is None else request.tools.offered)
         elif isinstance(request.prompt, tuple):
             ids = self.encoder.check_ids(request.prompt)
         elif request.prompt is not None:
@@ -138,7 +140,8 @@ class Gateway:
         # alone (after a failover) a choice keeps its id on the workers: choice 0's is the request's
         choices = [ChoiceProgress(index, f"{request.request_id}-c{index}" if index else request.request_id,
                                   sampling.for_choice(index), TextStream(self.encoder.tokenizer, sampling.stop),
-                                  Timeline(started)) for index in range(sampling.n)]
+                                  Timeline(started), tool_stream=None if request.tools is None
+                                  else ToolCallStream(request.tools)) for index in range(sampling.n)]
         self.active_requests += 1
         try:
             outputs = self._choices(request, sampling, prompt_ids, choices)
@@ -244,7 +247,7 @@ class Gateway:
         delta, stopped = choice.stream.add(delivery.token_id)
         if stopped:
             return self._finish(request, prompt_ids, choice, replace(output, text=delta), "stop")
-        return replace(output, text=delta)
+        return replace(output, text=delta if choice.tool_stream is None else choice.tool_stream.add(delta))
 
     def _finished_already(self, choice: ChoiceProgress) -> str | None:
         return finished_already(choice.sampling, choice.generated, choice.ended, self.encoder.eos_token_ids)
@@ -276,6 +279,11 @@ class Gateway:
 
     def _finish(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress, output: GenerateOutput,
                 reason: str) -> GenerateOutput:
+        if choice.tool_stream is not None:  # the calls go out whole, with the end
+            text = choice.tool_stream.add(output.text)
+            rest, calls = choice.tool_stream.finish()
+            output = replace(output, text=text + rest, tool_calls=calls)
+            reason = "tool_calls" if calls else reason
         choice.finish = reason
         usage = Usage(len(prompt_ids), len(choice.timeline.token_times))
         name = f"{request.name}[{choice.index}]" if request.sampling.n > 1 or request.best_of else request.name

@@ -47,6 +47,7 @@ from services.gateway.openai_formats import ChatFormat, CompletionFormat, Indexe
 from services.gateway.openai_logprobs import TokenNames
 from services.gateway.openai_structured import constraint_of
 from services.gateway.text import PromptEncoder
+from services.gateway.tools import Tools, tools_from_openai, with_tools
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
 
@@ -163,7 +164,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         authorize(request)
         check_model_id(body.model)
-        _refuse_tools(body.model_extra, encoder())
+        _refuse_tools(body, encoder())
         check_model(body)
         _unsupported(body.top_logprobs is not None and not body.logprobs, "top_logprobs",
                      "top_logprobs needs logprobs: true")
@@ -171,21 +172,22 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
             check_top_n("top_logprobs", body.top_logprobs)
         except InvalidRequest as error:
             raise _api_error(error) from None
-        messages = [(message.role, message.text()) for message in body.messages]
+        messages = [message.turn() for message in body.messages]
         scores = Scores((body.top_logprobs or 0) if body.logprobs else None)
-        job = _job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config, scores,
-                   await _constraint(body))
+        tools, constraint = await _tools_and_constraint(body)
+        job = replace(_job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config,
+                           scores, constraint), tools=tools)
         names = TokenNames(encoder().tokenizer) if body.logprobs else None
         return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
 
     return app
 
 
-def _refuse_tools(extra: dict[str, Any] | None, encoder: PromptEncoder) -> None:
+def _refuse_tools(body: ChatCompletionRequest, encoder: PromptEncoder) -> None:
     """Tools need a chat template that renders them: without one, say so (not just "unsupported")."""
-    extra = extra or {}
-    asked = [name for name in ("tools", "functions") if extra.get(name)]
-    asked += [name for name in ("tool_choice", "function_call") if extra.get(name) not in (None, "none")]
+    fields = {**(body.model_extra or {}), "tools": body.tools, "tool_choice": body.tool_choice}
+    asked = [name for name in ("tools", "functions") if fields.get(name)]
+    asked += [name for name in ("tool_choice", "function_call") if fields.get(name) not in (None, "none", "auto")]
     if asked and not encoder.supports_tools:
         raise ApiError(400, f"{asked[0]}: this model's chat template has no tool support, so it cannot call tools",
                        asked[0], "unsupported_parameter")
@@ -220,6 +222,17 @@ def _prompt_text(prompt: str | tuple[int, ...], encoder: PromptEncoder) -> str:
 async def _constraint(body: _Common) -> Constraint | None:
     try:
         return await constraint_of(body.structured_fields())
+    except InvalidRequest as error:
+        raise _api_error(error) from None
+
+
+async def _tools_and_constraint(body: ChatCompletionRequest) -> tuple[Tools | None, Constraint | None]:
+    """The request's tools, and the one grammar on its output: a structured-output field's, or a
+    required or named tool choice's (not both)."""
+    constraint = await _constraint(body)
+    try:
+        tools = tools_from_openai(body.tools, body.tool_choice)
+        return tools, with_tools(constraint, tools)
     except InvalidRequest as error:
         raise _api_error(error) from None
 

@@ -66,7 +66,7 @@ def add_token_routes(app: FastAPI, routes: TokenRoutes) -> None:
         encoder = routes.admit(request, body.model)
         try:
             if body.messages is not None:
-                ids = encoder.encode_chat([(m.role, m.text()) for m in body.messages])
+                ids = encoder.encode_chat([m.turn() for m in body.messages])
             else:
                 ids = list(encoder.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens))
         except InvalidRequest as error:

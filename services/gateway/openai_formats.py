@@ -11,6 +11,7 @@ from typing import Any
 from services.common.logprobs import TokenLogprob
 from services.gateway.core import GenerateOutput, Usage
 from services.gateway.openai_logprobs import TokenNames, chat_logprobs, completion_logprobs, joined
+from services.gateway.tools import ToolCall
 
 Indexed = tuple[int, GenerateOutput]
 
@@ -114,16 +115,18 @@ class ChatFormat(ResponseFormat):
         return self._chunk({"role": "assistant", "content": ""}, None, 0, None)
 
     def delta(self, output: GenerateOutput, index: int) -> dict[str, Any]:
-        delta = {"content": output.text} if output.text else {}
+        delta: dict[str, Any] = {"content": output.text} if output.text else {}
         if index not in self._introduced:  # each choice's first delta says whose message it is
             self._introduced.add(index)
             delta = {"role": "assistant", **delta}
+        if output.tool_calls:  # whole, with the choice's end
+            delta["tool_calls"] = [{"index": i, **_tool_call(call)} for i, call in enumerate(output.tool_calls)]
         return self._chunk(delta, output.finish_reason, index, self._logprobs(output))
 
     def _logprobs(self, output: GenerateOutput) -> dict[str, Any] | None:
         return None if self._names is None else chat_logprobs(self._names, output.logprobs)
 
-    def _chunk(self, delta: dict[str, str], finish: str | None, index: int,
+    def _chunk(self, delta: dict[str, Any], finish: str | None, index: int,
                logprobs: dict[str, Any] | None) -> dict[str, Any]:
         return {**self._base, "object": "chat.completion.chunk",
                 "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
@@ -131,7 +134,18 @@ class ChatFormat(ResponseFormat):
     def whole(self, outputs: list[Indexed], choices: int) -> dict[str, Any]:
         grouped = _by_choice(outputs, choices)
         return {**self._base, "object": "chat.completion", "usage": _usage(_finished_usages(grouped)),
-                "choices": [{"index": i, "message": {"role": "assistant", "content": "".join(o.text for o in group)},
-                             "finish_reason": group[-1].finish_reason,
+                "choices": [{"index": i, "message": _message(group), "finish_reason": group[-1].finish_reason,
                              "logprobs": joined([self._logprobs(output) for output in group])}
                             for i, group in enumerate(grouped)]}
+
+
+def _message(outputs: list[GenerateOutput]) -> dict[str, Any]:
+    """A whole choice as an assistant message (its calls, when it made any: content null if empty)."""
+    text, calls = "".join(output.text for output in outputs), outputs[-1].tool_calls
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": [_tool_call(call) for call in calls]}
+
+
+def _tool_call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}

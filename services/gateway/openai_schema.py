@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import grpc
 
 from services.common.errors import InvalidRequest
+from services.gateway.text import ChatTurn
+from services.gateway.tools import ToolCall
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400, grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -117,18 +119,37 @@ class ChatContentPart(_Strict):
     text: str
 
 
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ChatToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Strict):
     role: str
     content: str | list[ChatContentPart] | None = ""
+    tool_calls: list[ChatToolCall] | None = None  # an assistant message's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def turn(self) -> ChatTurn:
+        calls = tuple(ToolCall(call.id, call.function.name, call.function.arguments) for call in self.tool_calls or ())
+        return ChatTurn(self.role, self.text(), self.tool_call_id or "", calls)
+
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
+    tools: list[Any] | None = None  # [{"type": "function", "function": {...}}] (services.gateway.tools)
+    tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -9,6 +9,7 @@ from services.common.errors import BackendUnavailable
 from services.common.logprobs import TokenLogprob
 from services.common.sampling import Sampling
 from services.gateway.attempt import Delivery
+from services.gateway.tools import ToolCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +28,7 @@ class GenerateOutput:
     prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # on the first output, when asked
     prompt_token_ids: tuple[int, ...] = ()  # with prompt_logprobs: the prompt (after any chat template)
     choice: int = 0  # which of the request's choices (sampling.n) it belongs to
+    tool_calls: tuple[ToolCall, ...] = ()  # on a choice's last output, when its text held calls
 
 
 def token_output(sampling: Sampling, prompt_ids: list[int], delivery: Delivery, first: bool) -> GenerateOutput:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import replace
 from collections.abc import AsyncIterator
 
 import grpc
@@ -22,8 +23,11 @@ from services.common.telemetry import ServiceTelemetry
 from services.common.validation import check_id
 from services.gateway.core import Gateway, GenerateInput, GenerateOutput, new_request_id
 from services.gateway.routing import Worker
+from services.gateway.text import ChatTurn
+from services.gateway.tools import ToolCall, tools_from_pb, with_tools
 
-_FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
+_FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH,
+              "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS}
 
 
 def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int) -> GenerateInput:
@@ -38,8 +42,15 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     kind = request.WhichOneof("input")
     prompt: str | tuple[int, ...] | None = None
     messages = None
+    tools = tools_from_pb([(f.name, f.description, f.parameters_json) for f in request.tools.functions],
+                          request.tools.choice)
+    if tools is not None and kind != "chat":
+        raise InvalidRequest("tools: only a chat conversation can call tools")
+    sampling = replace(sampling, constraint=with_tools(sampling.constraint, tools))
     if kind == "chat":
-        messages = [(m.role, m.content) for m in request.chat.messages]
+        messages = [ChatTurn(m.role, m.content, m.tool_call_id, tuple(ToolCall(c.id, c.name, c.arguments)
+                                                                        for c in m.tool_calls))
+                    for m in request.chat.messages]
     elif kind == "prompt_tokens":
         prompt = tuple(request.prompt_tokens.token_ids)
     elif kind == "prompt":
@@ -47,7 +58,7 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     else:
         raise InvalidRequest("prompt must not be empty (give prompt or chat)")
     return GenerateInput(new_request_id(), prompt, messages, sampling, request.max_cache_budget_mb, request.request_id,
-                         request.best_of)
+                         request.best_of, tools)
 
 
 def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateResponse:
@@ -55,7 +66,10 @@ def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateRe
                                             logprobs=[logprobs.to_pb(entry) for entry in output.logprobs],
                                             prompt_logprobs=[logprobs.to_pb(entry)
                                                              for entry in output.prompt_logprobs or ()],
-                                            prompt_token_ids=output.prompt_token_ids, choice=output.choice)
+                                            prompt_token_ids=output.prompt_token_ids, choice=output.choice,
+                                            tool_calls=[gateway_pb2.ToolCall(id=call.id, name=call.name,
+                                                                             arguments=call.arguments)
+                                                        for call in output.tool_calls])
     if output.finish_reason is not None:
         response.finish_reason = _FINISH_PB[output.finish_reason]
     if output.usage is not None:

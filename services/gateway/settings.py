@@ -58,6 +58,8 @@ class GatewaySettings(PublicTlsSettings):
     model: str = setting("default", "model whose tokenizer and context length the gateway uses "
                                     "(same values as the workers' --model)", "MODEL")
     model_cache_dir: str = setting(str(default_cache_dir()), "where converted models are cached", "MODEL_CACHE_DIR")
+    chat_template: str = setting("", "a Jinja chat template file that replaces the model's own (for example one "
+                                     "that renders tools; empty: the model's)", "CHAT_TEMPLATE")
     default_max_tokens: int = setting(256, "max_tokens of a request that names none", "DEFAULT_MAX_TOKENS")
     max_tokens_limit: int = setting(4096, "largest max_tokens a request may ask for", "MAX_TOKENS_LIMIT")
     request_timeout_seconds: float = setting(600.0, "deadline of each call to a worker", "REQUEST_TIMEOUT_SECONDS")
@@ -82,6 +84,8 @@ class GatewaySettings(PublicTlsSettings):
         check_port("port", self.port)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_port("http_port", self.http_port, allow_zero=True)
+        if self.chat_template and not Path(self.chat_template).is_file():
+            raise ValueError(f"chat_template {self.chat_template!r} is not a file")
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist")
         self._check_addresses()

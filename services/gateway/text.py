@@ -3,16 +3,55 @@ with stop strings."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from services.common.errors import InvalidRequest
+from services.gateway.tools import FORMAT_MARKER, ToolCall
+
+_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One message of a conversation."""
+
+    role: str  # system, user, assistant or tool
+    content: str
+    tool_call_id: str = ""  # a tool message: the call it answers
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant message: the calls it made
+
+    def rendered(self) -> dict[str, Any]:
+        """The message as chat templates take it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": call.id, "type": "function",
+                                      "function": {"name": call.name, "arguments": _arguments(call.arguments)}}
+                                     for call in self.tool_calls]
+        return message
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as a template renders them (an object; text that is not JSON as it is)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
 
 class PromptEncoder:
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, chat_template: str | None = None) -> None:
         self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(model_dir)
+        if chat_template is not None:  # an operator's template replaces the model's own
+            self.tokenizer.chat_template = chat_template
         config = AutoConfig.from_pretrained(model_dir)
         self.max_model_len: int = config.max_position_embeddings
         eos = config.eos_token_id
@@ -25,8 +64,10 @@ class PromptEncoder:
 
     @property
     def supports_tools(self) -> bool:
-        """Whether the chat template renders a `tools` list (tool calling is impossible without it)."""
-        return "tools" in (self.tokenizer.chat_template or "")
+        """Whether the chat template renders a `tools` list and has the model write calls in the
+        format services.gateway.tools parses (tool calling is impossible without both)."""
+        template = self.tokenizer.chat_template or ""
+        return "tools" in template and FORMAT_MARKER in template
 
     def check_ids(self, ids: tuple[int, ...]) -> list[int]:
         """A prompt given as token ids: non-empty, every id inside the vocabulary."""
@@ -38,16 +79,28 @@ class PromptEncoder:
             raise InvalidRequest(f"prompt_tokens[{bad}]={ids[bad]} is outside the model's vocabulary of {vocab}")
         return list(ids)
 
-    def encode_chat(self, messages: list[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[ChatTurn | tuple[str, str]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The conversation through the chat template, with the generation prompt (and the offered
+        tools, which need a template that supports them)."""
         if not messages:
             raise InvalidRequest("chat.messages must not be empty")
-        for index, (role, _) in enumerate(messages):
-            if role not in ("system", "user", "assistant"):
-                raise InvalidRequest(f"chat.messages[{index}].role must be system, user or assistant, got {role!r}")
+        turns = [turn if isinstance(turn, ChatTurn) else ChatTurn(*turn) for turn in messages]
+        for index, turn in enumerate(turns):
+            if turn.role not in _ROLES:
+                raise InvalidRequest(f"chat.messages[{index}].role must be one of {', '.join(_ROLES)}, got "
+                                     f"{turn.role!r}")
+            if (turn.role == "tool" or turn.tool_calls) and not self.supports_tools:
+                raise InvalidRequest(f"chat.messages[{index}]: this model's chat template has no tool support")
+            if turn.role == "tool" and not turn.tool_call_id:
+                raise InvalidRequest(f"chat.messages[{index}].tool_call_id: a tool message names the call it answers")
         if self.tokenizer.chat_template is None:
             raise InvalidRequest("this model has no chat template; send a prompt instead")
-        conversation = [{"role": role, "content": content} for role, content in messages]
-        encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        if tools and not self.supports_tools:
+            raise InvalidRequest("tools: this model's chat template has no tool support, so it cannot call tools")
+        conversation = [turn.rendered() for turn in turns]
+        encoded = self.tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True,
+                                                     tokenize=True)
         return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
 
 
