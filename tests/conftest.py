@@ -175,7 +175,7 @@ def start_healthy(stack: Stack, log_dir: Path, timeout: float = 300) -> None:
 def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """Real model; memory kvstore; the prefill checkpoints KV to it; small chunks so that a
     transfer has many; gateways for the direct and the kvstore path."""
-    keyed_http, tools_http = free_port(), free_port()
+    keyed_http, tools_http, shared_http = free_port(), free_port(), free_port()
     running = start_stack(
         tmp_path_factory.mktemp("memory-stack"), "default",
         extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
@@ -184,9 +184,12 @@ def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
                         "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http)),
                         "gateway_unified": ("--prefill-mode", "unified"),
                         "gateway_conditional": ("--prefill-mode", "conditional", "--conditional-threshold", "7"),
-                        "gateway_tools": ("--chat-template", str(TOOLS_TEMPLATE), "--http-port", str(tools_http))})
+                        "gateway_tools": ("--chat-template", str(TOOLS_TEMPLATE), "--http-port", str(tools_http)),
+                        "gateway_shared": ("--api-keys", f"{API_KEY},another-key", "--prefix-cache-sharing",
+                                           "--http-port", str(shared_http))})
     running.addresses["http_keyed"] = f"http://127.0.0.1:{keyed_http}"
     running.addresses["http_tools"] = f"http://127.0.0.1:{tools_http}"
+    running.addresses["http_shared"] = f"http://127.0.0.1:{shared_http}"
     yield running
     running.stack.stop()
 

@@ -16,8 +16,10 @@ import pytest
 
 from services.client import GatewayClient, GatewayError
 from services.common.errors import InvalidRequest
-from services.gateway.tools import ToolCallStream, Tools, tools_from_openai
-from tests.conftest import RunningStack
+from services.common.model_files import default_cache_dir, resolve_model_dir
+from services.gateway.text import PromptEncoder
+from services.gateway.tools import ToolCallStream, Tools, tools_from_openai, tools_from_pb
+from tests.conftest import TOOLS_TEMPLATE, RunningStack
 
 MODEL = "SmolLM2-135M-Instruct"
 WEATHER = {"name": "get_weather", "description": "Current weather of a city",
@@ -105,7 +107,7 @@ def test_a_named_tool_choice_returns_a_valid_call(memory_stack: RunningStack) ->
     choice = {"type": "function", "function": {"name": "get_weather"}}
     body = _chat(memory_stack, {"tools": TOOLS, "tool_choice": choice}).json()
     message, finish = body["choices"][0]["message"], body["choices"][0]["finish_reason"]
-    assert finish == "tool_calls" and message["content"] is None and len(message["tool_calls"]) == 1
+    assert finish == "stop" and message["content"] is None and len(message["tool_calls"]) == 1  # as OpenAI
     call = message["tool_calls"][0]
     assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["parameters"])
@@ -114,7 +116,7 @@ def test_a_named_tool_choice_returns_a_valid_call(memory_stack: RunningStack) ->
     deltas = [c["delta"] for chunk in chunks for c in chunk["choices"] if "tool_calls" in c["delta"]]
     assert len(deltas) == 1 and deltas[0]["tool_calls"][0]["function"] == call["function"]
     assert deltas[0]["tool_calls"][0]["index"] == 0
-    assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == ["tool_calls"]
+    assert [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"]] == ["stop"]
 
 
 def test_required_calls_validate_against_their_functions(memory_stack: RunningStack) -> None:
@@ -141,10 +143,12 @@ def test_a_conversation_with_a_tool_result_is_rendered(memory_stack: RunningStac
                                                              "arguments": '{"city": "Paris", "unit": "celsius"}'}}
     messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "18 degrees and sunny"}]
-    tokenized = httpx.post(memory_stack["http_tools"] + "/tokenize", json={"model": MODEL, "messages": messages})
+    tokenized = httpx.post(memory_stack["http_tools"] + "/tokenize", json={"model": MODEL, "messages": messages,
+                                                                           "tools": TOOLS})
     text = httpx.post(memory_stack["http_tools"] + "/detokenize",
                       json={"model": MODEL, "tokens": tokenized.json()["tokens"]}).json()["prompt"]
     assert '"name": "get_weather"' in text and "<tool_response>\n18 degrees and sunny\n</tool_response>" in text
+    assert '<tools>\n{"type": "function"' in text and '}\n{"type": "function"' in text  # one tool a line
     assert _chat(memory_stack, {"tools": TOOLS, "messages": messages}).status_code == 200
 
 
@@ -171,9 +175,64 @@ async def test_grpc_tools_and_their_bad_input(memory_stack: RunningStack) -> Non
     async with GatewayClient(memory_stack["gateway_tools"]) as client:
         result = await client.complete(messages=[("user", "Time in Tokyo?")], max_tokens=40, temperature=0,
                                        tools=[WEATHER, TIME], tool_choice="get_time")
-        assert result.finish_reason == "tool_calls" and [call.name for call in result.tool_calls] == ["get_time"]
+        assert result.finish_reason == "stop" and [call.name for call in result.tool_calls] == ["get_time"]
         jsonschema.validate(json.loads(result.tool_calls[0].arguments), TIME["parameters"])
         bad = {**TIME, "parameters": "not json"}
         with pytest.raises(GatewayError) as caught:
             await client.complete(messages=[("user", "Hi")], max_tokens=4, tools=[bad])
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tools" in caught.value.details()
+
+
+# review findings: one test per defect -------------------------------------------------------------
+def test_required_keeps_each_functions_definitions_reachable() -> None:
+    """Parameters with $defs (pydantic's nested models) are nested in the required choice's schema:
+    their definitions move to the root with their references, so the grammar compiles."""
+    located = {"name": "locate", "parameters": {"type": "object", "properties": {"where": {"$ref": "#/$defs/Loc"}},
+                                                "required": ["where"], "$defs": {"Loc": {
+                                                    "type": "object", "properties": {"city": {"type": "string"}}}}}}
+    constraint = Tools((located, TIME), "required").constraint()
+    assert constraint is not None
+    constraint.check()
+    schema = json.loads(constraint.spec)
+    assert "f0_Loc" in schema["$defs"]
+    jsonschema.validate([{"name": "locate", "arguments": {"where": {"city": "Oslo"}}}], schema)
+
+
+def test_a_final_call_without_its_closing_tag_is_still_a_call() -> None:
+    _, rest, calls = _streamed(Tools((WEATHER,)), ['<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}'])
+    assert rest == "" and [call.name for call in calls] == ["get_weather"]
+
+
+def test_a_choice_cut_short_keeps_length_and_a_named_choice_stops() -> None:
+    call = ToolCallStream(Tools((WEATHER,))).tools
+    calls = Tools((WEATHER,)).calls('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>')
+    assert call.finish_reason("stop", calls) == "tool_calls" and call.finish_reason("length", calls) == "length"
+    assert Tools((WEATHER,), "get_weather").finish_reason("stop", calls) == "stop"  # as OpenAI's API answers
+
+
+def test_named_arguments_are_always_json() -> None:
+    spelled = {"name": "spell", "parameters": {"type": "string"}}
+    (call,) = Tools((spelled,), "spell").calls('"hello"')
+    assert json.loads(call.arguments) == "hello"
+
+
+def test_parallel_tool_calls_false_allows_one_call() -> None:
+    single = Tools((WEATHER, TIME), "required", parallel=False)
+    assert json.loads(single.constraint().spec)["maxItems"] == 1  # type: ignore[union-attr]
+    text = '<tool_call>{"name": "get_time", "arguments": {}}</tool_call><tool_call>{"name": "get_time", ' \
+           '"arguments": {}}</tool_call>'
+    assert len(Tools((TIME,), parallel=False).calls(text)) == 1 and len(Tools((TIME,)).calls(text)) == 2
+
+
+def test_json_nested_past_the_parser_is_invalid_not_internal() -> None:
+    with pytest.raises(InvalidRequest, match="parameters_json"):
+        tools_from_pb([("f", "", "[" * 100000)], "auto")
+    assert _streamed(Tools((WEATHER,)), ["<tool_call>" + "[" * 100000])[2] == ()
+
+
+def test_a_marker_the_tokenizer_treats_as_special_means_no_tool_support() -> None:
+    """Special tokens are dropped from decoded text, so such a model's calls could never be parsed."""
+    encoder = PromptEncoder(resolve_model_dir("default", default_cache_dir()), TOOLS_TEMPLATE.read_text())
+    assert encoder.supports_tools
+    encoder.tokenizer.add_special_tokens({"additional_special_tokens": ["<tool_call>"]})
+    assert not encoder.supports_tools

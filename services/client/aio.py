@@ -65,14 +65,15 @@ class GatewayClient:
                        controls: LogitControls | None = None, logprobs: int | None = None,
                        prompt_logprobs: int | None = None,
                        guided: Guided | None = None, n: int | None = None, best_of: int = 0,
-                       tools: Sequence[Mapping[str, Any]] = (), tool_choice: str = "") -> AsyncIterator[GenerateChunk]:
+                       tools: Sequence[Mapping[str, Any]] = (), tool_choice: str = "",
+                       cache_salt: str = "") -> AsyncIterator[GenerateChunk]:
         """Stream a completion of `prompt`, or of a chat `messages` list of (role, content).
         `timeout` (seconds) bounds the whole call; `max_cache_budget_mb` caps the KV the request
         may hold while others need the decode pool. Failures raise GatewayError."""
         request = build_request(prompt, messages, max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos,
                                 request_id, max_cache_budget_mb, controls, logprobs=logprobs,
                                 prompt_logprobs=prompt_logprobs, guided=guided, n=n, best_of=best_of,
-                                tools=tools, tool_choice=tool_choice)
+                                tools=tools, tool_choice=tool_choice, cache_salt=cache_salt)
         for attempt in range(self._retry.max_retries + 1):
             call = self._stub.Generate(request, timeout=timeout or self._timeout, metadata=self._metadata)
             received = False

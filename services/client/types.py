@@ -145,7 +145,7 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[Message
                   controls: LogitControls | None = None, *, logprobs: int | None = None,
                   prompt_logprobs: int | None = None, guided: Guided | None = None, n: int | None = None,
                   best_of: int = 0, tools: Sequence[Mapping[str, Any]] = (),
-                  tool_choice: str = "") -> gateway_pb2.GenerateRequest:
+                  tool_choice: str = "", cache_salt: str = "") -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                                          max_tokens=max_tokens, stop=list(stop), ignore_eos=ignore_eos,
                                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=n)
@@ -154,7 +154,8 @@ def build_request(prompt: str | Sequence[int] | None, messages: Sequence[Message
     if guided is not None:
         sampling.structured_output.CopyFrom(guided.to_pb())
     request = gateway_pb2.GenerateRequest(sampling=sampling, request_id=request_id,
-                                          max_cache_budget_mb=max_cache_budget_mb, best_of=best_of)
+                                          max_cache_budget_mb=max_cache_budget_mb, best_of=best_of,
+                                          cache_salt=cache_salt)
     for tool in tools:  # OpenAI function objects: name, description, parameters
         request.tools.functions.append(gateway_pb2.FunctionTool(
             name=tool["name"], description=tool.get("description", ""),

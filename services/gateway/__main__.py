@@ -36,7 +36,8 @@ async def run(settings: GatewaySettings) -> None:
     lifecycle = Lifecycle()
     readiness = Readiness()
     keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
-    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens)
+    servicer = GatewayServicer(telemetry, lifecycle, channels, settings.default_max_tokens,
+                               settings.prefix_cache_sharing)
     http: HttpServer | None = None
     membership = Membership(settings, channels, readiness)
     telemetry.registry.register(WorkerStateCollector(membership.rows, ROLES, STATES))
@@ -60,7 +61,8 @@ async def run(settings: GatewaySettings) -> None:
         servicer.ready(gateway)
         if settings.http_port:
             app = create_app(servicer.core, lifecycle, keys,
-                             HttpApiConfig(settings.model_id, settings.default_max_tokens), lambda: readiness.ready)
+                             HttpApiConfig(settings.model_id, settings.default_max_tokens,
+                                           settings.prefix_cache_sharing), lambda: readiness.ready)
             http = HttpServer(app, settings.host, settings.http_port, settings.grace_seconds, server_tls)
             background.spawn(http.serve(), "http-api")
             log.info("OpenAI-compatible HTTP API on %s://%s:%d/v1 (model %r)", "https" if server_tls else "http",

@@ -67,6 +67,7 @@ class Timeline:
     token_times: list[float] = field(default_factory=list)
     handoff_seconds: float = 0.0
     kv_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefill took from its prefix cache
 
     def token(self) -> None:
         self.token_times.append(time.perf_counter())
@@ -170,6 +171,7 @@ class AttemptRunner:
                     yield Delivery.of(event.first_token)
                 else:
                     timeline.handoff_seconds, timeline.kv_bytes = event.done.handoff_seconds, event.done.kv_bytes
+                    timeline.cached_tokens = event.done.cached_tokens
         except grpc.aio.AioRpcError as error:
             role = fault_role(error)
             if role == "decode" and error.code() == grpc.StatusCode.ALREADY_EXISTS:

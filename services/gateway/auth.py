@@ -3,6 +3,7 @@ API (metadata `authorization: Bearer KEY`, or `x-api-key: KEY`) require one of t
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -13,6 +14,7 @@ import grpc
 
 from services.common.config import split_addresses
 from services.common.errors import Unauthenticated
+from services.common.prefix_keys import check_salt
 from services.common.telemetry import ServiceTelemetry
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,23 @@ class ApiKeys:
             raise Unauthenticated("invalid API key")
 
     def check_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
-        headers = {key.lower(): value for key, value in metadata if isinstance(value, str)}
-        self.check(bearer(headers.get("authorization")) or headers.get("x-api-key"))
+        self.check(presented_key(metadata))
+
+
+def cache_salt(api_key: str | None, requested: str, shared: bool) -> str:
+    """A request's prefix-cache salt (services.common.prefix_keys): its API key's, unless the cache is
+    shared across keys, and the salt the request asked for (at most 256 bytes), hashed into one."""
+    check_salt(requested)
+    tenant = "" if shared or not api_key else api_key
+    if not tenant and not requested:
+        return ""
+    return hashlib.sha256(f"{tenant}\0{requested}".encode()).hexdigest()
+
+
+def presented_key(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The API key a gRPC call presents (Authorization: Bearer, or x-api-key)."""
+    headers = {key.lower(): value for key, value in metadata if isinstance(value, str)}
+    return bearer(headers.get("authorization")) or headers.get("x-api-key")
 
 
 def bearer(header: str | None) -> str | None:

@@ -61,6 +61,7 @@ class GenerateInput:
     label: str = ""  # the client's own id, echoed in responses, logs and traces (default: request_id)
     best_of: int = 0  # generate this many choices, return the sampling.n best (0: just sampling.n)
     tools: Tools | None = None  # functions the model may call (chat only; services/gateway/tools.py)
+    cache_salt: str = ""  # names its prompt's prefix-cache blocks (services/gateway/auth.py cache_salt)
 
     def __post_init__(self) -> None:
         check_budget_mb(self.max_cache_budget_mb)
@@ -263,7 +264,7 @@ class Gateway:
             sampling_pb.ClearField("prompt_logprobs")
         common = {"request_id": worker_id, "prompt_token_ids": prompt_ids, "sampling": sampling_pb,
                   "position_offset": offset, "client_request_id": request.name}
-        return AttemptRequests(prefill_pb2.PrefillRequest(**common),
+        return AttemptRequests(prefill_pb2.PrefillRequest(**common, cache_salt=request.cache_salt),
                                decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb),
                                offset)
 
@@ -283,7 +284,7 @@ class Gateway:
             text = choice.tool_stream.add(output.text)
             rest, calls = choice.tool_stream.finish()
             output = replace(output, text=text + rest, tool_calls=calls)
-            reason = "tool_calls" if calls else reason
+            reason = choice.tool_stream.tools.finish_reason(reason, calls)
         choice.finish = reason
         usage = Usage(len(prompt_ids), len(choice.timeline.token_times))
         name = f"{request.name}[{choice.index}]" if request.sampling.n > 1 or request.best_of else request.name
@@ -304,7 +305,7 @@ class Gateway:
         metrics.prompt_tokens.inc(usage.prompt_tokens if count_prompt else 0)
         metrics.completion_tokens.inc(usage.completion_tokens)
         if self._limits.request_summary:
-            log.info("request %s: prompt %d, completion %d tokens | TTFT %.0f ms | handoff %.1f ms | KV %.2f MB"
-                     " | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
-                     usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3, timeline.kv_bytes / 1e6,
-                     tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)
+            log.info("request %s: prompt %d (cached %d), completion %d tokens | TTFT %.0f ms | handoff %.1f ms | "
+                     "KV %.2f MB | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
+                     timeline.cached_tokens, usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3,
+                     timeline.kv_bytes / 1e6, tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)

@@ -38,7 +38,7 @@ from services.common.grammar import Constraint
 from services.common.logprobs import check_top_n
 from services.common.sampling import Sampling
 from services.common.server import Lifecycle
-from services.gateway.auth import ApiKeys, bearer
+from services.gateway.auth import ApiKeys, bearer, cache_salt
 from services.gateway.core import Gateway, GenerateInput, Usage
 from services.gateway.fanout import merged
 from services.gateway.http_tokens import TokenRoutes, add_token_routes
@@ -61,6 +61,7 @@ tracer = trace.get_tracer("disagg.gateway")
 class HttpApiConfig:
     model_id: str
     default_max_tokens: int
+    share_prefix_cache: bool = False  # prefix-cache blocks shared across API keys
 
 
 class ApiError(Exception):
@@ -109,6 +110,14 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         except ServiceError as error:
             raise ApiError(401, str(error), code="invalid_api_key") from None
 
+    def salt(request: Request, body: _Common) -> str:
+        """The request's prefix-cache salt: its API key's and its own `cache_salt`'s."""
+        try:
+            return cache_salt(bearer(request.headers.get("authorization")),
+                              "" if body.cache_salt is None else body.cache_salt, config.share_prefix_cache)
+        except InvalidRequest as error:
+            raise _api_error(error) from None
+
     def check_model_id(model: str) -> None:
         if model != config.model_id:
             raise ApiError(404, f"model {model!r} does not exist; this server serves {config.model_id!r}",
@@ -153,8 +162,8 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
             raise _api_error(error) from None
         scores = Scores(body.logprobs, body.logprobs if body.echo else None)
         constraint = await _constraint(body)
-        jobs = [_job("cmpl", prompt, None, body, body.max_tokens, config, scores, constraint,
-                     best_of if best_of > body.n else 0) for prompt in prompts]
+        jobs = [replace(_job("cmpl", prompt, None, body, body.max_tokens, config, scores, constraint,
+                             best_of if best_of > body.n else 0), cache_salt=salt(request, body)) for prompt in prompts]
         names = TokenNames(encoder().tokenizer) if body.logprobs is not None else None
         echo = [_prompt_text(prompt, encoder()) for prompt in prompts for _ in range(body.n)] if body.echo else None
         form = CompletionFormat(jobs[0].request_id, config.model_id, names, echo)
@@ -176,7 +185,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         scores = Scores((body.top_logprobs or 0) if body.logprobs else None)
         tools, constraint = await _tools_and_constraint(body)
         job = replace(_job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config,
-                           scores, constraint), tools=tools)
+                           scores, constraint), tools=tools, cache_salt=salt(request, body))
         names = TokenNames(encoder().tokenizer) if body.logprobs else None
         return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
 
@@ -231,7 +240,7 @@ async def _tools_and_constraint(body: ChatCompletionRequest) -> tuple[Tools | No
     required or named tool choice's (not both)."""
     constraint = await _constraint(body)
     try:
-        tools = tools_from_openai(body.tools, body.tool_choice)
+        tools = tools_from_openai(body.tools, body.tool_choice, body.parallel_tool_calls)
         return tools, with_tools(constraint, tools)
     except InvalidRequest as error:
         raise _api_error(error) from None

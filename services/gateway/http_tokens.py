@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.common.errors import InvalidRequest
 from services.gateway.openai_schema import ChatMessage, error_body
 from services.gateway.text import PromptEncoder
+from services.gateway.tools import tools_from_openai
 
 
 class TokenizeRequest(BaseModel):
@@ -27,6 +28,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[Any] | None = None  # with messages: rendered by the chat template, as a chat request's
     add_special_tokens: bool = True
 
     @model_validator(mode="after")
@@ -66,11 +68,13 @@ def add_token_routes(app: FastAPI, routes: TokenRoutes) -> None:
         encoder = routes.admit(request, body.model)
         try:
             if body.messages is not None:
-                ids = encoder.encode_chat([m.turn() for m in body.messages])
+                tools = tools_from_openai(body.tools, None)
+                ids = encoder.encode_chat([m.turn() for m in body.messages], None if tools is None else tools.offered)
             else:
                 ids = list(encoder.tokenizer.encode(body.prompt or "", add_special_tokens=body.add_special_tokens))
         except InvalidRequest as error:
-            return JSONResponse(error_body(400, str(error), "messages" if body.messages else "prompt"), 400)
+            param = "tools" if str(error).startswith("tools") else "messages" if body.messages else "prompt"
+            return JSONResponse(error_body(400, str(error), param), 400)
         return {"count": len(ids), "max_model_len": encoder.max_model_len, "tokens": ids}
 
     @app.post("/detokenize")

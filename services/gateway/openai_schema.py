@@ -66,6 +66,7 @@ class _Common(BaseModel):
     guided_json: dict[str, Any] | str | None = None  # vLLM's
     guided_regex: str | None = None  # vLLM's
     guided_choice: list[str] | None = None  # vLLM's
+    cache_salt: Any = None  # vLLM's: added to the prefix-cache salt (a string of at most 256 bytes)
 
     def structured_fields(self) -> dict[str, Any]:
         return {"response_format": self.response_format, "guided_json": self.guided_json,
@@ -150,6 +151,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage]
     tools: list[Any] | None = None  # [{"type": "function", "function": {...}}] (services.gateway.tools)
     tool_choice: Any = None  # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None  # false: one call at most
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool = False

@@ -22,6 +22,7 @@ from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.common.validation import check_id
 from services.gateway.core import Gateway, GenerateInput, GenerateOutput, new_request_id
+from services.gateway.auth import cache_salt, presented_key
 from services.gateway.routing import Worker
 from services.gateway.text import ChatTurn
 from services.gateway.tools import ToolCall, tools_from_pb, with_tools
@@ -30,7 +31,8 @@ _FINISH_PB = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH
               "tool_calls": common_pb2.FINISH_REASON_TOOL_CALLS}
 
 
-def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int) -> GenerateInput:
+def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int,
+                   salt: str = "") -> GenerateInput:
     """The domain request from the wire; validates what the wire types cannot. The request gets an
     internal id; the client's request_id (if any) is only its label."""
     check_id("request_id", request.request_id, required=False)
@@ -43,7 +45,7 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     prompt: str | tuple[int, ...] | None = None
     messages = None
     tools = tools_from_pb([(f.name, f.description, f.parameters_json) for f in request.tools.functions],
-                          request.tools.choice)
+                          request.tools.choice, not request.tools.single_call)
     if tools is not None and kind != "chat":
         raise InvalidRequest("tools: only a chat conversation can call tools")
     sampling = replace(sampling, constraint=with_tools(sampling.constraint, tools))
@@ -58,7 +60,7 @@ def generate_input(request: gateway_pb2.GenerateRequest, default_max_tokens: int
     else:
         raise InvalidRequest("prompt must not be empty (give prompt or chat)")
     return GenerateInput(new_request_id(), prompt, messages, sampling, request.max_cache_budget_mb, request.request_id,
-                         request.best_of, tools)
+                         request.best_of, tools, salt)
 
 
 def _response(request_id: str, output: GenerateOutput) -> gateway_pb2.GenerateResponse:
@@ -85,12 +87,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     API keys are checked before any handler runs (`ApiKeyInterceptor`)."""
 
     def __init__(self, telemetry: ServiceTelemetry, lifecycle: Lifecycle, channels: ChannelPool,
-                 default_max_tokens: int) -> None:
+                 default_max_tokens: int, share_prefix_cache: bool = False) -> None:
         self.telemetry = telemetry
         self.lifecycle = lifecycle
         self._gateway: Gateway | None = None
         self._channels = channels
         self._default_max_tokens = default_max_tokens
+        self._share_prefix_cache = share_prefix_cache
 
     def ready(self, gateway: Gateway) -> None:
         self._gateway = gateway
@@ -107,7 +110,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         gateway = self.core()
         span = trace.get_current_span()
         span.set_attribute("request.label", request.request_id)
-        domain = generate_input(request, self._default_max_tokens)
+        salt = cache_salt(presented_key(context.invocation_metadata() or ()), request.cache_salt,
+                          self._share_prefix_cache)
+        domain = generate_input(request, self._default_max_tokens, salt)
         request_id_var.set(request_tag(domain.request_id, domain.label))
         span.set_attribute("request.id", domain.request_id)
         async for output in gateway.generate(domain):

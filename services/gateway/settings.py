@@ -76,6 +76,9 @@ class GatewaySettings(PublicTlsSettings):
     failure_backoff_max_seconds: float = setting(10.0, "cap of that backoff", "FAILURE_BACKOFF_MAX_SECONDS")
     request_summary: bool = setting(False, "log one line per finished request (TTFT, handoff latency, KV bytes, "
                                     "tokens/s)", "REQUEST_SUMMARY")
+    prefix_cache_sharing: bool = setting(False, "let requests of different API keys share prefix-cache blocks "
+                                         "(by default each key has its own, so no tenant can time another's "
+                                         "prompts)", "PREFIX_CACHE_SHARING")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 

@@ -43,7 +43,7 @@ def _arguments(text: str) -> Any:
     """A call's arguments as a template renders them (an object; text that is not JSON as it is)."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -67,7 +67,9 @@ class PromptEncoder:
         """Whether the chat template renders a `tools` list and has the model write calls in the
         format services.gateway.tools parses (tool calling is impossible without both)."""
         template = self.tokenizer.chat_template or ""
-        return "tools" in template and FORMAT_MARKER in template
+        # a marker the tokenizer treats as special would be dropped from the decoded text
+        special = FORMAT_MARKER in self.tokenizer.all_special_tokens
+        return "tools" in template and FORMAT_MARKER in template and not special
 
     def check_ids(self, ids: tuple[int, ...]) -> list[int]:
         """A prompt given as token ids: non-empty, every id inside the vocabulary."""

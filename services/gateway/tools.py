@@ -11,7 +11,8 @@ Qwen 2.5, Hermes and others do; any other template gets 400). Then, by `tool_cho
              more calls of the offered tools, each validating against its function's parameters
   {"type": "function", "function": {"name": N}}   constrained to N's arguments
 
-A choice whose output holds calls ends with finish reason `tool_calls`. While streaming, content goes
+A choice whose output holds calls ends with finish reason `tool_calls` (a named choice: `stop`, as
+OpenAI's API does; a choice cut short by max_tokens keeps `length`). While streaming, content goes
 out as it comes; from the moment a call may be starting, text is held back and the calls go out,
 whole, when the choice ends.
 """
@@ -30,7 +31,10 @@ from services.common.grammar import Constraint
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(_OPEN) + r"(.*?)" + re.escape(_CLOSE), re.DOTALL)
+# A block is closed by its tag, or by the end of the output (a model that stops right after the JSON,
+# or a stop string on the closing tag).
+_BLOCK = re.compile(re.escape(_OPEN) + r"(.*?)(?:" + re.escape(_CLOSE) + r"|\Z)", re.DOTALL)
+_JSON_ERRORS = (ValueError, RecursionError)  # malformed, or nested past what the parser recurses into
 FORMAT_MARKER = _OPEN  # a chat template that writes calls this way
 
 
@@ -42,8 +46,8 @@ class ToolCall:
 
     @staticmethod
     def new(name: str, arguments: Any) -> ToolCall:
-        text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, text)
+        """A call with a fresh id; `arguments` is the parsed JSON value (always written back as JSON)."""
+        return ToolCall(f"call_{uuid.uuid4().hex[:24]}", name, json.dumps(arguments, ensure_ascii=False))
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,7 @@ class Tools:
 
     functions: tuple[dict[str, Any], ...]  # {"name", "description"?, "parameters"?}
     choice: str = "auto"  # "none", "auto", "required", or the name of the function to call
+    parallel: bool = True  # OpenAI's parallel_tool_calls: false allows one call at most
 
     def __post_init__(self) -> None:
         if len(self.functions) > MAX_TOOLS:
@@ -69,6 +74,12 @@ class Tools:
         if self.choice not in ("none", "auto", "required") and self.choice not in names:
             raise InvalidRequest(f"tool_choice names function {self.choice!r}, which is not in tools")
 
+    def finish_reason(self, reason: str, calls: tuple[ToolCall, ...]) -> str:
+        """A choice's finish reason once its calls are known."""
+        if calls and reason == "stop" and self.choice in ("auto", "required"):
+            return "tool_calls"
+        return reason
+
     @property
     def offered(self) -> list[dict[str, Any]] | None:
         """What the chat template renders (OpenAI's tool objects), or None when none are offered."""
@@ -82,10 +93,18 @@ class Tools:
             return None
         if self.choice != "required":
             return Constraint("json_schema", json.dumps(self._parameters(self.choice)))
+        definitions: dict[str, Any] = {}
         calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                                   "arguments": f.get("parameters") or {"type": "object"}},
-                  "required": ["name", "arguments"], "additionalProperties": False} for f in self.functions]
-        return Constraint("json_schema", json.dumps({"type": "array", "minItems": 1, "items": {"anyOf": calls}}))
+                                                   "arguments": _hoisted(self._parameters(f["name"]), index,
+                                                                         definitions)},
+                  "required": ["name", "arguments"], "additionalProperties": False}
+                 for index, f in enumerate(self.functions)]
+        schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        if not self.parallel:
+            schema["maxItems"] = 1
+        if definitions:
+            schema["$defs"] = definitions
+        return Constraint("json_schema", json.dumps(schema))
 
     def _parameters(self, name: str) -> dict[str, Any]:
         function = next(f for f in self.functions if f["name"] == name)
@@ -96,11 +115,15 @@ class Tools:
         is not whole, for example cut short by max_tokens)."""
         if self.offered is None:
             return ()
-        if self.choice == "required":
-            return tuple(ToolCall.new(call["name"], call["arguments"]) for call in json.loads(text))
-        if self.choice != "auto":
-            return (ToolCall.new(self.choice, json.loads(text)),)
-        return self._hermes_calls(text)
+        try:
+            if self.choice == "required":
+                return tuple(ToolCall.new(call["name"], call["arguments"]) for call in json.loads(text))
+            if self.choice != "auto":
+                return (ToolCall.new(self.choice, json.loads(text)),)
+        except RecursionError:
+            raise ValueError("the output nests deeper than can be parsed") from None
+        calls = self._hermes_calls(text)
+        return calls if self.parallel else calls[:1]
 
     def _hermes_calls(self, text: str) -> tuple[ToolCall, ...]:
         """Every `<tool_call>` block, or none if any block is not a call of an offered tool."""
@@ -109,7 +132,7 @@ class Tools:
         for block in _BLOCK.findall(text):
             try:
                 call = json.loads(block)
-            except ValueError:
+            except _JSON_ERRORS:
                 return ()
             if not isinstance(call, dict) or call.get("name") not in names or not isinstance(
                     call.get("arguments", {}), dict):
@@ -156,6 +179,29 @@ class ToolCallStream:
         return out
 
 
+def _hoisted(schema: dict[str, Any], index: int, definitions: dict[str, Any]) -> dict[str, Any]:
+    """Function `index`'s parameters, nested in the required choice's schema: its own `$defs` (or
+    `definitions`) move to the root under prefixed names, and its references follow them."""
+    local = {**schema.get("definitions", {}), **schema.get("$defs", {})}
+    if not local:
+        return schema
+    prefix = f"f{index}_"
+    for name, definition in local.items():
+        definitions[prefix + name] = _rewrite_refs(definition, prefix)
+    body = {key: value for key, value in schema.items() if key not in ("$defs", "definitions")}
+    return _rewrite_refs(body, prefix)  # type: ignore[no-any-return]
+
+
+def _rewrite_refs(node: Any, prefix: str) -> Any:
+    if isinstance(node, dict):
+        return {key: (re.sub(r"^#/(?:\$defs|definitions)/", f"#/$defs/{prefix}", value)
+                      if key == "$ref" and isinstance(value, str) else _rewrite_refs(value, prefix))
+                for key, value in node.items()}
+    if isinstance(node, list):
+        return [_rewrite_refs(item, prefix) for item in node]
+    return node
+
+
 def _partial_marker(text: str) -> int:
     """How many trailing characters of `text` could begin the call marker."""
     for length in range(min(len(_OPEN) - 1, len(text)), 0, -1):
@@ -174,7 +220,7 @@ def with_tools(constraint: Constraint | None, tools: Tools | None) -> Constraint
     return constraint or forced
 
 
-def tools_from_pb(functions: list[tuple[str, str, str]], choice: str) -> Tools | None:
+def tools_from_pb(functions: list[tuple[str, str, str]], choice: str, parallel: bool = True) -> Tools | None:
     """The gRPC API's tools: (name, description, parameters as JSON text) each, and the choice."""
     if not functions:
         return tools_from_openai(None, choice or None)
@@ -186,13 +232,13 @@ def tools_from_pb(functions: list[tuple[str, str, str]], choice: str) -> Tools |
         if parameters:
             try:
                 spec["parameters"] = json.loads(parameters)
-            except ValueError as error:
+            except _JSON_ERRORS as error:
                 raise InvalidRequest(f"tools.functions[{index}].parameters_json is not JSON: {error}") from None
         specs.append(spec)
-    return Tools(tuple(specs), choice or "auto")
+    return Tools(tuple(specs), choice or "auto", parallel)
 
 
-def tools_from_openai(tools: list[Any] | None, tool_choice: Any) -> Tools | None:
+def tools_from_openai(tools: list[Any] | None, tool_choice: Any, parallel: bool | None = None) -> Tools | None:
     """A chat request's `tools` and `tool_choice` (None: no tools); 400 naming the field if malformed."""
     if not tools:
         if tool_choice not in (None, "none", "auto"):
@@ -203,7 +249,7 @@ def tools_from_openai(tools: list[Any] | None, tool_choice: Any) -> Tools | None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
             raise InvalidRequest(f"tools[{index}] must be {{\"type\": \"function\", \"function\": {{...}}}}")
         functions.append(tool["function"])
-    return Tools(tuple(functions), _choice_name(tool_choice))
+    return Tools(tuple(functions), _choice_name(tool_choice), parallel is not False)
 
 
 def _choice_name(tool_choice: Any) -> str:

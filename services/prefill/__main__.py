@@ -18,6 +18,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.prefill.batcher import PrefillBatcher
+from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
 from services.prefill.settings import PrefillSettings
@@ -51,7 +52,10 @@ async def run(settings: PrefillSettings) -> None:
         if settings.prefill_batch_tokens:
             batcher = PrefillBatcher(runtime, thread, settings.prefill_batch_tokens,
                                      settings.prefill_batch_wait_ms / 1000, metrics.batch_size.observe)
-        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher)
+        prefix = None if settings.prefix_cache == "off" else PrefixCache(
+            int(settings.prefix_cache_mb * 1024 * 1024), settings.block_size, runtime.geometry.fingerprint,
+            PrefixCacheMetrics.create(telemetry.registry))
+        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix)
         servicer.ready(engine, runtime.geometry)
 
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)

@@ -50,6 +50,7 @@ from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
 from services.common.validation import check_id, check_token_ids
 from services.prefill.batcher import PrefillBatcher
+from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixHit
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
@@ -68,6 +69,7 @@ class PrefillJob:
     transfer_attempt: int = 0  # retries of this request's transfer (on other prefill workers)
     known_first_token: int | None = None  # a retry's first token, already sent to the client
     known_choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1.. the client already has
+    cache_salt: str = ""  # names its prefix blocks (services.common.prefix_keys): tenants do not share
 
     @property
     def key(self) -> str:
@@ -92,6 +94,7 @@ class PrefillSummary:
     transfer_seconds: float
     handoff_seconds: float
     stored: bool
+    cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +110,7 @@ class ChunkGeometry:
 class PrefillEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, geometry: ChunkGeometry,
                  store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics,
-                 batcher: PrefillBatcher | None = None) -> None:
+                 batcher: PrefillBatcher | None = None, prefix: PrefixCache | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
         self._batcher = batcher
@@ -115,6 +118,8 @@ class PrefillEngine:
         self._store = store
         self._checkpoint = checkpoint_kv
         self._metrics = metrics
+        self._prefix = prefix
+        self.prefix = prefix  # (read by Stats)
         self._tasks = TaskSet()
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
@@ -183,21 +188,25 @@ class PrefillEngine:
         first_sent = 0.0
         try:
             grammar = await self._grammar(job)  # after the key is held: a duplicate is refused meanwhile
+            hit = self._lookup(job)
             if self._chunked(job):
                 await _send_all(sinks, layout)
-                forward, first_sent = await self._forward_in_chunks(job, layout, sinks)
+                forward, first_sent, recorded = await self._forward_in_chunks(job, layout, sinks, hit)
             else:
                 loop = asyncio.get_running_loop()
                 layers: asyncio.Queue[LayerKv] = asyncio.Queue()
                 pump = asyncio.ensure_future(self._pump(job.key, layout, layers, sinks))
-                forward = await self._forward(job, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+                recorder = KvRecorder(hit, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
+                forward = await self._forward(job, recorder, hit)
+                recorded = recorder.layers
             forward_done = time.perf_counter()
-            self._record_forward(forward)
+            self._record_forward(forward, hit.tokens, len(job.prompt_ids) - hit.tokens)
             firsts = [self._first_token(job, forward.value, grammar, choice) for choice in range(job.sampling.n)]
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
             for first in firsts:
                 yield first
+            await self._store_prefix(hit, recorded)
             if pump is not None:
                 first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, firsts[0].token_id, perf_to_unix_nanos(forward_done),
@@ -209,7 +218,7 @@ class PrefillEngine:
             finished = time.perf_counter()
             summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
                                      finished - first_sent, finished - forward_done,
-                                     store_sink is not None and getattr(store_sink, "ok", True))
+                                     store_sink is not None and getattr(store_sink, "ok", True), hit.tokens)
             self._record_send(layout, summary, first_sent, finished)
             yield summary
         finally:
@@ -251,11 +260,31 @@ class PrefillEngine:
         return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n),
                           tuple(scored) if choice == 0 else (), ends_output, choice)
 
-    def _record_forward(self, forward: Timed[Forwarded]) -> None:
+    def _lookup(self, job: PrefillJob) -> PrefixHit:
+        """The prompt's cached leading blocks (none with the cache off, or for a scored prompt, whose
+        every position's scores need the whole forward pass)."""
+        if self._prefix is None:
+            return PrefixHit([], [], 1)
+        hit = self._prefix.lookup(job.prompt_ids, job.cache_salt, reuse=job.sampling.prompt_logprobs is None)
+        if self._chunked(job):  # a chunked prefill resumes at a forward-chunk boundary
+            step = self._chunking.prefill_chunk_tokens
+            hit = PrefixHit(hit.keys, hit.blocks[: hit.tokens // step * step // hit.block_size], hit.block_size)
+        return hit
+
+    async def _store_prefix(self, hit: PrefixHit, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Keep the blocks this forward pass computed (after the first token went out; best effort)."""
+        if self._prefix is None or len(hit.blocks) == len(hit.keys) or len(layers) < self._runtime.geometry.num_layers:
+            return
+        blocks = await asyncio.to_thread(self._prefix.new_blocks, hit, layers.__getitem__,
+                                         self._runtime.geometry.num_layers)
+        self._prefix.insert(blocks)
+
+    def _record_forward(self, forward: Timed[Forwarded], cached: int, computed: int) -> None:
         started = int(forward.started_unix * 1e9)
         tracer.start_span("prefill.queue_wait", start_time=started - int(forward.queued_seconds * 1e9)).end(
             end_time=started)
-        tracer.start_span("prefill.forward", start_time=started).end(
+        tracer.start_span("prefill.forward", start_time=started, attributes={
+            "prefill.cached_tokens": cached, "prefill.computed_tokens": computed}).end(
             end_time=started + int(forward.run_seconds * 1e9))
         self._metrics.queue_wait_seconds.observe(forward.queued_seconds)
         self._metrics.forward_seconds.observe(forward.run_seconds)
@@ -266,19 +295,30 @@ class PrefillEngine:
             "kv.bytes": summary.kv_bytes, "kv.chunks": summary.chunk_count, "kv.chunk_tokens": layout.chunk_tokens,
             "kv.chunk_layers": layout.chunk_layers, "kv.encoding": layout.encoding, "kv.dtype": layout.dtype,
             "kv.throughput_bytes_per_second": throughput, "kv.handoff_seconds": summary.handoff_seconds,
-            "kv.stored": summary.stored})
+            "kv.stored": summary.stored, "kv.sent_tokens": layout.num_tokens,
+            "prefill.cached_tokens": summary.cached_tokens,
+            "prefill.computed_tokens": layout.num_tokens - summary.cached_tokens})
         span.end(end_time=perf_to_unix_nanos(finished))
         self._metrics.kv_bytes_sent.inc(summary.kv_bytes)
         self._metrics.kv_throughput.observe(throughput)
         self._metrics.handoff_seconds.observe(summary.handoff_seconds)
 
-    async def _forward(self, job: PrefillJob, on_layer: LayerKvCallback) -> Timed[Forwarded]:
-        """The whole prompt in one forward pass (batched with others, unless its prompt is scored)."""
+    async def _forward(self, job: PrefillJob, on_layer: LayerKvCallback, hit: PrefixHit) -> Timed[Forwarded]:
+        """The prompt in one forward pass (batched with others, unless its prompt is scored or starts
+        with cached blocks: then only the rest is computed, on the cached KV)."""
+        if hit.blocks:
+            return await self._thread.run_timed(self._forward_after, job, hit, on_layer)
         if self._batcher is None or job.sampling.prompt_logprobs is not None:
             return await self._thread.run_timed(self._runtime.prefill_scored, job.prompt_ids, on_layer,
                                                 job.prompt_ids[1:], job.sampling.prompt_logprobs)
         timed = await self._batcher.forward(job.prompt_ids, on_layer)
         return Timed((timed.value, []), timed.queued_seconds, timed.run_seconds, timed.started_unix)
+
+    def _forward_after(self, job: PrefillJob, hit: PrefixHit, on_layer: LayerKvCallback) -> Forwarded:
+        """On the model thread: the prompt after its cached prefix."""
+        cache = self._runtime.new_cache()
+        hit.seed(cache, self._runtime.geometry.num_layers)
+        return self._runtime.prefill_scored(job.prompt_ids[hit.tokens :], on_layer, [], None, cache)[0], []
 
     def _forward_chunk(self, job: PrefillJob, start: int, on_layer: LayerKvCallback, cache: DynamicCache
                        ) -> Forwarded:
@@ -287,15 +327,27 @@ class PrefillEngine:
         return self._runtime.prefill_scored(job.prompt_ids[start:end], on_layer, job.prompt_ids[start + 1 : end + 1],
                                             job.sampling.prompt_logprobs, cache)
 
-    async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout,
-                                 sinks: list[KvSink]) -> tuple[Timed[Forwarded], float]:
+    async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout, sinks: list[KvSink], hit: PrefixHit
+                                 ) -> tuple[Timed[Forwarded], float, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Chunked prefill: each forward chunk is its own job on the model thread, so other
-        requests' work runs in between and activations stay bounded; its KV chunks go out at once."""
+        requests' work runs in between and activations stay bounded; its KV chunks go out at once.
+        A cached prefix (whole forward chunks) is sent from the cache and not computed. Returns the
+        whole prompt's KV per layer too, for the prefix cache."""
         cache, step = self._runtime.new_cache(), self._chunking.prefill_chunk_tokens
         queued = run = 0.0
         first_sent, started_unix = 0.0, 0.0
         scored: list[TokenLogprob] = []
-        for start in range(0, len(job.prompt_ids), step):
+        segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if hit.blocks:
+            await self._thread.run(hit.seed, cache, self._runtime.geometry.num_layers)
+            keys, values = (torch.stack(parts) for parts in zip(*(hit.layer_kv(i) for i in range(layout.num_layers))))
+            segments.append((keys, values))
+            for index in range(hit.tokens // layout.chunk_tokens):
+                chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, 0)
+                first_sent = first_sent or time.perf_counter()
+                await _send_all(sinks, chunk)
+                self.kv_bytes_held[job.key] += chunk.byte_length
+        for start in range(hit.tokens, len(job.prompt_ids), step):
             kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             part = await self._thread.run_timed(self._forward_chunk, job, start,
                                                 lambda index, k, v: kv.__setitem__(index, (k, v)), cache)
@@ -303,13 +355,17 @@ class PrefillEngine:
             queued, run = queued + part.queued_seconds, run + part.run_seconds
             started_unix = started_unix or part.started_unix
             keys, values = torch.stack([kv[i][0] for i in sorted(kv)]), torch.stack([kv[i][1] for i in sorted(kv)])
+            segments.append((keys, values))
             end = min(start + step, len(job.prompt_ids))
             for index in range(start // layout.chunk_tokens, -(-end // layout.chunk_tokens)):
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
                 self.kv_bytes_held[job.key] += chunk.byte_length
-        return Timed((part.value[0], scored), queued, run, started_unix), first_sent
+        whole = {} if self._prefix is None else {
+            layer: (torch.cat([k[layer] for k, _ in segments], dim=1),
+                    torch.cat([v[layer] for _, v in segments], dim=1)) for layer in range(layout.num_layers)}
+        return Timed((part.value[0], scored), queued, run, started_unix), first_sent, whole
 
     async def _pump(self, key: str, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send the layout, then each layer group's chunks as soon as the group's layers are

@@ -20,6 +20,7 @@ from services.common import logprobs
 from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
+from services.common.prefix_keys import check_salt
 from services.common.validation import check_id
 from services.prefill.engine import FirstToken, PrefillEngine, PrefillJob
 from services.prefill.shm_sink import ShmStreamSink
@@ -68,7 +69,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
         job = PrefillJob(request.request_id, list(request.prompt_token_ids), sampling, sink, request.store_kv,
                          request.position_offset, request.transfer_attempt,
                          request.known_first_token if request.HasField("known_first_token") else None,
-                         tuple(request.known_choice_first_tokens))
+                         tuple(request.known_choice_first_tokens), check_salt(request.cache_salt))
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=_first_token_pb(event))
@@ -78,7 +79,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                 yield prefill_pb2.PrefillEvent(done=prefill_pb2.PrefillDone(
                     kv_bytes=event.kv_bytes, chunk_count=event.chunk_count, forward_seconds=event.forward_seconds,
                     transfer_seconds=event.transfer_seconds, handoff_seconds=event.handoff_seconds,
-                    stored=event.stored, kv_transport="" if request.store_kv else sink.transport))
+                    stored=event.stored, kv_transport="" if request.store_kv else sink.transport,
+                    cached_tokens=event.cached_tokens))
 
     def _decode_sink(self, transfer_kv: grpc.aio.StreamUnaryMultiCallable, store_kv: bool,
                      decode_host: str) -> DecodeStreamSink:
@@ -96,9 +98,13 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                     context: grpc.aio.ServicerContext) -> prefill_pb2.PrefillStats:
         engine, info = self._state()
         held = engine.kv_bytes_held
+        prefix = engine.prefix
         return prefill_pb2.PrefillStats(active_requests=len(held), kv_bytes_held=sum(held.values()),
                                         requests_total=engine.requests_total, model=info,
-                                        shm_transfers_total=self.shm_transfers_total)
+                                        shm_transfers_total=self.shm_transfers_total,
+                                        prefix_lookup_tokens_total=prefix.lookup_tokens if prefix else 0,
+                                        prefix_hit_tokens_total=prefix.hit_tokens if prefix else 0,
+                                        prefix_cache_blocks=prefix.blocks if prefix else 0)
 
 
 def _first_token_pb(event: FirstToken) -> prefill_pb2.FirstToken:

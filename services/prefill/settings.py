@@ -41,6 +41,12 @@ class PrefillSettings(WorkerSettings):
                                 "KV_TRANSPORT")
     shm_prefix: str = setting("disagg-prefill", "name prefix of this worker's shared-memory segments; the "
                               "reaper unlinks those of dead workers with the same prefix", "SHM_PREFIX")
+    prefix_cache: str = setting("on", "keep the KV of computed full prompt blocks and compute a prompt only from "
+                                "its first block not kept (on, off; off: every prompt computed whole, "
+                                "bit-exact)", "PREFIX_CACHE")
+    prefix_cache_mb: float = setting(256.0, "memory for the prefix cache (least recently used blocks go first)",
+                                     "PREFIX_CACHE_MB")
+    block_size: int = setting(16, "tokens per prefix-cache block (as the decode's --block-size)", "KV_BLOCK_SIZE")
     shm_reap_interval_seconds: float = setting(60.0, "how often orphaned shared-memory segments are reaped "
                                                "(also once at start)", "SHM_REAP_INTERVAL_SECONDS")
 
@@ -61,6 +67,10 @@ class PrefillSettings(WorkerSettings):
         if self.kv_transport not in TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {list(TRANSPORTS)}, got {self.kv_transport!r}")
         check_prefix(self.shm_prefix)
+        if self.prefix_cache not in ("on", "off"):
+            raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
+        check_positive("prefix_cache_mb", self.prefix_cache_mb)
+        check_positive("block_size", self.block_size)
         check_positive("shm_reap_interval_seconds", self.shm_reap_interval_seconds)
         if self.checkpoint_kv and not self.kvstore_address:
             raise ValueError("checkpoint_kv needs kvstore_address")

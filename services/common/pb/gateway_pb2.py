@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"k\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.disagg.v1.ToolCall\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"J\n\x0c\x46unctionTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"C\n\x05Tools\x12*\n\tfunctions\x18\x01 \x03(\x0b\x32\x17.disagg.v1.FunctionTool\x12\x0e\n\x06\x63hoice\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x97\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.disagg.v1.ChatMessagesH\x00\x12\x30\n\rprompt_tokens\x18\x06 \x01(\x0b\x32\x17.disagg.v1.PromptTokensH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1b\n\x13max_cache_budget_mb\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x65st_of\x18\x07 \x01(\r\x12\x1f\n\x05tools\x18\x08 \x01(\x0b\x32\x10.disagg.v1.ToolsB\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x63hoice\x18\t \x01(\r\x12\'\n\ntool_calls\x18\n \x03(\x0b\x32\x13.disagg.v1.ToolCall\"\xba\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.disagg.v1.WorkerState\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61\x63koff_seconds\x18\x06 \x01(\x01\x12\x14\n\x0clast_failure\x18\x07 \x01(\t\"Q\n\x0cGatewayStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.disagg.v1.WorkerStatus*\xb5\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_UNKNOWN\x10\x01\x12\x18\n\x14WORKER_STATE_SERVING\x10\x02\x12\x1c\n\x18WORKER_STATE_NOT_SERVING\x10\x03\x12\x1c\n\x18WORKER_STATE_UNREACHABLE\x10\x04\x12\x18\n\x14WORKER_STATE_BACKOFF\x10\x05\x32\xd5\x01\n\x0eGatewayService\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.GatewayStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/gateway.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"k\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x03 \x01(\t\x12\'\n\ntool_calls\x18\x04 \x03(\x0b\x32\x13.disagg.v1.ToolCall\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"J\n\x0c\x46unctionTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"X\n\x05Tools\x12*\n\tfunctions\x18\x01 \x03(\x0b\x32\x17.disagg.v1.FunctionTool\x12\x0e\n\x06\x63hoice\x18\x02 \x01(\t\x12\x13\n\x0bsingle_call\x18\x03 \x01(\x08\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.disagg.v1.ChatMessage\"!\n\x0cPromptTokens\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\xab\x02\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.disagg.v1.ChatMessagesH\x00\x12\x30\n\rprompt_tokens\x18\x06 \x01(\x0b\x32\x17.disagg.v1.PromptTokensH\x00\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x1b\n\x13max_cache_budget_mb\x18\x05 \x01(\x01\x12\x0f\n\x07\x62\x65st_of\x18\x07 \x01(\r\x12\x1f\n\x05tools\x18\x08 \x01(\x0b\x32\x10.disagg.v1.Tools\x12\x12\n\ncache_salt\x18\t \x01(\tB\x07\n\x05input\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\r\"\xc8\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.disagg.v1.Usage\x12)\n\x08logprobs\x18\x06 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x08 \x03(\r\x12\x0e\n\x06\x63hoice\x18\t \x01(\r\x12\'\n\ntool_calls\x18\n \x03(\x0b\x32\x13.disagg.v1.ToolCall\"\xba\x01\n\x0cWorkerStatus\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x17\n\x0f\x61\x63tive_requests\x18\x03 \x01(\r\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.disagg.v1.WorkerState\x12\x1c\n\x14\x63onsecutive_failures\x18\x05 \x01(\r\x12\x17\n\x0f\x62\x61\x63koff_seconds\x18\x06 \x01(\x01\x12\x14\n\x0clast_failure\x18\x07 \x01(\t\"Q\n\x0cGatewayStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12(\n\x07workers\x18\x02 \x03(\x0b\x32\x17.disagg.v1.WorkerStatus*\xb5\x01\n\x0bWorkerState\x12\x1c\n\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14WORKER_STATE_UNKNOWN\x10\x01\x12\x18\n\x14WORKER_STATE_SERVING\x10\x02\x12\x1c\n\x18WORKER_STATE_NOT_SERVING\x10\x03\x12\x1c\n\x18WORKER_STATE_UNREACHABLE\x10\x04\x12\x18\n\x14WORKER_STATE_BACKOFF\x10\x05\x32\xd5\x01\n\x0eGatewayService\x12\x45\n\x08Generate\x12\x1a.disagg.v1.GenerateRequest\x1a\x1b.disagg.v1.GenerateResponse0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.GatewayStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERSTATE']._serialized_start=1433
-  _globals['_WORKERSTATE']._serialized_end=1614
+  _globals['_WORKERSTATE']._serialized_start=1474
+  _globals['_WORKERSTATE']._serialized_end=1655
   _globals['_CHATMESSAGE']._serialized_start=62
   _globals['_CHATMESSAGE']._serialized_end=169
   _globals['_TOOLCALL']._serialized_start=171
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FUNCTIONTOOL']._serialized_start=228
   _globals['_FUNCTIONTOOL']._serialized_end=302
   _globals['_TOOLS']._serialized_start=304
-  _globals['_TOOLS']._serialized_end=371
-  _globals['_CHATMESSAGES']._serialized_start=373
-  _globals['_CHATMESSAGES']._serialized_end=429
-  _globals['_PROMPTTOKENS']._serialized_start=431
-  _globals['_PROMPTTOKENS']._serialized_end=464
-  _globals['_GENERATEREQUEST']._serialized_start=467
-  _globals['_GENERATEREQUEST']._serialized_end=746
-  _globals['_USAGE']._serialized_start=748
-  _globals['_USAGE']._serialized_end=827
-  _globals['_GENERATERESPONSE']._serialized_start=830
-  _globals['_GENERATERESPONSE']._serialized_end=1158
-  _globals['_WORKERSTATUS']._serialized_start=1161
-  _globals['_WORKERSTATUS']._serialized_end=1347
-  _globals['_GATEWAYSTATS']._serialized_start=1349
-  _globals['_GATEWAYSTATS']._serialized_end=1430
-  _globals['_GATEWAYSERVICE']._serialized_start=1617
-  _globals['_GATEWAYSERVICE']._serialized_end=1830
+  _globals['_TOOLS']._serialized_end=392
+  _globals['_CHATMESSAGES']._serialized_start=394
+  _globals['_CHATMESSAGES']._serialized_end=450
+  _globals['_PROMPTTOKENS']._serialized_start=452
+  _globals['_PROMPTTOKENS']._serialized_end=485
+  _globals['_GENERATEREQUEST']._serialized_start=488
+  _globals['_GENERATEREQUEST']._serialized_end=787
+  _globals['_USAGE']._serialized_start=789
+  _globals['_USAGE']._serialized_end=868
+  _globals['_GENERATERESPONSE']._serialized_start=871
+  _globals['_GENERATERESPONSE']._serialized_end=1199
+  _globals['_WORKERSTATUS']._serialized_start=1202
+  _globals['_WORKERSTATUS']._serialized_end=1388
+  _globals['_GATEWAYSTATS']._serialized_start=1390
+  _globals['_GATEWAYSTATS']._serialized_end=1471
+  _globals['_GATEWAYSERVICE']._serialized_start=1658
+  _globals['_GATEWAYSERVICE']._serialized_end=1871
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,137 @@
+"""Prefix caching on the prefill worker: full prompt blocks named by a chained hash (the documented
+scheme), kept in memory least recently used first; a prompt is computed from its first block not
+kept, and the result equals the uncached one. Tenants (API keys, cache salts) share nothing unless
+sharing is turned on; bad salts are 400 / INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from services.client import GatewayClient, GatewayError
+from services.common.errors import InvalidRequest
+from services.common.pb import common_pb2, prefill_pb2_grpc
+from services.common.prefix_keys import block_keys, check_salt
+from services.common.runtime import ModelRuntime
+from services.gateway.text import PromptEncoder
+from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
+from tests.conftest import API_KEY, RunningStack
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def test_block_keys_follow_the_documented_scheme() -> None:
+    ids = list(range(100, 140))  # two full blocks of 16 and 8 tokens left over
+    keys = block_keys(ids, 16, "abc", "salt")
+    head = struct.pack("<H", 3) + b"abc" + struct.pack("<H", 4) + b"salt"
+    first = hashlib.sha256(head + struct.pack("<16I", *ids[:16]))
+    second = hashlib.sha256(first.digest() + head + struct.pack("<16I", *ids[16:32]))
+    assert keys == [first.hexdigest(), second.hexdigest()]
+    assert block_keys(ids, 16, "abc", "other")[0] != keys[0] and block_keys(ids, 16, "xyz", "salt")[0] != keys[0]
+    assert block_keys([7, *ids[1:]], 16, "abc", "salt")[1] != keys[1]  # a block's name depends on all before it
+
+
+def test_bad_salts_are_refused() -> None:
+    with pytest.raises(InvalidRequest, match="at most 256 bytes"):
+        check_salt("é" * 129)
+    with pytest.raises(InvalidRequest, match="must be a string"):
+        check_salt(5)
+
+
+def _block(value: float) -> torch.Tensor:
+    return torch.full((2, 2, 1, 16, 4), float(value))
+
+
+def test_the_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used() -> None:
+    block_bytes = _block(0).numel() * 4
+    cache = PrefixCache(3 * block_bytes, 16, "fp", PrefixCacheMetrics.create(CollectorRegistry()))
+    prompt = list(range(50))  # 49 tokens may be cached: 3 full blocks
+    miss = cache.lookup(prompt, "")
+    assert miss.tokens == 0 and len(miss.keys) == 3
+    cache.insert([(key, _block(i)) for i, key in enumerate(miss.keys)])
+    hit = cache.lookup(prompt, "")
+    assert hit.tokens == 48 and torch.equal(hit.layer_kv(1)[0][:, 16:32], _block(1)[1, 0])
+    assert cache.lookup(prompt[:40], "").tokens == 32 and cache.lookup(prompt, "tenant").tokens == 0
+    other = cache.lookup([9, *prompt[1:]], "")
+    cache.insert([(other.keys[0], _block(9))])  # over budget: the least recently used block goes
+    assert cache.blocks == 3 and cache.lookup(prompt, "").tokens == 32
+    assert cache.lookup(list(range(16)), "").keys == []  # the last token is always computed
+
+
+async def _hits(stack: RunningStack) -> int:
+    async with grpc.aio.insecure_channel(stack["prefill"]) as channel:
+        stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+    return stats.prefix_hit_tokens_total
+
+
+async def test_a_repeated_prompt_computes_only_its_last_block_and_answers_the_same(
+        memory_stack: RunningStack, runtime: ModelRuntime, encoder: PromptEncoder) -> None:
+    prompt = "A repeated prompt about lighthouses, harbours and the ships that pass them at night: "
+    ids = encoder.encode_text(prompt)
+    expected = runtime.reference_generate(ids, 8)
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        before = await _hits(memory_stack)
+        first = await client.complete(prompt, max_tokens=8, temperature=0, ignore_eos=True)
+        middle = await _hits(memory_stack)
+        second = await client.complete(prompt, max_tokens=8, temperature=0, ignore_eos=True)
+    assert middle == before and await _hits(memory_stack) - middle == (len(ids) - 1) // 16 * 16 > 0
+    assert first.token_ids == second.token_ids == expected
+
+
+async def test_the_next_chat_turn_reuses_the_whole_previous_prompt(memory_stack: RunningStack,
+                                                                   encoder: PromptEncoder) -> None:
+    turn = [("system", "You answer questions about the solar system in one short sentence."),
+            ("user", "Which planet is the largest?")]
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        answer = await client.complete(messages=turn, max_tokens=12, temperature=0)
+        before = await _hits(memory_stack)
+        await client.complete(messages=[*turn, ("assistant", answer.text), ("user", "And the smallest?")],
+                              max_tokens=4, temperature=0)
+    assert await _hits(memory_stack) - before >= (len(encoder.encode_chat(turn)) - 1) // 16 * 16
+
+
+def _post(http: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(http + "/v1/completions", json={"model": MODEL, "max_tokens": 2, "temperature": 0, **body},
+                      headers=headers, timeout=120)
+
+
+async def test_api_keys_share_nothing_unless_sharing_is_on(memory_stack: RunningStack) -> None:
+    prompt = {"prompt": "Tenants must not learn from timing what another tenant asked: a secret merger of two "
+                        "shipping companies, planned for the spring, between the northern and the southern ports."}
+    keyed, shared = memory_stack["http_keyed"], memory_stack["http_shared"]
+    steps = [(keyed, API_KEY, False), (keyed, API_KEY, True), (keyed, "another-key", False),
+             (shared, API_KEY, False), (shared, "another-key", True)]
+    for http, key, hits in steps:
+        before = await _hits(memory_stack)
+        assert _post(http, prompt, key).status_code == 200
+        assert (await _hits(memory_stack) > before) == hits, (http, key)
+
+
+async def test_a_request_salt_separates_and_matches(memory_stack: RunningStack) -> None:
+    prompt = ("Salted prompts share blocks only with the same salt, whatever else they have in common, even "
+              "when every one of their words is the same as another prompt's words.")
+    for salt, hits in (("a", False), ("b", False), ("a", True)):
+        before = await _hits(memory_stack)
+        assert _post(memory_stack["http"], {"prompt": prompt, "cache_salt": salt}).status_code == 200
+        assert (await _hits(memory_stack) > before) == hits, salt
+
+
+@pytest.mark.parametrize("salt", ["x" * 257, 5, ["a"]])
+def test_http_bad_cache_salt_is_400(memory_stack: RunningStack, salt: Any) -> None:
+    response = _post(memory_stack["http"], {"prompt": "Hi", "cache_salt": salt})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"
+
+
+async def test_grpc_bad_cache_salt_is_invalid_argument(memory_stack: RunningStack) -> None:
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        with pytest.raises(GatewayError) as caught:
+            await client.complete("Hi", max_tokens=2, cache_salt="x" * 257)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in caught.value.details()
