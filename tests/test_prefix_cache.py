@@ -6,6 +6,7 @@ sharing is turned on; bad salts are 400 / INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from typing import Any
 
@@ -21,7 +22,7 @@ from services.common.pb import common_pb2, prefill_pb2_grpc
 from services.common.prefix_keys import block_keys, check_salt
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
-from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
+from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixCacheMetrics, PrefixHit
 from tests.conftest import API_KEY, RunningStack
 
 MODEL = "SmolLM2-135M-Instruct"
@@ -43,26 +44,63 @@ def test_bad_salts_are_refused() -> None:
         check_salt("é" * 129)
     with pytest.raises(InvalidRequest, match="must be a string"):
         check_salt(5)
+    with pytest.raises(InvalidRequest, match="valid Unicode"):  # a lone surrogate, which JSON can carry
+        check_salt("\ud800")
 
 
 def _block(value: float) -> torch.Tensor:
     return torch.full((2, 2, 1, 16, 4), float(value))
 
 
-def test_the_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used() -> None:
-    block_bytes = _block(0).numel() * 4
-    cache = PrefixCache(3 * block_bytes, 16, "fp", PrefixCacheMetrics.create(CollectorRegistry()))
+BLOCK_BYTES = 2 * 2 * 1 * 16 * 4 * 4  # a _block, float32
+
+
+def _cache(blocks: int) -> PrefixCache:
+    return PrefixCache(blocks * BLOCK_BYTES, 16, "fp", BLOCK_BYTES, PrefixCacheMetrics.create(CollectorRegistry()))
+
+
+def test_the_cache_finds_the_longest_prefix_and_keeps_chain_beginnings_longest() -> None:
+    cache = _cache(3)
     prompt = list(range(50))  # 49 tokens may be cached: 3 full blocks
     miss = cache.lookup(prompt, "")
-    assert miss.tokens == 0 and len(miss.keys) == 3
-    cache.insert([(key, _block(i)) for i, key in enumerate(miss.keys)])
+    assert miss.tokens == 0 and len(miss.keys) == 3 and cache.wanted(miss) == [0, 1, 2]
+    cache.insert([(key, _block(i)) for i, key in enumerate(miss.keys)], miss.keys)
     hit = cache.lookup(prompt, "")
     assert hit.tokens == 48 and torch.equal(hit.layer_kv(1)[0][:, 16:32], _block(1)[1, 0])
     assert cache.lookup(prompt[:40], "").tokens == 32 and cache.lookup(prompt, "tenant").tokens == 0
     other = cache.lookup([9, *prompt[1:]], "")
-    cache.insert([(other.keys[0], _block(9))])  # over budget: the least recently used block goes
+    cache.insert([(other.keys[0], _block(9))], other.keys[:1])  # over budget: one block must go
+    # the end of the older chain goes, not its beginning (without which no block after it is reachable)
     assert cache.blocks == 3 and cache.lookup(prompt, "").tokens == 32
     assert cache.lookup(list(range(16)), "").keys == []  # the last token is always computed
+
+
+def test_a_hit_is_a_whole_number_of_forward_chunks_whatever_the_block_size() -> None:
+    """A chunked prefill resumes at a forward-chunk boundary: the hit is rounded to a multiple of
+    both the chunk and the block (a block size that does not divide the chunk once sent no KV for
+    part of the prompt)."""
+    cache = _cache(8)
+    prompt = list(range(120))
+    keys = cache.lookup(prompt, "").keys
+    cache.insert([(key, _block(i)) for i, key in enumerate(keys)], keys)
+    assert cache.lookup(prompt, "").tokens == 112 and cache.lookup(prompt, "", unit=48).tokens == 96
+    assert cache.lookup(prompt, "", unit=40).tokens == 80  # lcm(40, 16)
+
+
+def test_a_prompt_larger_than_the_budget_stores_only_what_fits() -> None:
+    cache = _cache(2)
+    assert cache.wanted(cache.lookup(list(range(100)), "")) == [0, 1]
+
+
+def test_the_recorder_copies_only_the_rows_to_store() -> None:
+    """Views would keep the forward pass's whole cache alive until the blocks are stored."""
+    seen: list[int] = []
+    recorder = KvRecorder(PrefixHit([], [], 16), lambda layer, *_: seen.append(layer), (16, 32))
+    keys = torch.arange(2 * 48 * 4, dtype=torch.float32).reshape(2, 48, 4)
+    recorder(0, keys, keys.clone())
+    recorded = recorder.layers[0][0]
+    assert seen == [0] and recorded.shape == (2, 16, 4) and torch.equal(recorded, keys[:, 16:32])
+    assert recorded.untyped_storage().data_ptr() != keys.untyped_storage().data_ptr()
 
 
 async def _hits(stack: RunningStack) -> int:
@@ -98,9 +136,10 @@ async def test_the_next_chat_turn_reuses_the_whole_previous_prompt(memory_stack:
 
 
 def _post(http: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.post(http + "/v1/completions", json={"model": MODEL, "max_tokens": 2, "temperature": 0, **body},
-                      headers=headers, timeout=120)
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    # json.dumps escapes a lone surrogate as JSON may (httpx's json= would refuse to send it)
+    content = json.dumps({"model": MODEL, "max_tokens": 2, "temperature": 0, **body})
+    return httpx.post(http + "/v1/completions", content=content, headers=headers, timeout=120)
 
 
 async def test_api_keys_share_nothing_unless_sharing_is_on(memory_stack: RunningStack) -> None:
@@ -124,7 +163,7 @@ async def test_a_request_salt_separates_and_matches(memory_stack: RunningStack) 
         assert (await _hits(memory_stack) > before) == hits, salt
 
 
-@pytest.mark.parametrize("salt", ["x" * 257, 5, ["a"]])
+@pytest.mark.parametrize("salt", ["x" * 257, 5, ["a"], "\ud800"])
 def test_http_bad_cache_salt_is_400(memory_stack: RunningStack, salt: Any) -> None:
     response = _post(memory_stack["http"], {"prompt": "Hi", "cache_salt": salt})
     assert response.status_code == 400 and response.json()["error"]["param"] == "cache_salt"

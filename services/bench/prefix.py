@@ -87,10 +87,14 @@ def cost(runtime: ModelRuntime, block_size: int) -> None:
         started = time.perf_counter()
         runtime.prefill(ids, lambda i, k, v: layers.__setitem__(i, (k, v)))
         forward = time.perf_counter() - started
-        cache = PrefixCache(2**40, block_size, geometry.fingerprint, PrefixCacheMetrics.create(CollectorRegistry()))
+        cache = PrefixCache(2**40, block_size, geometry.fingerprint, geometry.kv_bytes_per_token * block_size,
+                            PrefixCacheMetrics.create(CollectorRegistry()))
         started = time.perf_counter()
         hit: PrefixHit = cache.lookup(ids, "")
-        cache.insert(cache.new_blocks(hit, layers.__getitem__, geometry.num_layers))
+        wanted = cache.wanted(hit)
+        rows = slice(*cache.rows(wanted))  # type: ignore[misc]
+        recorded = {i: (keys[:, rows].clone(), values[:, rows].clone()) for i, (keys, values) in layers.items()}
+        cache.insert(cache.make_blocks(hit, wanted, recorded), hit.keys)
         stored = time.perf_counter() - started
         print(f"  {length}-token prompt, no repetition: forward {forward * 1e3:.0f} ms; lookup + store of "
               f"{cache.blocks} blocks ({cache.bytes / 1e6:.0f} MB) {stored * 1e3:.1f} ms "

@@ -28,8 +28,12 @@ def check_salt(salt: object) -> str:
     """A cache salt: a string of at most MAX_SALT_BYTES bytes (InvalidRequest otherwise)."""
     if not isinstance(salt, str):
         raise InvalidRequest(f"cache_salt must be a string, got {type(salt).__name__}")
-    if len(salt.encode()) > MAX_SALT_BYTES:
-        raise InvalidRequest(f"cache_salt must be at most {MAX_SALT_BYTES} bytes, got {len(salt.encode())}")
+    try:
+        size = len(salt.encode())
+    except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800")
+        raise InvalidRequest("cache_salt must be valid Unicode text") from None
+    if size > MAX_SALT_BYTES:
+        raise InvalidRequest(f"cache_salt must be at most {MAX_SALT_BYTES} bytes, got {size}")
     return salt
 
 

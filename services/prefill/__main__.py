@@ -54,7 +54,7 @@ async def run(settings: PrefillSettings) -> None:
                                      settings.prefill_batch_wait_ms / 1000, metrics.batch_size.observe)
         prefix = None if settings.prefix_cache == "off" else PrefixCache(
             int(settings.prefix_cache_mb * 1024 * 1024), settings.block_size, runtime.geometry.fingerprint,
-            PrefixCacheMetrics.create(telemetry.registry))
+            runtime.geometry.kv_bytes_per_token * settings.block_size, PrefixCacheMetrics.create(telemetry.registry))
         engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix)
         servicer.ready(engine, runtime.geometry)
 

@@ -26,6 +26,7 @@ kv.throughput_bytes_per_second, kv.handoff_seconds).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -50,12 +51,13 @@ from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
 from services.common.validation import check_id, check_token_ids
 from services.prefill.batcher import PrefillBatcher
-from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixHit
+from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixHit, Recorded
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
 Forwarded = tuple[torch.Tensor, list[TokenLogprob]]  # the last position's logits; the prompt's scores if asked
 tracer = trace.get_tracer("disagg.prefill")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,15 +191,17 @@ class PrefillEngine:
         try:
             grammar = await self._grammar(job)  # after the key is held: a duplicate is refused meanwhile
             hit = self._lookup(job)
+            wanted = [] if self._prefix is None else self._prefix.wanted(hit)
+            rows = None if self._prefix is None else self._prefix.rows(wanted)
             if self._chunked(job):
                 await _send_all(sinks, layout)
-                forward, first_sent, recorded = await self._forward_in_chunks(job, layout, sinks, hit)
+                forward, first_sent, recorded = await self._forward_in_chunks(job, layout, sinks, hit, rows)
             else:
                 loop = asyncio.get_running_loop()
                 layers: asyncio.Queue[LayerKv] = asyncio.Queue()
                 pump = asyncio.ensure_future(self._pump(job.key, layout, layers, sinks))
-                recorder = KvRecorder(hit, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv))
-                forward = await self._forward(job, recorder, hit)
+                recorder = KvRecorder(hit, lambda *kv: loop.call_soon_threadsafe(layers.put_nowait, kv), rows)
+                forward = await self._forward(job, recorder if hit.blocks or rows else recorder.on_layer, hit)
                 recorded = recorder.layers
             forward_done = time.perf_counter()
             self._record_forward(forward, hit.tokens, len(job.prompt_ids) - hit.tokens)
@@ -206,7 +210,9 @@ class PrefillEngine:
                 pump.result()  # a transfer that could not open fails before the first token goes out
             for first in firsts:
                 yield first
-            await self._store_prefix(hit, recorded)
+            if wanted and len(recorded) == self._runtime.geometry.num_layers:  # in the background, best effort
+                self._tasks.spawn(self._store_prefix(hit, wanted, recorded), f"prefix-store-{job.key}")
+            recorded = {}
             if pump is not None:
                 first_sent = await pump
             end = KvEnd(job.request_id, layout.chunk_count, firsts[0].token_id, perf_to_unix_nanos(forward_done),
@@ -265,19 +271,19 @@ class PrefillEngine:
         every position's scores need the whole forward pass)."""
         if self._prefix is None:
             return PrefixHit([], [], 1)
-        hit = self._prefix.lookup(job.prompt_ids, job.cache_salt, reuse=job.sampling.prompt_logprobs is None)
-        if self._chunked(job):  # a chunked prefill resumes at a forward-chunk boundary
-            step = self._chunking.prefill_chunk_tokens
-            hit = PrefixHit(hit.keys, hit.blocks[: hit.tokens // step * step // hit.block_size], hit.block_size)
-        return hit
+        # a chunked prefill resumes at a forward-chunk boundary
+        unit = self._chunking.prefill_chunk_tokens if self._chunked(job) else 0
+        return self._prefix.lookup(job.prompt_ids, job.cache_salt, job.sampling.prompt_logprobs is None, unit)
 
-    async def _store_prefix(self, hit: PrefixHit, layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Keep the blocks this forward pass computed (after the first token went out; best effort)."""
-        if self._prefix is None or len(hit.blocks) == len(hit.keys) or len(layers) < self._runtime.geometry.num_layers:
-            return
-        blocks = await asyncio.to_thread(self._prefix.new_blocks, hit, layers.__getitem__,
-                                         self._runtime.geometry.num_layers)
-        self._prefix.insert(blocks)
+    async def _store_prefix(self, hit: PrefixHit, wanted: list[int], recorded: Recorded) -> None:
+        """Keep the blocks this forward pass computed (a background task after the first token went
+        out; a failure only loses the cache entry)."""
+        prefix = self._prefix
+        try:
+            blocks = await asyncio.to_thread(prefix.make_blocks, hit, wanted, recorded)  # type: ignore[union-attr]
+            prefix.insert(blocks, hit.keys)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - best effort
+            log.exception("could not store prompt blocks in the prefix cache")
 
     def _record_forward(self, forward: Timed[Forwarded], cached: int, computed: int) -> None:
         started = int(forward.started_unix * 1e9)
@@ -327,21 +333,20 @@ class PrefillEngine:
         return self._runtime.prefill_scored(job.prompt_ids[start:end], on_layer, job.prompt_ids[start + 1 : end + 1],
                                             job.sampling.prompt_logprobs, cache)
 
-    async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout, sinks: list[KvSink], hit: PrefixHit
-                                 ) -> tuple[Timed[Forwarded], float, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+    async def _forward_in_chunks(self, job: PrefillJob, layout: KvLayout, sinks: list[KvSink], hit: PrefixHit,
+                                 rows: tuple[int, int] | None) -> tuple[Timed[Forwarded], float, Recorded]:
         """Chunked prefill: each forward chunk is its own job on the model thread, so other
         requests' work runs in between and activations stay bounded; its KV chunks go out at once.
         A cached prefix (whole forward chunks) is sent from the cache and not computed. Returns the
-        whole prompt's KV per layer too, for the prefix cache."""
+        KV of the token range `rows` per layer too (copied), for the prefix cache."""
         cache, step = self._runtime.new_cache(), self._chunking.prefill_chunk_tokens
         queued = run = 0.0
         first_sent, started_unix = 0.0, 0.0
         scored: list[TokenLogprob] = []
-        segments: list[tuple[torch.Tensor, torch.Tensor]] = []
+        segments: list[tuple[torch.Tensor, torch.Tensor]] = []  # the recorded rows of each forward chunk
         if hit.blocks:
             await self._thread.run(hit.seed, cache, self._runtime.geometry.num_layers)
             keys, values = (torch.stack(parts) for parts in zip(*(hit.layer_kv(i) for i in range(layout.num_layers))))
-            segments.append((keys, values))
             for index in range(hit.tokens // layout.chunk_tokens):
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, 0)
                 first_sent = first_sent or time.perf_counter()
@@ -355,17 +360,19 @@ class PrefillEngine:
             queued, run = queued + part.queued_seconds, run + part.run_seconds
             started_unix = started_unix or part.started_unix
             keys, values = torch.stack([kv[i][0] for i in sorted(kv)]), torch.stack([kv[i][1] for i in sorted(kv)])
-            segments.append((keys, values))
             end = min(start + step, len(job.prompt_ids))
+            if rows is not None and start < rows[1] and rows[0] < end:  # copies: the rest can go
+                part_rows = slice(max(rows[0], start) - start, min(rows[1], end) - start)
+                segments.append((keys[:, :, part_rows].clone(), values[:, :, part_rows].clone()))
             for index in range(start // layout.chunk_tokens, -(-end // layout.chunk_tokens)):
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
                 self.kv_bytes_held[job.key] += chunk.byte_length
-        whole = {} if self._prefix is None else {
-            layer: (torch.cat([k[layer] for k, _ in segments], dim=1),
-                    torch.cat([v[layer] for _, v in segments], dim=1)) for layer in range(layout.num_layers)}
-        return Timed((part.value[0], scored), queued, run, started_unix), first_sent, whole
+        recorded = {layer: (torch.cat([k[layer] for k, _ in segments], dim=1),
+                            torch.cat([v[layer] for _, v in segments], dim=1))
+                    for layer in range(layout.num_layers)} if segments else {}
+        return Timed((part.value[0], scored), queued, run, started_unix), first_sent, recorded
 
     async def _pump(self, key: str, layout: KvLayout, layers: asyncio.Queue[LayerKv], sinks: list[KvSink]) -> float:
         """Send the layout, then each layer group's chunks as soon as the group's layers are

@@ -9,8 +9,9 @@ are stored after its first token has gone out.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,28 +49,37 @@ class PrefixHit:
             cache.update(keys[None], values[None], layer)  # type: ignore[attr-defined]
 
 
-class KvRecorder:
-    """Wraps a forward pass's layer callback: each layer's KV, the cached prefix in front (what the
-    transfer sends), and a record of it for storing the new blocks afterwards."""
+Recorded = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> KV of the rows to store, copied
 
-    def __init__(self, hit: PrefixHit, on_layer: LayerKvCallback) -> None:
+
+class KvRecorder:
+    """Wraps a forward pass's layer callback: each layer's KV gets the cached prefix in front (what
+    the transfer sends), and the rows of the blocks to store are copied aside (copies, so the forward
+    pass's cache is not kept alive by them)."""
+
+    def __init__(self, hit: PrefixHit, on_layer: LayerKvCallback, rows: tuple[int, int] | None) -> None:
         self._hit = hit
-        self._on_layer = on_layer
-        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.on_layer = on_layer  # the wrapped callback (called directly when nothing is to be done here)
+        self._rows = rows  # token range [start, end) of the blocks to store, if any
+        self.layers: Recorded = {}
 
     def __call__(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         if self._hit.blocks:
             cached_keys, cached_values = self._hit.layer_kv(layer)
             keys, values = torch.cat([cached_keys, keys], dim=1), torch.cat([cached_values, values], dim=1)
-        self.layers[layer] = (keys, values)
-        self._on_layer(layer, keys, values)
+        if self._rows is not None:
+            rows = slice(*self._rows)
+            self.layers[layer] = (keys[:, rows].clone(), values[:, rows].clone())
+        self.on_layer(layer, keys, values)
 
 
 class PrefixCache:
-    def __init__(self, budget_bytes: int, block_size: int, fingerprint: str, metrics: PrefixCacheMetrics) -> None:
+    def __init__(self, budget_bytes: int, block_size: int, fingerprint: str, block_bytes: int,
+                 metrics: PrefixCacheMetrics) -> None:
         self.block_size = block_size
         self._budget = budget_bytes
         self._fingerprint = fingerprint
+        self._block_bytes = block_bytes  # KV bytes of one block of the model
         self._metrics = metrics
         self._blocks: OrderedDict[str, Block] = OrderedDict()
         self.bytes = 0
@@ -79,16 +89,19 @@ class PrefixCache:
     def blocks(self) -> int:
         return len(self._blocks)
 
-    def lookup(self, prompt: Sequence[int], salt: str, reuse: bool = True) -> PrefixHit:
-        """The prompt's reusable leading blocks (none when `reuse` is off, but the keys to store)."""
+    def lookup(self, prompt: Sequence[int], salt: str, reuse: bool = True, unit: int = 0) -> PrefixHit:
+        """The prompt's reusable leading blocks, a whole number of `unit` tokens (default: blocks);
+        none when `reuse` is off, but the keys to store."""
         keys = block_keys(prompt[: len(prompt) - 1], self.block_size, self._fingerprint, salt)
         found: list[Block] = []
         for key in keys if reuse else ():
             block = self._blocks.get(key)
             if block is None:
                 break
-            self._blocks.move_to_end(key)
             found.append(block)
+        unit = math.lcm(unit or self.block_size, self.block_size)
+        found = found[: len(found) * self.block_size // unit * unit // self.block_size]
+        self._touch(keys[: len(found)])
         looked_up = len(keys) * self.block_size if reuse else 0
         self.lookup_tokens += looked_up
         self.hit_tokens += len(found) * self.block_size
@@ -96,32 +109,45 @@ class PrefixCache:
         self._metrics.hit_tokens.inc(len(found) * self.block_size)
         return PrefixHit(keys, found, self.block_size)
 
-    def new_blocks(self, hit: PrefixHit, layers: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
-                   num_layers: int) -> list[tuple[str, Block]]:
-        """The blocks a forward pass computed (after the hit's), copied out of `layers(i)`, layer
-        i's whole-prompt KV [kv_heads, tokens, head_dim]. Pure tensor work: off the event loop."""
-        made = []
-        for index in range(len(hit.blocks), len(hit.keys)):
-            if hit.keys[index] in self._blocks:
-                continue
-            rows = slice(index * self.block_size, (index + 1) * self.block_size)
-            made.append((hit.keys[index], torch.stack([torch.stack([layers(i)[0][:, rows], layers(i)[1][:, rows]])
-                                                       for i in range(num_layers)])))
+    def wanted(self, hit: PrefixHit) -> list[int]:
+        """Indices of the prompt's blocks to store after its forward pass: those after the hit that
+        are not held, no more than the budget holds."""
+        missing = [i for i in range(len(hit.blocks), len(hit.keys)) if hit.keys[i] not in self._blocks]
+        return missing[: self._budget // self._block_bytes]
+
+    def rows(self, wanted: list[int]) -> tuple[int, int] | None:
+        """The token range a forward pass records for `wanted` blocks."""
+        return (wanted[0] * self.block_size, (wanted[-1] + 1) * self.block_size) if wanted else None
+
+    def make_blocks(self, hit: PrefixHit, wanted: list[int], recorded: Recorded) -> list[tuple[str, Block]]:
+        """The wanted blocks out of the recorded rows (which start at the first wanted block).
+        Pure tensor work: off the event loop."""
+        first, made = wanted[0], []
+        for index in wanted:
+            rows = slice((index - first) * self.block_size, (index - first + 1) * self.block_size)
+            made.append((hit.keys[index], torch.stack([torch.stack([keys[:, rows], values[:, rows]])
+                                                       for _, (keys, values) in sorted(recorded.items())])))
         return made
 
-    def insert(self, blocks: list[tuple[str, Block]]) -> None:
-        """Store blocks (on the event loop, like lookups), evicting the least recently used."""
-        for key, block in blocks:
-            if key in self._blocks:
-                self._blocks.move_to_end(key)
-                continue
-            self._blocks[key] = block
-            self.bytes += block.numel() * block.element_size()
+    def insert(self, blocks: list[tuple[str, Block]], chain: list[str]) -> None:
+        """Store a prompt's new blocks (on the event loop, like lookups). Its chain is then touched
+        back to front, so that eviction (least recently used first) takes the ends of chains before
+        their beginnings, which every longer prompt needs."""
+        for key, block in reversed(blocks):
+            if key not in self._blocks:
+                self._blocks[key] = block
+                self.bytes += block.numel() * block.element_size()
+        self._touch(chain)
         while self.bytes > self._budget and self._blocks:
             _, evicted = self._blocks.popitem(last=False)
             self.bytes -= evicted.numel() * evicted.element_size()
             self._metrics.evictions.inc()
         self._metrics.blocks.set(len(self._blocks))
+
+    def _touch(self, chain: list[str]) -> None:
+        for key in reversed(chain):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
 
 @dataclass(frozen=True, slots=True)
