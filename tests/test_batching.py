@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from services.client import GatewayClient, GatewayError
+from services.common.pb import common_pb2, prefill_pb2_grpc
 from tests.conftest import RunningStack, start_stack
 from tests.held import decode_stats, wait_decode_idle
 
@@ -193,3 +194,24 @@ async def test_prefill_batches_queued_prompts(batching_prefill_stack: RunningSta
     prompts = after["disagg_prefill_batch_size_sum"] - before["disagg_prefill_batch_size_sum"]
     assert prompts == 5 and batches < 5  # the four concurrent prompts shared forward passes
     assert (await wait_decode_idle(batching_prefill_stack["decode"])).blocks_used == 0
+
+
+async def test_a_chunked_prefill_reuses_whole_cached_chunks_and_answers_the_same(small_pool_stack: RunningStack,
+                                                                                 runtime, encoder) -> None:
+    """A prompt longer than --prefill-chunk-tokens (32) resumes after its cached chunks: the cached
+    KV is sent from the cache, the rest computed, and the output equals Hugging Face's."""
+    prompt = ("The lighthouse keeper wrote in his log every evening: the weather, the ships that passed, "
+              "the birds on the rocks, the colour of the sea, and the names of the visitors who climbed the "
+              "stairs to see the lamp. In winter the storms kept everyone away, and he wrote instead about the "
+              "sound of the wind, the ice on the windows and the long nights. Years later his grandchildren read it")
+    ids = encoder.encode_text(prompt)
+    expected = runtime.reference_generate(ids, 10)
+    async with grpc.aio.insecure_channel(small_pool_stack["prefill"]) as channel:
+        stub = prefill_pb2_grpc.PrefillServiceStub(channel)
+        async with GatewayClient(small_pool_stack["gateway"]) as client:
+            first = await client.complete(prompt, max_tokens=10, temperature=0, ignore_eos=True)
+            before = (await stub.Stats(common_pb2.StatsRequest(), timeout=10)).prefix_hit_tokens_total
+            second = await client.complete(prompt, max_tokens=10, temperature=0, ignore_eos=True)
+        after = (await stub.Stats(common_pb2.StatsRequest(), timeout=10)).prefix_hit_tokens_total
+    assert len(ids) > 64 and after - before == (len(ids) - 1) // 32 * 32
+    assert first.token_ids == second.token_ids == expected
