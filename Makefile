@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 EVAL_INSTALLED := $(VENV)/.eval-installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval bench-prefill soak clean
+.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval bench-prefill bench-prefix soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,11 @@ bench-compare: $(INSTALLED)
 bench-prefill: $(INSTALLED)
 	$(PY) -m services.common.model_files default
 	$(PY) -m services.bench.prefill $(PREFILL_ARGS)
+
+# Prefix cache: greedy agreement cache on vs off over 50 two-turn conversations, and its cost.
+bench-prefix: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.prefix $(PREFIX_ARGS)
 
 # lm-eval scores through this server vs its own hf backend on the same data (services/bench/eval.py).
 bench-eval: $(EVAL_INSTALLED)

@@ -5,11 +5,13 @@ sharing is turned on; bad salts are 400 / INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import struct
 from typing import Any
 
+import google_crc32c
 import grpc
 import httpx
 import pytest
@@ -18,12 +20,14 @@ from prometheus_client import CollectorRegistry
 
 from services.client import GatewayClient, GatewayError
 from services.common.errors import InvalidRequest
+from services.common.kv_codec import tensor_bytes
 from services.common.pb import common_pb2, prefill_pb2_grpc
 from services.common.prefix_keys import block_keys, check_salt
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
 from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixCacheMetrics, PrefixHit
-from tests.conftest import API_KEY, RunningStack
+from services.prefill.prefix_store import PrefixStore
+from tests.conftest import API_KEY, RunningStack, add_service
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -103,8 +107,8 @@ def test_the_recorder_copies_only_the_rows_to_store() -> None:
     assert recorded.untyped_storage().data_ptr() != keys.untyped_storage().data_ptr()
 
 
-async def _hits(stack: RunningStack) -> int:
-    async with grpc.aio.insecure_channel(stack["prefill"]) as channel:
+async def _hits(prefill: str) -> int:
+    async with grpc.aio.insecure_channel(prefill) as channel:
         stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
     return stats.prefix_hit_tokens_total
 
@@ -115,11 +119,11 @@ async def test_a_repeated_prompt_computes_only_its_last_block_and_answers_the_sa
     ids = encoder.encode_text(prompt)
     expected = runtime.reference_generate(ids, 8)
     async with GatewayClient(memory_stack["gateway"]) as client:
-        before = await _hits(memory_stack)
+        before = await _hits(memory_stack["prefill"])
         first = await client.complete(prompt, max_tokens=8, temperature=0, ignore_eos=True)
-        middle = await _hits(memory_stack)
+        middle = await _hits(memory_stack["prefill"])
         second = await client.complete(prompt, max_tokens=8, temperature=0, ignore_eos=True)
-    assert middle == before and await _hits(memory_stack) - middle == (len(ids) - 1) // 16 * 16 > 0
+    assert middle == before and await _hits(memory_stack["prefill"]) - middle == (len(ids) - 1) // 16 * 16 > 0
     assert first.token_ids == second.token_ids == expected
 
 
@@ -129,10 +133,10 @@ async def test_the_next_chat_turn_reuses_the_whole_previous_prompt(memory_stack:
             ("user", "Which planet is the largest?")]
     async with GatewayClient(memory_stack["gateway"]) as client:
         answer = await client.complete(messages=turn, max_tokens=12, temperature=0)
-        before = await _hits(memory_stack)
+        before = await _hits(memory_stack["prefill"])
         await client.complete(messages=[*turn, ("assistant", answer.text), ("user", "And the smallest?")],
                               max_tokens=4, temperature=0)
-    assert await _hits(memory_stack) - before >= (len(encoder.encode_chat(turn)) - 1) // 16 * 16
+    assert await _hits(memory_stack["prefill"]) - before >= (len(encoder.encode_chat(turn)) - 1) // 16 * 16
 
 
 def _post(http: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
@@ -149,18 +153,18 @@ async def test_api_keys_share_nothing_unless_sharing_is_on(memory_stack: Running
     steps = [(keyed, API_KEY, False), (keyed, API_KEY, True), (keyed, "another-key", False),
              (shared, API_KEY, False), (shared, "another-key", True)]
     for http, key, hits in steps:
-        before = await _hits(memory_stack)
+        before = await _hits(memory_stack["prefill"])
         assert _post(http, prompt, key).status_code == 200
-        assert (await _hits(memory_stack) > before) == hits, (http, key)
+        assert (await _hits(memory_stack["prefill"]) > before) == hits, (http, key)
 
 
 async def test_a_request_salt_separates_and_matches(memory_stack: RunningStack) -> None:
     prompt = ("Salted prompts share blocks only with the same salt, whatever else they have in common, even "
               "when every one of their words is the same as another prompt's words.")
     for salt, hits in (("a", False), ("b", False), ("a", True)):
-        before = await _hits(memory_stack)
+        before = await _hits(memory_stack["prefill"])
         assert _post(memory_stack["http"], {"prompt": prompt, "cache_salt": salt}).status_code == 200
-        assert (await _hits(memory_stack) > before) == hits, salt
+        assert (await _hits(memory_stack["prefill"]) > before) == hits, salt
 
 
 @pytest.mark.parametrize("salt", ["x" * 257, 5, ["a"], "\ud800"])
@@ -174,3 +178,33 @@ async def test_grpc_bad_cache_salt_is_invalid_argument(memory_stack: RunningStac
         with pytest.raises(GatewayError) as caught:
             await client.complete("Hi", max_tokens=2, cache_salt="x" * 257)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in caught.value.details()
+
+
+def test_a_damaged_block_in_the_kvstore_is_not_used(runtime: ModelRuntime) -> None:
+    store = PrefixStore(None, runtime.geometry, 16, 60)  # type: ignore[arg-type]  # only decoding here
+    block = torch.randn(runtime.geometry.num_layers, 2, runtime.geometry.num_kv_heads, 16, runtime.geometry.head_dim)
+    data = tensor_bytes(block)
+    good = data + struct.pack("<I", google_crc32c.value(data))
+    assert torch.equal(store._decode(good), block)  # type: ignore[arg-type]
+    assert store._decode(good[:-5] + b"\0" + good[-4:]) is None  # a flipped byte
+    assert store._decode(good[:-8]) is None  # a short value
+
+
+async def test_another_prefill_worker_finds_the_blocks_in_the_kvstore(memory_stack: RunningStack,
+                                                                      runtime: ModelRuntime,
+                                                                      encoder: PromptEncoder) -> None:
+    """A second prefill worker (as a restarted one) holds nothing in memory: it loads the prompt's
+    blocks that the first worker wrote to the kvstore, and answers the same."""
+    prompt = ("Both prefill workers read and write the same kvstore, so a prompt computed by one of them is "
+              "a prompt the other one, or a restarted one, does not compute again: it loads the blocks")
+    ids = encoder.encode_text(prompt)
+    second = add_service(memory_stack, "prefill_tier2", "prefill")
+    gateway = add_service(memory_stack, "gateway_tier2", "gateway", "--prefill-addresses", second)
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        first = await client.complete(prompt, max_tokens=6, temperature=0, ignore_eos=True)
+    await asyncio.sleep(2)  # the first worker writes its blocks to the kvstore in the background
+    before = await _hits(second)
+    async with GatewayClient(gateway) as client:
+        again = await client.complete(prompt, max_tokens=6, temperature=0, ignore_eos=True)
+    assert await _hits(second) - before == (len(ids) - 1) // 16 * 16 > 0
+    assert again.token_ids == first.token_ids == runtime.reference_generate(ids, 6)

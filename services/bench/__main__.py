@@ -11,6 +11,10 @@ percentiles, throughput and goodput.
 that drains or restarts is passed over). `--duration` keeps the concurrency up for that long.
 Ctrl-C prints what was measured so far; SIGTERM stops starting requests, lets those in flight
 finish and prints the figures (a steady load that a test or script ends when it is done).
+`--shared-prefix 8:1000` puts one of 8 distinct ~1,000-token prefixes in front of each prompt
+(--prompt-tokens is then the user turn after it); `--prefix-cache-compare` runs each load twice, first
+with every request salted apart (no prefix cache can serve it: "cache off"), then plain ("cache on"),
+and `--prefill-stats ADDR[,ADDR]` reads the prefill workers' prefix-cache hit counts for each run.
 `python -m services.bench profile` measures the model on this machine and advises prefill/decode
 worker counts (services.bench.advisor).
 """
@@ -23,13 +27,16 @@ import contextlib
 import itertools
 import json
 import signal
+
+import grpc
 import sys
 import time
 from pathlib import Path
 
 from services.bench.report import Slo, summarize, table
 from services.bench.targets import GrpcTarget, OpenAITarget, RequestRecord, Target
-from services.bench.workload import BenchRequest, build
+from services.bench.workload import BenchRequest, build, parse_shared_prefix
+from services.common.pb import common_pb2, prefill_pb2_grpc
 from services.common.tls_settings import add_tls_arguments, client_tls, sdk_tls_options
 
 
@@ -104,16 +111,20 @@ async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: l
     with contextlib.suppress(ValueError, RuntimeError):  # not in the main thread: no SIGTERM handling
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, terminated.set)
     try:
-        if args.warmup:
-            warm = build(args.warmup, args.prompt_tokens, args.output_tokens, None, args.seed + 1, args.prompts_file)
+        if args.warmup:  # salted: the warm-up fills no prefix cache
+            warm = build(args.warmup, args.prompt_tokens, args.output_tokens, None, args.seed + 1, args.prompts_file,
+                         args.shared_prefix, salted=True)
             await run_workload(target, warm, args.concurrency or 4, [], Progress(0, "", False), terminated)
-        for rate in args.rates or [None]:
+        for rate, salted in itertools.product(args.rates or [None], (True, False) if args.prefix_cache_compare
+                                              else (False,)):
             if terminated.is_set():
                 break
-            label = f"rate {rate:g}/s" if rate else f"conc {args.concurrency}"
+            label = (f"rate {rate:g}/s" if rate else f"conc {args.concurrency}") + (
+                (" off" if salted else " on") if args.prefix_cache_compare else "")
             requests = build(args.num_requests, args.prompt_tokens, args.output_tokens, rate, args.seed,
-                             args.prompts_file)
+                             args.prompts_file, args.shared_prefix, salted)
             live.clear()
+            hits_before = await prefix_counts(args.prefill_stats)
             started = time.perf_counter()
             try:
                 if args.duration:
@@ -124,10 +135,36 @@ async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: l
             finally:
                 runs.append(summarize(list(live), time.perf_counter() - started, slo, label))
             runs[-1]["duration_s"] = wall
+            if args.prefill_stats:
+                runs[-1]["prefix_cache"] = prefix_delta(hits_before, await prefix_counts(args.prefill_stats))
     finally:
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         await target.close()
+
+
+async def prefix_counts(addresses: list[str]) -> tuple[int, int]:
+    """(tokens looked up, tokens found) in the prefill workers' prefix caches, summed."""
+    looked_up = found = 0
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+        looked_up, found = looked_up + stats.prefix_lookup_tokens_total, found + stats.prefix_hit_tokens_total
+    return looked_up, found
+
+
+def prefix_delta(before: tuple[int, int], after: tuple[int, int]) -> dict[str, float]:
+    looked_up, found = after[0] - before[0], after[1] - before[1]
+    return {"lookup_tokens": looked_up, "hit_tokens": found, "hit_rate": found / looked_up if looked_up else 0.0}
+
+
+def prefix_table(runs: list[dict[str, object]]) -> str:
+    rows = [(run["label"], run["prefix_cache"]) for run in runs if "prefix_cache" in run]
+    if not rows:
+        return ""
+    return "\nprefill prefix cache (full blocks):\n" + "\n".join(
+        f"{label:>14}  looked up {c['lookup_tokens']:>8,.0f} tokens  found {c['hit_tokens']:>8,.0f}  "  # type: ignore[index]
+        f"hit rate {100 * c['hit_rate']:5.1f}%" for label, c in rows)  # type: ignore[index]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +189,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", default="128", help="N or LOW:HIGH (uniform)")
     parser.add_argument("--output-tokens", default="64", help="N or LOW:HIGH (uniform)")
     parser.add_argument("--prompts-file", type=Path, help='JSONL of {"prompt": ..., "max_tokens": ...}')
+    parser.add_argument("--shared-prefix", type=parse_shared_prefix, metavar="GROUPS:TOKENS",
+                        help="put one of GROUPS distinct prefixes of about TOKENS tokens in front of each prompt")
+    parser.add_argument("--prefix-cache-compare", action="store_true",
+                        help="run each load with every request salted apart (cache off), then plain (cache on)")
+    parser.add_argument("--prefill-stats", type=lambda v: [a for a in v.split(",") if a], default=[],
+                        metavar="ADDR[,ADDR]", help="prefill workers whose prefix-cache counts each run reports")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
@@ -185,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         interrupted = True
     print(json.dumps({"runs": runs, "interrupted": interrupted, "terminated": terminated.is_set()}, indent=2)
-          if args.json else table(runs) + ("\n(interrupted: figures so far)" if interrupted else "")
+          if args.json else table(runs) + prefix_table(runs)
+          + ("\n(interrupted: figures so far)" if interrupted else "")
           + ("\n(SIGTERM: stopped early)" if terminated.is_set() else ""))
     if args.plot and runs:
         from services.bench.plot import plot

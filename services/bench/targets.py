@@ -56,7 +56,7 @@ class GrpcTarget:
         record = RequestRecord(time.perf_counter())
         try:
             async for chunk in self._client.generate(request.prompt, max_tokens=request.max_tokens, temperature=0,
-                                                     ignore_eos=True):
+                                                     ignore_eos=True, cache_salt=request.cache_salt):
                 if chunk.token_ids:
                     record.token_times.append(time.perf_counter())
                 if chunk.usage is not None:
@@ -80,7 +80,8 @@ class OpenAITarget:
 
     async def send(self, request: BenchRequest) -> RequestRecord:
         body = {"model": self._model, "prompt": request.prompt, "max_tokens": request.max_tokens, "temperature": 0,
-                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+                **({"cache_salt": request.cache_salt} if request.cache_salt else {})}
         record = RequestRecord(time.perf_counter())
         try:
             async with self._http.stream("POST", "/completions", json=body) as response:

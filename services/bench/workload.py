@@ -1,5 +1,7 @@
 """What a benchmark sends: prompts and output lengths (fixed, uniform, or from a JSONL file) and
-when (fixed concurrency, or Poisson arrivals at a rate), all repeatable from a seed."""
+when (fixed concurrency, or Poisson arrivals at a rate), all repeatable from a seed. A shared-prefix
+workload puts one of a few long 'system prompts' in front of every prompt (real traffic repeats
+itself); a salted run gives every request its own cache salt, so no prefix cache can serve it."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ class BenchRequest:
     prompt: str
     max_tokens: int
     arrival: float  # seconds after the start (0 for every request under fixed concurrency)
+    cache_salt: str = ""  # a salted run: a prefix cache shares nothing between requests
 
 
 def parse_length(spec: str) -> tuple[int, int]:
@@ -33,9 +36,26 @@ def synthetic_prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(words))
 
 
+def parse_shared_prefix(spec: str) -> tuple[int, int]:
+    """'GROUPS:TOKENS': that many distinct prefixes of about that many tokens."""
+    groups, _, tokens = spec.partition(":")
+    try:
+        shape = (int(groups), int(tokens))
+    except ValueError:
+        shape = (0, 0)
+    if min(shape) <= 0:
+        raise ValueError(f"shared prefix {spec!r}: use GROUPS:TOKENS, both > 0")
+    return shape
+
+
 def build(num_requests: int, prompt_tokens: str, output_tokens: str, rate: float | None, seed: int,
-          prompts_file: Path | None = None) -> list[BenchRequest]:
+          prompts_file: Path | None = None, shared_prefix: tuple[int, int] | None = None,
+          salted: bool = False) -> list[BenchRequest]:
+    """The requests; with `shared_prefix` (groups, tokens) request i starts with prefix i % groups,
+    and --prompt-tokens is the length of what follows it."""
     rng = random.Random(seed)
+    prefixes = [synthetic_prompt(random.Random(seed * 1000 + group), shared_prefix[1]) + "\n"
+                for group in range(shared_prefix[0])] if shared_prefix else []
     prompt_range, output_range = parse_length(prompt_tokens), parse_length(output_tokens)
     records = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()] \
         if prompts_file else []
@@ -46,7 +66,10 @@ def build(num_requests: int, prompt_tokens: str, output_tokens: str, rate: float
             prompt, max_tokens = record["prompt"], int(record.get("max_tokens", rng.randint(*output_range)))
         else:
             prompt, max_tokens = synthetic_prompt(rng, rng.randint(*prompt_range)), rng.randint(*output_range)
+        if prefixes:
+            prompt = prefixes[index % len(prefixes)] + prompt
         if rate:
             clock += rng.expovariate(rate)
-        requests.append(BenchRequest(prompt, max_tokens, clock if rate else 0.0))
+        salt = f"bench-{seed}-{index}-{rng.getrandbits(32):08x}" if salted else ""
+        requests.append(BenchRequest(prompt, max_tokens, clock if rate else 0.0, salt))
     return requests

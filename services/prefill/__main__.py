@@ -19,6 +19,7 @@ from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
+from services.prefill.prefix_store import PrefixStore
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
 from services.prefill.settings import PrefillSettings
@@ -55,7 +56,12 @@ async def run(settings: PrefillSettings) -> None:
         prefix = None if settings.prefix_cache == "off" else PrefixCache(
             int(settings.prefix_cache_mb * 1024 * 1024), settings.block_size, runtime.geometry.fingerprint,
             runtime.geometry.kv_bytes_per_token * settings.block_size, PrefixCacheMetrics.create(telemetry.registry))
-        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix)
+        prefix_store = None
+        if prefix is not None and store is not None:
+            prefix_store = PrefixStore(store, runtime.geometry, settings.block_size, settings.prefix_cache_ttl_seconds)
+            prefix.store_tier = True
+        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix,
+                               prefix_store)
         servicer.ready(engine, runtime.geometry)
 
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)

@@ -52,6 +52,7 @@ from services.common.telemetry import perf_to_unix_nanos
 from services.common.validation import check_id, check_token_ids
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixHit, Recorded
+from services.prefill.prefix_store import PrefixStore
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
@@ -112,7 +113,8 @@ class ChunkGeometry:
 class PrefillEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, geometry: ChunkGeometry,
                  store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics,
-                 batcher: PrefillBatcher | None = None, prefix: PrefixCache | None = None) -> None:
+                 batcher: PrefillBatcher | None = None, prefix: PrefixCache | None = None,
+                 prefix_store: PrefixStore | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
         self._batcher = batcher
@@ -122,6 +124,7 @@ class PrefillEngine:
         self._metrics = metrics
         self._prefix = prefix
         self.prefix = prefix  # (read by Stats)
+        self._prefix_store = prefix_store  # the kvstore tier of the prefix cache
         self._tasks = TaskSet()
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
@@ -190,7 +193,7 @@ class PrefillEngine:
         first_sent = 0.0
         try:
             grammar = await self._grammar(job)  # after the key is held: a duplicate is refused meanwhile
-            hit = self._lookup(job)
+            hit = await self._lookup(job)
             wanted = [] if self._prefix is None else self._prefix.wanted(hit)
             rows = None if self._prefix is None else self._prefix.rows(wanted)
             if self._chunked(job):
@@ -266,14 +269,23 @@ class PrefillEngine:
         return FirstToken(first, None if top_n is None else token_logprob(logits, first, top_n),
                           tuple(scored) if choice == 0 else (), ends_output, choice)
 
-    def _lookup(self, job: PrefillJob) -> PrefixHit:
-        """The prompt's cached leading blocks (none with the cache off, or for a scored prompt, whose
-        every position's scores need the whole forward pass)."""
+    async def _lookup(self, job: PrefillJob) -> PrefixHit:
+        """The prompt's cached leading blocks, held here or else in the kvstore (none with the cache
+        off, or for a scored prompt, whose every position's scores need the whole forward pass)."""
         if self._prefix is None:
             return PrefixHit([], [], 1)
+        reuse = job.sampling.prompt_logprobs is None
+        hit = self._prefix.held(job.prompt_ids, job.cache_salt, reuse)
+        loaded: list[torch.Tensor] = []
+        if reuse and self._prefix_store is not None and len(hit.blocks) < len(hit.keys):
+            missing = hit.keys[len(hit.blocks) :]
+            loaded = await self._prefix_store.load(missing)
+            if loaded:
+                self._prefix.insert(list(zip(missing, loaded)), hit.keys)
+                hit = PrefixHit(hit.keys, hit.blocks + loaded, hit.block_size)
         # a chunked prefill resumes at a forward-chunk boundary
         unit = self._chunking.prefill_chunk_tokens if self._chunked(job) else 0
-        return self._prefix.lookup(job.prompt_ids, job.cache_salt, job.sampling.prompt_logprobs is None, unit)
+        return self._prefix.settle(hit, unit, reuse, len(loaded))
 
     async def _store_prefix(self, hit: PrefixHit, wanted: list[int], recorded: Recorded) -> None:
         """Keep the blocks this forward pass computed (a background task after the first token went
@@ -282,6 +294,8 @@ class PrefillEngine:
         try:
             blocks = await asyncio.to_thread(prefix.make_blocks, hit, wanted, recorded)  # type: ignore[union-attr]
             prefix.insert(blocks, hit.keys)  # type: ignore[union-attr]
+            if self._prefix_store is not None:  # for the other prefill workers, and after a restart
+                await self._prefix_store.save(blocks)
         except Exception:  # noqa: BLE001 - best effort
             log.exception("could not store prompt blocks in the prefix cache")
 

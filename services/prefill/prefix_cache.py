@@ -84,14 +84,19 @@ class PrefixCache:
         self._blocks: OrderedDict[str, Block] = OrderedDict()
         self.bytes = 0
         self.lookup_tokens = self.hit_tokens = 0  # since start (also in the metrics)
+        self.store_tier = False  # a kvstore tier looks up what is not held here
 
     @property
     def blocks(self) -> int:
         return len(self._blocks)
 
     def lookup(self, prompt: Sequence[int], salt: str, reuse: bool = True, unit: int = 0) -> PrefixHit:
-        """The prompt's reusable leading blocks, a whole number of `unit` tokens (default: blocks);
-        none when `reuse` is off, but the keys to store."""
+        """The prompt's reusable leading blocks held here, a whole number of `unit` tokens (default:
+        blocks); none when `reuse` is off, but the keys to store."""
+        return self.settle(self.held(prompt, salt, reuse), unit, reuse)
+
+    def held(self, prompt: Sequence[int], salt: str, reuse: bool = True) -> PrefixHit:
+        """The prompt's leading blocks held here, as they are (see `settle`)."""
         keys = block_keys(prompt[: len(prompt) - 1], self.block_size, self._fingerprint, salt)
         found: list[Block] = []
         for key in keys if reuse else ():
@@ -99,15 +104,24 @@ class PrefixCache:
             if block is None:
                 break
             found.append(block)
+        return PrefixHit(keys, found, self.block_size)
+
+    def settle(self, hit: PrefixHit, unit: int = 0, reuse: bool = True, from_store: int = 0) -> PrefixHit:
+        """The hit cut to a whole number of `unit` tokens, touched and counted (`from_store` of its
+        blocks came from the kvstore tier, after those held here)."""
         unit = math.lcm(unit or self.block_size, self.block_size)
-        found = found[: len(found) * self.block_size // unit * unit // self.block_size]
-        self._touch(keys[: len(found)])
-        looked_up = len(keys) * self.block_size if reuse else 0
+        found = hit.blocks[: len(hit.blocks) * self.block_size // unit * unit // self.block_size]
+        self._touch(hit.keys[: len(found)])
+        looked_up = len(hit.keys) * self.block_size if reuse else 0
+        local = len(hit.blocks) - from_store
         self.lookup_tokens += looked_up
         self.hit_tokens += len(found) * self.block_size
-        self._metrics.lookup_tokens.inc(looked_up)
-        self._metrics.hit_tokens.inc(len(found) * self.block_size)
-        return PrefixHit(keys, found, self.block_size)
+        self._metrics.lookup_tokens.labels("memory").inc(looked_up)
+        self._metrics.hit_tokens.labels("memory").inc(min(local, len(found)) * self.block_size)
+        if from_store or (reuse and local < len(hit.keys) and self.store_tier):
+            self._metrics.lookup_tokens.labels("kvstore").inc((len(hit.keys) - local) * self.block_size)
+            self._metrics.hit_tokens.labels("kvstore").inc(max(0, len(found) - local) * self.block_size)
+        return PrefixHit(hit.keys, found, self.block_size)
 
     def wanted(self, hit: PrefixHit) -> list[int]:
         """Indices of the prompt's blocks to store after its forward pass: those after the hit that
@@ -161,9 +175,9 @@ class PrefixCacheMetrics:
     def create(cls, registry: CollectorRegistry) -> PrefixCacheMetrics:
         return cls(
             Counter("disagg_prefix_cache_lookup_tokens", "prompt tokens looked up in the prefill's prefix cache "
-                    "(full blocks)", ["tier"], registry=registry).labels("memory"),
+                    "(full blocks), per tier (memory, then kvstore)", ["tier"], registry=registry),
             Counter("disagg_prefix_cache_hit_tokens", "prompt tokens found there (not computed again)", ["tier"],
-                    registry=registry).labels("memory"),
+                    registry=registry),
             Counter("disagg_prefix_cache_evictions", "cached blocks evicted (least recently used first)",
                     registry=registry),
             Gauge("disagg_prefix_cache_blocks", "blocks in the prefill's prefix cache", registry=registry))

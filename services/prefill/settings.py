@@ -47,6 +47,8 @@ class PrefillSettings(WorkerSettings):
     prefix_cache_mb: float = setting(256.0, "memory for the prefix cache (least recently used blocks go first)",
                                      "PREFIX_CACHE_MB")
     block_size: int = setting(16, "tokens per prefix-cache block (as the decode's --block-size)", "KV_BLOCK_SIZE")
+    prefix_cache_ttl_seconds: int = setting(3600, "with --kvstore-address: how long prefix blocks written to the "
+                                            "kvstore (the cache's shared tier) live there", "PREFIX_CACHE_TTL_SECONDS")
     shm_reap_interval_seconds: float = setting(60.0, "how often orphaned shared-memory segments are reaped "
                                                "(also once at start)", "SHM_REAP_INTERVAL_SECONDS")
 
@@ -71,6 +73,7 @@ class PrefillSettings(WorkerSettings):
             raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         check_positive("prefix_cache_mb", self.prefix_cache_mb)
         check_positive("block_size", self.block_size)
+        check_positive("prefix_cache_ttl_seconds", self.prefix_cache_ttl_seconds)
         check_positive("shm_reap_interval_seconds", self.shm_reap_interval_seconds)
         if self.checkpoint_kv and not self.kvstore_address:
             raise ValueError("checkpoint_kv needs kvstore_address")
