@@ -198,9 +198,12 @@ async def test_another_prefill_worker_finds_the_blocks_in_the_kvstore(memory_sta
     prompt = ("Both prefill workers read and write the same kvstore, so a prompt computed by one of them is "
               "a prompt the other one, or a restarted one, does not compute again: it loads the blocks")
     ids = encoder.encode_text(prompt)
-    second = add_service(memory_stack, "prefill_tier2", "prefill")
-    gateway = add_service(memory_stack, "gateway_tier2", "gateway", "--prefill-addresses", second)
-    async with GatewayClient(memory_stack["gateway"]) as client:
+    workers = [add_service(memory_stack, f"prefill_tier{i}", "prefill", "--prefix-cache-kvstore", "on")
+               for i in (1, 2)]
+    first_gateway, gateway = (add_service(memory_stack, f"gateway_tier{i}", "gateway", "--prefill-addresses", worker)
+                              for i, worker in zip((1, 2), workers, strict=True))
+    second = workers[1]
+    async with GatewayClient(first_gateway) as client:
         first = await client.complete(prompt, max_tokens=6, temperature=0, ignore_eos=True)
     await asyncio.sleep(2)  # the first worker writes its blocks to the kvstore in the background
     before = await _hits(second)

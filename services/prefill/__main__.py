@@ -19,6 +19,7 @@ from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
+from services.prefill.prefix_reuse import PrefixReuse
 from services.prefill.prefix_store import PrefixStore
 from services.prefill.engine import ChunkGeometry, PrefillEngine
 from services.prefill.servicer import PrefillServicer
@@ -53,15 +54,16 @@ async def run(settings: PrefillSettings) -> None:
         if settings.prefill_batch_tokens:
             batcher = PrefillBatcher(runtime, thread, settings.prefill_batch_tokens,
                                      settings.prefill_batch_wait_ms / 1000, metrics.batch_size.observe)
-        prefix = None if settings.prefix_cache == "off" else PrefixCache(
-            int(settings.prefix_cache_mb * 1024 * 1024), settings.block_size, runtime.geometry.fingerprint,
-            runtime.geometry.kv_bytes_per_token * settings.block_size, PrefixCacheMetrics.create(telemetry.registry))
-        prefix_store = None
-        if prefix is not None and store is not None:
-            prefix_store = PrefixStore(store, runtime.geometry, settings.block_size, settings.prefix_cache_ttl_seconds)
-            prefix.store_tier = True
-        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix,
-                               prefix_store)
+        prefix = None
+        if settings.prefix_cache == "on":
+            geometry = runtime.geometry
+            cache = PrefixCache(int(settings.prefix_cache_mb * 1024 * 1024), settings.block_size, geometry.fingerprint,
+                                geometry.kv_bytes_per_token * settings.block_size,
+                                PrefixCacheMetrics.create(telemetry.registry))
+            tier = None if store is None or settings.prefix_cache_kvstore == "off" else PrefixStore(
+                store, geometry, settings.block_size, settings.prefix_cache_ttl_seconds)
+            prefix = PrefixReuse(cache, tier)
+        engine = PrefillEngine(runtime, thread, chunking, store, settings.checkpoint_kv, metrics, batcher, prefix)
         servicer.ready(engine, runtime.geometry)
 
     metrics = PrefillMetrics.create(telemetry.registry, thread, lambda: servicer.active_requests)

@@ -26,13 +26,11 @@ kv.throughput_bytes_per_second, kv.handoff_seconds).
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import torch
-from opentelemetry import trace
 from transformers import DynamicCache
 
 from services.common.errors import AlreadyExists, BackendUnavailable, InvalidRequest
@@ -51,14 +49,13 @@ from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
 from services.common.validation import check_id, check_token_ids
 from services.prefill.batcher import PrefillBatcher
-from services.prefill.prefix_cache import KvRecorder, PrefixCache, PrefixHit, Recorded
-from services.prefill.prefix_store import PrefixStore
+from services.prefill.prefix_cache import KvRecorder, PrefixHit, Recorded
+from services.prefill.prefix_reuse import PrefixReuse
+from services.prefill.records import PrefillSummary, record_forward, record_send
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
 Forwarded = tuple[torch.Tensor, list[TokenLogprob]]  # the last position's logits; the prompt's scores if asked
-tracer = trace.get_tracer("disagg.prefill")
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,17 +87,6 @@ class FirstToken:
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillSummary:
-    kv_bytes: int
-    chunk_count: int
-    forward_seconds: float
-    transfer_seconds: float
-    handoff_seconds: float
-    stored: bool
-    cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache
-
-
-@dataclass(frozen=True, slots=True)
 class ChunkGeometry:
     """How KV is cut for the wire, and how long prompts are cut for the forward pass."""
 
@@ -113,8 +99,7 @@ class ChunkGeometry:
 class PrefillEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, geometry: ChunkGeometry,
                  store: KvStoreClient | None, checkpoint_kv: bool, metrics: PrefillMetrics,
-                 batcher: PrefillBatcher | None = None, prefix: PrefixCache | None = None,
-                 prefix_store: PrefixStore | None = None) -> None:
+                 batcher: PrefillBatcher | None = None, prefix: PrefixReuse | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
         self._batcher = batcher
@@ -123,8 +108,7 @@ class PrefillEngine:
         self._checkpoint = checkpoint_kv
         self._metrics = metrics
         self._prefix = prefix
-        self.prefix = prefix  # (read by Stats)
-        self._prefix_store = prefix_store  # the kvstore tier of the prefix cache
+        self.prefix = None if prefix is None else prefix.cache  # (read by Stats)
         self._tasks = TaskSet()
         self.kv_bytes_held: dict[str, int] = {}
         self.requests_total = 0
@@ -194,8 +178,7 @@ class PrefillEngine:
         try:
             grammar = await self._grammar(job)  # after the key is held: a duplicate is refused meanwhile
             hit = await self._lookup(job)
-            wanted = [] if self._prefix is None else self._prefix.wanted(hit)
-            rows = None if self._prefix is None else self._prefix.rows(wanted)
+            wanted, rows = ([], None) if self._prefix is None else self._prefix.plan(hit)
             if self._chunked(job):
                 await _send_all(sinks, layout)
                 forward, first_sent, recorded = await self._forward_in_chunks(job, layout, sinks, hit, rows)
@@ -207,14 +190,14 @@ class PrefillEngine:
                 forward = await self._forward(job, recorder if hit.blocks or rows else recorder.on_layer, hit)
                 recorded = recorder.layers
             forward_done = time.perf_counter()
-            self._record_forward(forward, hit.tokens, len(job.prompt_ids) - hit.tokens)
+            record_forward(self._metrics, forward, hit.tokens, len(job.prompt_ids) - hit.tokens)
             firsts = [self._first_token(job, forward.value, grammar, choice) for choice in range(job.sampling.n)]
             if pump is not None and pump.done():
                 pump.result()  # a transfer that could not open fails before the first token goes out
             for first in firsts:
                 yield first
-            if wanted and len(recorded) == self._runtime.geometry.num_layers:  # in the background, best effort
-                self._tasks.spawn(self._store_prefix(hit, wanted, recorded), f"prefix-store-{job.key}")
+            if self._prefix is not None and wanted and len(recorded) == self._runtime.geometry.num_layers:
+                self._prefix.keep(hit, wanted, recorded, f"prefix-store-{job.key}")
             recorded = {}
             if pump is not None:
                 first_sent = await pump
@@ -228,7 +211,7 @@ class PrefillEngine:
             summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
                                      finished - first_sent, finished - forward_done,
                                      store_sink is not None and getattr(store_sink, "ok", True), hit.tokens)
-            self._record_send(layout, summary, first_sent, finished)
+            record_send(self._metrics, layout, summary, first_sent, finished)
             yield summary
         finally:
             if pump is not None and not pump.done():
@@ -239,6 +222,8 @@ class PrefillEngine:
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
+        if self._prefix is not None:
+            await self._prefix.close()
 
     async def _grammar(self, job: PrefillJob) -> GrammarState | None:
         """The request's grammar at the token sampled here (off the event loop: compiling takes ms)."""
@@ -270,58 +255,13 @@ class PrefillEngine:
                           tuple(scored) if choice == 0 else (), ends_output, choice)
 
     async def _lookup(self, job: PrefillJob) -> PrefixHit:
-        """The prompt's cached leading blocks, held here or else in the kvstore (none with the cache
-        off, or for a scored prompt, whose every position's scores need the whole forward pass)."""
+        """The prompt's cached leading blocks (none with the cache off, or for a scored prompt, whose
+        every position's scores need the whole forward pass); a chunked prefill resumes at a
+        forward-chunk boundary."""
         if self._prefix is None:
             return PrefixHit([], [], 1)
-        reuse = job.sampling.prompt_logprobs is None
-        hit = self._prefix.held(job.prompt_ids, job.cache_salt, reuse)
-        loaded: list[torch.Tensor] = []
-        if reuse and self._prefix_store is not None and len(hit.blocks) < len(hit.keys):
-            missing = hit.keys[len(hit.blocks) :]
-            loaded = await self._prefix_store.load(missing)
-            if loaded:
-                self._prefix.insert(list(zip(missing, loaded)), hit.keys)
-                hit = PrefixHit(hit.keys, hit.blocks + loaded, hit.block_size)
-        # a chunked prefill resumes at a forward-chunk boundary
         unit = self._chunking.prefill_chunk_tokens if self._chunked(job) else 0
-        return self._prefix.settle(hit, unit, reuse, len(loaded))
-
-    async def _store_prefix(self, hit: PrefixHit, wanted: list[int], recorded: Recorded) -> None:
-        """Keep the blocks this forward pass computed (a background task after the first token went
-        out; a failure only loses the cache entry)."""
-        prefix = self._prefix
-        try:
-            blocks = await asyncio.to_thread(prefix.make_blocks, hit, wanted, recorded)  # type: ignore[union-attr]
-            prefix.insert(blocks, hit.keys)  # type: ignore[union-attr]
-            if self._prefix_store is not None:  # for the other prefill workers, and after a restart
-                await self._prefix_store.save(blocks)
-        except Exception:  # noqa: BLE001 - best effort
-            log.exception("could not store prompt blocks in the prefix cache")
-
-    def _record_forward(self, forward: Timed[Forwarded], cached: int, computed: int) -> None:
-        started = int(forward.started_unix * 1e9)
-        tracer.start_span("prefill.queue_wait", start_time=started - int(forward.queued_seconds * 1e9)).end(
-            end_time=started)
-        tracer.start_span("prefill.forward", start_time=started, attributes={
-            "prefill.cached_tokens": cached, "prefill.computed_tokens": computed}).end(
-            end_time=started + int(forward.run_seconds * 1e9))
-        self._metrics.queue_wait_seconds.observe(forward.queued_seconds)
-        self._metrics.forward_seconds.observe(forward.run_seconds)
-
-    def _record_send(self, layout: KvLayout, summary: PrefillSummary, first_sent: float, finished: float) -> None:
-        throughput = summary.kv_bytes / max(summary.transfer_seconds, 1e-9)
-        span = tracer.start_span("prefill.kv_send", start_time=perf_to_unix_nanos(first_sent), attributes={
-            "kv.bytes": summary.kv_bytes, "kv.chunks": summary.chunk_count, "kv.chunk_tokens": layout.chunk_tokens,
-            "kv.chunk_layers": layout.chunk_layers, "kv.encoding": layout.encoding, "kv.dtype": layout.dtype,
-            "kv.throughput_bytes_per_second": throughput, "kv.handoff_seconds": summary.handoff_seconds,
-            "kv.stored": summary.stored, "kv.sent_tokens": layout.num_tokens,
-            "prefill.cached_tokens": summary.cached_tokens,
-            "prefill.computed_tokens": layout.num_tokens - summary.cached_tokens})
-        span.end(end_time=perf_to_unix_nanos(finished))
-        self._metrics.kv_bytes_sent.inc(summary.kv_bytes)
-        self._metrics.kv_throughput.observe(throughput)
-        self._metrics.handoff_seconds.observe(summary.handoff_seconds)
+        return await self._prefix.lookup(job.prompt_ids, job.cache_salt, job.sampling.prompt_logprobs is None, unit)
 
     async def _forward(self, job: PrefillJob, on_layer: LayerKvCallback, hit: PrefixHit) -> Timed[Forwarded]:
         """The prompt in one forward pass (batched with others, unless its prompt is scored or starts

@@ -47,8 +47,12 @@ class PrefillSettings(WorkerSettings):
     prefix_cache_mb: float = setting(256.0, "memory for the prefix cache (least recently used blocks go first)",
                                      "PREFIX_CACHE_MB")
     block_size: int = setting(16, "tokens per prefix-cache block (as the decode's --block-size)", "KV_BLOCK_SIZE")
-    prefix_cache_ttl_seconds: int = setting(3600, "with --kvstore-address: how long prefix blocks written to the "
-                                            "kvstore (the cache's shared tier) live there", "PREFIX_CACHE_TTL_SECONDS")
+    prefix_cache_kvstore: str = setting("off", "on: prefix blocks also go to the kvstore (--kvstore-address) and "
+                                        "are looked up there, shared by every prefill worker and kept across "
+                                        "restarts; they share the kvstore's byte budget with KV transfers and "
+                                        "swapped sequences", "PREFIX_CACHE_KVSTORE")
+    prefix_cache_ttl_seconds: int = setting(3600, "how long prefix blocks written to the kvstore live there",
+                                            "PREFIX_CACHE_TTL_SECONDS")
     shm_reap_interval_seconds: float = setting(60.0, "how often orphaned shared-memory segments are reaped "
                                                "(also once at start)", "SHM_REAP_INTERVAL_SECONDS")
 
@@ -69,8 +73,11 @@ class PrefillSettings(WorkerSettings):
         if self.kv_transport not in TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {list(TRANSPORTS)}, got {self.kv_transport!r}")
         check_prefix(self.shm_prefix)
-        if self.prefix_cache not in ("on", "off"):
-            raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
+        for name in ("prefix_cache", "prefix_cache_kvstore"):
+            if getattr(self, name) not in ("on", "off"):
+                raise ValueError(f"{name} must be on or off, got {getattr(self, name)!r}")
+        if self.prefix_cache_kvstore == "on" and not self.kvstore_address:
+            raise ValueError("prefix_cache_kvstore needs kvstore_address")
         check_positive("prefix_cache_mb", self.prefix_cache_mb)
         check_positive("block_size", self.block_size)
         check_positive("prefix_cache_ttl_seconds", self.prefix_cache_ttl_seconds)
