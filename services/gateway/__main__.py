@@ -55,7 +55,7 @@ async def run(settings: GatewaySettings) -> None:
         limits = GatewayLimits(settings.max_tokens_limit, settings.request_timeout_seconds, settings.kv_transfer,
                                settings.request_summary, settings.prefill_mode, settings.conditional_threshold,
                                settings.max_failovers, settings.max_prefill_retries,
-                               settings.prefill_timeout_seconds)
+                               settings.prefill_timeout_seconds, settings.prefix_routing == "on")
         gateway = Gateway(encoder, membership.prefill, membership.decode, channels, limits,
                           GatewayMetrics.create(telemetry.registry, lambda: gateway.active_requests))
         servicer.ready(gateway)

@@ -44,6 +44,7 @@ from services.gateway.choices import ChoiceProgress, best_of_choices, check_best
 from services.gateway.fanout import merged
 from services.gateway.outputs import GenerateOutput, Usage, finished_already, token_output
 from services.gateway.prefill_route import PrefillRoute
+from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import WorkerPool
 from services.gateway.text import ChatTurn, PromptEncoder, TextStream
 from services.gateway.tools import ToolCallStream, Tools
@@ -87,6 +88,7 @@ class GatewayLimits:
     max_failovers: int = 2
     max_prefill_retries: int = 2
     prefill_timeout_seconds: float = 60.0
+    prefix_routing: bool = True  # prefill workers chosen by the prompt blocks they hold, then load
 
     def prefill_locally(self, prompt_tokens: int) -> bool:
         return self.prefill_mode == "unified" or (
@@ -103,7 +105,7 @@ class Gateway:
         self._limits = limits
         self._metrics = metrics
         route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds, limits.max_prefill_retries,
-                             metrics.prefill_retries)
+                             metrics.prefill_retries, PrefixAffinity() if limits.prefix_routing else None)
         self._attempts = AttemptRunner(decode, channels, limits, route)
         self.active_requests = 0
 

@@ -23,6 +23,7 @@ from prometheus_client import Counter
 from services.common.channels import ChannelPool
 from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
+from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,13 @@ def is_prefill_fault(error: grpc.aio.AioRpcError, decode_call: grpc.aio.Call | N
 
 class PrefillRoute:
     def __init__(self, pool: WorkerPool, channels: ChannelPool, timeout_seconds: float, max_retries: int,
-                 retries: Counter) -> None:
+                 retries: Counter, affinity: PrefixAffinity | None = None) -> None:
         self._pool = pool
         self._channels = channels
         self._timeout = timeout_seconds
         self._max_retries = max_retries
         self._retries = retries
+        self._affinity = affinity  # cache-aware choice (None: least loaded)
 
     @property
     def attempts(self) -> int:
@@ -68,8 +70,9 @@ class PrefillRoute:
         failover's transfers never reuse an earlier admission's numbers, or its kvstore keys)."""
         tried: list[str] = []
         last_error = BackendUnavailable("no prefill worker took the request")
+        keys = [] if self._affinity is None else self._affinity.keys(request.prompt_token_ids, request.cache_salt)
         for attempt in range(self._max_retries + 1):
-            worker = self._choose(tried)
+            worker = self._choose(tried, keys)
             if worker is None:
                 break
             if attempt:
@@ -79,6 +82,8 @@ class PrefillRoute:
                 with WorkerPool.lease(worker):
                     async for event in self._call(worker, request, calls):
                         if event.HasField("first_token"):
+                            if self._affinity is not None and event.first_token.choice == 0:
+                                self._affinity.record(worker.address, keys)  # it computed (and keeps) them
                             if not _remember_first_token(request, event.first_token):
                                 continue
                         yield event
@@ -91,15 +96,20 @@ class PrefillRoute:
                 last_error = error
         raise _exhausted(tried, last_error)
 
-    def _choose(self, tried: list[str]) -> Worker | None:
-        """The least loaded serving worker this request has not tried; None when there is no
-        other one for a retry (the first try raises BackendUnavailable naming the role)."""
+    def _choose(self, tried: list[str], keys: list[str]) -> Worker | None:
+        """The serving worker this request has not tried with the least of the prompt left to
+        compute and the least load (services/gateway/prefix_route.py; without the record: the least
+        loaded); None when there is no other one for a retry (the first try raises
+        BackendUnavailable naming the role)."""
         try:
-            worker = next((w for w in self._pool.ranked() if w.address not in tried), None)
+            untried = [w for w in self._pool.ranked() if w.address not in tried]
         except BackendUnavailable:
             if not tried:
                 raise
             return None
+        worker = None
+        if untried:
+            worker = untried[0] if self._affinity is None or not keys else self._affinity.choose(untried, keys)
         if worker is not None:
             trace.get_current_span().set_attribute("gateway.prefill_worker", worker.address)
         return worker

@@ -76,6 +76,9 @@ class GatewaySettings(PublicTlsSettings):
     failure_backoff_max_seconds: float = setting(10.0, "cap of that backoff", "FAILURE_BACKOFF_MAX_SECONDS")
     request_summary: bool = setting(False, "log one line per finished request (TTFT, handoff latency, KV bytes, "
                                     "tokens/s)", "REQUEST_SUMMARY")
+    prefix_routing: str = setting("on", "choose the prefill worker by the prompt blocks it already computed "
+                                  "(its prefix cache) weighed against its load (on), or by load alone (off)",
+                                  "PREFIX_ROUTING")
     prefix_cache_sharing: bool = setting(False, "let requests of different API keys share prefix-cache blocks "
                                          "(by default each key has its own, so no tenant can time another's "
                                          "prompts)", "PREFIX_CACHE_SHARING")
@@ -92,6 +95,8 @@ class GatewaySettings(PublicTlsSettings):
         if self.api_keys_file and not Path(self.api_keys_file).is_file():
             raise ValueError(f"api_keys_file {self.api_keys_file!r} does not exist")
         self._check_addresses()
+        if self.prefix_routing not in ("on", "off"):
+            raise ValueError(f"prefix_routing must be on or off, got {self.prefix_routing!r}")
         if self.prefill_mode not in PREFILL_MODES:
             raise ValueError(f"prefill_mode must be one of {PREFILL_MODES}, got {self.prefill_mode!r}")
         if min(self.conditional_threshold, self.max_failovers, self.max_prefill_retries) < 0:
