@@ -193,8 +193,8 @@ class Gateway:
         except grpc.aio.AioRpcError as error:
             self._report_decode(error, attempt)
             for choice in choices:
-                if choice.finish is None and (reason := self._finished_already(choice)) is not None:
-                    yield self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), reason)
+                if choice.finish is None and (ended := self._ended_already(request, prompt_ids, choice)) is not None:
+                    yield ended
             if not self._may_fail_over(error, attempt, 0):
                 if any(choice.finish is None for choice in choices):
                     raise
@@ -219,10 +219,8 @@ class Gateway:
                             return
             except grpc.aio.AioRpcError as error:
                 self._report_decode(error, attempt)
-                if (reason := self._finished_already(choice)) is not None:
-                    # the stream broke after its last token: nothing is missing (a failover
-                    # would sample one token too many, or go on past the end of sequence)
-                    yield self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), reason)
+                if (ended := self._ended_already(request, prompt_ids, choice)) is not None:
+                    yield ended
                     return
                 if not self._may_fail_over(error, attempt, failover):
                     raise
@@ -252,8 +250,14 @@ class Gateway:
             return self._finish(request, prompt_ids, choice, replace(output, text=delta), "stop")
         return replace(output, text=delta if choice.tool_stream is None else choice.tool_stream.add(delta))
 
-    def _finished_already(self, choice: ChoiceProgress) -> str | None:
-        return finished_already(choice.sampling, choice.generated, choice.ended, self.encoder.eos_token_ids)
+    def _ended_already(self, request: GenerateInput, prompt_ids: list[int],
+                       choice: ChoiceProgress) -> GenerateOutput | None:
+        """The end of a choice whose stream broke after its last token (nothing is missing: a
+        failover would sample one token too many, or go on past the end of sequence), else None."""
+        reason = finished_already(choice.sampling, choice.generated, choice.ended, self.encoder.eos_token_ids)
+        if reason is None:
+            return None
+        return self._finish(request, prompt_ids, choice, GenerateOutput([], choice.stream.flush()), reason)
 
     def _requests(self, worker_id: str, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
                   offset: int) -> AttemptRequests:
