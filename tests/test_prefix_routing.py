@@ -1,12 +1,13 @@
 """Cache-aware routing: the gateway sends a prompt to the prefill worker that already computed most
-of its blocks, weighed against load; with routing off, it is the least loaded (rotating) worker."""
+of its blocks, and to the decode worker that holds them, weighed against load; with routing off, it is
+the least loaded (rotating) worker."""
 
 from __future__ import annotations
 
 import grpc
 
 from services.client import GatewayClient
-from services.common.pb import common_pb2, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from services.gateway.prefix_route import LOAD_TOKENS, PrefixAffinity
 from services.gateway.routing import Worker
 from tests.conftest import RunningStack, add_service
@@ -57,5 +58,31 @@ async def test_a_repeated_prompt_goes_back_to_the_worker_that_holds_it(memory_st
             for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
                 await client.complete(prompt, max_tokens=2, temperature=0)
         found = sum([await _hits(worker) for worker in workers]) - before
+        reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
+        assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)
+
+
+async def _decode_hits(address: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return (await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(),
+                                                                       timeout=10)).prefix_hit_tokens
+
+
+async def test_a_repeated_prompt_goes_back_to_the_decode_worker_that_holds_it(memory_stack: RunningStack,
+                                                                              encoder) -> None:
+    """As above for two idle decode workers: routed, each repeat is admitted where its blocks are
+    and moves none of them; unrouted, the rotation admits it on the other worker, which holds none."""
+    workers = [add_service(memory_stack, f"decode_route{i}", "decode") for i in (1, 2)]
+    routed = add_service(memory_stack, "gateway_decode_routed", "gateway", "--decode-addresses", ",".join(workers))
+    unrouted = add_service(memory_stack, "gateway_decode_unrouted", "gateway", "--decode-addresses",
+                           ",".join(workers), "--prefix-routing", "off")
+    for gateway, topic, repeats_hit in ((routed, "harbours", True), (unrouted, "volcanoes", False)):
+        prompts = [f"Describe the {topic} of {place} for a travel guide: history, one walk, one place to eat, and "
+                   "what to avoid in the busiest month." for place in ("Porto", "Riga")]
+        before = sum([await _decode_hits(worker) for worker in workers])
+        async with GatewayClient(gateway) as client:
+            for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
+                await client.complete(prompt, max_tokens=2, temperature=0)
+        found = sum([await _decode_hits(worker) for worker in workers]) - before
         reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
         assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)

@@ -58,6 +58,7 @@ class KvLayout:
     chunks_in_kvstore: bool = False  # the stream carries layout and end; chunks are in the kvstore
     checksum: str = CRC32C  # which checksum every chunk carries (CHECKSUMS)
     shm_segment: str = ""  # the chunk bytes lie in this shared-memory segment (see kv_shm)
+    token_start: int = 0  # the chunks cover tokens [token_start, num_tokens): the decode holds the rest
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers"):
@@ -69,10 +70,18 @@ class KvLayout:
             raise KvProtocolError(f"KV encoding {self.encoding!r} is not one of {list(ENCODINGS)}")
         if self.checksum not in CHECKSUMS:
             raise KvProtocolError(f"KV checksum {self.checksum!r} is not one of {CHECKSUMS}")
+        if not 0 <= self.token_start < self.num_tokens:
+            raise KvProtocolError(f"KV layout token_start must be below num_tokens ({self.num_tokens}), "
+                                  f"got {self.token_start}")
 
     @property
     def token_chunks(self) -> int:
-        return math.ceil(self.num_tokens / self.chunk_tokens)
+        """Token ranges per layer group: chunk_tokens-aligned, the first starting at token_start."""
+        return math.ceil(self.num_tokens / self.chunk_tokens) - self.token_start // self.chunk_tokens
+
+    @property
+    def sent_tokens(self) -> int:
+        return self.num_tokens - self.token_start
 
     @property
     def layer_groups(self) -> int:
@@ -84,9 +93,10 @@ class KvLayout:
 
     def span(self, index: int) -> ChunkSpan:
         group, token_chunk = divmod(index, self.token_chunks)
-        layer_start, token_start = group * self.chunk_layers, token_chunk * self.chunk_tokens
+        layer_start = group * self.chunk_layers
+        aligned = (self.token_start // self.chunk_tokens + token_chunk) * self.chunk_tokens
         return ChunkSpan(layer_start, min(layer_start + self.chunk_layers, self.num_layers),
-                         token_start, min(token_start + self.chunk_tokens, self.num_tokens))
+                         max(aligned, self.token_start), min(aligned + self.chunk_tokens, self.num_tokens))
 
     def shape(self, span: ChunkSpan) -> tuple[int, int, int, int, int]:
         return (span.layer_end - span.layer_start, 2, self.num_kv_heads,
@@ -95,6 +105,12 @@ class KvLayout:
     def group_chunks(self, group: int) -> range:
         """Chunk indices of one layer group."""
         return range(group * self.token_chunks, (group + 1) * self.token_chunks)
+
+    def token_range_chunks(self, start: int, end: int) -> range:
+        """Chunk indices of the first layer group whose tokens lie in [start, end) (both multiples of
+        chunk_tokens, or end = num_tokens): with one layer group, the chunks of that token range."""
+        first = self.token_start // self.chunk_tokens
+        return range(max(start // self.chunk_tokens - first, 0), max(-(-end // self.chunk_tokens) - first, 0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,7 +62,8 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             num_tokens=message.num_tokens, chunk_tokens=message.chunk_tokens, chunk_layers=message.chunk_layers,
             dtype=_DTYPE_TO_PB[message.dtype], encoding=_ENCODING_TO_PB[message.encoding],
             transfer_attempt=message.transfer_attempt, chunks_in_kvstore=message.chunks_in_kvstore,
-            checksum=_CHECKSUM_TO_PB[message.checksum], shm_segment=message.shm_segment))
+            checksum=_CHECKSUM_TO_PB[message.checksum], shm_segment=message.shm_segment,
+            token_start=message.token_start))
     if isinstance(message, KvChunk):
         span = message.span
         return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
@@ -130,7 +131,8 @@ def from_pb(message: kv_pb2.KvTransferMessage) -> KvMessage:
         m = message.layout
         return KvLayout(m.request_id, m.model_fingerprint, m.num_layers, m.num_kv_heads, m.head_dim,
                         m.num_tokens, m.chunk_tokens, m.chunk_layers, _dtype(m.dtype), _encoding(m.encoding),
-                        m.transfer_attempt, m.chunks_in_kvstore, _checksum(m.checksum), shm_segment=m.shm_segment)
+                        m.transfer_attempt, m.chunks_in_kvstore, _checksum(m.checksum), shm_segment=m.shm_segment,
+                        token_start=m.token_start)
     if kind == "chunk":
         return _chunk(message.chunk, message.chunk.data)
     if kind == "end":

@@ -62,6 +62,10 @@ class DecodeMetrics:
     handoff_seconds: Histogram
     kv_bytes_received: Counter
     time_per_output_token: Histogram
+    prefix_lookup_tokens: Counter
+    prefix_hit_tokens: Counter
+    prefix_evictions: Counter
+    kv_bytes_saved: Counter
 
     @classmethod
     def create(cls, registry: CollectorRegistry, thread: ModelThread) -> DecodeMetrics:
@@ -71,7 +75,15 @@ class DecodeMetrics:
                       buckets=LATENCY_BUCKETS, registry=registry),
             Counter("disagg_kv_received_bytes", "KV bytes received and verified", registry=registry),
             Histogram("disagg_decode_time_per_output_token_seconds", "decode step time per token",
-                      buckets=LATENCY_BUCKETS, registry=registry))
+                      buckets=LATENCY_BUCKETS, registry=registry),
+            Counter("disagg_decode_prefix_lookup_tokens", "prompt tokens looked up in the decode's prefix cache "
+                    "(full blocks before the prompt's last token)", registry=registry),
+            Counter("disagg_decode_prefix_hit_tokens", "prompt tokens found there (their KV is not transferred)",
+                    registry=registry),
+            Counter("disagg_decode_prefix_evictions", "cached blocks evicted to make room (least recently used "
+                    "first)", registry=registry),
+            Counter("disagg_kv_transfer_saved_bytes", "KV bytes (at the pool's dtype) a transfer did not carry "
+                    "because this worker held them", registry=registry))
 
 
 def decode_load_gauges(registry: CollectorRegistry, load: Callable[[], DecodeLoad]) -> None:
@@ -82,6 +94,10 @@ def decode_load_gauges(registry: CollectorRegistry, load: Callable[[], DecodeLoa
     _gauge(registry, "disagg_decode_running_batch_size", "sequences generating", lambda: load().running)
     _gauge(registry, "disagg_decode_queue_depth", "admitted requests waiting for their KV",
            lambda: load().awaiting_kv)
+    _gauge(registry, "disagg_decode_prefix_cached_blocks", "KV pool blocks holding a cached prompt block",
+           lambda: load().prefix_cached_blocks)
+    _gauge(registry, "disagg_decode_prefix_evictable_blocks", "cached blocks no sequence uses (counted as free)",
+           lambda: load().prefix_evictable_blocks)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +109,8 @@ class DecodeLoad:
     running: int
     kv_bytes_held: int
     pressure: float
+    prefix_cached_blocks: int = 0
+    prefix_evictable_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)

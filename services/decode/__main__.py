@@ -31,7 +31,8 @@ def decode_limits(settings: DecodeSettings) -> DecodeLimits:
         admission=AdmissionLimits(settings.max_active_requests, settings.reject_threshold,
                                   settings.max_cache_budget_mb),
         max_batch_size=settings.max_batch_size, preempt_threshold=settings.preempt_threshold,
-        step_timeout_seconds=settings.step_timeout_seconds, batch_invariant=settings.batch_invariant)
+        step_timeout_seconds=settings.step_timeout_seconds, batch_invariant=settings.batch_invariant,
+        prefix_cache=settings.prefix_cache == "on")
 
 
 async def run(settings: DecodeSettings) -> None:

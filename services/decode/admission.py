@@ -1,6 +1,7 @@
 """Who may enter the decode worker, checked before anything is reserved: a request (valid, not a
 live id, able to fit the pool at all, and room for it now), and a pushed KV transfer (for a
-request still waiting for its KV, and newer than any transfer it already has)."""
+request still waiting for its KV, newer than any transfer it already has, and starting no later
+than the prompt's cached prefix ends)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, UnknownRequest
 from services.common.kv_codec import KvLayout
 from services.common.logit_controls import check_vocabulary
+from services.common.prefix_keys import check_salt
 from services.common.runtime import ModelGeometry
 from services.common.validation import budget_bytes, check_budget_mb, check_id, check_token_ids
 from services.decode.blocks import BlockManager
@@ -36,6 +38,7 @@ class Admission:
     def check(self, request: Sequence, live: dict[str, Sequence]) -> None:
         check_id("request_id", request.request_id)
         check_id("client_request_id", request.label, required=False)
+        check_salt(request.cache_salt)
         for choice in request.choices:  # (another choice's id is the request's with a suffix)
             if choice.request_id in live or self._blocks.holds_blocks(choice.request_id):
                 # (a released request whose step is still running keeps its blocks until the step ends)
@@ -88,6 +91,9 @@ class Admission:
             raise AlreadyExists(f"request {layout.request_id!r} already holds its complete KV")
         if sequence.transfer is not None:
             raise KvProtocolError(f"request {layout.request_id!r} computes its KV on this worker")
+        if layout.token_start > sequence.cached_tokens:
+            raise KvProtocolError(f"the KV transfer starts at token {layout.token_start}, but this worker holds only "
+                                  f"the first {sequence.cached_tokens} tokens of {layout.request_id!r}'s prompt")
         if layout.transfer_attempt <= sequence.transfer_attempt:
             raise KvProtocolError(f"request {layout.request_id!r} already has a KV transfer "
                                   f"(attempt {sequence.transfer_attempt}; this one is {layout.transfer_attempt})")

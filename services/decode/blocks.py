@@ -7,6 +7,9 @@ and takes them back; usage (used / total blocks) is exact, and is the worker's K
 reservation carries a lease, and every writer proves it still holds one (see BlockManager). The
 choices of one request (sampling.n) share their prompt's full blocks, counted by reference; each
 choice has its own copy of the prompt's last, partial block, the only prompt block it writes into.
+With the prefix cache on, full prompt blocks are also named and kept after their sequences end
+(cached_blocks.py): a new sequence starts with the cached blocks of its prompt's longest cached
+prefix, shared by reference, and the transfer writes only the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from services.common.errors import CapacityExhausted, RequestCancelled
 from services.common.kv_codec import ChunkSpan
 from services.common.runtime import DTYPES, ModelGeometry
+from services.decode.cached_blocks import CachedBlocks
 
 
 class LeaseRevoked(RequestCancelled):
@@ -147,8 +151,9 @@ class BlockManager:
     decode step writes without a lease: the scheduler never frees a sequence while it is in a step.
     """
 
-    def __init__(self, config: PoolConfig) -> None:
+    def __init__(self, config: PoolConfig, cache: CachedBlocks | None = None) -> None:
         self.block_size = config.block_size
+        self.cache = cache  # the prefix cache (None: off); its evictable blocks count as free
         self.total = config.num_blocks
         self._free = list(range(config.num_blocks - 1, -1, -1))
         self._refs = [0] * config.num_blocks  # tables holding each block (> 1: shared by choices)
@@ -159,11 +164,11 @@ class BlockManager:
 
     @property
     def used(self) -> int:
-        return self.total - len(self._free)
+        return self.total - self.free_blocks
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._free) + (self.cache.evictable if self.cache is not None else 0)
 
     @property
     def pressure(self) -> float:
@@ -173,25 +178,50 @@ class BlockManager:
         return -(-tokens // self.block_size)
 
     def can_fit(self, tokens: int) -> bool:
-        return self.blocks_for(tokens) <= len(self._free)
+        return self.blocks_for(tokens) <= self.free_blocks
 
-    def allocate(self, owner: str, tokens: int, spare: int = 0) -> Lease:
-        """Blocks for `tokens` tokens of a new owner (and `spare` more at the table's end, for the
-        copies `fork` makes), and the lease to write them."""
+    def lookup(self, keys: list[str]) -> list[int]:
+        """The cached blocks of the longest run of these leading block keys (none with the cache off)."""
+        return [] if self.cache is None else self.cache.match(keys)
+
+    def allocate(self, owner: str, tokens: int, spare: int = 0, cached: list[int] | None = None) -> Lease:
+        """Blocks for `tokens` tokens of a new owner: the `cached` leading ones (from `lookup`,
+        shared), new ones for the rest, and `spare` more at the table's end for the copies `fork`
+        makes; and the lease to write them."""
         if owner in self._tables:
             raise ValueError(f"{owner!r} already holds blocks")
-        needed = self.blocks_for(tokens) + spare
-        if needed > len(self._free):
-            raise CapacityExhausted(f"KV pool full: {needed} blocks needed, {len(self._free)} free")
+        cached = cached or []
+        needed = self.blocks_for(tokens) - len(cached) + spare
+        available = self.free_blocks - sum(self._refs[block] == 0 for block in cached)  # (evictable ones)
+        if needed > available:
+            raise CapacityExhausted(f"KV pool full: {needed} blocks needed, {available} free")
         with self._lock:
-            self._tables[owner] = self._take(needed)
+            for block in cached:  # claimed before _take, which may evict
+                self._refs[block] += 1
+                self.cache.claim(block)  # type: ignore[union-attr]
+            self._tables[owner] = cached + self._take(needed)
             return self._grant(owner)
 
     def _take(self, count: int) -> list[int]:
-        taken = [self._free.pop() for _ in range(count)]
+        """New blocks: free ones first, then the least recently used evictable cached ones."""
+        taken = [self._free.pop() if self._free else self.cache.evict() for _ in range(count)]  # type: ignore
         for block in taken:
             self._refs[block] = 1
-        return taken
+        return taken  # type: ignore[return-value]
+
+    def remember(self, owner: str, keys: list[str]) -> None:
+        """The owner's leading blocks hold complete prompt blocks with these keys: cache them."""
+        if self.cache is not None:
+            self.cache.name(self._tables[owner][: len(keys)], keys)
+
+    def flush(self) -> int:
+        """Empty the prefix cache: its evictable blocks go back to the free list (returned: how many)."""
+        if self.cache is None:
+            return 0
+        with self._lock:
+            freed = self.cache.flush()
+            self._free.extend(freed)
+            return len(freed)
 
     def fork(self, parent: str, child: str, tokens: int) -> tuple[Lease, tuple[int, int] | None]:
         """A new owner sharing the parent's first `tokens` tokens: their full blocks by reference,
@@ -237,7 +267,7 @@ class BlockManager:
         """Grow the owner's table to hold `tokens` tokens; False (nothing taken) if the pool is short."""
         table = self._tables[owner]
         missing = self.blocks_for(tokens) - len(table)
-        if missing > len(self._free):
+        if missing > self.free_blocks:
             return False
         table.extend(self._take(max(0, missing)))
         return True
@@ -261,8 +291,9 @@ class BlockManager:
             yield self._tables[lease.owner]
 
     def free(self, owner: str) -> int:
-        """Give back the owner's blocks no other owner shares and revoke its leases (waits for a
-        write in progress); returns how many went back."""
+        """Give back the owner's blocks no other owner shares (cached ones stay, evictable) and
+        revoke its leases (waits for a write in progress); returns how many went back. The last
+        block goes first: evicted first, a cached prefix loses its tail before its head."""
         with self._lock:
             table = self._tables.pop(owner, [])
             self._epochs.pop(owner, None)
@@ -271,20 +302,28 @@ class BlockManager:
                 self._refs[block] -= 1
                 if self._refs[block] == 0:
                     released.append(block)
-        self._free.extend(released)
+            self._free.extend(block for block in released if self.cache is None or not self.cache.release(block))
         return len(released)
 
 
 class LeasedWriter:
-    """Writes one sequence's KV into its blocks; every write checks the lease (LeaseRevoked)."""
+    """Writes one sequence's KV into its blocks; every write checks the lease (LeaseRevoked).
+    Positions below `floor` (blocks taken from the prefix cache, shared and never written again)
+    are skipped: a transfer or local prefill may cover them too."""
 
-    def __init__(self, pool: BlockPool, blocks: BlockManager, lease: Lease) -> None:
+    def __init__(self, pool: BlockPool, blocks: BlockManager, lease: Lease, floor: int = 0) -> None:
         self._pool = pool
         self._blocks = blocks
         self.lease = lease
+        self._floor = floor
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
+        if start < self._floor:
+            skip = self._floor - start
+            if skip >= keys.shape[1]:
+                return
+            start, keys, values = self._floor, keys[:, skip:], values[:, skip:]
         with self._blocks.writing(self.lease) as table:
             self._pool.write(table, layer, start, keys, values)
 

@@ -2,13 +2,15 @@
 
 Life of a request, as a sequence of queues:
   admit (refuse what can never fit the pool, what is above the reject threshold, ids already live;
-  else reserve the prompt's blocks under a lease, plus a spare block per extra choice when the
-  prompt ends in a partial block; compile a structured-output grammar off the event loop)
-                                                                              -> AWAITING_KV
-  -> its KV lands straight in those blocks, every write checking the lease: a TransferKv stream
+  else take the prompt's longest cached prefix from the prefix cache (shared blocks; Accepted says
+  how many tokens) and reserve blocks for the rest under a lease, plus a spare block per extra
+  choice when the prompt ends in a partial block; compile a structured-output grammar off the event
+  loop)                                                                       -> AWAITING_KV
+  -> its KV lands straight in those blocks, every write checking the lease (and skipping the cached
+     prefix, which a transfer need not carry: KvLayout.token_start): a TransferKv stream
      (chunks inline, or announced there and loaded from the kvstore; a retried transfer with a
      higher attempt supersedes an unfinished one) or a local prefill (unified mode, a background
-     transfer); every chunk is verified
+     transfer); every chunk is verified; its full prompt blocks join the prefix cache
   -> with sampling.n > 1, choices 1 .. n-1 fork from choice 0: they share its full prompt blocks
      and get a copy of the partial one, and each starts from its own first token  -> READY queue
   -> the loop: schedule (pure bookkeeping, see scheduler.py) -> execute (one model-thread job:
@@ -17,8 +19,8 @@ Life of a request, as a sequence of queues:
      grammar takes the token; append, stream, finish and free; start the swap transfers asked for)
   -> finished (EOS, a stop token id, a complete grammar, max_tokens), failed (bad KV, KV timeout,
      a failed step) or cancelled;
-     however it ends, its blocks return to the pool, its lease is revoked (late writes are
-     dropped) and its stored KV is deleted.
+     however it ends, its blocks return to the pool (cached ones stay, evictable), its lease is
+     revoked (late writes are dropped) and its stored KV is deleted.
 A failing step fails only its own sequences. If the loop itself ever ends, `on_fatal` is called
 (the worker turns NOT_SERVING and exits non-zero); a step running past --step-timeout-seconds is
 treated the same way, since the model thread cannot be interrupted.
@@ -43,11 +45,13 @@ from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvRe
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
+from services.common.prefix_keys import block_keys
 from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
 from services.common.telemetry import perf_to_unix_nanos
 from services.decode.admission import Admission, AdmissionLimits
 from services.decode.blocks import BlockManager, BlockPool, Lease, LeasedWriter, PoolConfig
+from services.decode.cached_blocks import CachedBlocks
 from services.decode.choosing import TokenChooser
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
@@ -72,6 +76,7 @@ class DecodeLimits:
     preempt_threshold: float  # pool pressure above which running sequences are preempted
     step_timeout_seconds: float = 300.0
     batch_invariant: bool = False  # every sequence's logits bit-identical to a batch of one (slower)
+    prefix_cache: bool = True  # keep prompt blocks for reuse by later requests (cached_blocks.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +97,8 @@ class DecodeEngine:
         self._metrics = metrics
         self._on_fatal = on_fatal
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
-        self.blocks = BlockManager(pool)
+        cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
+        self.blocks = BlockManager(pool, cache)
         self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
@@ -105,6 +111,8 @@ class DecodeEngine:
         self._tasks = TaskSet()
         self.requests_total = 0
         self.preemptions_total = 0
+        self.prefix_lookup_tokens = self.prefix_hit_tokens = 0  # since start (also in the metrics)
+        self.kv_bytes_received = self.kv_bytes_saved = 0
 
     def start(self) -> None:
         loop = self._tasks.spawn(self._loop(), "decode-loop")
@@ -130,13 +138,34 @@ class DecodeEngine:
         request.siblings = [request.sibling(choice) for choice in range(1, request.sampling.n)]
         self._admission.check(request, self.sequences)
         spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
-        request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare)
+        cached = self._cached_prefix(request)
+        request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare, cached)
+        request.cached_tokens = len(cached) * self.blocks.block_size
         for choice in request.choices:
             self.sequences[choice.request_id] = choice
         self.requests_total += 1
         self._deadlines[request.request_id] = asyncio.get_running_loop().call_later(
             self._limits.kv_timeout_seconds, self._kv_deadline, request)
         return request
+
+    def _cached_prefix(self, request: Sequence) -> list[int]:
+        """The cached blocks of the prompt's longest cached prefix; never its last token (which the
+        first decode step needs computed KV before), never for a scored prompt (its scores need
+        the whole forward pass, here or on the prefill)."""
+        if self.blocks.cache is None:
+            return []
+        request.block_keys = block_keys(request.prompt_ids, self.blocks.block_size,
+                                        self._runtime.geometry.fingerprint, request.cache_salt)
+        if request.sampling.prompt_logprobs is not None:
+            return []
+        offered = request.block_keys[: (len(request.prompt_ids) - 1) // self.blocks.block_size]
+        cached = self.blocks.lookup(offered)
+        looked_up, found = len(offered) * self.blocks.block_size, len(cached) * self.blocks.block_size
+        self._metrics.prefix_lookup_tokens.inc(looked_up)
+        self._metrics.prefix_hit_tokens.inc(found)
+        self.prefix_lookup_tokens += looked_up
+        self.prefix_hit_tokens += found
+        return cached
 
     def _kv_deadline(self, sequence: Sequence) -> None:
         if sequence.state is State.AWAITING_KV:
@@ -147,7 +176,8 @@ class DecodeEngine:
         sequence = self._admission.transfer_target(layout, self.sequences)
         sequence.lease = self.blocks.renew(sequence.request_id)  # an older, unfinished transfer loses its lease
         sequence.transfer_attempt = layout.transfer_attempt
-        writer = LeasedWriter(self._pool, self.blocks, sequence.lease)
+        sequence.kv_start = layout.token_start
+        writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)
         return sequence, KvAssembler(sequence.request_id, self._runtime.geometry, len(sequence.prompt_ids),
                                      self._limits.assembly, writer)
 
@@ -156,7 +186,11 @@ class DecodeEngine:
         if sequence.state is not State.AWAITING_KV or not self.blocks.holds(lease):
             raise RequestCancelled(f"request {sequence.request_id!r} was cancelled or its KV superseded")
         sequence.kv_bytes_received = receipt.byte_count
+        saved = sequence.kv_start * self._runtime.geometry.kv_bytes_per_token
         self._metrics.kv_bytes_received.inc(receipt.byte_count)
+        self._metrics.kv_bytes_saved.inc(saved)
+        self.kv_bytes_received += receipt.byte_count
+        self.kv_bytes_saved += saved
         self._record_handoff(receipt)
         firsts = (receipt.first_token, *receipt.choice_first_tokens)
         if len(firsts) != len(sequence.choices):
@@ -179,7 +213,7 @@ class DecodeEngine:
     def prefill_locally(self, sequence: Sequence) -> None:
         """Unified mode: compute the prompt's KV here, as a background fill the scheduler polls;
         the first token is streamed too."""
-        writer = LeasedWriter(self._pool, self.blocks, sequence.lease)  # type: ignore[arg-type]
+        writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore
         transfer = Transfer.start(self._tasks, self._local_prefill(sequence, writer),
                                   f"prefill-{sequence.request_id}", self._wake.set)
         self._scheduler.watch(sequence, transfer)
@@ -203,7 +237,8 @@ class DecodeEngine:
     def _kv_arrived(self, sequence: Sequence, firsts: list[Token]) -> None:
         """The KV is complete: the other choices fork from it, and each choice's first token goes
         out on the stream too (the gateway has it from the prefill already, unless that prefill
-        died before passing it on) and the choice joins."""
+        died before passing it on) and the choice joins. Its full prompt blocks join the prefix cache."""
+        self.blocks.remember(sequence.request_id, sequence.block_keys)
         for choice in sequence.siblings:  # all forked before any choice may fail and free the prompt's blocks
             choice.lease, copy = self.blocks.fork(sequence.request_id, choice.request_id, len(sequence.prompt_ids))
             if copy is not None:
@@ -362,8 +397,9 @@ class DecodeEngine:
         sequences = [s for s in self.sequences.values() if s.state is not State.FINISHED]  # a request's ended choices
         awaiting = sum(s.state is State.AWAITING_KV for s in sequences)
         block_bytes = self._runtime.geometry.kv_bytes_per_token * self.blocks.block_size
+        cache = self.blocks.cache
         return DecodeLoad(len(sequences), awaiting, self._scheduler.running, self.blocks.used * block_bytes,
-                          self.blocks.pressure)
+                          self.blocks.pressure, cache.cached if cache else 0, cache.evictable if cache else 0)
 
     async def close(self) -> None:
         await self._tasks.cancel_all()

@@ -66,6 +66,10 @@ class Sequence:
     choice: int = 0  # which of the request's choices this is (sampling.n > 1)
     siblings: list[Sequence] = field(default_factory=list)  # choice 0's: choices 1 .. n-1, sharing its queue
     family: str = ""  # choices 1 .. n-1: choice 0's request id
+    cache_salt: str = ""  # names its prompt's blocks in the prefix cache (with the prompt and the model)
+    block_keys: list[str] = field(default_factory=list)  # its full prompt blocks' names (prefix cache on)
+    cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache at admission
+    kv_start: int = 0  # first prompt token its KV transfer carried (KvLayout.token_start)
 
     @property
     def request(self) -> str:

@@ -63,12 +63,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             raise InvalidRequest(f"kv_source {request.kv_source} is not one of {list(decode_pb2.KvSource.keys())}")
         sequence = engine.admit(Sequence(
             request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
-            request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id))
+            request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id,
+            cache_salt=request.cache_salt))
         try:
             # Compiled once admitted (a full pool refuses first) and before Accepted: no KV, so no
             # first token, can arrive before the grammar is there.
             await engine.compile_grammar(sequence)
-            yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted(kv_shm_host=self._shm_host))
+            yield decode_pb2.DecodeEvent(accepted=decode_pb2.Accepted(kv_shm_host=self._shm_host,
+                                                                      cached_tokens=sequence.cached_tokens))
             if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
                 engine.prefill_locally(sequence)
             async for event in self._generation(engine, sequence):
@@ -183,7 +185,20 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                       kv_bytes_held=load.kv_bytes_held, requests_total=engine.requests_total,
                                       model=info, blocks_used=blocks.used, blocks_total=blocks.total,
                                       block_size=blocks.block_size, kv_pool_pressure=load.pressure,
-                                      running=load.running, preemptions_total=engine.preemptions_total)
+                                      running=load.running, preemptions_total=engine.preemptions_total,
+                                      prefix_cached_blocks=load.prefix_cached_blocks,
+                                      prefix_evictable_blocks=load.prefix_evictable_blocks,
+                                      prefix_evictions_total=blocks.cache.evictions_total if blocks.cache else 0,
+                                      prefix_lookup_tokens=engine.prefix_lookup_tokens,
+                                      prefix_hit_tokens=engine.prefix_hit_tokens,
+                                      kv_bytes_received_total=engine.kv_bytes_received,
+                                      kv_bytes_saved_total=engine.kv_bytes_saved)
+
+    @grpc_edge(new_work=False)
+    async def ResetPrefixCache(self, request: decode_pb2.ResetPrefixCacheRequest,
+                               context: grpc.aio.ServicerContext) -> decode_pb2.ResetPrefixCacheReply:
+        engine, _ = self._state()
+        return decode_pb2.ResetPrefixCacheReply(blocks_freed=engine.blocks.flush())
 
 
 def _consume(future: asyncio.Future[None]) -> None:
@@ -213,6 +228,9 @@ def add_to_server(servicer: DecodeServicer, server: grpc.aio.Server) -> None:
         "Stats": grpc.unary_unary_rpc_method_handler(
             servicer.Stats, request_deserializer=common_pb2.StatsRequest.FromString,
             response_serializer=decode_pb2.DecodeStats.SerializeToString),
+        "ResetPrefixCache": grpc.unary_unary_rpc_method_handler(
+            servicer.ResetPrefixCache, request_deserializer=decode_pb2.ResetPrefixCacheRequest.FromString,
+            response_serializer=decode_pb2.ResetPrefixCacheReply.SerializeToString),
     }
     name = decode_pb2.DESCRIPTOR.services_by_name["DecodeService"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))

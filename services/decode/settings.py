@@ -41,6 +41,9 @@ class DecodeSettings(WorkerSettings):
     batch_invariant: bool = setting(False, "compute every sequence of a batched step exactly as a batch of one "
                                     "(bit-identical logits at any batch size; slower: see the README)",
                                     "BATCH_INVARIANT")
+    prefix_cache: str = setting("on", "keep the KV blocks of prompts (full blocks) after their requests end, "
+                                "evictable, and take a new prompt's cached prefix from them instead of its "
+                                "transfer (on, off)", "PREFIX_CACHE")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
@@ -53,6 +56,8 @@ class DecodeSettings(WorkerSettings):
             check_positive(name, getattr(self, name))
         if not 0 <= self.max_cache_budget_mb < math.inf:
             raise ValueError(f"max_cache_budget_mb must be a finite number >= 0, got {self.max_cache_budget_mb}")
+        if self.prefix_cache not in ("on", "off"):
+            raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         if self.kv_pool_blocks < 0:
             raise ValueError(f"kv_pool_blocks must be >= 0, got {self.kv_pool_blocks}")
         if not 0 < self.preempt_threshold <= self.reject_threshold <= 1:

@@ -33,6 +33,7 @@ from services.common.errors import BackendUnavailable, KvProtocolError, Upstream
 from services.common.logprobs import TokenLogprob
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from services.gateway.prefill_route import PrefillRoute, fault_role
+from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import Worker, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Timeline:
     handoff_seconds: float = 0.0
     kv_bytes: int = 0
     cached_tokens: int = 0  # prompt tokens the prefill took from its prefix cache
+    decode_cached_tokens: int = 0  # prompt tokens the decode held already (not transferred)
 
     def token(self) -> None:
         self.token_times.append(time.perf_counter())
@@ -101,11 +103,12 @@ class AttemptRequests:
 
 class AttemptRunner:
     def __init__(self, decode_pool: WorkerPool, channels: ChannelPool, limits: RouteLimits,
-                 prefill_route: PrefillRoute) -> None:
+                 prefill_route: PrefillRoute, affinity: PrefixAffinity | None = None) -> None:
         self._decode_pool = decode_pool
         self._channels = channels
         self._limits = limits
         self._prefill_route = prefill_route
+        self._affinity = affinity  # decode workers chosen by the prompt blocks they hold too (None: load only)
 
     async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
                      failed: set[str]) -> AsyncIterator[Delivery]:
@@ -130,6 +133,8 @@ class AttemptRunner:
                 if not local:
                     requests.prefill.decode_address = decode.address
                     requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
+                    requests.prefill.decode_cached_tokens = accepted.cached_tokens
+                    timeline.decode_cached_tokens = accepted.cached_tokens
                     async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
                         if delivery.choice >= choices:
                             raise KvProtocolError(f"the prefill sent a first token of choice {delivery.choice}")
@@ -184,10 +189,15 @@ class AttemptRunner:
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
                      failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall, decode_pb2.Accepted]:
-        """Admit the request on the least loaded decode worker that takes it (workers that failed
-        this request go last)."""
+        """Admit the request on the decode worker that takes it with the least load and, with cache-aware
+        routing, the fewest prompt blocks still to move (services/gateway/prefix_route.py); workers
+        that failed this request go last."""
         last_error: Exception = BackendUnavailable("no decode worker admitted the request")
-        for worker in sorted(self._decode_pool.ranked(), key=lambda w: w.address in failed):
+        ranked, keys = self._decode_pool.ranked(), []
+        if self._affinity is not None:
+            keys = self._affinity.keys(request.prompt_token_ids, request.cache_salt)
+            ranked = self._affinity.order(ranked, keys)
+        for worker in sorted(ranked, key=lambda w: w.address in failed):
             stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
             call = stub.Generate(request, timeout=self._limits.request_timeout_seconds)
             calls.append(call)
@@ -204,6 +214,8 @@ class AttemptRunner:
             if event is grpc.aio.EOF or not event.HasField("accepted"):
                 raise KvProtocolError(f"decode worker {worker.address} did not acknowledge admission")
             trace.get_current_span().set_attribute("gateway.decode_worker", worker.address)
+            if self._affinity is not None:
+                self._affinity.record(worker.address, keys)  # it keeps them once their KV arrived
             return leases.enter_context(WorkerPool.lease(worker)), call, event.accepted
         raise last_error
 

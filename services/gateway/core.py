@@ -44,7 +44,7 @@ from services.gateway.choices import ChoiceProgress, best_of_choices, check_best
 from services.gateway.fanout import merged
 from services.gateway.outputs import GenerateOutput, Usage, finished_already, token_output
 from services.gateway.prefill_route import PrefillRoute
-from services.gateway.prefix_route import PrefixAffinity
+from services.gateway.prefix_route import DECODE_LOAD_TOKENS, PrefixAffinity
 from services.gateway.routing import WorkerPool
 from services.gateway.text import ChatTurn, PromptEncoder, TextStream
 from services.gateway.tools import ToolCallStream, Tools
@@ -106,7 +106,8 @@ class Gateway:
         self._metrics = metrics
         route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds, limits.max_prefill_retries,
                              metrics.prefill_retries, PrefixAffinity() if limits.prefix_routing else None)
-        self._attempts = AttemptRunner(decode, channels, limits, route)
+        decode_affinity = PrefixAffinity(load_tokens=DECODE_LOAD_TOKENS) if limits.prefix_routing else None
+        self._attempts = AttemptRunner(decode, channels, limits, route, decode_affinity)
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:
@@ -271,7 +272,8 @@ class Gateway:
         common = {"request_id": worker_id, "prompt_token_ids": prompt_ids, "sampling": sampling_pb,
                   "position_offset": offset, "client_request_id": request.name}
         return AttemptRequests(prefill_pb2.PrefillRequest(**common, cache_salt=request.cache_salt),
-                               decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb),
+                               decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb,
+                                                        cache_salt=request.cache_salt),
                                offset)
 
     def _report_decode(self, error: grpc.aio.AioRpcError, attempt: Attempt) -> None:
@@ -311,7 +313,8 @@ class Gateway:
         metrics.prompt_tokens.inc(usage.prompt_tokens if count_prompt else 0)
         metrics.completion_tokens.inc(usage.completion_tokens)
         if self._limits.request_summary:
-            log.info("request %s: prompt %d (cached %d), completion %d tokens | TTFT %.0f ms | handoff %.1f ms | "
-                     "KV %.2f MB | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s", request_id, usage.prompt_tokens,
-                     timeline.cached_tokens, usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3,
+            log.info("request %s: prompt %d (cached %d on the prefill, %d on the decode), completion %d tokens | "
+                     "TTFT %.0f ms | handoff %.1f ms | KV %.2f MB | TPOT %.1f ms | %.1f tokens/s | e2e %.2f s",
+                     request_id, usage.prompt_tokens, timeline.cached_tokens, timeline.decode_cached_tokens,
+                     usage.completion_tokens, ttft * 1e3, timeline.handoff_seconds * 1e3,
                      timeline.kv_bytes / 1e6, tpot * 1e3, usage.completion_tokens / e2e if e2e else 0.0, e2e)

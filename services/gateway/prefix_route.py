@@ -1,6 +1,7 @@
-"""Cache-aware choice of a prefill worker: the gateway remembers which worker prefilled which prompt
-blocks, and sends a prompt where the fewest of its blocks are still to compute, weighed against the
-workers' load (the way Dynamo's KV router does, from the gateway's own record).
+"""Cache-aware choice of workers: the gateway remembers which prefill worker prefilled which prompt
+blocks, and which decode worker admitted them, and sends a prompt where the fewest of its blocks are
+still to compute (prefill) or to move (decode), weighed against the workers' load (the way Dynamo's
+KV router does, from the gateway's own record; one record per role).
 
 The record names blocks like the workers' prefix caches do (a chained hash of the salt and the
 tokens, services.common.prefix_keys), under a fingerprint of its own: it only has to be consistent
@@ -16,15 +17,19 @@ from collections.abc import Sequence
 from services.common.prefix_keys import block_keys
 from services.gateway.routing import Worker
 
-# A request in flight on a worker delays a new one about as much as computing this many prompt
-# tokens (a rough CPU figure: a few hundred ms of forward pass).
+# A request in flight on a prefill worker delays a new one about as much as computing this many
+# prompt tokens (a rough CPU figure: a few hundred ms of forward pass).
 LOAD_TOKENS = 256
+# A sequence running on a decode worker slows every step there; moving a token's KV costs ~50 KB on
+# the wire. A rough weighing: one running sequence as 64 tokens to move.
+DECODE_LOAD_TOKENS = 64
 
 
 class PrefixAffinity:
-    def __init__(self, block_size: int = 16, capacity: int = 100_000) -> None:
+    def __init__(self, block_size: int = 16, capacity: int = 100_000, load_tokens: int = LOAD_TOKENS) -> None:
         self._block_size = block_size
         self._capacity = capacity
+        self._load_tokens = load_tokens
         self._holders: OrderedDict[str, set[str]] = OrderedDict()  # block name -> worker addresses
 
     def keys(self, prompt: Sequence[int], salt: str) -> list[str]:
@@ -41,14 +46,19 @@ class PrefixAffinity:
         return count
 
     def choose(self, ranked: Sequence[Worker], keys: Sequence[str]) -> Worker:
-        """The worker with the least prompt left to compute plus load; ties keep the ranking's order
+        """The worker with the least prompt left to compute (or move) plus load."""
+        return self.order(ranked, keys)[0]
+
+    def order(self, ranked: Sequence[Worker], keys: Sequence[str]) -> list[Worker]:
+        """The workers by prompt left to compute (or move) plus load; ties keep the ranking's order
         (least loaded, rotating)."""
         def cost(worker: Worker) -> int:
-            return (len(keys) - self.held(worker.address, keys)) * self._block_size + worker.active * LOAD_TOKENS
-        return min(ranked, key=cost)
+            held = self.held(worker.address, keys)
+            return (len(keys) - held) * self._block_size + worker.active * self._load_tokens
+        return sorted(ranked, key=cost)
 
     def record(self, address: str, keys: Sequence[str]) -> None:
-        """`address` prefilled a prompt with these blocks (so now holds them)."""
+        """`address` prefilled (or admitted) a prompt with these blocks, so now holds them."""
         for key in reversed(keys):  # the chain's beginning most recent: it outlives the ends
             self._holders.setdefault(key, set()).add(address)
             self._holders.move_to_end(key)

@@ -70,6 +70,7 @@ class PrefillJob:
     known_first_token: int | None = None  # a retry's first token, already sent to the client
     known_choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1.. the client already has
     cache_salt: str = ""  # names its prefix blocks (services.common.prefix_keys): tenants do not share
+    decode_cached_tokens: int = 0  # leading prompt tokens the decode holds: the transfer need not carry them
 
     @property
     def key(self) -> str:
@@ -140,6 +141,9 @@ class PrefillEngine:
         if len(job.prompt_ids) >= geometry.max_model_len:
             raise InvalidRequest(f"prompt has {len(job.prompt_ids)} tokens; the model's context is "
                                  f"{geometry.max_model_len}")
+        if job.decode_cached_tokens >= len(job.prompt_ids):
+            raise InvalidRequest(f"decode_cached_tokens ({job.decode_cached_tokens}) must be below the prompt's "
+                                 f"length ({len(job.prompt_ids)})")
         if job.key in self.kv_bytes_held:
             raise AlreadyExists(f"request {job.request_id!r} (transfer attempt {job.transfer_attempt}) is already "
                                 "being prefilled on this worker")
@@ -158,12 +162,14 @@ class PrefillEngine:
 
     def _layout(self, job: PrefillJob) -> KvLayout:
         """A chunked prefill finishes all layers of a token range at a time, so its KV chunks span
-        all layers (token-range order); otherwise layer groups stream as the forward pass goes."""
+        all layers (token-range order); otherwise layer groups stream as the forward pass goes. The
+        chunks skip the prompt's tokens the decode holds (the kvstore copy is of the transfer too)."""
         geometry = self._runtime.geometry
         layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
                         geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype,
-                        self._chunking.encoding, job.transfer_attempt, job.store_kv)
+                        self._chunking.encoding, job.transfer_attempt, job.store_kv,
+                        token_start=job.decode_cached_tokens)
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job)
@@ -301,7 +307,7 @@ class PrefillEngine:
         if hit.blocks:
             await self._thread.run(hit.seed, cache, self._runtime.geometry.num_layers)
             keys, values = (torch.stack(parts) for parts in zip(*(hit.layer_kv(i) for i in range(layout.num_layers))))
-            for index in range(hit.tokens // layout.chunk_tokens):
+            for index in layout.token_range_chunks(0, hit.tokens):
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, 0)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)
@@ -318,7 +324,7 @@ class PrefillEngine:
             if rows is not None and start < rows[1] and rows[0] < end:  # copies: the rest can go
                 part_rows = slice(max(rows[0], start) - start, min(rows[1], end) - start)
                 segments.append((keys[:, :, part_rows].clone(), values[:, :, part_rows].clone()))
-            for index in range(start // layout.chunk_tokens, -(-end // layout.chunk_tokens)):
+            for index in layout.token_range_chunks(start, end):
                 chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
                 first_sent = first_sent or time.perf_counter()
                 await _send_all(sinks, chunk)

@@ -46,7 +46,8 @@ def record_send(metrics: PrefillMetrics, layout: KvLayout, summary: PrefillSumma
         "kv.bytes": summary.kv_bytes, "kv.chunks": summary.chunk_count, "kv.chunk_tokens": layout.chunk_tokens,
         "kv.chunk_layers": layout.chunk_layers, "kv.encoding": layout.encoding, "kv.dtype": layout.dtype,
         "kv.throughput_bytes_per_second": throughput, "kv.handoff_seconds": summary.handoff_seconds,
-        "kv.stored": summary.stored, "kv.sent_tokens": layout.num_tokens,
+        "kv.stored": summary.stored, "kv.sent_tokens": layout.sent_tokens,
+        "kv.decode_cached_tokens": layout.token_start,
         "prefill.cached_tokens": summary.cached_tokens,
         "prefill.computed_tokens": layout.num_tokens - summary.cached_tokens})
     span.end(end_time=perf_to_unix_nanos(finished))

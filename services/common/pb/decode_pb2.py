@@ -26,29 +26,33 @@ from services.common.pb import common_pb2 as disagg_dot_v1_dot_common__pb2
 from services.common.pb import kv_pb2 as disagg_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/decode.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\x1a\x12\x64isagg/v1/kv.proto\"\xe3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12&\n\tkv_source\x18\x04 \x01(\x0e\x32\x13.disagg.v1.KvSource\x12\x17\n\x0fposition_offset\x18\x05 \x01(\r\x12\x1b\n\x13max_cache_budget_mb\x18\x06 \x01(\x01\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\"\x1f\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bkv_shm_host\x18\x01 \x01(\t\"\xaf\x01\n\x0b\x44\x65\x63odeToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12(\n\x07logprob\x18\x03 \x01(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x13\n\x0b\x65nds_output\x18\x05 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x06 \x01(\r\"d\n\x0e\x44\x65\x63odeFinished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x63hoice\x18\x03 \x01(\r\"\x96\x01\n\x0b\x44\x65\x63odeEvent\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.disagg.v1.AcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.disagg.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.disagg.v1.DecodeFinishedH\x00\x42\x06\n\x04kind\"B\n\x0fTransferKvReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\"\x94\x02\n\x0b\x44\x65\x63odeStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x13\n\x0b\x61waiting_kv\x18\x02 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x03 \x01(\x04\x12\x16\n\x0erequests_total\x18\x04 \x01(\x04\x12#\n\x05model\x18\x05 \x01(\x0b\x32\x14.disagg.v1.ModelInfo\x12\x13\n\x0b\x62locks_used\x18\x06 \x01(\r\x12\x14\n\x0c\x62locks_total\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10kv_pool_pressure\x18\t \x01(\x01\x12\x0f\n\x07running\x18\n \x01(\r\x12\x19\n\x11preemptions_total\x18\x0b \x01(\x04*g\n\x08KvSource\x12\x19\n\x15KV_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_SOURCE_DIRECT\x10\x01\x12\x15\n\x11KV_SOURCE_KVSTORE\x10\x02\x12\x13\n\x0fKV_SOURCE_LOCAL\x10\x03\x32\x96\x02\n\rDecodeService\x12>\n\x08Generate\x12\x18.disagg.v1.DecodeRequest\x1a\x16.disagg.v1.DecodeEvent0\x01\x12H\n\nTransferKv\x12\x1c.disagg.v1.KvTransferMessage\x1a\x1a.disagg.v1.TransferKvReply(\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x38\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x16.disagg.v1.DecodeStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x64isagg/v1/decode.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\x1a\x12\x64isagg/v1/kv.proto\"\x19\n\x17ResetPrefixCacheRequest\"-\n\x15ResetPrefixCacheReply\x12\x14\n\x0c\x62locks_freed\x18\x01 \x01(\r\"\xf7\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12&\n\tkv_source\x18\x04 \x01(\x0e\x32\x13.disagg.v1.KvSource\x12\x17\n\x0fposition_offset\x18\x05 \x01(\r\x12\x1b\n\x13max_cache_budget_mb\x18\x06 \x01(\x01\x12\x19\n\x11\x63lient_request_id\x18\x07 \x01(\t\x12\x12\n\ncache_salt\x18\x08 \x01(\t\"6\n\x08\x41\x63\x63\x65pted\x12\x13\n\x0bkv_shm_host\x18\x01 \x01(\t\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\"\xaf\x01\n\x0b\x44\x65\x63odeToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05index\x18\x02 \x01(\r\x12(\n\x07logprob\x18\x03 \x01(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x04 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x13\n\x0b\x65nds_output\x18\x05 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x06 \x01(\r\"d\n\x0e\x44\x65\x63odeFinished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.disagg.v1.FinishReason\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x0e\n\x06\x63hoice\x18\x03 \x01(\r\"\x96\x01\n\x0b\x44\x65\x63odeEvent\x12\'\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\x13.disagg.v1.AcceptedH\x00\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x16.disagg.v1.DecodeTokenH\x00\x12-\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x19.disagg.v1.DecodeFinishedH\x00\x42\x06\n\x04kind\"B\n\x0fTransferKvReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\"\xeb\x03\n\x0b\x44\x65\x63odeStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x13\n\x0b\x61waiting_kv\x18\x02 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x03 \x01(\x04\x12\x16\n\x0erequests_total\x18\x04 \x01(\x04\x12#\n\x05model\x18\x05 \x01(\x0b\x32\x14.disagg.v1.ModelInfo\x12\x13\n\x0b\x62locks_used\x18\x06 \x01(\r\x12\x14\n\x0c\x62locks_total\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x18\n\x10kv_pool_pressure\x18\t \x01(\x01\x12\x0f\n\x07running\x18\n \x01(\r\x12\x19\n\x11preemptions_total\x18\x0b \x01(\x04\x12\x1c\n\x14prefix_cached_blocks\x18\x0c \x01(\r\x12\x1f\n\x17prefix_evictable_blocks\x18\r \x01(\r\x12\x1e\n\x16prefix_evictions_total\x18\x0e \x01(\x04\x12\x1c\n\x14prefix_lookup_tokens\x18\x0f \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\x10 \x01(\x04\x12\x1f\n\x17kv_bytes_received_total\x18\x11 \x01(\x04\x12\x1c\n\x14kv_bytes_saved_total\x18\x12 \x01(\x04*g\n\x08KvSource\x12\x19\n\x15KV_SOURCE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_SOURCE_DIRECT\x10\x01\x12\x15\n\x11KV_SOURCE_KVSTORE\x10\x02\x12\x13\n\x0fKV_SOURCE_LOCAL\x10\x03\x32\xf0\x02\n\rDecodeService\x12>\n\x08Generate\x12\x18.disagg.v1.DecodeRequest\x1a\x16.disagg.v1.DecodeEvent0\x01\x12H\n\nTransferKv\x12\x1c.disagg.v1.KvTransferMessage\x1a\x1a.disagg.v1.TransferKvReply(\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x38\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x16.disagg.v1.DecodeStats\x12X\n\x10ResetPrefixCache\x12\".disagg.v1.ResetPrefixCacheRequest\x1a .disagg.v1.ResetPrefixCacheReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.decode_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVSOURCE']._serialized_start=1124
-  _globals['_KVSOURCE']._serialized_end=1227
-  _globals['_DECODEREQUEST']._serialized_start=82
-  _globals['_DECODEREQUEST']._serialized_end=309
-  _globals['_ACCEPTED']._serialized_start=311
-  _globals['_ACCEPTED']._serialized_end=342
-  _globals['_DECODETOKEN']._serialized_start=345
-  _globals['_DECODETOKEN']._serialized_end=520
-  _globals['_DECODEFINISHED']._serialized_start=522
-  _globals['_DECODEFINISHED']._serialized_end=622
-  _globals['_DECODEEVENT']._serialized_start=625
-  _globals['_DECODEEVENT']._serialized_end=775
-  _globals['_TRANSFERKVREPLY']._serialized_start=777
-  _globals['_TRANSFERKVREPLY']._serialized_end=843
-  _globals['_DECODESTATS']._serialized_start=846
-  _globals['_DECODESTATS']._serialized_end=1122
-  _globals['_DECODESERVICE']._serialized_start=1230
-  _globals['_DECODESERVICE']._serialized_end=1508
+  _globals['_KVSOURCE']._serialized_start=1456
+  _globals['_KVSOURCE']._serialized_end=1559
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_start=81
+  _globals['_RESETPREFIXCACHEREQUEST']._serialized_end=106
+  _globals['_RESETPREFIXCACHEREPLY']._serialized_start=108
+  _globals['_RESETPREFIXCACHEREPLY']._serialized_end=153
+  _globals['_DECODEREQUEST']._serialized_start=156
+  _globals['_DECODEREQUEST']._serialized_end=403
+  _globals['_ACCEPTED']._serialized_start=405
+  _globals['_ACCEPTED']._serialized_end=459
+  _globals['_DECODETOKEN']._serialized_start=462
+  _globals['_DECODETOKEN']._serialized_end=637
+  _globals['_DECODEFINISHED']._serialized_start=639
+  _globals['_DECODEFINISHED']._serialized_end=739
+  _globals['_DECODEEVENT']._serialized_start=742
+  _globals['_DECODEEVENT']._serialized_end=892
+  _globals['_TRANSFERKVREPLY']._serialized_start=894
+  _globals['_TRANSFERKVREPLY']._serialized_end=960
+  _globals['_DECODESTATS']._serialized_start=963
+  _globals['_DECODESTATS']._serialized_end=1454
+  _globals['_DECODESERVICE']._serialized_start=1562
+  _globals['_DECODESERVICE']._serialized_end=1930
 # @@protoc_insertion_point(module_scope)

@@ -20,8 +20,18 @@ KV_SOURCE_DIRECT: KvSource
 KV_SOURCE_KVSTORE: KvSource
 KV_SOURCE_LOCAL: KvSource
 
+class ResetPrefixCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ResetPrefixCacheReply(_message.Message):
+    __slots__ = ("blocks_freed",)
+    BLOCKS_FREED_FIELD_NUMBER: _ClassVar[int]
+    blocks_freed: int
+    def __init__(self, blocks_freed: _Optional[int] = ...) -> None: ...
+
 class DecodeRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source", "position_offset", "max_cache_budget_mb", "client_request_id")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "kv_source", "position_offset", "max_cache_budget_mb", "client_request_id", "cache_salt")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +39,7 @@ class DecodeRequest(_message.Message):
     POSITION_OFFSET_FIELD_NUMBER: _ClassVar[int]
     MAX_CACHE_BUDGET_MB_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -36,13 +47,16 @@ class DecodeRequest(_message.Message):
     position_offset: int
     max_cache_budget_mb: float
     client_request_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ..., max_cache_budget_mb: _Optional[float] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    cache_salt: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., kv_source: _Optional[_Union[KvSource, str]] = ..., position_offset: _Optional[int] = ..., max_cache_budget_mb: _Optional[float] = ..., client_request_id: _Optional[str] = ..., cache_salt: _Optional[str] = ...) -> None: ...
 
 class Accepted(_message.Message):
-    __slots__ = ("kv_shm_host",)
+    __slots__ = ("kv_shm_host", "cached_tokens")
     KV_SHM_HOST_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     kv_shm_host: str
-    def __init__(self, kv_shm_host: _Optional[str] = ...) -> None: ...
+    cached_tokens: int
+    def __init__(self, kv_shm_host: _Optional[str] = ..., cached_tokens: _Optional[int] = ...) -> None: ...
 
 class DecodeToken(_message.Message):
     __slots__ = ("token_id", "index", "logprob", "prompt_logprobs", "ends_output", "choice")
@@ -89,7 +103,7 @@ class TransferKvReply(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., chunks_received: _Optional[int] = ...) -> None: ...
 
 class DecodeStats(_message.Message):
-    __slots__ = ("active_requests", "awaiting_kv", "kv_bytes_held", "requests_total", "model", "blocks_used", "blocks_total", "block_size", "kv_pool_pressure", "running", "preemptions_total")
+    __slots__ = ("active_requests", "awaiting_kv", "kv_bytes_held", "requests_total", "model", "blocks_used", "blocks_total", "block_size", "kv_pool_pressure", "running", "preemptions_total", "prefix_cached_blocks", "prefix_evictable_blocks", "prefix_evictions_total", "prefix_lookup_tokens", "prefix_hit_tokens", "kv_bytes_received_total", "kv_bytes_saved_total")
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     AWAITING_KV_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_HELD_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +115,13 @@ class DecodeStats(_message.Message):
     KV_POOL_PRESSURE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     PREEMPTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_EVICTIONS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_RECEIVED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_SAVED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     active_requests: int
     awaiting_kv: int
     kv_bytes_held: int
@@ -112,4 +133,11 @@ class DecodeStats(_message.Message):
     kv_pool_pressure: float
     running: int
     preemptions_total: int
-    def __init__(self, active_requests: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_pool_pressure: _Optional[float] = ..., running: _Optional[int] = ..., preemptions_total: _Optional[int] = ...) -> None: ...
+    prefix_cached_blocks: int
+    prefix_evictable_blocks: int
+    prefix_evictions_total: int
+    prefix_lookup_tokens: int
+    prefix_hit_tokens: int
+    kv_bytes_received_total: int
+    kv_bytes_saved_total: int
+    def __init__(self, active_requests: _Optional[int] = ..., awaiting_kv: _Optional[int] = ..., kv_bytes_held: _Optional[int] = ..., requests_total: _Optional[int] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., blocks_used: _Optional[int] = ..., blocks_total: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_pool_pressure: _Optional[float] = ..., running: _Optional[int] = ..., preemptions_total: _Optional[int] = ..., prefix_cached_blocks: _Optional[int] = ..., prefix_evictable_blocks: _Optional[int] = ..., prefix_evictions_total: _Optional[int] = ..., prefix_lookup_tokens: _Optional[int] = ..., prefix_hit_tokens: _Optional[int] = ..., kv_bytes_received_total: _Optional[int] = ..., kv_bytes_saved_total: _Optional[int] = ...) -> None: ...

@@ -57,6 +57,11 @@ class DecodeServiceStub:
                 request_serializer=disagg_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
                 response_deserializer=disagg_dot_v1_dot_decode__pb2.DecodeStats.FromString,
                 _registered_method=True)
+        self.ResetPrefixCache = channel.unary_unary(
+                '/disagg.v1.DecodeService/ResetPrefixCache',
+                request_serializer=disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheRequest.SerializeToString,
+                response_deserializer=disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheReply.FromString,
+                _registered_method=True)
 
 
 class DecodeServiceServicer:
@@ -102,6 +107,15 @@ class DecodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResetPrefixCache(self, request, context):
+        """Drops every prefix-cache block no sequence uses, and stops offering the ones in use (they go
+        back to the pool when their sequences end). For operators: after a model's weights changed in
+        place, or to measure without the cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +138,11 @@ def add_DecodeServiceServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=disagg_dot_v1_dot_common__pb2.StatsRequest.FromString,
                     response_serializer=disagg_dot_v1_dot_decode__pb2.DecodeStats.SerializeToString,
+            ),
+            'ResetPrefixCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetPrefixCache,
+                    request_deserializer=disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheRequest.FromString,
+                    response_serializer=disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -235,6 +254,33 @@ class DecodeService:
             '/disagg.v1.DecodeService/Stats',
             disagg_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
             disagg_dot_v1_dot_decode__pb2.DecodeStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetPrefixCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.DecodeService/ResetPrefixCache',
+            disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheRequest.SerializeToString,
+            disagg_dot_v1_dot_decode__pb2.ResetPrefixCacheReply.FromString,
             options,
             channel_credentials,
             insecure,

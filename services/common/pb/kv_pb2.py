@@ -24,27 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64isagg/v1/kv.proto\x12\tdisagg.v1\"\xf4\x02\n\x08KvLayout\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x63hunk_layers\x18\x08 \x01(\r\x12!\n\x05\x64type\x18\t \x01(\x0e\x32\x12.disagg.v1.KvDtype\x12\'\n\x08\x65ncoding\x18\n \x01(\x0e\x32\x15.disagg.v1.KvEncoding\x12\x18\n\x10transfer_attempt\x18\x0b \x01(\r\x12\x19\n\x11\x63hunks_in_kvstore\x18\x0c \x01(\x08\x12\'\n\x08\x63hecksum\x18\r \x01(\x0e\x32\x15.disagg.v1.KvChecksum\x12\x13\n\x0bshm_segment\x18\x11 \x01(\t\"=\n\nKvShmSlice\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xe8\x02\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x11\n\ttoken_end\x18\x07 \x01(\r\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.disagg.v1.KvDtype\x12\'\n\x08\x65ncoding\x18\t \x01(\x0e\x32\x15.disagg.v1.KvEncoding\x12\r\n\x05shape\x18\n \x03(\r\x12\x13\n\x0b\x62yte_length\x18\x0b \x01(\x04\x12\r\n\x05\x63rc32\x18\x0c \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\r \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x0e \x01(\r\x12\x0e\n\x06scales\x18\x10 \x01(\x0c\x12\"\n\x03shm\x18\x12 \x01(\x0b\x32\x15.disagg.v1.KvShmSlice\"\x8a\x01\n\rKvTransferEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x1e\n\x16\x66orward_end_unix_nanos\x18\x04 \x01(\x04\x12\x1b\n\x13\x63hoice_first_tokens\x18\x05 \x03(\r\"\x90\x01\n\x11KvTransferMessage\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x13.disagg.v1.KvLayoutH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.disagg.v1.KvTransferEndH\x00\x42\x06\n\x04kind*f\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x15\n\x11KV_DTYPE_BFLOAT16\x10\x02\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x03*X\n\nKvEncoding\x12\x1b\n\x17KV_ENCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0fKV_ENCODING_RAW\x10\x01\x12\x18\n\x14KV_ENCODING_FP8_E4M3\x10\x02*X\n\nKvChecksum\x12\x1b\n\x17KV_CHECKSUM_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_CHECKSUM_CRC32\x10\x01\x12\x16\n\x12KV_CHECKSUM_CRC32C\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64isagg/v1/kv.proto\x12\tdisagg.v1\"\x89\x03\n\x08KvLayout\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x14\n\x0c\x63hunk_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x63hunk_layers\x18\x08 \x01(\r\x12!\n\x05\x64type\x18\t \x01(\x0e\x32\x12.disagg.v1.KvDtype\x12\'\n\x08\x65ncoding\x18\n \x01(\x0e\x32\x15.disagg.v1.KvEncoding\x12\x18\n\x10transfer_attempt\x18\x0b \x01(\r\x12\x19\n\x11\x63hunks_in_kvstore\x18\x0c \x01(\x08\x12\'\n\x08\x63hecksum\x18\r \x01(\x0e\x32\x15.disagg.v1.KvChecksum\x12\x13\n\x0bshm_segment\x18\x11 \x01(\t\x12\x13\n\x0btoken_start\x18\x12 \x01(\r\"=\n\nKvShmSlice\x12\x0f\n\x07segment\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0e\n\x06length\x18\x03 \x01(\x04\"\xe8\x02\n\x07KvChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x02 \x01(\t\x12\r\n\x05index\x18\x03 \x01(\r\x12\x13\n\x0blayer_start\x18\x04 \x01(\r\x12\x11\n\tlayer_end\x18\x05 \x01(\r\x12\x13\n\x0btoken_start\x18\x06 \x01(\r\x12\x11\n\ttoken_end\x18\x07 \x01(\r\x12!\n\x05\x64type\x18\x08 \x01(\x0e\x32\x12.disagg.v1.KvDtype\x12\'\n\x08\x65ncoding\x18\t \x01(\x0e\x32\x15.disagg.v1.KvEncoding\x12\r\n\x05shape\x18\n \x03(\r\x12\x13\n\x0b\x62yte_length\x18\x0b \x01(\x04\x12\r\n\x05\x63rc32\x18\x0c \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\r \x01(\x0c\x12\x0e\n\x06\x63rc32c\x18\x0e \x01(\r\x12\x0e\n\x06scales\x18\x10 \x01(\x0c\x12\"\n\x03shm\x18\x12 \x01(\x0b\x32\x15.disagg.v1.KvShmSlice\"\x8a\x01\n\rKvTransferEnd\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_token\x18\x03 \x01(\r\x12\x1e\n\x16\x66orward_end_unix_nanos\x18\x04 \x01(\x04\x12\x1b\n\x13\x63hoice_first_tokens\x18\x05 \x03(\r\"\x90\x01\n\x11KvTransferMessage\x12%\n\x06layout\x18\x01 \x01(\x0b\x32\x13.disagg.v1.KvLayoutH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.disagg.v1.KvChunkH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.disagg.v1.KvTransferEndH\x00\x42\x06\n\x04kind*f\n\x07KvDtype\x12\x18\n\x14KV_DTYPE_UNSPECIFIED\x10\x00\x12\x14\n\x10KV_DTYPE_FLOAT32\x10\x01\x12\x15\n\x11KV_DTYPE_BFLOAT16\x10\x02\x12\x14\n\x10KV_DTYPE_FLOAT16\x10\x03*X\n\nKvEncoding\x12\x1b\n\x17KV_ENCODING_UNSPECIFIED\x10\x00\x12\x13\n\x0fKV_ENCODING_RAW\x10\x01\x12\x18\n\x14KV_ENCODING_FP8_E4M3\x10\x02*X\n\nKvChecksum\x12\x1b\n\x17KV_CHECKSUM_UNSPECIFIED\x10\x00\x12\x15\n\x11KV_CHECKSUM_CRC32\x10\x01\x12\x16\n\x12KV_CHECKSUM_CRC32C\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.kv_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KVDTYPE']._serialized_start=1122
-  _globals['_KVDTYPE']._serialized_end=1224
-  _globals['_KVENCODING']._serialized_start=1226
-  _globals['_KVENCODING']._serialized_end=1314
-  _globals['_KVCHECKSUM']._serialized_start=1316
-  _globals['_KVCHECKSUM']._serialized_end=1404
+  _globals['_KVDTYPE']._serialized_start=1143
+  _globals['_KVDTYPE']._serialized_end=1245
+  _globals['_KVENCODING']._serialized_start=1247
+  _globals['_KVENCODING']._serialized_end=1335
+  _globals['_KVCHECKSUM']._serialized_start=1337
+  _globals['_KVCHECKSUM']._serialized_end=1425
   _globals['_KVLAYOUT']._serialized_start=34
-  _globals['_KVLAYOUT']._serialized_end=406
-  _globals['_KVSHMSLICE']._serialized_start=408
-  _globals['_KVSHMSLICE']._serialized_end=469
-  _globals['_KVCHUNK']._serialized_start=472
-  _globals['_KVCHUNK']._serialized_end=832
-  _globals['_KVTRANSFEREND']._serialized_start=835
-  _globals['_KVTRANSFEREND']._serialized_end=973
-  _globals['_KVTRANSFERMESSAGE']._serialized_start=976
-  _globals['_KVTRANSFERMESSAGE']._serialized_end=1120
+  _globals['_KVLAYOUT']._serialized_end=427
+  _globals['_KVSHMSLICE']._serialized_start=429
+  _globals['_KVSHMSLICE']._serialized_end=490
+  _globals['_KVCHUNK']._serialized_start=493
+  _globals['_KVCHUNK']._serialized_end=853
+  _globals['_KVTRANSFEREND']._serialized_start=856
+  _globals['_KVTRANSFEREND']._serialized_end=994
+  _globals['_KVTRANSFERMESSAGE']._serialized_start=997
+  _globals['_KVTRANSFERMESSAGE']._serialized_end=1141
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ KV_CHECKSUM_CRC32: KvChecksum
 KV_CHECKSUM_CRC32C: KvChecksum
 
 class KvLayout(_message.Message):
-    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore", "checksum", "shm_segment")
+    __slots__ = ("request_id", "model_fingerprint", "num_layers", "num_kv_heads", "head_dim", "num_tokens", "chunk_tokens", "chunk_layers", "dtype", "encoding", "transfer_attempt", "chunks_in_kvstore", "checksum", "shm_segment", "token_start")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class KvLayout(_message.Message):
     CHUNKS_IN_KVSTORE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     SHM_SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model_fingerprint: str
     num_layers: int
@@ -66,7 +67,8 @@ class KvLayout(_message.Message):
     chunks_in_kvstore: bool
     checksum: KvChecksum
     shm_segment: str
-    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ..., checksum: _Optional[_Union[KvChecksum, str]] = ..., shm_segment: _Optional[str] = ...) -> None: ...
+    token_start: int
+    def __init__(self, request_id: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., num_tokens: _Optional[int] = ..., chunk_tokens: _Optional[int] = ..., chunk_layers: _Optional[int] = ..., dtype: _Optional[_Union[KvDtype, str]] = ..., encoding: _Optional[_Union[KvEncoding, str]] = ..., transfer_attempt: _Optional[int] = ..., chunks_in_kvstore: _Optional[bool] = ..., checksum: _Optional[_Union[KvChecksum, str]] = ..., shm_segment: _Optional[str] = ..., token_start: _Optional[int] = ...) -> None: ...
 
 class KvShmSlice(_message.Message):
     __slots__ = ("segment", "offset", "length")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.common.pb import common_pb2 as disagg_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/prefill.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"\xec\x02\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x10\n\x08store_kv\x18\x05 \x01(\x08\x12\x17\n\x0fposition_offset\x18\x06 \x01(\r\x12\x18\n\x10transfer_attempt\x18\x07 \x01(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x1e\n\x11known_first_token\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12\x64\x65\x63ode_kv_shm_host\x18\n \x01(\t\x12!\n\x19known_choice_first_tokens\x18\x0b \x03(\r\x12\x12\n\ncache_salt\x18\x0c \x01(\tB\x14\n\x12_known_first_token\"\x9f\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12(\n\x07logprob\x18\x02 \x01(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x13\n\x0b\x65nds_output\x18\x04 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x05 \x01(\r\"\xbd\x01\n\x0bPrefillDone\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06stored\x18\x05 \x01(\x08\x12\x17\n\x0fhandoff_seconds\x18\x06 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"l\n\x0cPrefillEvent\x12,\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.disagg.v1.PrefillDoneH\x00\x42\x06\n\x04kind\"\xfa\x01\n\x0cPrefillStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x02 \x01(\x04\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.disagg.v1.ModelInfo\x12\x1b\n\x13shm_transfers_total\x18\x05 \x01(\x04\x12\"\n\x1aprefix_lookup_tokens_total\x18\x06 \x01(\x04\x12\x1f\n\x17prefix_hit_tokens_total\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_cache_blocks\x18\x08 \x01(\r2\xcf\x01\n\x0ePrefillService\x12?\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x17.disagg.v1.PrefillEvent0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.PrefillStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64isagg/v1/prefill.proto\x12\tdisagg.v1\x1a\x16\x64isagg/v1/common.proto\"\x8a\x03\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.disagg.v1.SamplingParams\x12\x16\n\x0e\x64\x65\x63ode_address\x18\x04 \x01(\t\x12\x10\n\x08store_kv\x18\x05 \x01(\x08\x12\x17\n\x0fposition_offset\x18\x06 \x01(\r\x12\x18\n\x10transfer_attempt\x18\x07 \x01(\r\x12\x19\n\x11\x63lient_request_id\x18\x08 \x01(\t\x12\x1e\n\x11known_first_token\x18\t \x01(\rH\x00\x88\x01\x01\x12\x1a\n\x12\x64\x65\x63ode_kv_shm_host\x18\n \x01(\t\x12!\n\x19known_choice_first_tokens\x18\x0b \x03(\r\x12\x12\n\ncache_salt\x18\x0c \x01(\t\x12\x1c\n\x14\x64\x65\x63ode_cached_tokens\x18\r \x01(\rB\x14\n\x12_known_first_token\"\x9f\x01\n\nFirstToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12(\n\x07logprob\x18\x02 \x01(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x17.disagg.v1.TokenLogprob\x12\x13\n\x0b\x65nds_output\x18\x04 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x05 \x01(\r\"\xbd\x01\n\x0bPrefillDone\x12\x10\n\x08kv_bytes\x18\x01 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x17\n\x0f\x66orward_seconds\x18\x03 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x04 \x01(\x01\x12\x0e\n\x06stored\x18\x05 \x01(\x08\x12\x17\n\x0fhandoff_seconds\x18\x06 \x01(\x01\x12\x14\n\x0ckv_transport\x18\x07 \x01(\t\x12\x15\n\rcached_tokens\x18\x08 \x01(\r\"l\n\x0cPrefillEvent\x12,\n\x0b\x66irst_token\x18\x01 \x01(\x0b\x32\x15.disagg.v1.FirstTokenH\x00\x12&\n\x04\x64one\x18\x02 \x01(\x0b\x32\x16.disagg.v1.PrefillDoneH\x00\x42\x06\n\x04kind\"\xfa\x01\n\x0cPrefillStats\x12\x17\n\x0f\x61\x63tive_requests\x18\x01 \x01(\r\x12\x15\n\rkv_bytes_held\x18\x02 \x01(\x04\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12#\n\x05model\x18\x04 \x01(\x0b\x32\x14.disagg.v1.ModelInfo\x12\x1b\n\x13shm_transfers_total\x18\x05 \x01(\x04\x12\"\n\x1aprefix_lookup_tokens_total\x18\x06 \x01(\x04\x12\x1f\n\x17prefix_hit_tokens_total\x18\x07 \x01(\x04\x12\x1b\n\x13prefix_cache_blocks\x18\x08 \x01(\r2\xcf\x01\n\x0ePrefillService\x12?\n\x07Prefill\x12\x19.disagg.v1.PrefillRequest\x1a\x17.disagg.v1.PrefillEvent0\x01\x12\x41\n\x0cGetModelInfo\x12\x1b.disagg.v1.ModelInfoRequest\x1a\x14.disagg.v1.ModelInfo\x12\x39\n\x05Stats\x12\x17.disagg.v1.StatsRequest\x1a\x17.disagg.v1.PrefillStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,15 +33,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'disagg.v1.prefill_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREFILLREQUEST']._serialized_start=63
-  _globals['_PREFILLREQUEST']._serialized_end=427
-  _globals['_FIRSTTOKEN']._serialized_start=430
-  _globals['_FIRSTTOKEN']._serialized_end=589
-  _globals['_PREFILLDONE']._serialized_start=592
-  _globals['_PREFILLDONE']._serialized_end=781
-  _globals['_PREFILLEVENT']._serialized_start=783
-  _globals['_PREFILLEVENT']._serialized_end=891
-  _globals['_PREFILLSTATS']._serialized_start=894
-  _globals['_PREFILLSTATS']._serialized_end=1144
-  _globals['_PREFILLSERVICE']._serialized_start=1147
-  _globals['_PREFILLSERVICE']._serialized_end=1354
+  _globals['_PREFILLREQUEST']._serialized_end=457
+  _globals['_FIRSTTOKEN']._serialized_start=460
+  _globals['_FIRSTTOKEN']._serialized_end=619
+  _globals['_PREFILLDONE']._serialized_start=622
+  _globals['_PREFILLDONE']._serialized_end=811
+  _globals['_PREFILLEVENT']._serialized_start=813
+  _globals['_PREFILLEVENT']._serialized_end=921
+  _globals['_PREFILLSTATS']._serialized_start=924
+  _globals['_PREFILLSTATS']._serialized_end=1174
+  _globals['_PREFILLSERVICE']._serialized_start=1177
+  _globals['_PREFILLSERVICE']._serialized_end=1384
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id", "known_first_token", "decode_kv_shm_host", "known_choice_first_tokens", "cache_salt")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling", "decode_address", "store_kv", "position_offset", "transfer_attempt", "client_request_id", "known_first_token", "decode_kv_shm_host", "known_choice_first_tokens", "cache_salt", "decode_cached_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class PrefillRequest(_message.Message):
     DECODE_KV_SHM_HOST_FIELD_NUMBER: _ClassVar[int]
     KNOWN_CHOICE_FIRST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHE_SALT_FIELD_NUMBER: _ClassVar[int]
+    DECODE_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
@@ -33,7 +34,8 @@ class PrefillRequest(_message.Message):
     decode_kv_shm_host: str
     known_choice_first_tokens: _containers.RepeatedScalarFieldContainer[int]
     cache_salt: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ..., known_first_token: _Optional[int] = ..., decode_kv_shm_host: _Optional[str] = ..., known_choice_first_tokens: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ...) -> None: ...
+    decode_cached_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., decode_address: _Optional[str] = ..., store_kv: _Optional[bool] = ..., position_offset: _Optional[int] = ..., transfer_attempt: _Optional[int] = ..., client_request_id: _Optional[str] = ..., known_first_token: _Optional[int] = ..., decode_kv_shm_host: _Optional[str] = ..., known_choice_first_tokens: _Optional[_Iterable[int]] = ..., cache_salt: _Optional[str] = ..., decode_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class FirstToken(_message.Message):
     __slots__ = ("token_id", "logprob", "prompt_logprobs", "ends_output", "choice")

@@ -1,0 +1,218 @@
+"""Prefix caching on the decode worker: the full prompt blocks of a sequence whose KV arrived stay
+in the pool after it ends, evictable (least recently used first) and counted as free; a later
+prompt with the same prefix shares them, Accepted says how many tokens it holds, and the transfer
+carries only the rest (KvLayout.token_start). Cached blocks go before any running sequence is
+preempted and never count toward the reject threshold; a transfer that claims a start the decode
+does not hold, and a bad salt, get clear statuses."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import torch
+
+from services.client import GatewayClient
+from services.common.errors import CapacityExhausted, KvProtocolError
+from services.common.kv_codec import KvLayout
+from services.common.model_files import default_cache_dir
+from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.runtime import ModelRuntime
+from services.decode.blocks import BlockManager, BlockPool, LeasedWriter, PoolConfig
+from services.decode.cached_blocks import CachedBlocks
+from services.decode.scheduler import Scheduler, SchedulerLimits
+from services.decode.sequence import State
+from services.gateway.text import PromptEncoder
+from tests.conftest import RunningStack
+from tests.engine_harness import PROMPT, Harness, started
+from tests.kv_helpers import admit, real_transfer, replace, send
+from tests.test_scheduler import GEOMETRY, admitted, step
+
+BLOCK = 16
+KEYS = [f"k{i}" for i in range(8)]
+
+
+def _manager(blocks: int) -> BlockManager:
+    return BlockManager(PoolConfig(blocks, BLOCK), CachedBlocks())
+
+
+def test_a_finished_prompt_stays_cached_evictable_and_counted_as_free() -> None:
+    manager = _manager(8)
+    manager.allocate("a", 3 * BLOCK + 5)  # 3 full blocks and a partial one
+    manager.remember("a", KEYS[:3])
+    assert (manager.used, manager.cache.cached, manager.cache.evictable) == (4, 3, 0)  # type: ignore[union-attr]
+    manager.free("a")
+    assert (manager.used, manager.free_blocks, manager.pressure) == (0, 8, 0.0)
+    assert manager.cache.evictable == 3  # type: ignore[union-attr]
+    cached = manager.lookup(KEYS[:2])
+    assert cached == manager.lookup(KEYS)[:2] and len(manager.lookup(KEYS)) == 3
+    manager.allocate("b", 3 * BLOCK, cached=cached)
+    assert manager.table("b")[:2] == cached and manager.used == 3
+    assert manager.cache.evictable == 1  # type: ignore[union-attr]  # the third stayed behind
+
+
+def test_running_sequences_with_one_prefix_share_its_blocks() -> None:
+    manager = _manager(8)
+    manager.allocate("a", 2 * BLOCK + 1)
+    manager.remember("a", KEYS[:2])
+    manager.allocate("b", 2 * BLOCK + 1, cached=manager.lookup(KEYS[:2]))
+    assert manager.table("a")[:2] == manager.table("b")[:2] and manager.used == 4
+    manager.free("a")
+    assert manager.used == 3 and manager.cache.evictable == 0  # type: ignore[union-attr]  # b still uses them
+    manager.free("b")
+    assert manager.used == 0 and manager.cache.evictable == 2  # type: ignore[union-attr]
+
+
+def test_new_work_evicts_the_least_recently_used_cached_blocks_tail_first() -> None:
+    manager = _manager(4)
+    for name, keys in (("old", KEYS[:2]), ("new", KEYS[2:4])):
+        manager.allocate(name, 2 * BLOCK)
+        manager.remember(name, keys)
+        manager.free(name)
+    assert manager.free_blocks == 4 and manager.used == 0  # the pool is all cached blocks
+    manager.allocate("c", BLOCK)
+    # the older prompt loses its last block first: its first block still starts a usable prefix
+    assert manager.cache.evictions_total == 1 and manager.lookup(KEYS[:2]) != []  # type: ignore[union-attr]
+    assert len(manager.lookup(KEYS[:2])) == 1 and len(manager.lookup(KEYS[2:4])) == 2
+    with pytest.raises(CapacityExhausted):
+        manager.allocate("d", 3 * BLOCK + 1)  # 4 blocks: only 3 free or evictable
+    manager.allocate("d", 3 * BLOCK)
+    assert manager.cache.cached == 0 and manager.used == 4  # type: ignore[union-attr]
+
+
+def test_a_flush_returns_pool_accounting_to_zero() -> None:
+    manager = _manager(8)
+    for name, keys in (("done", KEYS[:2]), ("running", KEYS[4:6])):
+        manager.allocate(name, 2 * BLOCK + 3)
+        manager.remember(name, keys)
+    manager.free("done")
+    assert manager.flush() == 2 and manager.cache.cached == 0  # type: ignore[union-attr]
+    assert manager.lookup(KEYS[4:6]) == []  # no longer offered while still in use
+    manager.free("running")
+    assert (manager.used, manager.cache.cached, manager.cache.evictable) == (0, 0, 0)  # type: ignore[union-attr]
+    assert manager.free_blocks == manager.total
+
+
+def test_no_running_sequence_is_preempted_while_cached_blocks_can_be_evicted() -> None:
+    manager = _manager(6)
+    scheduler = Scheduler(manager, SchedulerLimits(8, 0.85, GEOMETRY.kv_bytes_per_token))
+    for name, keys in (("x", KEYS[:2]), ("y", KEYS[2:4])):
+        manager.allocate(name, 2 * BLOCK)
+        manager.remember(name, keys)
+        manager.free(name)
+    growers = [admitted(manager, name, BLOCK - 1, at=at) for at, name in enumerate(("a", "b"))]
+    for grower in growers:  # one block each; the other 4 hold cached blocks
+        grower.generated.append(5)
+        scheduler.ready(grower)
+    for _ in range(BLOCK):  # each grows into a second block: evictions make the room, never a preemption
+        plan = scheduler.schedule()
+        assert plan.run == growers and plan.swap_out == []
+        step(scheduler, plan.run)
+    assert manager.cache.evictions_total == 2 and manager.pressure == 4 / 6  # type: ignore[union-attr]
+
+
+def test_a_write_below_the_floor_leaves_the_shared_blocks_alone() -> None:
+    config = PoolConfig(4, BLOCK)
+    manager, pool = _manager(4), BlockPool(config, GEOMETRY, torch.device("cpu"))
+    owner = manager.allocate("owner", 2 * BLOCK)
+    LeasedWriter(pool, manager, owner).write(0, 0, torch.ones(1, 2 * BLOCK, 4), torch.ones(1, 2 * BLOCK, 4))
+    manager.remember("owner", KEYS[:1])
+    heir = manager.allocate("heir", 2 * BLOCK, cached=manager.lookup(KEYS[:1]))
+    LeasedWriter(pool, manager, heir, floor=BLOCK).write(0, 0, torch.zeros(1, 2 * BLOCK, 4),
+                                                         torch.zeros(1, 2 * BLOCK, 4))
+    keys, _ = pool.read(manager.table("heir"), 0, 2 * BLOCK)
+    assert keys[:, :BLOCK].eq(1).all() and keys[:, BLOCK:].eq(0).all()
+
+
+def test_a_layout_starting_later_cuts_its_chunks_from_there() -> None:
+    layout = KvLayout("r", "f", 2, 1, 4, 50, 16, 2, "float32", token_start=20)
+    assert layout.token_chunks == 3 and layout.sent_tokens == 30
+    assert [(s.token_start, s.token_end) for s in map(layout.span, range(3))] == [(20, 32), (32, 48), (48, 50)]
+    assert list(layout.token_range_chunks(0, 32)) == [0] and list(layout.token_range_chunks(32, 50)) == [1, 2]
+    with pytest.raises(KvProtocolError, match="token_start"):
+        KvLayout("r", "f", 2, 1, 4, 50, 16, 2, "float32", token_start=50)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ModelRuntime:
+    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
+
+
+@pytest.fixture
+async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
+    async with started(tiny) as running:
+        yield running
+
+
+async def test_a_repeated_local_prompt_takes_its_cached_blocks_and_answers_the_same(harness, tiny) -> None:
+    engine, prompt = harness.engine, PROMPT * 6  # 36 tokens: 2 full blocks may be cached
+    first = harness.admit("first", prompt)
+    engine.prefill_locally(first)
+    assert first.cached_tokens == 0 and await harness.tokens(first) == tiny.reference_generate(prompt, 6)
+    engine.release(first)
+    assert engine.blocks.used == 0 and engine.blocks.cache.evictable == 2
+    again = harness.admit("again", prompt)
+    assert again.cached_tokens == 2 * BLOCK and engine.blocks.cache.evictable == 0
+    engine.prefill_locally(again)
+    assert await harness.tokens(again) == tiny.reference_generate(prompt, 6)
+    engine.release(again)
+    assert engine.blocks.flush() == 2 and engine.blocks.used == 0 and engine.blocks.cache.cached == 0
+
+
+async def _decode_stats(address: str) -> decode_pb2.DecodeStats:
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+
+
+@pytest.mark.parametrize("gateway", ["gateway", "gateway_kvstore"])
+async def test_a_repeated_prompt_moves_no_block_the_decode_holds(memory_stack: RunningStack, runtime: ModelRuntime,
+                                                                 encoder: PromptEncoder, gateway: str) -> None:
+    prompt = (f"Decode workers keep the blocks of prompts they served ({gateway}): a second identical prompt "
+              "moves only its end. ")
+    ids = encoder.encode_text(prompt)
+    held = (len(ids) - 1) // BLOCK * BLOCK
+    per_token = runtime.geometry.kv_bytes_per_token
+    async with GatewayClient(memory_stack[gateway]) as client:
+        before = await _decode_stats(memory_stack["decode"])
+        first = await client.complete(prompt, max_tokens=6, temperature=0, ignore_eos=True)
+        middle = await _decode_stats(memory_stack["decode"])
+        second = await client.complete(prompt, max_tokens=6, temperature=0, ignore_eos=True)
+    after = await _decode_stats(memory_stack["decode"])
+    assert held > 0 and first.token_ids == second.token_ids == runtime.reference_generate(ids, 6)
+    assert middle.kv_bytes_received_total - before.kv_bytes_received_total == len(ids) * per_token
+    assert after.prefix_hit_tokens - middle.prefix_hit_tokens == held
+    assert after.kv_bytes_received_total - middle.kv_bytes_received_total == (len(ids) - held) * per_token
+    assert after.kv_bytes_saved_total - middle.kv_bytes_saved_total == held * per_token
+    assert after.blocks_used == 0 and after.prefix_evictable_blocks >= held // BLOCK
+
+
+async def test_a_transfer_starting_past_the_held_prefix_is_refused(memory_stack: RunningStack) -> None:
+    async with grpc.aio.insecure_channel(memory_stack["decode"]) as channel:
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        model = await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
+        call = await admit(stub, "claims-held-blocks", 40)  # a prompt no earlier test sent: nothing held
+        messages = real_transfer(model, "claims-held-blocks", 40, 16, model.num_layers)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await send(stub, [replace(messages[0], token_start=16), *messages[1:]])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "holds only the first 0 tokens" in caught.value.details()
+        call.cancel()
+
+
+async def test_bad_prefix_fields_on_the_workers_are_invalid_argument(memory_stack: RunningStack) -> None:
+    async with grpc.aio.insecure_channel(memory_stack["decode"]) as channel:
+        call = decode_pb2_grpc.DecodeServiceStub(channel).Generate(decode_pb2.DecodeRequest(
+            request_id="long-salt", prompt_token_ids=[1, 2, 3], cache_salt="x" * 257,
+            sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2), kv_source=decode_pb2.KV_SOURCE_DIRECT))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cache_salt" in caught.value.details()
+    async with grpc.aio.insecure_channel(memory_stack["prefill"]) as channel:
+        call = prefill_pb2_grpc.PrefillServiceStub(channel).Prefill(prefill_pb2.PrefillRequest(
+            request_id="past-the-end", prompt_token_ids=[1, 2, 3], decode_cached_tokens=3,
+            decode_address=memory_stack["decode"], sampling=common_pb2.SamplingParams(temperature=0, max_tokens=2)))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode_cached_tokens" in caught.value.details()
+    assert (await _decode_stats(memory_stack["decode"])).active_requests == 0
