@@ -14,7 +14,7 @@ from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling
 from services.decode.admission import AdmissionLimits
-from services.decode.blocks import PoolConfig
+from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.sequence import Sequence, Token
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.blocks import BlockManager
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
 
 BATCH = 24

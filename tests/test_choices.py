@@ -22,7 +22,8 @@ from services.common.runtime import ModelGeometry, ModelRuntime
 from services.common.sampling import Sampling
 from services.common.kv_wire import request_prefix, swap_prefix
 from services.decode.admission import Admission, AdmissionLimits
-from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.blocks import BlockManager
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.scheduler import Scheduler, SchedulerLimits
 from services.decode.sequence import Sequence, State, Token
 from services.gateway.text import PromptEncoder

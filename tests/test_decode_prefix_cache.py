@@ -19,10 +19,10 @@ from services.common.kv_codec import KvLayout
 from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelRuntime
-from services.decode.blocks import BlockManager, BlockPool, LeasedWriter, PoolConfig
+from services.decode.blocks import BlockManager, LeasedWriter
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.cached_blocks import CachedBlocks
 from services.decode.scheduler import Scheduler, SchedulerLimits
-from services.decode.sequence import State
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
 from tests.engine_harness import PROMPT, Harness, started

@@ -24,7 +24,7 @@ from services.common.kv_codec import (
 from services.common.kv_wire import _parse, from_pb, parse_wire, to_pb, wire_bytes
 from services.common.pb import kv_pb2
 from services.common.runtime import ModelGeometry
-from services.decode.blocks import BlockPool, PoolConfig
+from services.decode.pool import BlockPool, PoolConfig
 
 
 @pytest.mark.parametrize("checksum", [CRC32, CRC32C])

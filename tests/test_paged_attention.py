@@ -10,7 +10,8 @@ import torch
 
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
-from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.blocks import BlockManager
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
 
 

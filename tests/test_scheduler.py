@@ -10,7 +10,8 @@ import torch
 
 from services.common.runtime import ModelGeometry
 from services.common.sampling import Sampling
-from services.decode.blocks import BlockManager, BlockPool, LeasedWriter, LeaseRevoked, PoolConfig
+from services.decode.blocks import BlockManager, LeasedWriter, LeaseRevoked
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.scheduler import Scheduler, SchedulerLimits
 from services.decode.sequence import Sequence, State
 from services.decode.transfers import Poll, Transfer

@@ -14,7 +14,9 @@ finish and prints the figures (a steady load that a test or script ends when it 
 `--shared-prefix 8:1000` puts one of 8 distinct ~1,000-token prefixes in front of each prompt
 (--prompt-tokens is then the user turn after it); `--prefix-cache-compare` runs each load twice, first
 with every request salted apart (no prefix cache can serve it: "cache off"), then plain ("cache on"),
-and `--prefill-stats ADDR[,ADDR]` reads the prefill workers' prefix-cache hit counts for each run.
+`--prefill-stats ADDR[,ADDR]` and `--decode-stats ADDR[,ADDR]` read the workers' prefix-cache hit
+counts (and the decode's KV bytes moved and not moved) for each run; `--multi-turn 4` makes the
+requests conversations of 4 turns, each resending the conversation so far.
 `python -m services.bench profile` measures the model on this machine and advises prefill/decode
 worker counts (services.bench.advisor).
 """
@@ -28,15 +30,14 @@ import itertools
 import json
 import signal
 
-import grpc
 import sys
 import time
 from pathlib import Path
 
+from services.bench.cache_stats import cache_counts, cache_delta, cache_table
 from services.bench.report import Slo, summarize, table
 from services.bench.targets import GrpcTarget, OpenAITarget, RequestRecord, Target
 from services.bench.workload import BenchRequest, build, parse_shared_prefix
-from services.common.pb import common_pb2, prefill_pb2_grpc
 from services.common.tls_settings import add_tls_arguments, client_tls, sdk_tls_options
 
 
@@ -113,7 +114,7 @@ async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: l
     try:
         if args.warmup:  # salted: the warm-up fills no prefix cache
             warm = build(args.warmup, args.prompt_tokens, args.output_tokens, None, args.seed + 1, args.prompts_file,
-                         args.shared_prefix, salted=True)
+                         args.shared_prefix, salted=True, turns=args.multi_turn)
             await run_workload(target, warm, args.concurrency or 4, [], Progress(0, "", False), terminated)
         for rate, salted in itertools.product(args.rates or [None], (True, False) if args.prefix_cache_compare
                                               else (False,)):
@@ -122,9 +123,9 @@ async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: l
             label = (f"rate {rate:g}/s" if rate else f"conc {args.concurrency}") + (
                 (" off" if salted else " on") if args.prefix_cache_compare else "")
             requests = build(args.num_requests, args.prompt_tokens, args.output_tokens, rate, args.seed,
-                             args.prompts_file, args.shared_prefix, salted)
+                             args.prompts_file, args.shared_prefix, salted, args.multi_turn)
             live.clear()
-            hits_before = await prefix_counts(args.prefill_stats)
+            counts_before = await cache_counts(args.prefill_stats, args.decode_stats)
             started = time.perf_counter()
             try:
                 if args.duration:
@@ -135,36 +136,13 @@ async def bench(args: argparse.Namespace, runs: list[dict[str, object]], live: l
             finally:
                 runs.append(summarize(list(live), time.perf_counter() - started, slo, label))
             runs[-1]["duration_s"] = wall
-            if args.prefill_stats:
-                runs[-1]["prefix_cache"] = prefix_delta(hits_before, await prefix_counts(args.prefill_stats))
+            if args.prefill_stats or args.decode_stats:
+                runs[-1]["prefix_cache"] = cache_delta(counts_before, await cache_counts(args.prefill_stats,
+                                                                                         args.decode_stats))
     finally:
         with contextlib.suppress(ValueError, RuntimeError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
         await target.close()
-
-
-async def prefix_counts(addresses: list[str]) -> tuple[int, int]:
-    """(tokens looked up, tokens found) in the prefill workers' prefix caches, summed."""
-    looked_up = found = 0
-    for address in addresses:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stats = await prefill_pb2_grpc.PrefillServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
-        looked_up, found = looked_up + stats.prefix_lookup_tokens_total, found + stats.prefix_hit_tokens_total
-    return looked_up, found
-
-
-def prefix_delta(before: tuple[int, int], after: tuple[int, int]) -> dict[str, float]:
-    looked_up, found = after[0] - before[0], after[1] - before[1]
-    return {"lookup_tokens": looked_up, "hit_tokens": found, "hit_rate": found / looked_up if looked_up else 0.0}
-
-
-def prefix_table(runs: list[dict[str, object]]) -> str:
-    rows = [(run["label"], run["prefix_cache"]) for run in runs if "prefix_cache" in run]
-    if not rows:
-        return ""
-    return "\nprefill prefix cache (full blocks):\n" + "\n".join(
-        f"{label:>14}  looked up {c['lookup_tokens']:>8,.0f} tokens  found {c['hit_tokens']:>8,.0f}  "  # type: ignore[index]
-        f"hit rate {100 * c['hit_rate']:5.1f}%" for label, c in rows)  # type: ignore[index]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -195,6 +173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run each load with every request salted apart (cache off), then plain (cache on)")
     parser.add_argument("--prefill-stats", type=lambda v: [a for a in v.split(",") if a], default=[],
                         metavar="ADDR[,ADDR]", help="prefill workers whose prefix-cache counts each run reports")
+    parser.add_argument("--decode-stats", type=lambda v: [a for a in v.split(",") if a], default=[],
+                        metavar="ADDR[,ADDR]", help="decode workers whose prefix-cache counts and KV bytes received "
+                        "and not needed each run reports")
+    parser.add_argument("--multi-turn", type=int, default=1, metavar="TURNS",
+                        help="conversations of TURNS turns: each turn resends the conversation so far (user turns of "
+                        "--prompt-tokens and synthetic replies of --output-tokens) with a new user turn")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=2, help="requests sent (and not counted) first")
     parser.add_argument("--slo-ttft-ms", type=float, default=2000.0)
@@ -206,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency = None
     if args.num_requests <= 0 or (args.concurrency is not None and args.concurrency <= 0):
         parser.error("--num-requests and --concurrency must be > 0")
+    if args.multi_turn <= 0:
+        parser.error("--multi-turn must be > 0")
     if args.duration < 0 or (args.duration and args.rates):
         parser.error("--duration must be >= 0 and goes with --concurrency, not --rates")
     return args
@@ -228,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         interrupted = True
     print(json.dumps({"runs": runs, "interrupted": interrupted, "terminated": terminated.is_set()}, indent=2)
-          if args.json else table(runs) + prefix_table(runs)
+          if args.json else table(runs) + cache_table(runs)
           + ("\n(interrupted: figures so far)" if interrupted else "")
           + ("\n(SIGTERM: stopped early)" if terminated.is_set() else ""))
     if args.plot and runs:

@@ -14,7 +14,8 @@ import torch
 from services.bench.advisor import Profile, Workload, advise
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
-from services.decode.blocks import BlockManager, BlockPool, PoolConfig
+from services.decode.blocks import BlockManager
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
 
 TRANSFER_BYTES_PER_S = 0.5e9  # measured by `make bench-transfer` on this machine (gRPC stream)

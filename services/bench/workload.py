@@ -1,7 +1,8 @@
 """What a benchmark sends: prompts and output lengths (fixed, uniform, or from a JSONL file) and
 when (fixed concurrency, or Poisson arrivals at a rate), all repeatable from a seed. A shared-prefix
-workload puts one of a few long 'system prompts' in front of every prompt (real traffic repeats
-itself); a salted run gives every request its own cache salt, so no prefix cache can serve it."""
+workload puts one of a few long 'system prompts' in front of every prompt, and a multi-turn one
+resends each conversation with its next turn (real traffic repeats itself); a salted run gives
+every request its own cache salt, so no prefix cache can serve it."""
 
 from __future__ import annotations
 
@@ -50,9 +51,13 @@ def parse_shared_prefix(spec: str) -> tuple[int, int]:
 
 def build(num_requests: int, prompt_tokens: str, output_tokens: str, rate: float | None, seed: int,
           prompts_file: Path | None = None, shared_prefix: tuple[int, int] | None = None,
-          salted: bool = False) -> list[BenchRequest]:
-    """The requests; with `shared_prefix` (groups, tokens) request i starts with prefix i % groups,
-    and --prompt-tokens is the length of what follows it."""
+          salted: bool = False, turns: int = 1) -> list[BenchRequest]:
+    """The requests; with `shared_prefix` (groups, tokens) conversation c starts with prefix
+    c % groups, and --prompt-tokens is the length of each user turn after it. With `turns` > 1 the
+    requests are conversations: request i is turn i // C of conversation i % C (C conversations),
+    and resends the conversation so far (earlier user turns, each followed by a synthetic reply as
+    long as that turn's output) before its own user turn; a turn is sent after every conversation's
+    turn before it (as a chat client sends turn N+1 after reading turn N)."""
     rng = random.Random(seed)
     prefixes = [synthetic_prompt(random.Random(seed * 1000 + group), shared_prefix[1]) + "\n"
                 for group in range(shared_prefix[0])] if shared_prefix else []
@@ -60,14 +65,20 @@ def build(num_requests: int, prompt_tokens: str, output_tokens: str, rate: float
     records = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()] \
         if prompts_file else []
     requests, clock = [], 0.0
+    conversations = -(-num_requests // turns)
+    history = [""] * conversations  # each conversation so far
     for index in range(num_requests):
+        conversation = index % conversations
         if records:
             record = records[index % len(records)]
             prompt, max_tokens = record["prompt"], int(record.get("max_tokens", rng.randint(*output_range)))
         else:
             prompt, max_tokens = synthetic_prompt(rng, rng.randint(*prompt_range)), rng.randint(*output_range)
+        prompt = history[conversation] + prompt
+        if turns > 1:
+            history[conversation] = f"{prompt}\n{synthetic_prompt(rng, max_tokens)}\n"
         if prefixes:
-            prompt = prefixes[index % len(prefixes)] + prompt
+            prompt = prefixes[conversation % len(prefixes)] + prompt
         if rate:
             clock += rng.expovariate(rate)
         salt = f"bench-{seed}-{index}-{rng.getrandbits(32):08x}" if salted else ""

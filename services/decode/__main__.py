@@ -16,7 +16,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
-from services.decode.blocks import PoolConfig
+from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.servicer import DecodeServicer, add_to_server
 from services.decode.settings import DecodeSettings

@@ -1,8 +1,6 @@
-"""The decode worker's paged KV pool.
+"""Who holds which blocks of the decode worker's paged KV pool (pool.py holds the tensors).
 
-KV lives in fixed-size blocks of `block_size` tokens, in one tensor per layer for keys and one for
-values ([num_blocks, block_size, kv_heads, head_dim]: a gathered run of blocks is already a
-[tokens, kv_heads, head_dim] sequence, no second copy needed). The BlockManager hands blocks to sequences
+KV lives in fixed-size blocks of `block_size` tokens. The BlockManager hands blocks to sequences
 and takes them back; usage (used / total blocks) is exact, and is the worker's KV pressure. Every
 reservation carries a lease, and every writer proves it still holds one (see BlockManager). The
 choices of one request (sampling.n) share their prompt's full blocks, counted by reference; each
@@ -21,116 +19,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy
 import torch
 
 from services.common.errors import CapacityExhausted, RequestCancelled
 from services.common.kv_codec import ChunkSpan
-from services.common.runtime import DTYPES, ModelGeometry
 from services.decode.cached_blocks import CachedBlocks
+from services.decode.pool import BlockPool, PoolConfig
 
 
 class LeaseRevoked(RequestCancelled):
     """A write on a lease that was revoked: the request was released, or a newer writer took over."""
-
-
-@dataclass(frozen=True, slots=True)
-class PoolConfig:
-    """Size of the pool: `num_blocks` blocks of `block_size` tokens."""
-
-    num_blocks: int
-    block_size: int
-
-    def __post_init__(self) -> None:
-        if self.num_blocks <= 0 or self.block_size <= 0:
-            raise ValueError(f"KV pool needs num_blocks > 0 and block_size > 0, got {self}")
-
-    @staticmethod
-    def from_megabytes(megabytes: float, block_size: int, geometry: ModelGeometry) -> PoolConfig:
-        block_bytes = geometry.kv_bytes_per_token * block_size
-        return PoolConfig(max(1, int(megabytes * 1024 * 1024) // block_bytes), block_size)
-
-
-class BlockPool:
-    """The storage: per layer, keys and values of every block."""
-
-    def __init__(self, config: PoolConfig, geometry: ModelGeometry, device: torch.device) -> None:
-        shape = (config.num_blocks, config.block_size, geometry.num_kv_heads, geometry.head_dim)
-        dtype = DTYPES[geometry.dtype]
-        self.block_size = config.block_size
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
-
-    def write(self, blocks: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
-        end = start + keys.shape[1]
-        first_full, last_full = -(-start // self.block_size), end // self.block_size
-        if first_full < last_full:  # whole blocks in one copy per tensor (a chunk is mostly whole blocks)
-            self._write_whole_blocks(blocks[first_full:last_full], layer, first_full * self.block_size - start,
-                                     keys, values)
-            self._write_rows(blocks, layer, start, keys, values, start, first_full * self.block_size)
-            self._write_rows(blocks, layer, start, keys, values, last_full * self.block_size, end)
-        else:
-            self._write_rows(blocks, layer, start, keys, values, start, end)
-
-    def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
-                            values: torch.Tensor) -> None:
-        """Whole blocks, one copy per run of consecutive blocks (a chunk's blocks are mostly one run)."""
-        for pool, source in ((self.keys[layer], keys), (self.values[layer], values)):
-            tokens = source.transpose(0, 1)  # [tokens, kv_heads, head_dim], the pool's row layout
-            for index, first, count in block_runs(blocks):
-                rows = first_row + index * self.block_size
-                copy_rows(pool[first : first + count].flatten(0, 1), tokens[rows : rows + count * self.block_size])
-
-    def _write_rows(self, blocks: list[int], layer: int, start: int, keys: torch.Tensor, values: torch.Tensor,
-                    position: int, end: int) -> None:
-        """Token positions [position, end) of keys/values that begin at `start`, block piece by piece."""
-        while position < end:
-            block, offset = divmod(position, self.block_size)
-            take = min(self.block_size - offset, end - position)
-            rows = slice(position - start, position - start + take)
-            self.keys[layer][blocks[block], offset : offset + take] = keys[:, rows].transpose(0, 1)
-            self.values[layer][blocks[block], offset : offset + take] = values[:, rows].transpose(0, 1)
-            position += take
-
-    def copy_block(self, source: int, target: int) -> None:
-        """Every layer's keys and values of block `source` into block `target`."""
-        for tensors in (self.keys, self.values):
-            for layer in tensors:
-                copy_rows(layer[target], layer[source])
-
-    def read(self, blocks: list[int], layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [kv_heads, length, head_dim] of one layer of a sequence."""
-        index = torch.tensor(blocks, device=self.keys[layer].device)
-        keys = self.keys[layer].index_select(0, index).flatten(0, 1)[:length].transpose(0, 1)
-        values = self.values[layer].index_select(0, index).flatten(0, 1)[:length].transpose(0, 1)
-        return keys, values
-
-
-def block_runs(blocks: list[int]) -> Iterator[tuple[int, int, int]]:
-    """(index in `blocks`, first block, count) of each run of consecutive block numbers."""
-    index = 0
-    while index < len(blocks):
-        count = 1
-        while index + count < len(blocks) and blocks[index + count] == blocks[index] + count:
-            count += 1
-        yield index, blocks[index], count
-        index += count
-
-
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
-    """target[:] = source, bit for bit. On the CPU numpy copies, on the calling thread alone and
-    without the GIL: torch would split the copy over every intra-op thread, and a thread of the
-    split that waits for a core (the event loop, a decode step, the sender) holds up the rest;
-    measured, that made receiving a transfer 1.7x slower on two busy cores."""
-    if target.device.type != "cpu" or source.device.type != "cpu":
-        target.copy_(source)
-        return
-    width = _SAME_WIDTH_INT[target.element_size()]
-    numpy.copyto(target.view(width).numpy(), source.view(width).numpy())
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +101,20 @@ class BlockManager:
             return self._grant(owner)
 
     def _take(self, count: int) -> list[int]:
-        """New blocks: free ones first, then the least recently used evictable cached ones."""
-        taken = [self._free.pop() if self._free else self.cache.evict() for _ in range(count)]  # type: ignore
+        """New blocks (the caller checked there are enough)."""
+        taken = [self._next_free() for _ in range(count)]
         for block in taken:
             self._refs[block] = 1
-        return taken  # type: ignore[return-value]
+        return taken
+
+    def _next_free(self) -> int:
+        """A free block, else the least recently used evictable cached one."""
+        if self._free:
+            return self._free.pop()
+        block = None if self.cache is None else self.cache.evict()
+        if block is None:
+            raise CapacityExhausted("KV pool full")
+        return block
 
     def remember(self, owner: str, keys: list[str]) -> None:
         """The owner's leading blocks hold complete prompt blocks with these keys: cache them."""

@@ -25,33 +25,30 @@ A failing step fails only its own sequences. If the loop itself ever ends, `on_f
 (the worker turns NOT_SERVING and exits non-zero); a step running past --step-timeout-seconds is
 treated the same way, since the model thread cannot be interrupted.
 
-Spans: `kv.handoff` (prefill forward end -> sequence ready here; kv.handoff_ms, kv.bytes; the two
-ends use different hosts' clocks) and `decode.preempt` events in the log.
+Spans: `kv.handoff` (kv_accounting.py) and `decode.preempt` events in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
 import torch
-from opentelemetry import trace
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
-from services.common.prefix_keys import block_keys
 from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
-from services.common.telemetry import perf_to_unix_nanos
 from services.decode.admission import Admission, AdmissionLimits
-from services.decode.blocks import BlockManager, BlockPool, Lease, LeasedWriter, PoolConfig
+from services.decode.blocks import BlockManager, Lease, LeasedWriter
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.cached_blocks import CachedBlocks
+from services.decode.kv_accounting import KvAccounting
 from services.decode.choosing import TokenChooser
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
@@ -60,7 +57,6 @@ from services.decode.swap import KvSwapper
 from services.decode.transfers import Transfer
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("disagg.decode")
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -103,6 +99,8 @@ class DecodeEngine:
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))
+        self.accounting = KvAccounting(self.blocks, runtime.geometry.fingerprint, runtime.geometry.kv_bytes_per_token,
+                                       metrics)
         self._admission = Admission(runtime.geometry, self.blocks, limits.admission)
         self._chooser = TokenChooser(runtime)
         self.sequences: dict[str, Sequence] = {}
@@ -111,8 +109,6 @@ class DecodeEngine:
         self._tasks = TaskSet()
         self.requests_total = 0
         self.preemptions_total = 0
-        self.prefix_lookup_tokens = self.prefix_hit_tokens = 0  # since start (also in the metrics)
-        self.kv_bytes_received = self.kv_bytes_saved = 0
 
     def start(self) -> None:
         loop = self._tasks.spawn(self._loop(), "decode-loop")
@@ -138,7 +134,7 @@ class DecodeEngine:
         request.siblings = [request.sibling(choice) for choice in range(1, request.sampling.n)]
         self._admission.check(request, self.sequences)
         spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
-        cached = self._cached_prefix(request)
+        cached = self.accounting.cached_prefix(request)
         request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare, cached)
         request.cached_tokens = len(cached) * self.blocks.block_size
         for choice in request.choices:
@@ -147,25 +143,6 @@ class DecodeEngine:
         self._deadlines[request.request_id] = asyncio.get_running_loop().call_later(
             self._limits.kv_timeout_seconds, self._kv_deadline, request)
         return request
-
-    def _cached_prefix(self, request: Sequence) -> list[int]:
-        """The cached blocks of the prompt's longest cached prefix; never its last token (which the
-        first decode step needs computed KV before), never for a scored prompt (its scores need
-        the whole forward pass, here or on the prefill)."""
-        if self.blocks.cache is None:
-            return []
-        request.block_keys = block_keys(request.prompt_ids, self.blocks.block_size,
-                                        self._runtime.geometry.fingerprint, request.cache_salt)
-        if request.sampling.prompt_logprobs is not None:
-            return []
-        offered = request.block_keys[: (len(request.prompt_ids) - 1) // self.blocks.block_size]
-        cached = self.blocks.lookup(offered)
-        looked_up, found = len(offered) * self.blocks.block_size, len(cached) * self.blocks.block_size
-        self._metrics.prefix_lookup_tokens.inc(looked_up)
-        self._metrics.prefix_hit_tokens.inc(found)
-        self.prefix_lookup_tokens += looked_up
-        self.prefix_hit_tokens += found
-        return cached
 
     def _kv_deadline(self, sequence: Sequence) -> None:
         if sequence.state is State.AWAITING_KV:
@@ -185,13 +162,7 @@ class DecodeEngine:
         """A pushed transfer is complete and verified; refused if the request no longer wants it."""
         if sequence.state is not State.AWAITING_KV or not self.blocks.holds(lease):
             raise RequestCancelled(f"request {sequence.request_id!r} was cancelled or its KV superseded")
-        sequence.kv_bytes_received = receipt.byte_count
-        saved = sequence.kv_start * self._runtime.geometry.kv_bytes_per_token
-        self._metrics.kv_bytes_received.inc(receipt.byte_count)
-        self._metrics.kv_bytes_saved.inc(saved)
-        self.kv_bytes_received += receipt.byte_count
-        self.kv_bytes_saved += saved
-        self._record_handoff(receipt)
+        self.accounting.received(sequence, receipt)
         firsts = (receipt.first_token, *receipt.choice_first_tokens)
         if len(firsts) != len(sequence.choices):
             raise KvProtocolError(f"KV end carries first tokens for {len(firsts)} choices; the request has "
@@ -264,14 +235,6 @@ class DecodeEngine:
         self._scheduler.finish(sequence)
         sequence.events.put_nowait(error if isinstance(error, Exception) else RequestCancelled(str(error)))
         self._wake.set()
-
-    def _record_handoff(self, receipt: KvReceipt) -> None:
-        now = perf_to_unix_nanos(time.perf_counter())
-        start = min(receipt.forward_end_unix_nanos or now, now)
-        latency = (now - start) / 1e9
-        tracer.start_span("kv.handoff", start_time=start, attributes={
-            "kv.handoff_ms": latency * 1e3, "kv.bytes": receipt.byte_count}).end(end_time=now)
-        self._metrics.handoff_seconds.observe(latency)
 
     async def events(self, sequence: Sequence) -> AsyncIterator[Token | Finished]:
         """What the request's Generate stream sends, until every choice has Finished. Raises the

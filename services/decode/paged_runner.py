@@ -28,7 +28,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from services.common.runtime import ModelRuntime
-from services.decode.blocks import BlockPool
+from services.decode.pool import BlockPool
 
 
 @dataclass(frozen=True, slots=True)

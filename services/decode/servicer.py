@@ -189,10 +189,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                       prefix_cached_blocks=load.prefix_cached_blocks,
                                       prefix_evictable_blocks=load.prefix_evictable_blocks,
                                       prefix_evictions_total=blocks.cache.evictions_total if blocks.cache else 0,
-                                      prefix_lookup_tokens=engine.prefix_lookup_tokens,
-                                      prefix_hit_tokens=engine.prefix_hit_tokens,
-                                      kv_bytes_received_total=engine.kv_bytes_received,
-                                      kv_bytes_saved_total=engine.kv_bytes_saved)
+                                      prefix_lookup_tokens=engine.accounting.prefix_lookup_tokens,
+                                      prefix_hit_tokens=engine.accounting.prefix_hit_tokens,
+                                      kv_bytes_received_total=engine.accounting.kv_bytes_received,
+                                      kv_bytes_saved_total=engine.accounting.kv_bytes_saved)
 
     @grpc_edge(new_work=False)
     async def ResetPrefixCache(self, request: decode_pb2.ResetPrefixCacheRequest,

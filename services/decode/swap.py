@@ -18,7 +18,8 @@ from services.common.kv_wire import KvMessage, chunk_key, end_key, key_of, layou
 from services.common.kvstore_client import KvStoreClient
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
-from services.decode.blocks import BlockPool, LeasedWriter
+from services.decode.blocks import LeasedWriter
+from services.decode.pool import BlockPool
 from services.decode.sequence import Sequence
 
 log = logging.getLogger(__name__)
