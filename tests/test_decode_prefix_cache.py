@@ -15,13 +15,17 @@ import torch
 
 from services.client import GatewayClient
 from services.common.errors import CapacityExhausted, KvProtocolError
-from services.common.kv_codec import KvLayout
+from services.common.kv_codec import AssemblyLimits, KvAssembler, KvEnd, KvLayout, encode_chunk
 from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager, LeasedWriter
 from services.decode.pool import BlockPool, PoolConfig
+from services.common.sampling import Sampling
+from services.decode.admission import Admission, AdmissionLimits
 from services.decode.cached_blocks import CachedBlocks
+from services.decode.engine import DecodeEngine
+from services.decode.sequence import Sequence
 from services.decode.scheduler import Scheduler, SchedulerLimits
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
@@ -216,3 +220,74 @@ async def test_bad_prefix_fields_on_the_workers_are_invalid_argument(memory_stac
             await call.read()
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode_cached_tokens" in caught.value.details()
     assert (await _decode_stats(memory_stack["decode"])).active_requests == 0
+
+
+# Defects a review found, one test each --------------------------------------------------------
+
+def test_a_request_fits_with_its_cached_prefix_when_the_whole_prompt_would_not() -> None:
+    manager = _manager(8)
+    manager.allocate("running", 5 * BLOCK + 1)  # 6 blocks; its 5 full ones cached; 2 blocks free
+    manager.remember("running", KEYS[:5])
+    again = Sequence("again", [1] * (5 * BLOCK + 1), Sampling(temperature=0, max_tokens=4))
+    admission = Admission(GEOMETRY, manager, AdmissionLimits(16, 0.95))
+    admission.check_room(again, manager.lookup(KEYS[:5]))  # 1 new block needed, not 6
+    with pytest.raises(CapacityExhausted, match="needs 6 blocks, 2 free"):
+        admission.check_room(again, [])
+
+
+def test_a_stored_layout_starting_past_the_held_prefix_is_refused() -> None:
+    """The announced layout passed admission; the one read back from the kvstore is checked too."""
+    layout = KvLayout("r", GEOMETRY.fingerprint, GEOMETRY.num_layers, GEOMETRY.num_kv_heads, GEOMETRY.head_dim, 40,
+                      16, 2, GEOMETRY.dtype, token_start=16)
+    assembler = KvAssembler("r", GEOMETRY, 40, AssemblyLimits(2**20), None, held_tokens=0)  # type: ignore[arg-type]
+    with pytest.raises(KvProtocolError, match="holds only the first 0 tokens"):
+        assembler.accept_layout(layout)
+    KvAssembler("r", GEOMETRY, 40, AssemblyLimits(2**20), None, held_tokens=16).accept_layout(layout)  # type: ignore
+
+
+def test_a_flush_keeps_requests_admitted_before_it_from_naming_their_blocks() -> None:
+    manager = _manager(8)
+    manager.allocate("first", 2 * BLOCK + 1)
+    manager.remember("first", KEYS[:2], manager.cache_generation)
+    manager.free("first")
+    generation = manager.cache_generation
+    manager.allocate("admitted", 2 * BLOCK + 1, cached=manager.lookup(KEYS[:2]))  # its KV still on its way
+    manager.flush()
+    manager.remember("admitted", KEYS[:2], generation)  # its KV arrives after the flush
+    manager.free("admitted")
+    assert manager.lookup(KEYS[:2]) == [] and manager.cache.cached == 0 and manager.used == 0  # type: ignore
+
+
+async def _pushed(engine: DecodeEngine, sequence: Sequence, encoding: str, firsts: tuple[int, ...] = ()) -> None:
+    """A transfer of random KV in `encoding` into an admitted sequence, completed (first token 5)."""
+    g, tokens = engine._runtime.geometry, len(sequence.prompt_ids)
+    layout = KvLayout(sequence.request_id, g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, tokens, 64,
+                      g.num_layers, g.dtype, encoding)
+    target, assembler = engine.begin_transfer(layout)
+    lease = target.lease
+    assembler.accept_layout(layout)
+    keys, values = (torch.randn(g.num_layers, g.num_kv_heads, tokens, g.head_dim) for _ in range(2))
+    for index in range(layout.chunk_count):
+        assembler.accept_chunk(encode_chunk(layout, index, keys, values))
+    engine.complete(target, lease, assembler.finish(KvEnd(sequence.request_id, layout.chunk_count, 5, 0, firsts)))
+
+
+@pytest.mark.parametrize(("encoding", "cached"), [("raw", 2), ("fp8", 0)])
+async def test_lossy_kv_joins_no_cache(harness: Harness, encoding: str, cached: int) -> None:
+    """fp8 KV depends on its chunk's scales, so on the rest of the prompt it came with: a later
+    prompt sharing only the prefix would get values its own transfer would not have carried."""
+    engine = harness.engine
+    sequence = harness.admit(encoding, PROMPT * 6, max_tokens=2)
+    await _pushed(engine, sequence, encoding)
+    await harness.tokens(sequence)
+    engine.release(sequence)
+    assert engine.blocks.cache.cached == cached
+
+
+async def test_a_refused_transfer_end_counts_no_bytes(harness: Harness) -> None:
+    engine = harness.engine
+    sequence = harness.admit("one-choice", PROMPT * 6)
+    with pytest.raises(KvProtocolError, match="first tokens for 2 choices"):
+        await _pushed(engine, sequence, "raw", firsts=(7,))
+    assert engine.accounting.kv_bytes_received == 0
+    engine.release(sequence)

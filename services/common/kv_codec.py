@@ -204,6 +204,15 @@ class KvReceipt:
     byte_count: int
     forward_end_unix_nanos: int
     choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1 .. n-1
+    encoding: str = RAW_ENCODING  # of the chunks it came in (fp8: lossy)
+    token_start: int = 0  # first token the chunks carried (the receiver held the ones before)
+
+
+def check_token_start(layout: KvLayout, held_tokens: int) -> None:
+    """A transfer may leave out only leading tokens the receiver already holds (KvProtocolError)."""
+    if layout.token_start > held_tokens:
+        raise KvProtocolError(f"the KV transfer starts at token {layout.token_start}, but this worker holds only "
+                              f"the first {held_tokens} tokens of {layout.request_id!r}'s prompt")
 
 
 class KvTarget(Protocol):
@@ -230,10 +239,11 @@ class KvAssembler:
     """
 
     def __init__(self, request_id: str, geometry: ModelGeometry, num_tokens: int, limits: AssemblyLimits,
-                 target: KvTarget) -> None:
+                 target: KvTarget, held_tokens: int = 0) -> None:
         self._request_id = request_id
         self._geometry = geometry
         self._num_tokens = num_tokens
+        self._held_tokens = held_tokens  # leading tokens the target holds already: chunks may start there
         self._limits = limits
         self._target = target
         self._layout: KvLayout | None = None
@@ -253,6 +263,7 @@ class KvAssembler:
                                 f"does not match this worker's {expected}")
         if layout.num_tokens != self._num_tokens:
             raise KvProtocolError(f"KV layout covers {layout.num_tokens} tokens, the prompt has {self._num_tokens}")
+        check_token_start(layout, self._held_tokens)
         self._layout = layout
 
     def accept_chunk(self, chunk: KvChunk) -> None:
@@ -317,7 +328,8 @@ class KvAssembler:
                 raise KvProtocolError(f"KV end's first token {token} is outside the model's vocabulary "
                                       f"of {self._geometry.vocab_size}")
         self.check_complete()
-        return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos, end.choice_first_tokens)
+        return KvReceipt(end.first_token, self.bytes_received, end.forward_end_unix_nanos, end.choice_first_tokens,
+                         layout.encoding, layout.token_start)
 
     def check_complete(self) -> None:
         layout = self._require_layout()

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, UnknownRequest
-from services.common.kv_codec import KvLayout
+from services.common.kv_codec import KvLayout, check_token_start
 from services.common.logit_controls import check_vocabulary
 from services.common.prefix_keys import check_salt
 from services.common.runtime import ModelGeometry
@@ -71,10 +71,15 @@ class Admission:
                                     "each choice counting as one)")
         if self._blocks.pressure > self._limits.reject_threshold:
             raise CapacityExhausted(f"KV pool pressure {self._blocks.pressure:.2f} is above the reject threshold")
+
+    def check_room(self, request: Sequence, cached: list[int]) -> None:
+        """Room now for the prompt's blocks beyond its cached prefix (`cached`, shared), and a spare
+        block for each other choice's copy of a partial last block."""
         prompt = len(request.prompt_ids)
-        needed = self._blocks.blocks_for(prompt) + (request.sampling.n - 1) * (prompt % self._blocks.block_size > 0)
-        if needed > self._blocks.free_blocks:
-            raise CapacityExhausted(f"KV pool full: the prompt needs {needed} blocks, {self._blocks.free_blocks} free")
+        needed = (self._blocks.blocks_for(prompt) - len(cached)
+                  + (request.sampling.n - 1) * (prompt % self._blocks.block_size > 0))
+        if needed > (available := self._blocks.available(cached)):
+            raise CapacityExhausted(f"KV pool full: the prompt needs {needed} blocks, {available} free")
 
     @staticmethod
     def transfer_target(layout: KvLayout, live: dict[str, Sequence]) -> Sequence:
@@ -91,9 +96,7 @@ class Admission:
             raise AlreadyExists(f"request {layout.request_id!r} already holds its complete KV")
         if sequence.transfer is not None:
             raise KvProtocolError(f"request {layout.request_id!r} computes its KV on this worker")
-        if layout.token_start > sequence.cached_tokens:
-            raise KvProtocolError(f"the KV transfer starts at token {layout.token_start}, but this worker holds only "
-                                  f"the first {sequence.cached_tokens} tokens of {layout.request_id!r}'s prompt")
+        check_token_start(layout, sequence.cached_tokens)  # (before a bad transfer can supersede a good one)
         if layout.transfer_attempt <= sequence.transfer_attempt:
             raise KvProtocolError(f"request {layout.request_id!r} already has a KV transfer "
                                   f"(attempt {sequence.transfer_attempt}; this one is {layout.transfer_attempt})")

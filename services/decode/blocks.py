@@ -90,8 +90,7 @@ class BlockManager:
             raise ValueError(f"{owner!r} already holds blocks")
         cached = cached or []
         needed = self.blocks_for(tokens) - len(cached) + spare
-        available = self.free_blocks - sum(self._refs[block] == 0 for block in cached)  # (evictable ones)
-        if needed > available:
+        if needed > (available := self.available(cached)):
             raise CapacityExhausted(f"KV pool full: {needed} blocks needed, {available} free")
         with self._lock:
             for block in cached:  # claimed before _take, which may evict
@@ -99,6 +98,11 @@ class BlockManager:
                 self.cache.claim(block)  # type: ignore[union-attr]
             self._tables[owner] = cached + self._take(needed)
             return self._grant(owner)
+
+    def available(self, cached: list[int]) -> int:
+        """Blocks a new owner can take besides these cached ones (which, when evictable, stop counting
+        as free once it takes them)."""
+        return self.free_blocks - sum(self._refs[block] == 0 for block in cached)
 
     def _take(self, count: int) -> list[int]:
         """New blocks (the caller checked there are enough)."""
@@ -116,9 +120,14 @@ class BlockManager:
             raise CapacityExhausted("KV pool full")
         return block
 
-    def remember(self, owner: str, keys: list[str]) -> None:
-        """The owner's leading blocks hold complete prompt blocks with these keys: cache them."""
-        if self.cache is not None:
+    @property
+    def cache_generation(self) -> int:
+        return 0 if self.cache is None else self.cache.generation
+
+    def remember(self, owner: str, keys: list[str], generation: int = 0) -> None:
+        """The owner's leading blocks hold complete prompt blocks with these keys: cache them, unless
+        the cache was flushed since the owner was admitted at `generation` (its KV may be stale)."""
+        if self.cache is not None and generation == self.cache.generation:
             self.cache.name(self._tables[owner][: len(keys)], keys)
 
     def flush(self) -> int:
@@ -226,13 +235,10 @@ class LeasedWriter:
 
     def write(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
-        if start < self._floor:
-            skip = self._floor - start
-            if skip >= keys.shape[1]:
-                return
-            start, keys, values = self._floor, keys[:, skip:], values[:, skip:]
-        with self._blocks.writing(self.lease) as table:
-            self._pool.write(table, layer, start, keys, values)
+        skip = max(0, self._floor - start)
+        with self._blocks.writing(self.lease) as table:  # checked even for a write all below the floor
+            if skip < keys.shape[1]:
+                self._pool.write(table, layer, start + skip, keys[:, skip:], values[:, skip:])
 
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
         """A verified chunk [layers, 2, kv_heads, tokens, head_dim] (the assembler's KvTarget)."""

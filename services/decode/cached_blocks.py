@@ -23,6 +23,7 @@ class CachedBlocks:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # least recently used first
         self._on_evict = on_evict
         self.evictions_total = 0
+        self.generation = 0  # one more at each flush
 
     @property
     def cached(self) -> int:
@@ -80,6 +81,7 @@ class CachedBlocks:
         """Forget every name: returns the evictable blocks (for the free list); blocks in use go
         back to the pool as plain blocks when their sequences end."""
         freed = list(self._evictable)
+        self.generation += 1
         self._evictable.clear()
         self._by_key.clear()
         self._key_of.clear()

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
-from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, KvReceipt
+from services.common.kv_codec import RAW_ENCODING, AssemblyLimits, KvAssembler, KvLayout, KvReceipt
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
@@ -46,11 +46,11 @@ from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
 from services.decode.admission import Admission, AdmissionLimits
 from services.decode.blocks import BlockManager, Lease, LeasedWriter
-from services.decode.pool import BlockPool, PoolConfig
 from services.decode.cached_blocks import CachedBlocks
-from services.decode.kv_accounting import KvAccounting
 from services.decode.choosing import TokenChooser
+from services.decode.kv_accounting import KvAccounting
 from services.decode.paged_runner import PagedRunner, StepSlot
+from services.decode.pool import BlockPool, PoolConfig
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
 from services.decode.sequence import Event, Finished, Sequence, State, Token
 from services.decode.swap import KvSwapper
@@ -133,10 +133,12 @@ class DecodeEngine:
         blocks, with a spare block for each other choice's copy of a partial last block."""
         request.siblings = [request.sibling(choice) for choice in range(1, request.sampling.n)]
         self._admission.check(request, self.sequences)
-        spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
         cached = self.accounting.cached_prefix(request)
+        self._admission.check_room(request, cached)
+        spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
         request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare, cached)
         request.cached_tokens = len(cached) * self.blocks.block_size
+        request.cache_generation = self.blocks.cache_generation
         for choice in request.choices:
             self.sequences[choice.request_id] = choice
         self.requests_total += 1
@@ -153,20 +155,21 @@ class DecodeEngine:
         sequence = self._admission.transfer_target(layout, self.sequences)
         sequence.lease = self.blocks.renew(sequence.request_id)  # an older, unfinished transfer loses its lease
         sequence.transfer_attempt = layout.transfer_attempt
-        sequence.kv_start = layout.token_start
         writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)
         return sequence, KvAssembler(sequence.request_id, self._runtime.geometry, len(sequence.prompt_ids),
-                                     self._limits.assembly, writer)
+                                     self._limits.assembly, writer, sequence.cached_tokens)
 
     def complete(self, sequence: Sequence, lease: Lease, receipt: KvReceipt) -> None:
         """A pushed transfer is complete and verified; refused if the request no longer wants it."""
         if sequence.state is not State.AWAITING_KV or not self.blocks.holds(lease):
             raise RequestCancelled(f"request {sequence.request_id!r} was cancelled or its KV superseded")
-        self.accounting.received(sequence, receipt)
         firsts = (receipt.first_token, *receipt.choice_first_tokens)
         if len(firsts) != len(sequence.choices):
             raise KvProtocolError(f"KV end carries first tokens for {len(firsts)} choices; the request has "
                                   f"{len(sequence.choices)}")
+        self.accounting.received(sequence, receipt)
+        if receipt.encoding != RAW_ENCODING:  # lossy KV (its chunk's scales) joins no cache: others would get it
+            sequence.block_keys = []
         self._kv_arrived(sequence, [Token(first, sequence.position_offset, choice=choice)
                                     for choice, first in enumerate(firsts)])
 
@@ -184,7 +187,7 @@ class DecodeEngine:
     def prefill_locally(self, sequence: Sequence) -> None:
         """Unified mode: compute the prompt's KV here, as a background fill the scheduler polls;
         the first token is streamed too."""
-        writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore
+        writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore[arg-type]
         transfer = Transfer.start(self._tasks, self._local_prefill(sequence, writer),
                                   f"prefill-{sequence.request_id}", self._wake.set)
         self._scheduler.watch(sequence, transfer)
@@ -209,7 +212,7 @@ class DecodeEngine:
         """The KV is complete: the other choices fork from it, and each choice's first token goes
         out on the stream too (the gateway has it from the prefill already, unless that prefill
         died before passing it on) and the choice joins. Its full prompt blocks join the prefix cache."""
-        self.blocks.remember(sequence.request_id, sequence.block_keys)
+        self.blocks.remember(sequence.request_id, sequence.block_keys, sequence.cache_generation)
         for choice in sequence.siblings:  # all forked before any choice may fail and free the prompt's blocks
             choice.lease, copy = self.blocks.fork(sequence.request_id, choice.request_id, len(sequence.prompt_ids))
             if copy is not None:

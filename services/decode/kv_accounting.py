@@ -50,7 +50,7 @@ class KvAccounting:
 
     def received(self, sequence: Sequence, receipt: KvReceipt) -> None:
         """A transfer is complete: its bytes, the bytes of the prefix it skipped, its handoff span."""
-        saved = sequence.kv_start * self._bytes_per_token
+        saved = receipt.token_start * self._bytes_per_token
         sequence.kv_bytes_received = receipt.byte_count
         self._metrics.kv_bytes_received.inc(receipt.byte_count)
         self._metrics.kv_bytes_saved.inc(saved)
@@ -60,6 +60,6 @@ class KvAccounting:
         start = min(receipt.forward_end_unix_nanos or now, now)
         latency = (now - start) / 1e9
         tracer.start_span("kv.handoff", start_time=start, attributes={
-            "kv.handoff_ms": latency * 1e3, "kv.bytes": receipt.byte_count, "kv.decode_cached_tokens": sequence.kv_start
-        }).end(end_time=now)
+            "kv.handoff_ms": latency * 1e3, "kv.bytes": receipt.byte_count,
+            "kv.decode_cached_tokens": receipt.token_start}).end(end_time=now)
         self._metrics.handoff_seconds.observe(latency)

@@ -69,7 +69,7 @@ class Sequence:
     cache_salt: str = ""  # names its prompt's blocks in the prefix cache (with the prompt and the model)
     block_keys: list[str] = field(default_factory=list)  # its full prompt blocks' names (prefix cache on)
     cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache at admission
-    kv_start: int = 0  # first prompt token its KV transfer carried (KvLayout.token_start)
+    cache_generation: int = 0  # of the prefix cache at admission (a flush since: its blocks join no cache)
 
     @property
     def request(self) -> str:

@@ -133,8 +133,9 @@ class AttemptRunner:
                 if not local:
                     requests.prefill.decode_address = decode.address
                     requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
-                    requests.prefill.decode_cached_tokens = accepted.cached_tokens
-                    timeline.decode_cached_tokens = accepted.cached_tokens
+                    # (a decode can never hold the last token: what it claims past that is not passed on)
+                    held = min(accepted.cached_tokens, len(requests.prefill.prompt_token_ids) - 1)
+                    requests.prefill.decode_cached_tokens = timeline.decode_cached_tokens = held
                     async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
                         if delivery.choice >= choices:
                             raise KvProtocolError(f"the prefill sent a first token of choice {delivery.choice}")
