@@ -7,6 +7,7 @@ does not hold, and a bad salt, get clear statuses."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -149,8 +150,16 @@ async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
         yield running
 
 
-async def test_a_repeated_local_prompt_takes_its_cached_blocks_and_answers_the_same(harness, tiny) -> None:
+async def test_a_repeated_local_prompt_computes_only_after_its_cached_blocks_and_answers_the_same(
+        harness, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     engine, prompt = harness.engine, PROMPT * 6  # 36 tokens: 2 full blocks may be cached
+    computed, forward = [], tiny.prefill_scored
+
+    def counted(token_ids: list[int], *args: object) -> object:
+        computed.append(len(token_ids))
+        return forward(token_ids, *args)
+
+    monkeypatch.setattr(tiny, "prefill_scored", counted)
     first = harness.admit("first", prompt)
     engine.prefill_locally(first)
     assert first.cached_tokens == 0 and await harness.tokens(first) == tiny.reference_generate(prompt, 6)
@@ -160,13 +169,22 @@ async def test_a_repeated_local_prompt_takes_its_cached_blocks_and_answers_the_s
     assert again.cached_tokens == 2 * BLOCK and engine.blocks.cache.evictable == 0
     engine.prefill_locally(again)
     assert await harness.tokens(again) == tiny.reference_generate(prompt, 6)
+    assert computed == [36, 36 - 2 * BLOCK]  # the second prefill ran over the last 4 tokens only
     engine.release(again)
     assert engine.blocks.flush() == 2 and engine.blocks.used == 0 and engine.blocks.cache.cached == 0
 
 
 async def _decode_stats(address: str) -> decode_pb2.DecodeStats:
+    """The decode's Stats once it holds no request's blocks (a request it streamed the last token of
+    is released a moment later), or after 10 s."""
     async with grpc.aio.insecure_channel(address) as channel:
-        return await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+        stub = decode_pb2_grpc.DecodeServiceStub(channel)
+        for _ in range(100):
+            stats = await stub.Stats(common_pb2.StatsRequest(), timeout=10)
+            if stats.blocks_used == 0:
+                break
+            await asyncio.sleep(0.1)
+    return stats
 
 
 @pytest.mark.parametrize("gateway", ["gateway", "gateway_kvstore"])
@@ -189,6 +207,18 @@ async def test_a_repeated_prompt_moves_no_block_the_decode_holds(memory_stack: R
     assert after.kv_bytes_received_total - middle.kv_bytes_received_total == (len(ids) - held) * per_token
     assert after.kv_bytes_saved_total - middle.kv_bytes_saved_total == held * per_token
     assert after.blocks_used == 0 and after.prefix_evictable_blocks >= held // BLOCK
+
+
+async def test_reset_prefix_cache_returns_the_pool_to_nothing_held(memory_stack: RunningStack) -> None:
+    async with GatewayClient(memory_stack["gateway"]) as client:
+        await client.complete("A prompt long enough to leave a few full blocks in the decode's prefix cache once it "
+                              "has been answered, which the reset then empties.", max_tokens=2, temperature=0)
+    assert (await _decode_stats(memory_stack["decode"])).prefix_evictable_blocks > 0
+    async with grpc.aio.insecure_channel(memory_stack["decode"]) as channel:
+        reply = await decode_pb2_grpc.DecodeServiceStub(channel).ResetPrefixCache(
+            decode_pb2.ResetPrefixCacheRequest(), timeout=10)
+    stats = await _decode_stats(memory_stack["decode"])
+    assert reply.blocks_freed > 0 and (stats.prefix_cached_blocks, stats.blocks_used) == (0, 0)
 
 
 async def test_a_transfer_starting_past_the_held_prefix_is_refused(memory_stack: RunningStack) -> None:

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from services.client import GatewayClient, GatewayError
 from services.common.errors import InvalidRequest
 from services.common.kv_codec import tensor_bytes
-from services.common.pb import common_pb2, prefill_pb2_grpc
+from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
 from services.common.prefix_keys import block_keys, check_salt
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder
@@ -139,6 +139,12 @@ async def test_the_next_chat_turn_reuses_the_whole_previous_prompt(memory_stack:
     assert await _hits(memory_stack["prefill"]) - before >= (len(encoder.encode_chat(turn)) - 1) // 16 * 16
 
 
+async def _decode_hits(decode: str) -> int:
+    async with grpc.aio.insecure_channel(decode) as channel:
+        stats = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=10)
+    return stats.prefix_hit_tokens
+
+
 def _post(http: str, body: dict[str, Any], key: str | None = None) -> httpx.Response:
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     # json.dumps escapes a lone surrogate as JSON may (httpx's json= would refuse to send it)
@@ -152,10 +158,11 @@ async def test_api_keys_share_nothing_unless_sharing_is_on(memory_stack: Running
     keyed, shared = memory_stack["http_keyed"], memory_stack["http_shared"]
     steps = [(keyed, API_KEY, False), (keyed, API_KEY, True), (keyed, "another-key", False),
              (shared, API_KEY, False), (shared, "another-key", True)]
-    for http, key, hits in steps:
-        before = await _hits(memory_stack["prefill"])
+    for http, key, hits in steps:  # on the prefill and on the decode alike
+        before = (await _hits(memory_stack["prefill"]), await _decode_hits(memory_stack["decode"]))
         assert _post(http, prompt, key).status_code == 200
-        assert (await _hits(memory_stack["prefill"]) > before) == hits, (http, key)
+        after = (await _hits(memory_stack["prefill"]), await _decode_hits(memory_stack["decode"]))
+        assert (after[0] > before[0], after[1] > before[1]) == (hits, hits), (http, key)
 
 
 async def test_a_request_salt_separates_and_matches(memory_stack: RunningStack) -> None:

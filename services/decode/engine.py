@@ -10,7 +10,8 @@ Life of a request, as a sequence of queues:
      prefix, which a transfer need not carry: KvLayout.token_start): a TransferKv stream
      (chunks inline, or announced there and loaded from the kvstore; a retried transfer with a
      higher attempt supersedes an unfinished one) or a local prefill (unified mode, a background
-     transfer); every chunk is verified; its full prompt blocks join the prefix cache
+     transfer computing only what follows the cached prefix, local_prefill.py); every chunk is
+     verified; its full prompt blocks join the prefix cache
   -> with sampling.n > 1, choices 1 .. n-1 fork from choice 0: they share its full prompt blocks
      and get a copy of the partial one, and each starts from its own first token  -> READY queue
   -> the loop: schedule (pure bookkeeping, see scheduler.py) -> execute (one model-thread job:
@@ -33,9 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import dataclass
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
 from services.common.kv_codec import RAW_ENCODING, AssemblyLimits, KvAssembler, KvLayout, KvReceipt
@@ -49,6 +48,7 @@ from services.decode.blocks import BlockManager, Lease, LeasedWriter
 from services.decode.cached_blocks import CachedBlocks
 from services.decode.choosing import TokenChooser
 from services.decode.kv_accounting import KvAccounting
+from services.decode.local_prefill import LocalPrefill
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
@@ -103,6 +103,7 @@ class DecodeEngine:
                                        metrics)
         self._admission = Admission(runtime.geometry, self.blocks, limits.admission)
         self._chooser = TokenChooser(runtime)
+        self._local = LocalPrefill(runtime, thread, self._pool, self.blocks, self._chooser)
         self.sequences: dict[str, Sequence] = {}
         self._deadlines: dict[str, asyncio.TimerHandle] = {}
         self._wake = asyncio.Event()
@@ -188,25 +189,9 @@ class DecodeEngine:
         """Unified mode: compute the prompt's KV here, as a background fill the scheduler polls;
         the first token is streamed too."""
         writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore[arg-type]
-        transfer = Transfer.start(self._tasks, self._local_prefill(sequence, writer),
+        transfer = Transfer.start(self._tasks, self._local.first_tokens(sequence, writer),
                                   f"prefill-{sequence.request_id}", self._wake.set)
         self._scheduler.watch(sequence, transfer)
-
-    async def _local_prefill(self, sequence: Sequence, writer: LeasedWriter) -> list[Token]:
-        """Each choice's first token (the prompt's scores go with choice 0's)."""
-        def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-            writer.write(layer, 0, keys, values)
-
-        prompt = sequence.prompt_ids
-        logits, scored = await self._thread.run(self._runtime.prefill_scored, prompt, on_layer, prompt[1:],
-                                                sequence.sampling.prompt_logprobs)
-        firsts = []
-        for choice in sequence.choices:
-            token = self._chooser.choose(logits, choice)
-            if isinstance(token, Exception):
-                raise token
-            firsts.append(replace(token, prompt_logprobs=tuple(scored) if choice is sequence else ()))
-        return firsts
 
     def _kv_arrived(self, sequence: Sequence, firsts: list[Token]) -> None:
         """The KV is complete: the other choices fork from it, and each choice's first token goes
