@@ -27,7 +27,7 @@ from services.decode.admission import Admission, AdmissionLimits
 from services.decode.cached_blocks import CachedBlocks
 from services.decode.engine import DecodeEngine
 from services.decode.sequence import Sequence
-from services.decode.scheduler import Scheduler, SchedulerLimits
+from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
 from tests.engine_harness import PROMPT, Harness, started
@@ -321,3 +321,32 @@ async def test_a_refused_transfer_end_counts_no_bytes(harness: Harness) -> None:
         await _pushed(engine, sequence, "raw", firsts=(7,))
     assert engine.accounting.kv_bytes_received == 0
     engine.release(sequence)
+
+
+def test_a_preempted_sequence_resumes_on_its_cached_prefix() -> None:
+    """Resuming takes the prompt's cached blocks again instead of evicting them for a copy."""
+    manager = _manager(6)
+    scheduler = Scheduler(manager, SchedulerLimits(8, 0.85, GEOMETRY.kv_bytes_per_token))
+    sequence = admitted(manager, "s", 2 * BLOCK + 8)
+    sequence.block_keys = KEYS[:2]
+    manager.remember("s", KEYS[:2])
+    prefix = manager.table("s")[:2]
+    sequence.generated.append(5)
+    scheduler.ready(sequence)
+    scheduler.schedule()
+    scheduler._preempt(sequence, StepPlan())  # as the scheduler does under pressure
+    scheduler.copied_out(sequence)
+    scheduler._preempt_done(sequence, swapped=False)
+    admitted(manager, "other", 3 * BLOCK)  # one block left free; the prefix's two evictable
+    plan = scheduler.schedule()
+    assert plan.swap_in == [sequence] and manager.table("s")[:2] == prefix
+    assert sequence.cached_tokens == 2 * BLOCK and manager.cache.evictions_total == 0  # type: ignore[union-attr]
+
+
+async def test_a_refused_admission_counts_no_lookup(harness: Harness) -> None:
+    """A request the gateway then tries on another worker must count once, where it is admitted."""
+    engine = harness.engine
+    harness.admit("hog", PROMPT * 80)  # 30 of the 32 blocks
+    with pytest.raises(CapacityExhausted):
+        harness.admit("refused", PROMPT * 6)
+    assert engine.accounting.prefix_lookup_tokens == (480 - 1) // BLOCK * BLOCK

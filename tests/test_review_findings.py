@@ -413,3 +413,25 @@ async def test_decode_worker_whose_step_hangs_exits_non_zero(tmp_path) -> None:
             process.kill()
             process.wait()
         log.close()
+
+
+async def test_a_model_job_cancelled_while_queued_leaves_the_queue_count() -> None:
+    """A local prefill whose request was released while it waited for the model thread never runs;
+    the queue gauge must not count it for ever."""
+    from services.common.model_thread import ModelThread
+
+    thread, gate = ModelThread(), threading.Event()
+    try:
+        blocker = asyncio.ensure_future(thread.run(gate.wait, 10))
+        await asyncio.sleep(0.05)
+        waiting = asyncio.ensure_future(thread.run(lambda: None))
+        await asyncio.sleep(0.05)
+        assert thread.queued == 1
+        waiting.cancel()
+        gate.set()
+        await blocker
+        await asyncio.sleep(0.05)
+        assert thread.queued == 0
+    finally:
+        gate.set()
+        thread.shutdown()

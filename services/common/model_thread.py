@@ -8,7 +8,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, ParamSpec, TypeVar
 
@@ -53,7 +53,15 @@ class ModelThread:
                 self._record(started, time.perf_counter())
             return Timed(value, started - submitted, time.perf_counter() - started, started_unix)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, timed)
+        future = self._executor.submit(timed)
+        future.add_done_callback(self._unqueue_if_cancelled)
+        return await asyncio.wrap_future(future)
+
+    def _unqueue_if_cancelled(self, future: Future[object]) -> None:
+        """A job cancelled while it waited (its caller went away) never ran `timed`: it leaves the queue here."""
+        if future.cancelled():
+            with self._lock:
+                self.queued -= 1
 
     def _record(self, started: float, finished: float) -> None:
         with self._lock:

@@ -135,11 +135,14 @@ class DecodeEngine:
         request.siblings = [request.sibling(choice) for choice in range(1, request.sampling.n)]
         self._admission.check(request, self.sequences)
         cached = self.accounting.cached_prefix(request)
+        for choice in request.siblings:  # the same prompt: a preempted choice finds its prefix again
+            choice.block_keys = request.block_keys
         self._admission.check_room(request, cached)
         spare = len(request.siblings) * (len(request.prompt_ids) % self.blocks.block_size > 0)
         request.lease = self.blocks.allocate(request.request_id, len(request.prompt_ids), spare, cached)
         request.cached_tokens = len(cached) * self.blocks.block_size
         request.cache_generation = self.blocks.cache_generation
+        self.accounting.admitted(request)
         for choice in request.choices:
             self.sequences[choice.request_id] = choice
         self.requests_total += 1
@@ -254,7 +257,7 @@ class DecodeEngine:
         for sequence, error in plan.failed:
             self._fail(sequence, error)
         for sequence in plan.swap_in:
-            writer = LeasedWriter(self._pool, self.blocks, sequence.lease)  # type: ignore[arg-type]
+            writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore
             self._scheduler.watch(sequence, Transfer.start(self._tasks, self.swapper.swap_in(sequence, writer),
                                                            f"swap-in-{sequence.request_id}", self._wake.set))
         self.preemptions_total += len(plan.swap_out)

@@ -39,14 +39,18 @@ class KvAccounting:
         request.block_keys = block_keys(request.prompt_ids, blocks.block_size, self._fingerprint, request.cache_salt)
         if request.sampling.prompt_logprobs is not None:
             return []
-        offered = request.block_keys[: (len(request.prompt_ids) - 1) // blocks.block_size]
-        cached = blocks.lookup(offered)
-        looked_up, found = len(offered) * blocks.block_size, len(cached) * blocks.block_size
+        return blocks.lookup(request.block_keys[: (len(request.prompt_ids) - 1) // blocks.block_size])
+
+    def admitted(self, request: Sequence) -> None:
+        """The request was admitted with its cached prefix: count the lookup (a refused one is not
+        counted, so that a request tried on several workers counts once)."""
+        if self._blocks.cache is None or request.sampling.prompt_logprobs is not None:
+            return
+        looked_up = (len(request.prompt_ids) - 1) // self._blocks.block_size * self._blocks.block_size
         self._metrics.prefix_lookup_tokens.inc(looked_up)
-        self._metrics.prefix_hit_tokens.inc(found)
+        self._metrics.prefix_hit_tokens.inc(request.cached_tokens)
         self.prefix_lookup_tokens += looked_up
-        self.prefix_hit_tokens += found
-        return cached
+        self.prefix_hit_tokens += request.cached_tokens
 
     def received(self, sequence: Sequence, receipt: KvReceipt) -> None:
         """A transfer is complete: its bytes, the bytes of the prefix it skipped, its handoff span."""

@@ -146,9 +146,15 @@ class Scheduler:
         plan.failed.append((sequence, error))
 
     def _resume(self, plan: StepPlan) -> None:
-        while (waiting := self._next_to_resume()) and self._fits_below_threshold(waiting.kv_tokens + 1):
+        """Oldest first, while they fit: each takes its prompt's cached blocks again (so its own
+        prefix is not evicted to make room for a copy of itself) and new blocks for the rest."""
+        while waiting := self._next_to_resume():
+            cached = self._blocks.lookup(waiting.block_keys[: len(waiting.prompt_ids) // self._blocks.block_size])
+            if not self._fits_below_threshold(waiting.kv_tokens + 1, cached):
+                break
             self._preempted.remove(waiting)
-            waiting.lease = self._blocks.allocate(waiting.request_id, waiting.kv_tokens + 1)
+            waiting.lease = self._blocks.allocate(waiting.request_id, waiting.kv_tokens + 1, cached=cached)
+            waiting.cached_tokens = len(cached) * self._blocks.block_size  # its swap-in writes after them
             waiting.state = State.SWAPPING_IN
             plan.swap_in.append(waiting)
 
@@ -161,12 +167,15 @@ class Scheduler:
             return self._preempted[0]
         return None
 
-    def _fits_below_threshold(self, tokens: int) -> bool:
-        """Whether `tokens` more tokens of KV fit and keep the pool at or under the preempt
-        threshold (no thrashing), or fit at all when nothing runs."""
-        if not self._blocks.can_fit(tokens):
+    def _fits_below_threshold(self, tokens: int, cached: list[int]) -> bool:
+        """Whether `tokens` tokens of KV, the `cached` leading blocks shared, fit and keep the pool
+        at or under the preempt threshold (no thrashing), or fit at all when nothing runs."""
+        available = self._blocks.available(cached)
+        needed = self._blocks.blocks_for(tokens) - len(cached)
+        if needed > available:
             return False
-        after = (self._blocks.used + self._blocks.blocks_for(tokens)) / self._blocks.total
+        revived = self._blocks.free_blocks - available  # cached blocks no one used, in use again
+        after = (self._blocks.used + needed + revived) / self._blocks.total
         return after <= self._limits.preempt_threshold or not (self._running or self._ready)
 
     def _join_ready(self) -> None:
