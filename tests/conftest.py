@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import grpc
@@ -12,6 +12,7 @@ from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.common.tls import TlsFiles
 from services.gateway.text import PromptEncoder
+from tests.engine_harness import Harness, started
 from tests.otlp_receiver import SpanSink, start_receiver
 from tests.redis_server import RedisServer, redis_alive
 from services.stack import ServiceSpec, Stack, free_port, local_stack
@@ -146,6 +147,19 @@ def reference_model(model: str) -> ModelRuntime:
 def prompt_encoder(model: str) -> PromptEncoder:
     """The gateway's tokenizer and chat template of `model`."""
     return PromptEncoder(resolve_model_dir(model, default_cache_dir()))
+
+
+@pytest.fixture(scope="session")
+def tiny() -> ModelRuntime:
+    """The tiny random-weight model in float32, in the test process."""
+    return reference_model("tiny")
+
+
+@pytest.fixture
+async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
+    """A decode engine in-process on `tiny`, its loop running (tests/engine_harness.py)."""
+    async with started(tiny) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ import torch
 
 from services.client import GatewayClient, GatewayError
 from services.common.errors import InvalidRequest
-from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc
 from services.common.runtime import ModelGeometry, ModelRuntime
 from services.common.sampling import Sampling
@@ -135,11 +134,6 @@ def test_n_out_of_range_is_refused_naming_it() -> None:
 
 
 # the decode engine, in-process -------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
-
-
 async def _choice_tokens(engine: Any, sequence: Sequence) -> dict[int, list[int]]:
     tokens: dict[int, list[int]] = {}
     async for event in engine.events(sequence):

@@ -7,28 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 import torch
 
 from services.common.errors import InternalFailure
-from services.common.model_files import default_cache_dir
-from services.common.runtime import ModelRuntime
 from services.decode.blocks import LeasedWriter
 from services.decode.sequence import Finished
-from tests.engine_harness import PROMPT, Harness, started
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
-
-
-@pytest.fixture
-async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
-    async with started(tiny) as running:
-        yield running
+from tests.engine_harness import PROMPT
 
 
 async def test_a_failing_step_fails_only_its_own_sequences_and_the_loop_goes_on(harness, tiny) -> None:

@@ -18,7 +18,6 @@ import torch
 from services.client import GatewayClient, GatewayError
 from services.common.kv_codec import encode_chunk
 from services.common.kv_wire import to_pb
-from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelRuntime
 from tests.conftest import RunningStack, add_service, start_stack
@@ -53,11 +52,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, blackhole: str) -> Iterator[
         yield running
     finally:
         running.stack.stop()
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
 
 
 @dataclass(frozen=True)

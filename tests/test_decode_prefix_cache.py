@@ -8,7 +8,6 @@ does not hold, and a bad salt, get clear statuses."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -17,7 +16,6 @@ import torch
 from services.client import GatewayClient
 from services.common.errors import CapacityExhausted, KvProtocolError
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvEnd, KvLayout, encode_chunk
-from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager, LeasedWriter
@@ -30,7 +28,7 @@ from services.decode.sequence import Sequence
 from services.decode.scheduler import Scheduler, SchedulerLimits, StepPlan
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack
-from tests.engine_harness import PROMPT, Harness, started
+from tests.engine_harness import PROMPT, Harness
 from tests.kv_helpers import admit, real_transfer, replace, send
 from tests.test_scheduler import GEOMETRY, admitted, step
 
@@ -137,17 +135,6 @@ def test_a_layout_starting_later_cuts_its_chunks_from_there() -> None:
     assert list(layout.token_range_chunks(0, 32)) == [0] and list(layout.token_range_chunks(32, 50)) == [1, 2]
     with pytest.raises(KvProtocolError, match="token_start"):
         KvLayout("r", "f", 2, 1, 4, 50, 16, 2, "float32", token_start=50)
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
-
-
-@pytest.fixture
-async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
-    async with started(tiny) as running:
-        yield running
 
 
 async def test_a_repeated_local_prompt_computes_only_after_its_cached_blocks_and_answers_the_same(

@@ -22,7 +22,6 @@ from tests.conftest import (
     PROMPTS,
     RunningStack,
     prompt_encoder,
-    reference_model,
     start_stack,
 )
 from tests.held import decode_stats, wait_decode_idle
@@ -42,11 +41,6 @@ def shm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack
     yield running
     running.stack.stop()
     assert shm.segments_of(PREFIX) == []
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return reference_model("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
 
 
 @pytest.mark.parametrize("scattered", [False, True])

@@ -4,6 +4,8 @@ the least loaded (rotating) worker."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import grpc
 
 from services.client import GatewayClient
@@ -42,6 +44,16 @@ async def _hits(address: str) -> int:
                                                                          timeout=10)).prefix_hit_tokens_total
 
 
+async def _found_on_repeats(gateway: str, workers: list[str], prompts: list[str],
+                            hits: Callable[[str], Awaitable[int]]) -> int:
+    """Prompt tokens the workers found cached while `gateway` served each prompt twice in a row."""
+    before = sum([await hits(worker) for worker in workers])
+    async with GatewayClient(gateway) as client:
+        for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
+            await client.complete(prompt, max_tokens=2, temperature=0)
+    return sum([await hits(worker) for worker in workers]) - before
+
+
 async def test_a_repeated_prompt_goes_back_to_the_worker_that_holds_it(memory_stack: RunningStack,
                                                                        encoder) -> None:
     """Two idle prefill workers, and prompts sent twice in a row: with routing both repeats hit;
@@ -53,11 +65,7 @@ async def test_a_repeated_prompt_goes_back_to_the_worker_that_holds_it(memory_st
     for gateway, topic, repeats_hit in ((routed, "lighthouses", True), (unrouted, "glaciers", False)):
         prompts = [f"Write a short report about {topic} and {place}, with three facts, two dates and one "
                    "quotation from a local expert, in the style of a regional newspaper." for place in ("Oslo", "Lima")]
-        before = sum([await _hits(worker) for worker in workers])
-        async with GatewayClient(gateway) as client:
-            for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
-                await client.complete(prompt, max_tokens=2, temperature=0)
-        found = sum([await _hits(worker) for worker in workers]) - before
+        found = await _found_on_repeats(gateway, workers, prompts, _hits)
         reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
         assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)
 
@@ -79,10 +87,6 @@ async def test_a_repeated_prompt_goes_back_to_the_decode_worker_that_holds_it(me
     for gateway, topic, repeats_hit in ((routed, "harbours", True), (unrouted, "volcanoes", False)):
         prompts = [f"Describe the {topic} of {place} for a travel guide: history, one walk, one place to eat, and "
                    "what to avoid in the busiest month." for place in ("Porto", "Riga")]
-        before = sum([await _decode_hits(worker) for worker in workers])
-        async with GatewayClient(gateway) as client:
-            for prompt in (prompts[0], prompts[0], prompts[1], prompts[1]):
-                await client.complete(prompt, max_tokens=2, temperature=0)
-        found = sum([await _decode_hits(worker) for worker in workers]) - before
+        found = await _found_on_repeats(gateway, workers, prompts, _decode_hits)
         reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
         assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)

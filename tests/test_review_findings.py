@@ -18,7 +18,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.client import GatewayClient, GatewayError, RetryPolicy
 from services.common.errors import ServiceError
-from services.common.model_files import default_cache_dir
 from services.common.pb import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2_grpc, kvstore_pb2_grpc,
                                 prefill_pb2, prefill_pb2_grpc)
 from services.common.runtime import ModelRuntime
@@ -31,21 +30,10 @@ from tests.kv_helpers import real_transfer, send
 _ids = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
-
-
 @pytest.fixture
 async def small_batch(tiny: ModelRuntime) -> AsyncIterator[Harness]:
     """8 blocks of 16 tokens, one sequence per step (--max-batch-size 1)."""
     async with started(tiny, blocks=8, batch=1) as running:
-        yield running
-
-
-@pytest.fixture
-async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
-    async with started(tiny) as running:
         yield running
 
 

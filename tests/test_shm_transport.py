@@ -30,7 +30,6 @@ from services.common.pb import (
     prefill_pb2,
     prefill_pb2_grpc,
 )
-from services.common.runtime import ModelRuntime
 from services.common.shm_reaper import ShmReaper
 from services.gateway.prefill_route import fault_role
 from services.gateway.text import PromptEncoder
@@ -63,11 +62,6 @@ def shm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
-
-
-@pytest.fixture(scope="module")
-def tiny() -> ModelRuntime:
-    return ModelRuntime("tiny", "float32", "cpu", default_cache_dir())
 
 
 def _address(stack: Stack, name: str) -> str:
