@@ -337,3 +337,18 @@ async def test_a_refused_admission_counts_no_lookup(harness: Harness) -> None:
     with pytest.raises(CapacityExhausted):
         harness.admit("refused", PROMPT * 6)
     assert engine.accounting.prefix_lookup_tokens == (480 - 1) // BLOCK * BLOCK
+
+
+async def test_a_scored_prompt_prefilled_elsewhere_takes_its_cached_prefix(harness: Harness) -> None:
+    """Its scores come from the prefill worker: the decode needs only the KV, cached or sent."""
+    engine = harness.engine
+    first = harness.admit("first", PROMPT * 6)
+    engine.prefill_locally(first)
+    await harness.tokens(first)
+    engine.release(first)
+    scored = Sampling(temperature=0, max_tokens=2, prompt_logprobs=1)
+    here = engine.admit(Sequence("here", PROMPT * 6, scored, prefilled_here=True))
+    elsewhere = engine.admit(Sequence("elsewhere", PROMPT * 6, scored))
+    assert (here.cached_tokens, elsewhere.cached_tokens) == (0, 2 * BLOCK)
+    engine.release(here)
+    engine.release(elsewhere)

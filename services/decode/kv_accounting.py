@@ -32,19 +32,20 @@ class KvAccounting:
     def cached_prefix(self, request: Sequence) -> list[int]:
         """The cached blocks of the prompt's longest cached prefix (names the prompt's blocks, for
         the cache once its KV is here); never its last token (the first decode step needs its KV
-        computed before), never for a scored prompt (its scores need the whole forward pass)."""
+        computed before), never for a prompt scored here (its scores need the whole forward pass; a
+        prefill worker scores the prompts it sends)."""
         blocks = self._blocks
         if blocks.cache is None:
             return []
         request.block_keys = block_keys(request.prompt_ids, blocks.block_size, self._fingerprint, request.cache_salt)
-        if request.sampling.prompt_logprobs is not None:
+        if request.scored_here:
             return []
         return blocks.lookup(request.block_keys[: (len(request.prompt_ids) - 1) // blocks.block_size])
 
     def admitted(self, request: Sequence) -> None:
         """The request was admitted with its cached prefix: count the lookup (a refused one is not
         counted, so that a request tried on several workers counts once)."""
-        if self._blocks.cache is None or request.sampling.prompt_logprobs is not None:
+        if self._blocks.cache is None or request.scored_here:
             return
         looked_up = (len(request.prompt_ids) - 1) // self._blocks.block_size * self._blocks.block_size
         self._metrics.prefix_lookup_tokens.inc(looked_up)

@@ -39,8 +39,10 @@ class LocalPrefill:
         return firsts
 
     def _forward(self, sequence: Sequence, writer: LeasedWriter) -> tuple[torch.Tensor, list[TokenLogprob]]:
-        """On the model thread: the prompt after its cached prefix, on the prefix's KV."""
-        held, prompt = sequence.cached_tokens, sequence.prompt_ids
+        """On the model thread: the prompt after its cached prefix, on the prefix's KV (all of it when
+        its scores are asked for: they need every position; the writer skips the cached blocks)."""
+        held = sequence.cached_tokens if sequence.sampling.prompt_logprobs is None else 0
+        prompt = sequence.prompt_ids
 
         def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             writer.write(layer, held, keys, values)

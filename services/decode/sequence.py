@@ -70,6 +70,7 @@ class Sequence:
     block_keys: list[str] = field(default_factory=list)  # its full prompt blocks' names (prefix cache on)
     cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache at admission
     cache_generation: int = 0  # of the prefix cache at admission (a flush since: its blocks join no cache)
+    prefilled_here: bool = False  # its KV comes from a local prefill (unified and conditional modes)
 
     @property
     def request(self) -> str:
@@ -94,6 +95,11 @@ class Sequence:
                         self.position_offset, self.budget_bytes, self.label, events=self.events,
                         grammar=None if self.grammar is None else self.grammar.fork(), choice=choice,
                         family=self.request_id)
+
+    @property
+    def scored_here(self) -> bool:
+        """Its prompt's log-probabilities are computed on this worker (a whole forward pass)."""
+        return self.prefilled_here and self.sampling.prompt_logprobs is not None
 
     @property
     def kv_tokens(self) -> int:

@@ -64,7 +64,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         sequence = engine.admit(Sequence(
             request.request_id, list(request.prompt_token_ids), sampling_from_pb(request.sampling, 16),
             request.position_offset, engine.budget_bytes(request.max_cache_budget_mb), request.client_request_id,
-            cache_salt=request.cache_salt))
+            cache_salt=request.cache_salt, prefilled_here=request.kv_source == decode_pb2.KV_SOURCE_LOCAL))
         try:
             # Compiled once admitted (a full pool refuses first) and before Accepted: no KV, so no
             # first token, can arrive before the grammar is there.
