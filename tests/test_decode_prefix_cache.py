@@ -17,6 +17,7 @@ from services.client import GatewayClient
 from services.common.errors import CapacityExhausted, KvProtocolError
 from services.common.kv_codec import AssemblyLimits, KvAssembler, KvEnd, KvLayout, encode_chunk
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from services.common.prefix_keys import block_keys
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager, LeasedWriter
 from services.decode.pool import BlockPool, PoolConfig
@@ -352,3 +353,31 @@ async def test_a_scored_prompt_prefilled_elsewhere_takes_its_cached_prefix(harne
     assert (here.cached_tokens, elsewhere.cached_tokens) == (0, 2 * BLOCK)
     engine.release(here)
     engine.release(elsewhere)
+
+
+@pytest.mark.parametrize("generated", [1, 5])
+async def test_a_recomputed_resume_computes_only_after_its_cached_prefix(
+        harness: Harness, tiny: ModelRuntime, monkeypatch: pytest.MonkeyPatch, generated: int) -> None:
+    """Its KV after the prefix equals a whole recompute's (to rounding); with one token generated
+    and a prompt of whole cached blocks there is nothing to compute."""
+    engine, prompt = harness.engine, PROMPT * 8 if generated == 1 else PROMPT * 6  # 48 or 36 tokens
+    first = harness.admit("first", prompt)
+    engine.prefill_locally(first)
+    await harness.tokens(first)
+    engine.release(first)
+    resumed = Sequence("resumed", prompt, Sampling(temperature=0, max_tokens=8), generated=[7] * generated,
+                       block_keys=block_keys(prompt, BLOCK, tiny.geometry.fingerprint))
+    cached = engine.blocks.lookup(resumed.block_keys[: len(prompt) // BLOCK])
+    lease = engine.blocks.allocate("resumed", resumed.kv_tokens + 1, cached=cached)
+    resumed.cached_tokens = len(cached) * BLOCK
+    computed, forward = [], tiny.prefill
+    monkeypatch.setattr(tiny, "prefill", lambda ids, *rest: computed.append(len(ids)) or forward(ids, *rest))
+    table = engine.blocks.table("resumed")
+    await engine.swapper.swap_in(resumed, LeasedWriter(engine._pool, engine.blocks, lease, resumed.cached_tokens),
+                                 table)
+    assert computed == ([] if generated == 1 else [resumed.kv_tokens - 2 * BLOCK])
+    whole: dict[int, torch.Tensor] = {}
+    forward(prompt + [7] * (generated - 1), lambda layer, k, v: whole.__setitem__(layer, k.clone()))
+    for layer, keys in whole.items():
+        assert torch.allclose(engine._pool.read(table, layer, resumed.kv_tokens)[0], keys, atol=1e-5)
+    engine.blocks.free("resumed")

@@ -258,7 +258,8 @@ class DecodeEngine:
             self._fail(sequence, error)
         for sequence in plan.swap_in:
             writer = LeasedWriter(self._pool, self.blocks, sequence.lease, sequence.cached_tokens)  # type: ignore
-            self._scheduler.watch(sequence, Transfer.start(self._tasks, self.swapper.swap_in(sequence, writer),
+            swap_in = self.swapper.swap_in(sequence, writer, self.blocks.table(sequence.request_id))
+            self._scheduler.watch(sequence, Transfer.start(self._tasks, swap_in,
                                                            f"swap-in-{sequence.request_id}", self._wake.set))
         self.preemptions_total += len(plan.swap_out)
 

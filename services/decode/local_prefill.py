@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+from transformers import DynamicCache
 
 from services.common.logprobs import TokenLogprob
 from services.common.model_thread import ModelThread
@@ -47,11 +48,17 @@ class LocalPrefill:
         def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
             writer.write(layer, held, keys, values)
 
-        cache = self._runtime.new_cache()
-        if held:  # (blocks shared from the cache, never written again; a released request's prefill is cancelled)
-            table = self._blocks.table(sequence.request_id)
-            for layer in range(self._runtime.geometry.num_layers):
-                keys, values = self._pool.read(table, layer, held)
-                cache.update(keys[None], values[None], layer)
+        # (blocks shared from the cache are never written again; a released request's prefill is cancelled)
+        table = self._blocks.table(sequence.request_id) if held else []
+        cache = seeded_cache(self._runtime, self._pool, table, held)
         return self._runtime.prefill_scored(prompt[held:], on_layer, prompt[held + 1 :],
                                             sequence.sampling.prompt_logprobs, cache)
+
+
+def seeded_cache(runtime: ModelRuntime, pool: BlockPool, table: list[int], tokens: int) -> DynamicCache:
+    """A forward pass's cache holding the first `tokens` tokens' KV of these pool blocks (copied)."""
+    cache = runtime.new_cache()
+    for layer in range(runtime.geometry.num_layers if tokens else 0):
+        keys, values = pool.read(table, layer, tokens)
+        cache.update(keys[None], values[None], layer)
+    return cache

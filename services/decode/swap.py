@@ -19,6 +19,7 @@ from services.common.kvstore_client import KvStoreClient
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import LeasedWriter
+from services.decode.local_prefill import seeded_cache
 from services.decode.pool import BlockPool
 from services.decode.sequence import Sequence
 
@@ -77,9 +78,10 @@ class KvSwapper:
             await self._store.put(key_of(prefix, message), wire_bytes(message))
         return True
 
-    async def swap_in(self, sequence: Sequence, writer: LeasedWriter) -> None:
-        """Put the sequence's KV back into its freshly leased blocks: from the kvstore (verified) or,
-        when it was not swapped or cannot be read back, by recomputing prompt + generated tokens."""
+    async def swap_in(self, sequence: Sequence, writer: LeasedWriter, table: list[int]) -> None:
+        """Put the sequence's KV back into its freshly leased blocks (`table`; the first
+        `cached_tokens` shared from the prefix cache): from the kvstore (verified) or, when it was
+        not swapped or cannot be read back, by recomputing prompt + generated tokens after them."""
         if sequence.swapped and self._store is not None:
             assembler = KvAssembler(sequence.request_id, self._runtime.geometry, sequence.kv_tokens, self._limits,
                                     writer)
@@ -92,8 +94,15 @@ class KvSwapper:
                 raise
             except ServiceError as error:  # missing, evicted, unreachable or corrupt: recompute instead
                 log.warning("swap-in of %s failed (%s); recomputing its KV", sequence.request_id, error)
-        tokens = sequence.prompt_ids + sequence.generated[:-1]
-        await self._thread.run(self._runtime.prefill, tokens, lambda layer, k, v: writer.write(layer, 0, k, v))
+        tokens, held = sequence.prompt_ids + sequence.generated[:-1], sequence.cached_tokens
+        await self._thread.run(self._recompute, tokens, held, table, writer)
+
+    def _recompute(self, tokens: list[int], held: int, table: list[int], writer: LeasedWriter) -> None:
+        """On the model thread: the KV of `tokens` after the first `held`, on theirs from the pool."""
+        if held >= len(tokens):  # preempted at its first token, its prompt all whole cached blocks
+            return
+        cache = seeded_cache(self._runtime, self._pool, table, held)
+        self._runtime.prefill(tokens[held:], lambda layer, k, v: writer.write(layer, held, k, v), cache)
 
     async def forget(self, request_id: str) -> None:
         """Delete everything stored for the request (it also expires by TTL)."""
