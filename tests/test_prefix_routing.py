@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import grpc
+import pytest
 
 from services.client import GatewayClient
 from services.common.pb import common_pb2, decode_pb2_grpc, prefill_pb2_grpc
@@ -54,39 +55,33 @@ async def _found_on_repeats(gateway: str, workers: list[str], prompts: list[str]
     return sum([await hits(worker) for worker in workers]) - before
 
 
-async def test_a_repeated_prompt_goes_back_to_the_worker_that_holds_it(memory_stack: RunningStack,
-                                                                       encoder) -> None:
-    """Two idle prefill workers, and prompts sent twice in a row: with routing both repeats hit;
-    with routing off the rotation sends each repeat to the other worker, which computes it again."""
-    workers = [add_service(memory_stack, f"prefill_route{i}", "prefill") for i in (1, 2)]
-    routed = add_service(memory_stack, "gateway_routed", "gateway", "--prefill-addresses", ",".join(workers))
-    unrouted = add_service(memory_stack, "gateway_unrouted", "gateway", "--prefill-addresses", ",".join(workers),
-                           "--prefix-routing", "off")
-    for gateway, topic, repeats_hit in ((routed, "lighthouses", True), (unrouted, "glaciers", False)):
-        prompts = [f"Write a short report about {topic} and {place}, with three facts, two dates and one "
-                   "quotation from a local expert, in the style of a regional newspaper." for place in ("Oslo", "Lima")]
-        found = await _found_on_repeats(gateway, workers, prompts, _hits)
-        reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
-        assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)
-
-
 async def _decode_hits(address: str) -> int:
     async with grpc.aio.insecure_channel(address) as channel:
         return (await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(),
                                                                        timeout=10)).prefix_hit_tokens
 
 
-async def test_a_repeated_prompt_goes_back_to_the_decode_worker_that_holds_it(memory_stack: RunningStack,
-                                                                              encoder) -> None:
-    """As above for two idle decode workers: routed, each repeat is admitted where its blocks are
-    and moves none of them; unrouted, the rotation admits it on the other worker, which holds none."""
-    workers = [add_service(memory_stack, f"decode_route{i}", "decode") for i in (1, 2)]
-    routed = add_service(memory_stack, "gateway_decode_routed", "gateway", "--decode-addresses", ",".join(workers))
-    unrouted = add_service(memory_stack, "gateway_decode_unrouted", "gateway", "--decode-addresses",
-                           ",".join(workers), "--prefix-routing", "off")
-    for gateway, topic, repeats_hit in ((routed, "harbours", True), (unrouted, "volcanoes", False)):
-        prompts = [f"Describe the {topic} of {place} for a travel guide: history, one walk, one place to eat, and "
-                   "what to avoid in the busiest month." for place in ("Porto", "Riga")]
-        found = await _found_on_repeats(gateway, workers, prompts, _decode_hits)
+ROLES = {  # role: its cache's hit counter, and two prompt topics (one per gateway) and places
+    "prefill": (_hits, ("lighthouses", "glaciers"), ("Oslo", "Lima")),
+    "decode": (_decode_hits, ("harbours", "volcanoes"), ("Porto", "Riga")),
+}
+
+
+@pytest.mark.parametrize("role", ROLES)
+async def test_a_repeated_prompt_goes_back_to_the_worker_that_holds_it(memory_stack: RunningStack, encoder,
+                                                                       role: str) -> None:
+    """Two idle workers of the role, and prompts sent twice in a row: with routing both repeats
+    find every block (computed on the prefill, held on the decode); with routing off the rotation
+    sends each repeat to the other worker, which holds none of them."""
+    hits, topics, places = ROLES[role]
+    workers = [add_service(memory_stack, f"{role}_route{i}", role) for i in (1, 2)]
+    flag = f"--{role}-addresses"
+    routed = add_service(memory_stack, f"gateway_{role}_routed", "gateway", flag, ",".join(workers))
+    unrouted = add_service(memory_stack, f"gateway_{role}_unrouted", "gateway", flag, ",".join(workers),
+                           "--prefix-routing", "off")
+    for gateway, topic, repeats_hit in ((routed, topics[0], True), (unrouted, topics[1], False)):
+        prompts = [f"Write a short report about {topic} and {place}, with three facts, two dates and one "
+                   "quotation from a local expert, in the style of a regional newspaper." for place in places]
+        found = await _found_on_repeats(gateway, workers, prompts, hits)
         reusable = sum((len(encoder.encode_text(prompt)) - 1) // 16 * 16 for prompt in prompts)
         assert found == (reusable if repeats_hit else 0), (gateway, found, reusable)

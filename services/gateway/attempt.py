@@ -125,10 +125,13 @@ class AttemptRunner:
                     stored = self._limits.kv_transfer == "kvstore"
                     requests.decode.kv_source = decode_pb2.KV_SOURCE_KVSTORE if stored else decode_pb2.KV_SOURCE_DIRECT
                     requests.prefill.store_kv = stored
+                # the prompt's block names, for choosing both workers by the blocks they hold
+                keys = [] if self._affinity is None else self._affinity.keys(requests.decode.prompt_token_ids,
+                                                                             requests.decode.cache_salt)
                 with tracer.start_as_current_span("gateway.route"):
                     # Admitted first either way: the decode worker owns the request's KV (and its
                     # cleanup) from the start.
-                    decode, decode_call, accepted = await self._admit(requests.decode, calls, leases, failed)
+                    decode, decode_call, accepted = await self._admit(requests.decode, calls, leases, failed, keys)
                 attempt.decode_address = decode.address
                 if not local:
                     requests.prefill.decode_address = decode.address
@@ -136,7 +139,7 @@ class AttemptRunner:
                     # (a decode can never hold the last token: what it claims past that is not passed on)
                     held = min(accepted.cached_tokens, len(requests.prefill.prompt_token_ids) - 1)
                     requests.prefill.decode_cached_tokens = timeline.decode_cached_tokens = held
-                    async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt):
+                    async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt, keys):
                         if delivery.choice >= choices:
                             raise KvProtocolError(f"the prefill sent a first token of choice {delivery.choice}")
                         delivered[delivery.choice] += 1
@@ -167,12 +170,13 @@ class AttemptRunner:
             raise KvProtocolError("decode stream ended without a finish event")
 
     async def _prefill(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call], timeline: Timeline,
-                       decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt) -> AsyncIterator[Delivery]:
+                       decode_call: grpc.aio.UnaryStreamCall, attempt: Attempt,
+                       keys: list[str]) -> AsyncIterator[Delivery]:
         """The first token as soon as it is sampled; returns once the KV handoff is complete (see
         the module docstring for how errors come out)."""
         first_attempt = attempt.number * self._prefill_route.attempts
         try:
-            async for event in self._prefill_route.events(request, calls, decode_call, first_attempt):
+            async for event in self._prefill_route.events(request, calls, decode_call, first_attempt, keys):
                 if event.HasField("first_token"):
                     yield Delivery.of(event.first_token)
                 else:
@@ -189,14 +193,13 @@ class AttemptRunner:
             raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
-                     failed: set[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall, decode_pb2.Accepted]:
+                     failed: set[str], keys: list[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall, decode_pb2.Accepted]:
         """Admit the request on the decode worker that takes it with the least load and, with cache-aware
         routing, the fewest prompt blocks still to move (services/gateway/prefix_route.py); workers
         that failed this request go last."""
         last_error: Exception = BackendUnavailable("no decode worker admitted the request")
-        ranked, keys = self._decode_pool.ranked(), []
+        ranked = self._decode_pool.ranked()
         if self._affinity is not None:
-            keys = self._affinity.keys(request.prompt_token_ids, request.cache_salt)
             ranked = self._affinity.order(ranked, keys)
         for worker in sorted(ranked, key=lambda w: w.address in failed):
             stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))

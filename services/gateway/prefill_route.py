@@ -14,7 +14,7 @@ the decode continues from exactly the token the client has.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from opentelemetry import trace
@@ -62,15 +62,19 @@ class PrefillRoute:
         return self._max_retries + 1
 
     async def events(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
-                     decode_call: grpc.aio.Call | None = None,
-                     first_attempt: int = 0) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+                     decode_call: grpc.aio.Call | None = None, first_attempt: int = 0,
+                     keys: Sequence[str] | None = None) -> AsyncIterator[prefill_pb2.PrefillEvent]:
         """The prefill's events (the first token once, then the summary), moving to another worker
         when one fails. `calls` collects the calls for the caller to cancel; `decode_call` is the
         decode admission the KV goes to; transfer attempts are numbered from `first_attempt` (so a
-        failover's transfers never reuse an earlier admission's numbers, or its kvstore keys)."""
+        failover's transfers never reuse an earlier admission's numbers, or its kvstore keys);
+        `keys` are the prompt's block names for routing, when the caller has them already."""
         tried: list[str] = []
         last_error = BackendUnavailable("no prefill worker took the request")
-        keys = [] if self._affinity is None else self._affinity.keys(request.prompt_token_ids, request.cache_salt)
+        if self._affinity is None:
+            keys = []
+        elif keys is None:
+            keys = self._affinity.keys(request.prompt_token_ids, request.cache_salt)
         for attempt in range(self._max_retries + 1):
             worker = self._choose(tried, keys)
             if worker is None:
@@ -96,7 +100,7 @@ class PrefillRoute:
                 last_error = error
         raise _exhausted(tried, last_error)
 
-    def _choose(self, tried: list[str], keys: list[str]) -> Worker | None:
+    def _choose(self, tried: list[str], keys: Sequence[str]) -> Worker | None:
         """The serving worker this request has not tried with the least of the prompt left to
         compute and the least load (services/gateway/prefix_route.py; without the record: the least
         loaded); None when there is no other one for a retry (the first try raises
