@@ -54,3 +54,13 @@ def test_batched_steps_reuse_their_scratch_buffers_without_leaking_between_steps
     used = PagedRunner(tiny, pool)
     step(used, slots)  # a larger batch leaves other sequences' KV in the scratch buffers
     assert torch.equal(step(used, slots[:2]), fresh)
+
+
+def test_profile_measures_decode_steps_on_the_paged_pool() -> None:
+    """`python -m services.bench profile` times real decode steps: each slot carries its block table
+    (it handed the runner the allocation's lease instead, and every decode measurement raised)."""
+    from services.bench.profile import measure
+
+    profile = measure("tiny", prompt_lengths=[8], batches=[1, 3], context=20)
+    assert set(profile.decode_step_seconds) == {1, 3} and all(s > 0 for s in profile.decode_step_seconds.values())
+    assert profile.prefill_tokens_per_s[8] > 0

@@ -35,14 +35,17 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
     runner = PagedRunner(runtime, pool)
     steps: dict[int, float] = {}
     for batch in batches:
-        slots = [StepSlot(blocks.allocate(f"b{batch}-{i}", context + 1), context, 100 + i) for i in range(batch)]
+        owners = [f"b{batch}-{i}" for i in range(batch)]
+        for owner in owners:
+            blocks.allocate(owner, context + 1)
+        slots = [StepSlot(blocks.table(owner), context, 100 + i) for i, owner in enumerate(owners)]
         runner.step(slots)
         started = time.perf_counter()
         for _ in range(3):
             runner.step(slots)
         steps[batch] = (time.perf_counter() - started) / 3
-        for i in range(batch):
-            blocks.free(f"b{batch}-{i}")
+        for owner in owners:
+            blocks.free(owner)
     return Profile(prefill, steps, runtime.geometry.kv_bytes_per_token, TRANSFER_BYTES_PER_S)
 
 
