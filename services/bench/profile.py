@@ -32,7 +32,7 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
         prefill[length] = length / (time.perf_counter() - started)
     config = PoolConfig(max(batches) * (context // 16 + 2), 16)
     pool, blocks = BlockPool(config, runtime.geometry, runtime.device), BlockManager(config)
-    runner = PagedRunner(runtime, pool)
+    runner = PagedRunner(runtime, pool, packed_weights="batched")  # the decode worker's default
     steps: dict[int, float] = {}
     for batch in batches:
         owners = [f"b{batch}-{i}" for i in range(batch)]

@@ -1,0 +1,94 @@
+"""oneDNN-packed weights for the decode step (--packed-weights): batched steps run on them and agree
+with the model's own products within rounding; a batch of one keeps Hugging Face's bit-identical
+products unless `all` is asked for; fused projections keep their biases; bad settings are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.runtime import ModelRuntime
+from services.decode.blocks import BlockManager
+from services.decode.packed_weights import PackedLinear, packing_supported
+from services.decode.paged_runner import PagedRunner, StepSlot
+from services.decode.pool import BlockPool, PoolConfig
+from services.decode.settings import DecodeSettings
+
+pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu")), reason="no oneDNN in this torch build")
+
+
+def _filled_pool(model: ModelRuntime, lengths: tuple[int, ...]) -> tuple[BlockPool, list[StepSlot]]:
+    config = PoolConfig(64, 4)
+    pool, blocks = BlockPool(config, model.geometry, model.device), BlockManager(config)
+    slots = []
+    for index, length in enumerate(lengths):
+        blocks.allocate(f"s{index}", length + 1)
+        table = blocks.table(f"s{index}")
+        prompt = list(range(20 + index, 20 + index + length))
+        model.prefill(prompt, lambda layer, k, v, table=table: pool.write(table, layer, 0, k, v))
+        slots.append(StepSlot(table, length, 60 + index))
+    return pool, slots
+
+
+def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(tiny: ModelRuntime) -> None:
+    pool, slots = _filled_pool(tiny, (3, 9, 6))
+    saved = [(k.clone(), v.clone()) for k, v in zip(pool.keys, pool.values)]
+
+    def step(runner: PagedRunner) -> torch.Tensor:
+        for (keys, values), (k, v) in zip(saved, zip(pool.keys, pool.values)):
+            k.copy_(keys)
+            v.copy_(values)
+        return runner.step(slots)
+
+    packed, plain = PagedRunner(tiny, pool, packed_weights="batched"), PagedRunner(tiny, pool, packed_weights="off")
+    assert packed.packs(3) and not packed.packs(1) and not plain.packs(3)
+    expected = step(plain)
+    got = step(packed)
+    assert not torch.equal(got, expected)  # other kernels round differently: the packed path really ran
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("mode", ["batched", "all"])
+def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: ModelRuntime, mode: str) -> None:
+    config = PoolConfig(16, 4)
+    pool, blocks = BlockPool(config, tiny.geometry, tiny.device), BlockManager(config)
+    prompt = [5, 17, 33, 2, 90, 41]
+    blocks.allocate("s", len(prompt) + 1)
+    table = blocks.table("s")
+    cache = tiny.new_cache()
+    tiny.prefill(prompt, lambda layer, k, v: pool.write(table, layer, 0, k, v), cache)
+    runner = PagedRunner(tiny, pool, packed_weights=mode)
+    with torch.inference_mode():
+        expected = tiny.model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True).logits[0, -1]
+    got = runner.step([StepSlot(table, len(prompt), 7)])[0]
+    assert runner.packs(1) is (mode == "all")
+    if mode == "batched":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_projections_keep_each_parts_bias() -> None:
+    torch.manual_seed(0)
+    with_bias, without = torch.nn.Linear(16, 8), torch.nn.Linear(16, 4, bias=False)
+    x = torch.randn(5, 16)
+    first, second = PackedLinear.of(with_bias, without)(x)
+    with torch.no_grad():
+        torch.testing.assert_close(first, with_bias(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, without(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("fields", "phrase"), [({"packed_weights": "fast"}, "packed_weights must be one of"),
+                                                ({"packed_weights": "all", "batch_invariant": True},
+                                                 "batch_invariant needs a batch of one's own products")])
+def test_bad_packed_weights_settings_are_refused(fields: dict[str, object], phrase: str) -> None:
+    with pytest.raises(ValueError, match=phrase):
+        DecodeSettings(**fields)  # type: ignore[arg-type]
+
+
+def test_a_batch_invariant_runner_packs_nothing(tiny: ModelRuntime) -> None:
+    pool, _ = _filled_pool(tiny, (3,))
+    assert not PagedRunner(tiny, pool, batch_invariant=True, packed_weights="batched").packs(8)
+    with pytest.raises(ValueError, match="not all"):
+        PagedRunner(tiny, pool, batch_invariant=True, packed_weights="all")
