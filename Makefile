@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 EVAL_INSTALLED := $(VENV)/.eval-installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-decode bench-interference bench-compare bench-eval bench-prefill bench-prefix soak clean
+.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-packed bench-decode bench-interference bench-compare bench-eval bench-prefill bench-prefix soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-fp8: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+bench-packed: $(INSTALLED)
+	$(PY) -m services.common.model_files default
+	$(PY) -m services.bench.packed_agreement $(BENCH_PACKED_ARGS)
 
 bench-decode: $(INSTALLED)
 	$(PY) -m services.common.model_files default

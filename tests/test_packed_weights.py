@@ -9,7 +9,8 @@ import torch
 
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager
-from services.decode.packed_weights import PackedLinear, packing_supported
+from services.common.packed_weights import PackedLinear, PackedLinearModule, packing_supported
+from services.common.worker import WorkerSettings, load_runtime
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.settings import DecodeSettings
@@ -77,6 +78,22 @@ def test_fused_projections_keep_each_parts_bias() -> None:
     with torch.no_grad():
         torch.testing.assert_close(first, with_bias(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(second, without(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_prefill_with_all_computes_its_forward_passes_on_packed_linears(tiny: ModelRuntime) -> None:
+    """The prefill worker's model with --packed-weights all: every linear layer packed, the prompt's
+    logits within rounding of Hugging Face's (and not bit-identical: the packed kernels ran)."""
+    settings = WorkerSettings(model="tiny", packed_weights="all")
+    packed = load_runtime(settings, pack_linears_too=True)
+    layers = packed.model.model.layers
+    assert isinstance(packed.model.lm_head, PackedLinearModule)
+    assert all(isinstance(getattr(layer.mlp, name), PackedLinearModule) for layer in layers
+               for name in ("gate_proj", "up_proj", "down_proj"))
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+    got, expected = packed.prefill(prompt, lambda *_: None), tiny.prefill(prompt, lambda *_: None)
+    assert not torch.equal(got, expected)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert load_runtime(WorkerSettings(model="tiny")).prefill(prompt, lambda *_: None).equal(expected)
 
 
 @pytest.mark.parametrize(("fields", "phrase"), [({"packed_weights": "fast"}, "packed_weights must be one of"),

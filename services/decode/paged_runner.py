@@ -32,7 +32,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from services.common.runtime import ModelRuntime
-from services.decode.packed_weights import PackedLayer, PackedWeights
+from services.common.packed_weights import PackedLayer, PackedWeights
 from services.decode.pool import BlockPool
 
 

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
 from services.common.worker import WorkerSettings
-from services.decode.packed_weights import PACKED_MODES
 
 
 @dataclass(slots=True)
@@ -42,11 +41,6 @@ class DecodeSettings(WorkerSettings):
     batch_invariant: bool = setting(False, "compute every sequence of a batched step exactly as a batch of one "
                                     "(bit-identical logits at any batch size; slower: see the README)",
                                     "BATCH_INVARIANT")
-    packed_weights: str = setting("batched", "run the decode step's projections on oneDNN-packed copies of the "
-                                  "weights (CPU; about 2x faster for batched steps, costs the weights' memory "
-                                  "again): batched (steps of 2+ sequences; a batch of one stays bit-identical "
-                                  "to Hugging Face), all (a batch of one too: faster, not bit-identical), off",
-                                  "PACKED_WEIGHTS")
     prefix_cache: str = setting("on", "keep the KV blocks of prompts (full blocks) after their requests end, "
                                 "evictable, and take a new prompt's cached prefix from them instead of its "
                                 "transfer (on, off)", "PREFIX_CACHE")
@@ -62,8 +56,6 @@ class DecodeSettings(WorkerSettings):
             check_positive(name, getattr(self, name))
         if not 0 <= self.max_cache_budget_mb < math.inf:
             raise ValueError(f"max_cache_budget_mb must be a finite number >= 0, got {self.max_cache_budget_mb}")
-        if self.packed_weights not in PACKED_MODES:
-            raise ValueError(f"packed_weights must be one of {', '.join(PACKED_MODES)}, got {self.packed_weights!r}")
         if self.batch_invariant and self.packed_weights == "all":
             raise ValueError("batch_invariant needs a batch of one's own products: packed_weights batched or off")
         if self.prefix_cache not in ("on", "off"):

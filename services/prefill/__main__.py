@@ -45,7 +45,7 @@ async def run(settings: PrefillSettings) -> None:
 
     async def warmup() -> None:
         nonlocal store, batcher, engine
-        runtime = await thread.run(load_runtime, settings)
+        runtime = await thread.run(load_runtime, settings, settings.packed_weights == "all")
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds, factory)

@@ -1,4 +1,5 @@
-"""oneDNN-packed copies of the model's projection weights, for the decode step's matrix products.
+"""oneDNN-packed copies of the model's projection weights, for the decode step's matrix products
+(and, with `--packed-weights all`, the prefill's forward passes).
 
 `F.linear` on a float32 CPU tensor calls MKL's GEMM, which is slow for the few rows a decode step
 has: measured on the 2-core development machine (one thread), a [32, 576] x [576, 1536] product took
@@ -10,8 +11,11 @@ SmolLM2-135M: 172 -> 97 ms at 32 sequences, 77 -> 40 ms at 8, 40 -> 26 ms at one
 The packed products round differently from MKL's (last bits), so a batch of one, whose logits are
 bit-identical to Hugging Face's forward pass, keeps the model's own `F.linear` by default
 (`--packed-weights batched`); `all` packs a batch of one too (faster, no longer bit-identical), `off`
-keeps no packed copy. The copy costs about the projection weights' size again (q/k/v and gate/up are
-each packed as one fused matrix; the LM head of a model with tied embeddings is a second copy).
+keeps no packed copy. The decode's copy costs about the projection weights' size again (q/k/v and
+gate/up are each packed as one fused matrix; the LM head of a model with tied embeddings is a second
+copy). On the prefill worker only `all` does anything: it replaces every linear layer of its model by
+a packed one (`pack_linears`: no second copy but the tied LM head's), so the prompt's KV and first
+token are no longer bit-identical to Hugging Face's either; the default keeps them so.
 """
 
 from __future__ import annotations
@@ -91,3 +95,29 @@ class PackedWeights:
                         mode, device)
             return None
         return PackedWeights(model)
+
+
+class PackedLinearModule(torch.nn.Module):
+    """A drop-in for `nn.Linear` that computes on its packed weight (inference only)."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = PackedLinear.of(linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed(x)[0]
+
+
+def pack_linears(model: torch.nn.Module, device: torch.device) -> int:
+    """Replace every `nn.Linear` of `model` by a packed one (the originals are released, except
+    weights still shared with another module); returns how many (0 where packing is unsupported)."""
+    if not packing_supported(device):
+        log.warning("--packed-weights all: oneDNN weight packing is not available on %s; using F.linear", device)
+        return 0
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, torch.nn.Linear)]
+    with torch.inference_mode():
+        for parent, name, child in targets:
+            setattr(parent, name, PackedLinearModule(child))
+    return len(targets)
