@@ -9,13 +9,14 @@ import torch
 
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager
-from services.common.packed_weights import PackedLinear, PackedLinearModule, packing_supported
+from services.common.packed_weights import PackedLinear, PackedLinearModule, PackedWeights, packing_unsupported
 from services.common.worker import WorkerSettings, load_runtime
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.settings import DecodeSettings
 
-pytestmark = pytest.mark.skipif(not packing_supported(torch.device("cpu")), reason="no oneDNN in this torch build")
+pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.float32) is not None,
+                                reason="no oneDNN weight packing in this torch build")
 
 
 def _filled_pool(model: ModelRuntime, lengths: tuple[int, ...]) -> tuple[BlockPool, list[StepSlot]]:
@@ -109,3 +110,10 @@ def test_a_batch_invariant_runner_packs_nothing(tiny: ModelRuntime) -> None:
     assert not PagedRunner(tiny, pool, batch_invariant=True, packed_weights="batched").packs(8)
     with pytest.raises(ValueError, match="not all"):
         PagedRunner(tiny, pool, batch_invariant=True, packed_weights="all")
+
+
+def test_half_precision_weights_are_not_packed(caplog: pytest.LogCaptureFixture) -> None:
+    """Only float32 was measured: a bfloat16 model keeps F.linear, and says so."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
+    assert PackedWeights.build(model, torch.device("cpu"), "batched") is None
+    assert "packing is for float32 weights" in caplog.text

@@ -31,10 +31,23 @@ PACKED_MODES = ("batched", "all", "off")
 ROWS_HINT = 32  # the batch size oneDNN picks its blocking for (the products stay correct for any rows)
 
 
-def packing_supported(device: torch.device) -> bool:
-    """Whether this torch build can pack weights for oneDNN on this device (CPU only)."""
-    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why weights of this dtype on this device are not packed, or None when they are: CPU float32
+    only (what was measured; half precision on CPUs without it has slow paths of its own)."""
+    if device.type != "cpu":
+        return f"packing is for the CPU, the model is on {device}"
+    if dtype != torch.float32:
+        return f"packing is for float32 weights, the model's are {dtype}"
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return "this torch build has no oneDNN weight packing"
+    return None
+
+
+def _unsupported(model: torch.nn.Module, device: torch.device, mode: str) -> bool:
+    reason = packing_unsupported(device, next(model.parameters()).dtype)
+    if reason is not None:
+        log.warning("--packed-weights %s: %s; using F.linear", mode, reason)
+    return reason is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,11 +103,7 @@ class PackedWeights:
             raise ValueError(f"packed weights mode must be one of {', '.join(PACKED_MODES)}, got {mode!r}")
         if mode == "off":
             return None
-        if not packing_supported(device):
-            log.warning("--packed-weights %s: oneDNN weight packing is not available on %s; using F.linear",
-                        mode, device)
-            return None
-        return PackedWeights(model)
+        return None if _unsupported(model, device, mode) else PackedWeights(model)
 
 
 class PackedLinearModule(torch.nn.Module):
@@ -112,8 +121,7 @@ class PackedLinearModule(torch.nn.Module):
 def pack_linears(model: torch.nn.Module, device: torch.device) -> int:
     """Replace every `nn.Linear` of `model` by a packed one (the originals are released, except
     weights still shared with another module); returns how many (0 where packing is unsupported)."""
-    if not packing_supported(device):
-        log.warning("--packed-weights all: oneDNN weight packing is not available on %s; using F.linear", device)
+    if _unsupported(model, device, "all"):
         return 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
