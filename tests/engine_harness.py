@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from services.common.kv_codec import AssemblyLimits
 from services.common.metrics import DecodeMetrics
 from services.common.model_thread import ModelThread
+from services.common.packed_weights import PackedWeights
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling
 from services.decode.admission import AdmissionLimits
@@ -27,8 +28,9 @@ class Harness:
         self.fatal: list[str] = []  # what the engine reported as fatal
         limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
                               admission=AdmissionLimits(16, 0.95), max_batch_size=batch, preempt_threshold=preempt)
+        packed = PackedWeights.build(runtime.model, runtime.device, limits.packed_weights)  # as the worker does
         self.engine = DecodeEngine(runtime, self.thread, PoolConfig(blocks, 16), limits, None,
-                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append)
+                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, packed)
 
     def admit(self, name: str, prompt: list[int] = PROMPT, max_tokens: int = 6) -> Sequence:
         return self.engine.admit(Sequence(name, list(prompt), Sampling(temperature=0, max_tokens=max_tokens,

@@ -4,6 +4,8 @@ products unless `all` is asked for; fused projections keep their biases; bad set
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -17,6 +19,12 @@ from services.decode.settings import DecodeSettings
 
 pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.float32) is not None,
                                 reason="no oneDNN weight packing in this torch build")
+
+
+def _packed(model: ModelRuntime) -> PackedWeights:
+    packed = PackedWeights.build(model.model, model.device, "batched")
+    assert packed is not None
+    return packed
 
 
 def _filled_pool(model: ModelRuntime, lengths: tuple[int, ...]) -> tuple[BlockPool, list[StepSlot]]:
@@ -42,7 +50,7 @@ def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(
             v.copy_(values)
         return runner.step(slots)
 
-    packed, plain = PagedRunner(tiny, pool, packed_weights="batched"), PagedRunner(tiny, pool, packed_weights="off")
+    packed, plain = PagedRunner(tiny, pool, packed=_packed(tiny)), PagedRunner(tiny, pool)
     assert packed.packs(3) and not packed.packs(1) and not plain.packs(3)
     expected = step(plain)
     got = step(packed)
@@ -60,7 +68,7 @@ def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: Mod
     table = blocks.table("s")
     cache = tiny.new_cache()
     tiny.prefill(prompt, lambda layer, k, v: pool.write(table, layer, 0, k, v), cache)
-    runner = PagedRunner(tiny, pool, packed_weights=mode)
+    runner = PagedRunner(tiny, pool, packed=_packed(tiny), packed_for_one=mode == "all")
     with torch.inference_mode():
         expected = tiny.model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True).logits[0, -1]
     got = runner.step([StepSlot(table, len(prompt), 7)])[0]
@@ -84,6 +92,7 @@ def test_fused_projections_keep_each_parts_bias() -> None:
 def test_a_prefill_with_all_computes_its_forward_passes_on_packed_linears(tiny: ModelRuntime) -> None:
     """The prefill worker's model with --packed-weights all: every linear layer packed, the prompt's
     logits within rounding of Hugging Face's (and not bit-identical: the packed kernels ran)."""
+    threads = torch.get_num_threads()  # load_runtime applies the worker's CPU placement to this process
     settings = WorkerSettings(model="tiny", packed_weights="all")
     packed = load_runtime(settings, pack_linears_too=True)
     layers = packed.model.model.layers
@@ -95,6 +104,7 @@ def test_a_prefill_with_all_computes_its_forward_passes_on_packed_linears(tiny: 
     assert not torch.equal(got, expected)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert load_runtime(WorkerSettings(model="tiny")).prefill(prompt, lambda *_: None).equal(expected)
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize(("fields", "phrase"), [({"packed_weights": "fast"}, "packed_weights must be one of"),
@@ -107,9 +117,9 @@ def test_bad_packed_weights_settings_are_refused(fields: dict[str, object], phra
 
 def test_a_batch_invariant_runner_packs_nothing(tiny: ModelRuntime) -> None:
     pool, _ = _filled_pool(tiny, (3,))
-    assert not PagedRunner(tiny, pool, batch_invariant=True, packed_weights="batched").packs(8)
+    assert not PagedRunner(tiny, pool, batch_invariant=True, packed=_packed(tiny)).packs(8)
     with pytest.raises(ValueError, match="not all"):
-        PagedRunner(tiny, pool, batch_invariant=True, packed_weights="all")
+        PagedRunner(tiny, pool, batch_invariant=True, packed=_packed(tiny), packed_for_one=True)
 
 
 def test_half_precision_weights_are_not_packed(caplog: pytest.LogCaptureFixture) -> None:
@@ -117,3 +127,13 @@ def test_half_precision_weights_are_not_packed(caplog: pytest.LogCaptureFixture)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8)).to(torch.bfloat16)
     assert PackedWeights.build(model, torch.device("cpu"), "batched") is None
     assert "packing is for float32 weights" in caplog.text
+
+
+def test_a_model_whose_layers_are_not_plain_linears_keeps_its_own_products(tiny: ModelRuntime,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A mixture-of-experts MLP (no gate/up/down linears) or a quantized layer: the decode logs it
+    and steps with the model's own modules instead of failing to start."""
+    model = copy.deepcopy(tiny.model)
+    model.model.layers[0].mlp = torch.nn.Identity()
+    assert PackedWeights.build(model, tiny.device, "batched") is None
+    assert "not plain Llama-style linears" in caplog.text

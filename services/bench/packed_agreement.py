@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> PackedReport:
     parser.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if not 0 < args.prompts <= len(PROMPTS) or args.tokens < 1:
+        parser.error(f"--prompts must be 1..{len(PROMPTS)} and --tokens at least 1")
     report = run(args)
     if args.json:
         print(json.dumps(asdict(report), indent=2))

@@ -14,6 +14,7 @@ import torch
 from services.bench.advisor import Profile, Workload, advise
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
+from services.common.packed_weights import PackedWeights
 from services.decode.blocks import BlockManager
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.paged_runner import PagedRunner, StepSlot
@@ -32,7 +33,7 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
         prefill[length] = length / (time.perf_counter() - started)
     config = PoolConfig(max(batches) * (context // 16 + 2), 16)
     pool, blocks = BlockPool(config, runtime.geometry, runtime.device), BlockManager(config)
-    runner = PagedRunner(runtime, pool, packed_weights="batched")  # the decode worker's default
+    runner = PagedRunner(runtime, pool, packed=PackedWeights.build(runtime.model, runtime.device, "batched"))
     steps: dict[int, float] = {}
     for batch in batches:
         owners = [f"b{batch}-{i}" for i in range(batch)]

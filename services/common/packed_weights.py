@@ -60,6 +60,9 @@ class PackedLinear:
 
     @staticmethod
     def of(*modules: torch.nn.Module) -> PackedLinear:
+        for module in modules:
+            if not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32:
+                raise TypeError(f"{type(module).__name__} is not a float32 nn.Linear")
         weights = [module.weight.detach() for module in modules]
         biases = [module.bias for module in modules]
         bias = None if all(b is None for b in biases) else torch.cat(
@@ -101,9 +104,14 @@ class PackedWeights:
         """The packed copy `mode` asks for, or None (mode off, or packing unsupported here: logged)."""
         if mode not in PACKED_MODES:
             raise ValueError(f"packed weights mode must be one of {', '.join(PACKED_MODES)}, got {mode!r}")
-        if mode == "off":
+        if mode == "off" or _unsupported(model, device, mode):
             return None
-        return None if _unsupported(model, device, mode) else PackedWeights(model)
+        try:
+            return PackedWeights(model)
+        except (AttributeError, TypeError) as error:  # not q/k/v/o + gate/up/down nn.Linear layers (MoE, quantized)
+            log.warning("--packed-weights %s: this model's layers are not plain Llama-style linears (%s); "
+                        "using F.linear", mode, error)
+            return None
 
 
 class PackedLinearModule(torch.nn.Module):
@@ -125,7 +133,10 @@ def pack_linears(model: torch.nn.Module, device: torch.device) -> int:
         return 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
+    count = len(targets)
     with torch.inference_mode():
-        for parent, name, child in targets:
+        while targets:  # drop each original as soon as it is replaced: peak = model + one layer's copy
+            parent, name, child = targets.pop()
             setattr(parent, name, PackedLinearModule(child))
-    return len(targets)
+            del child
+    return count

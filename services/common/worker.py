@@ -36,8 +36,8 @@ class WorkerSettings(TlsSettings):
     packed_weights: str = setting("batched", "compute on oneDNN-packed copies of the weights (CPU; about 2x faster "
                                   "matrix products for decode-sized batches): batched (the decode's steps of 2+ "
                                   "sequences; a batch of one and the prefill stay bit-identical to Hugging "
-                                  "Face), all (the decode's batch of one and the prefill's forward passes too: "
-                                  "faster, not bit-identical), off", "PACKED_WEIGHTS")
+                                  "Face), all (the decode's batch of one and the prefill worker's forward passes "
+                                  "too: faster, not bit-identical), off", "PACKED_WEIGHTS")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 

@@ -9,6 +9,7 @@ from services.common.kv_codec import AssemblyLimits
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
+from services.common.packed_weights import PackedWeights
 from services.common.pb import decode_pb2
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
 from services.common.shm import host_identity
@@ -35,6 +36,13 @@ def decode_limits(settings: DecodeSettings) -> DecodeLimits:
         prefix_cache=settings.prefix_cache == "on", packed_weights=settings.packed_weights)
 
 
+def packing_mode(settings: DecodeSettings) -> str:
+    """What to pack: nothing for batch-invariant steps or when no step can hold two sequences."""
+    if settings.batch_invariant or (settings.max_batch_size < 2 and settings.packed_weights == "batched"):
+        return "off"
+    return settings.packed_weights
+
+
 async def run(settings: DecodeSettings) -> None:
     telemetry = service_telemetry("decode")
     thread = ModelThread()
@@ -57,7 +65,8 @@ async def run(settings: DecodeSettings) -> None:
                                   settings.kvstore_timeout_seconds, factory)
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
-        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail)
+        packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings))
+        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail, packed)
         engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)

@@ -41,6 +41,7 @@ from services.common.kv_codec import RAW_ENCODING, AssemblyLimits, KvAssembler, 
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
+from services.common.packed_weights import PackedWeights
 from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
 from services.decode.admission import Admission, AdmissionLimits
@@ -73,7 +74,7 @@ class DecodeLimits:
     step_timeout_seconds: float = 300.0
     batch_invariant: bool = False  # every sequence's logits bit-identical to a batch of one (slower)
     prefix_cache: bool = True  # keep prompt blocks for reuse by later requests (cached_blocks.py)
-    packed_weights: str = "batched"  # oneDNN-packed weights for steps: batched, all, off (packed_weights.py)
+    packed_weights: str = "batched"  # who uses the engine's PackedWeights: batched, all (a batch of one too), off
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,8 @@ class _Executed:
 
 class DecodeEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, pool: PoolConfig, limits: DecodeLimits,
-                 store: KvStoreClient | None, metrics: DecodeMetrics, on_fatal: Callable[[str], None]) -> None:
+                 store: KvStoreClient | None, metrics: DecodeMetrics, on_fatal: Callable[[str], None],
+                 packed: PackedWeights | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
         self._limits = limits
@@ -96,7 +98,7 @@ class DecodeEngine:
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
         cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
         self.blocks = BlockManager(pool, cache)
-        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, limits.packed_weights)
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed, limits.packed_weights == "all")
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))
