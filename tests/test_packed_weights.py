@@ -15,6 +15,7 @@ from services.common.packed_weights import PackedLinear, PackedLinearModule, Pac
 from services.common.worker import WorkerSettings, load_runtime
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
+from services.decode.__main__ import packing_mode
 from services.decode.settings import DecodeSettings
 
 pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.float32) is not None,
@@ -137,3 +138,10 @@ def test_a_model_whose_layers_are_not_plain_linears_keeps_its_own_products(tiny:
     model.model.layers[0].mlp = torch.nn.Identity()
     assert PackedWeights.build(model, tiny.device, "batched") is None
     assert "not plain Llama-style linears" in caplog.text
+
+
+@pytest.mark.parametrize(("fields", "mode"), [({}, "batched"), ({"max_batch_size": 1}, "off"),
+                                              ({"max_batch_size": 1, "packed_weights": "all"}, "all"),
+                                              ({"batch_invariant": True}, "off")])
+def test_the_decode_packs_only_what_its_steps_can_use(fields: dict[str, object], mode: str) -> None:
+    assert packing_mode(DecodeSettings(**fields)) == mode  # type: ignore[arg-type]
