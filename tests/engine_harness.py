@@ -28,7 +28,7 @@ class Harness:
         self.fatal: list[str] = []  # what the engine reported as fatal
         limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
                               admission=AdmissionLimits(16, 0.95), max_batch_size=batch, preempt_threshold=preempt)
-        packed = PackedWeights.build(runtime.model, runtime.device, limits.packed_weights)  # as the worker does
+        packed = PackedWeights.build(runtime.model, runtime.device, "batched")  # as the worker does by default
         self.engine = DecodeEngine(runtime, self.thread, PoolConfig(blocks, 16), limits, None,
                                    DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, packed)
 

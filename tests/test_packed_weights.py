@@ -22,8 +22,8 @@ pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.f
                                 reason="no oneDNN weight packing in this torch build")
 
 
-def _packed(model: ModelRuntime) -> PackedWeights:
-    packed = PackedWeights.build(model.model, model.device, "batched")
+def _packed(model: ModelRuntime, mode: str = "batched") -> PackedWeights:
+    packed = PackedWeights.build(model.model, model.device, mode)
     assert packed is not None
     return packed
 
@@ -69,7 +69,7 @@ def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: Mod
     table = blocks.table("s")
     cache = tiny.new_cache()
     tiny.prefill(prompt, lambda layer, k, v: pool.write(table, layer, 0, k, v), cache)
-    runner = PagedRunner(tiny, pool, packed=_packed(tiny), packed_for_one=mode == "all")
+    runner = PagedRunner(tiny, pool, packed=_packed(tiny, mode))
     with torch.inference_mode():
         expected = tiny.model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True).logits[0, -1]
     got = runner.step([StepSlot(table, len(prompt), 7)])[0]
@@ -120,7 +120,7 @@ def test_a_batch_invariant_runner_packs_nothing(tiny: ModelRuntime) -> None:
     pool, _ = _filled_pool(tiny, (3,))
     assert not PagedRunner(tiny, pool, batch_invariant=True, packed=_packed(tiny)).packs(8)
     with pytest.raises(ValueError, match="not all"):
-        PagedRunner(tiny, pool, batch_invariant=True, packed=_packed(tiny), packed_for_one=True)
+        PagedRunner(tiny, pool, batch_invariant=True, packed=_packed(tiny, "all"))
 
 
 def test_half_precision_weights_are_not_packed(caplog: pytest.LogCaptureFixture) -> None:

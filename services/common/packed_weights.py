@@ -88,9 +88,11 @@ class PackedLayer:
 
 
 class PackedWeights:
-    """Packed projections of every layer and the LM head of a Llama-family model."""
+    """Packed projections of every layer and the LM head of a Llama-family model, for decode steps of
+    2+ sequences, and of one too when `for_one` (--packed-weights all)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, for_one: bool = False) -> None:
+        self.for_one = for_one
         body = model.model
         with torch.inference_mode():
             self.layers = [PackedLayer(PackedLinear.of(layer.self_attn.q_proj, layer.self_attn.k_proj,
@@ -108,7 +110,7 @@ class PackedWeights:
         if mode == "off" or _unsupported(model, device, mode):
             return None
         try:
-            return PackedWeights(model)
+            return PackedWeights(model, for_one=mode == "all")
         except (AttributeError, TypeError) as error:  # not q/k/v/o + gate/up/down nn.Linear layers (MoE, quantized)
             log.warning("--packed-weights %s: this model's layers are not plain Llama-style linears (%s); "
                         "using F.linear", mode, error)

@@ -33,7 +33,7 @@ def decode_limits(settings: DecodeSettings) -> DecodeLimits:
                                   settings.max_cache_budget_mb),
         max_batch_size=settings.max_batch_size, preempt_threshold=settings.preempt_threshold,
         step_timeout_seconds=settings.step_timeout_seconds, batch_invariant=settings.batch_invariant,
-        prefix_cache=settings.prefix_cache == "on", packed_weights=settings.packed_weights)
+        prefix_cache=settings.prefix_cache == "on")
 
 
 def packing_mode(settings: DecodeSettings) -> str:

@@ -237,9 +237,7 @@ class LeasedWriter:
         """Keys/values [kv_heads, tokens, head_dim] of one layer at token positions start.."""
         skip = max(0, self._floor - start)
         with self._blocks.writing(self.lease) as table:  # checked even for a write all below the floor
-            if not skip:
-                self._pool.write(table, layer, start, keys, values)
-            elif skip < keys.shape[1]:
+            if skip < keys.shape[1]:
                 self._pool.write(table, layer, start + skip, keys[:, skip:], values[:, skip:])
 
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:

@@ -74,7 +74,6 @@ class DecodeLimits:
     step_timeout_seconds: float = 300.0
     batch_invariant: bool = False  # every sequence's logits bit-identical to a batch of one (slower)
     prefix_cache: bool = True  # keep prompt blocks for reuse by later requests (cached_blocks.py)
-    packed_weights: str = "batched"  # who uses the engine's PackedWeights: batched, all (a batch of one too), off
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +97,7 @@ class DecodeEngine:
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
         cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
         self.blocks = BlockManager(pool, cache)
-        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed, limits.packed_weights == "all")
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))

@@ -104,11 +104,11 @@ class Scratch:
 
 class PagedRunner:
     def __init__(self, runtime: ModelRuntime, pool: BlockPool, batch_invariant: bool = False,
-                 packed: PackedWeights | None = None, packed_for_one: bool = False) -> None:
+                 packed: PackedWeights | None = None) -> None:
         """`packed`: steps of 2+ sequences run on these weights (built by `PackedWeights.build` on the
-        model thread), and a batch of one too with `packed_for_one`. Batch-invariant steps compute
+        model thread), and a batch of one too when `packed.for_one`. Batch-invariant steps compute
         every row as a batch of one, with the model's own products."""
-        if batch_invariant and packed_for_one:
+        if batch_invariant and packed is not None and packed.for_one:
             raise ValueError("batch-invariant steps need a batch of one's own products: "
                              "packed weights batched or off, not all")
         self._model = runtime.model
@@ -117,7 +117,7 @@ class PagedRunner:
         self._batch_invariant = batch_invariant
         self._scratch = Scratch()
         self._packed = None if batch_invariant else packed
-        self._packed_min_rows = 1 if packed_for_one else 2
+        self._packed_min_rows = 1 if packed is not None and packed.for_one else 2
 
     def packs(self, rows: int) -> bool:
         """Whether a step of this many sequences runs on the packed weights."""

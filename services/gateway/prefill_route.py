@@ -62,19 +62,15 @@ class PrefillRoute:
         return self._max_retries + 1
 
     async def events(self, request: prefill_pb2.PrefillRequest, calls: list[grpc.aio.Call],
-                     decode_call: grpc.aio.Call | None = None, first_attempt: int = 0,
-                     keys: Sequence[str] | None = None) -> AsyncIterator[prefill_pb2.PrefillEvent]:
+                     decode_call: grpc.aio.Call | None, first_attempt: int,
+                     keys: Sequence[str]) -> AsyncIterator[prefill_pb2.PrefillEvent]:
         """The prefill's events (the first token once, then the summary), moving to another worker
         when one fails. `calls` collects the calls for the caller to cancel; `decode_call` is the
         decode admission the KV goes to; transfer attempts are numbered from `first_attempt` (so a
         failover's transfers never reuse an earlier admission's numbers, or its kvstore keys);
-        `keys` are the prompt's block names for routing, when the caller has them already."""
+        `keys` are the prompt's block names for routing (empty without prefix routing)."""
         tried: list[str] = []
         last_error = BackendUnavailable("no prefill worker took the request")
-        if self._affinity is None:
-            keys = []
-        elif keys is None:
-            keys = self._affinity.keys(request.prompt_token_ids, request.cache_salt)
         for attempt in range(self._max_retries + 1):
             worker = self._choose(tried, keys)
             if worker is None:
