@@ -23,6 +23,7 @@ from services.client.types import (
     join_choices,
     Message,
 )
+from services.common.errors import call_status
 from services.common.pb import common_pb2, gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
 
@@ -83,8 +84,9 @@ class GatewayClient:
                     yield to_chunk(response)
                 return
             except grpc.aio.AioRpcError as error:
-                if received or error.code() not in self._retry.retry_codes or attempt == self._retry.max_retries:
-                    raise GatewayError(error.code(), error.details() or "") from None
+                code, details = call_status(error)
+                if received or code not in self._retry.retry_codes or attempt == self._retry.max_retries:
+                    raise GatewayError(code, details) from None
                 await asyncio.sleep(self._retry.backoff(attempt))
             finally:
                 call.cancel()
@@ -102,4 +104,4 @@ class GatewayClient:
             return await self._stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=timeout or self._timeout,
                                                  metadata=self._metadata)
         except grpc.aio.AioRpcError as error:
-            raise GatewayError(error.code(), error.details() or "") from None
+            raise GatewayError(*call_status(error)) from None

@@ -23,6 +23,7 @@ from services.client.types import (
     join_choices,
     Message,
 )
+from services.common.errors import call_status
 from services.common.pb import gateway_pb2_grpc
 from services.common.tls import client_channel, client_files
 
@@ -74,9 +75,9 @@ class SyncGatewayClient:
                     yield to_chunk(response)
                 return
             except grpc.RpcError as error:
-                code = error.code()  # type: ignore[attr-defined]
+                code, details = call_status(error)
                 if received or code not in self._retry.retry_codes or attempt == self._retry.max_retries:
-                    raise GatewayError(code, error.details() or "") from None  # type: ignore[attr-defined]
+                    raise GatewayError(code, details) from None
                 time.sleep(self._retry.backoff(attempt))
             finally:
                 call.cancel()

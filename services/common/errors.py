@@ -2,7 +2,7 @@
 
 Code inside a service raises these; only the servicer edge (`services.common.edge.grpc_edge`)
 turns them into a gRPC status. Errors from an upstream gRPC call keep their code as they pass
-through.
+through (`call_status`: but for a call a server dropped as it shut down, which reads as UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -97,10 +97,26 @@ STATUS_BY_ERROR: dict[type[ServiceError], grpc.StatusCode] = {
 FAULT_ROLE_KEY = "disagg-fault-role"  # trailing metadata: which worker's fault an error was
 
 
+# grpc core ends a call that reached a server but that no handler had taken yet, when the server
+# shuts down, with CANCELLED and these details (grpc/grpc#41785). A caller's own cancel never comes
+# back to it as a status, and this project's handlers always give their reason.
+DROPPED_AT_SHUTDOWN_DETAILS = "CANCELLED"
+
+
+def call_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """A failed call's status code and details, with one reading: a call a server dropped as it shut
+    down, before any handler ran, is UNAVAILABLE (nothing was done, so it is retried like any call
+    to a server that went away) rather than CANCELLED."""
+    code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.CANCELLED and details == DROPPED_AT_SHUTDOWN_DETAILS:
+        return grpc.StatusCode.UNAVAILABLE, "the server shut down before it took the call"
+    return code, details or code.name
+
+
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status a client should get for `error`."""
     if isinstance(error, grpc.aio.AioRpcError):
-        return error.code(), error.details() or error.code().name
+        return call_status(error)
     if isinstance(error, UpstreamError):
         return error.code, str(error)
     for kind, code in STATUS_BY_ERROR.items():

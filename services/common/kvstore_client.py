@@ -28,7 +28,7 @@ from services.common import shm
 from services.common.backoff import Backoff
 from services.common.channel_factory import ChannelFactory
 from services.common.channels import ChannelPool
-from services.common.errors import BackendUnavailable, KvCorrupted, UnknownRequest
+from services.common.errors import BackendUnavailable, KvCorrupted, UnknownRequest, call_status
 from services.common.pb import kvstore_pb2, kvstore_pb2_grpc
 from services.common.targets import address_list
 
@@ -56,10 +56,11 @@ class KvStoreClient:
         return kvstore_pb2_grpc.KvStoreServiceStub(self._channels.get(self.address))
 
     def _translate(self, error: grpc.aio.AioRpcError, key: str) -> Exception:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
+        code, details = call_status(error)
+        if code == grpc.StatusCode.NOT_FOUND:
             return UnknownRequest(f"kvstore has no {key!r}")
-        if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            return BackendUnavailable(f"kvstore at {self.address} unavailable: {error.details()}")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return BackendUnavailable(f"kvstore at {self.address} unavailable: {details}")
         return error
 
     async def _call(self, call: Callable[[kvstore_pb2_grpc.KvStoreServiceStub], Awaitable[R]], key: str) -> R:
@@ -70,7 +71,7 @@ class KvStoreClient:
                 return await call(self._stub)
             except grpc.aio.AioRpcError as error:
                 delay = RETRY_BACKOFF.delay(attempt)
-                if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > give_up:
+                if call_status(error)[0] != grpc.StatusCode.UNAVAILABLE or time.monotonic() + delay > give_up:
                     raise self._translate(error, key) from error
             await asyncio.sleep(delay)
             attempt += 1

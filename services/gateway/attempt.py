@@ -29,7 +29,7 @@ from opentelemetry import trace
 
 from services.common.channels import ChannelPool
 from services.common import logprobs
-from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError
+from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError, call_status
 from services.common.logprobs import TokenLogprob
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
 from services.gateway.prefill_route import PrefillRoute, fault_role
@@ -190,7 +190,7 @@ class AttemptRunner:
                 raise decoded from None  # the decode's own status decides (a KV timeout, a death)
             if role == "decode":
                 raise
-            raise UpstreamError(error.code(), error.details() or error.code().name, role or "prefill") from None
+            raise UpstreamError(*call_status(error), role or "prefill") from None
 
     async def _admit(self, request: decode_pb2.DecodeRequest, calls: list[grpc.aio.Call], leases: ExitStack,
                      failed: set[str], keys: list[str]) -> tuple[Worker, grpc.aio.UnaryStreamCall, decode_pb2.Accepted]:
@@ -208,11 +208,12 @@ class AttemptRunner:
             try:
                 event = await call.read()
             except grpc.aio.AioRpcError as error:
-                if error.code() not in _RETRY_ADMISSION:
+                code, details = call_status(error)
+                if code not in _RETRY_ADMISSION:
                     raise
-                log.info("decode worker %s refused admission: %s", worker.address, error.code().name)
-                if error.code() == grpc.StatusCode.UNAVAILABLE:
-                    self._decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {error.details()}")
+                log.info("decode worker %s refused admission: %s", worker.address, code.name)
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    self._decode_pool.report_failure(worker.address, f"admission UNAVAILABLE: {details}")
                 last_error = error
                 continue
             if event is grpc.aio.EOF or not event.HasField("accepted"):

@@ -33,7 +33,7 @@ import grpc
 from opentelemetry import trace
 
 from services.common.channels import ChannelPool
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidRequest, call_status
 from services.common.logit_controls import check_vocabulary
 from services.common.metrics import GatewayMetrics
 from services.common.pb import decode_pb2, prefill_pb2
@@ -278,12 +278,13 @@ class Gateway:
 
     def _report_decode(self, error: grpc.aio.AioRpcError, attempt: Attempt) -> None:
         """A decode worker that disappeared (UNAVAILABLE) is skipped with backoff."""
-        if error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address:
-            self.decode_pool.report_failure(attempt.decode_address, f"Generate UNAVAILABLE: {error.details()}")
+        code, details = call_status(error)
+        if code == grpc.StatusCode.UNAVAILABLE and attempt.decode_address:
+            self.decode_pool.report_failure(attempt.decode_address, f"Generate UNAVAILABLE: {details}")
 
     def _may_fail_over(self, error: grpc.aio.AioRpcError, attempt: Attempt, failover: int) -> bool:
         """A decode worker that disappears mid-stream (UNAVAILABLE) is replaced by another one."""
-        return (error.code() == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
+        return (call_status(error)[0] == grpc.StatusCode.UNAVAILABLE and attempt.decode_address != ""
                 and failover < self._limits.max_failovers)
 
     def _finish(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress, output: GenerateOutput,

@@ -21,7 +21,7 @@ from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.common.channels import ChannelPool
-from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable
+from services.common.errors import FAULT_ROLE_KEY, BackendUnavailable, call_status
 from services.common.pb import prefill_pb2, prefill_pb2_grpc
 from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import Worker, WorkerPool
@@ -41,7 +41,7 @@ def fault_role(error: grpc.aio.AioRpcError) -> str:
 
 def is_prefill_fault(error: grpc.aio.AioRpcError, decode_call: grpc.aio.Call | None = None) -> bool:
     """Whether a failed prefill call is the prefill worker's own failure (see the module doc)."""
-    if error.code() not in _PREFILL_FAULTS or fault_role(error) not in ("", "prefill"):
+    if call_status(error)[0] not in _PREFILL_FAULTS or fault_role(error) not in ("", "prefill"):
         return False
     return decode_call is None or not decode_call.done()
 
@@ -92,7 +92,7 @@ class PrefillRoute:
                 if not is_prefill_fault(error, decode_call):
                     raise
                 tried.append(worker.address)
-                self._pool.report_failure(worker.address, f"Prefill {error.code().name}: {error.details()}")
+                self._pool.report_failure(worker.address, "Prefill {}: {}".format(*call_status(error)))
                 last_error = error
         raise _exhausted(tried, last_error)
 

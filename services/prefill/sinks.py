@@ -10,7 +10,7 @@ from typing import Protocol
 
 import grpc
 
-from services.common.errors import BackendUnavailable, UpstreamError
+from services.common.errors import BackendUnavailable, UpstreamError, call_status
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage, key_of, wire_bytes
 from services.common.kvstore_client import KvStoreClient
@@ -80,7 +80,7 @@ class DecodeStreamSink:
 
 
 def _decode_fault(error: grpc.aio.AioRpcError) -> UpstreamError:
-    return UpstreamError(error.code(), error.details() or error.code().name, DECODE_ROLE)
+    return UpstreamError(*call_status(error), DECODE_ROLE)
 
 
 class KvStoreSink:
