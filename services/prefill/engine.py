@@ -15,7 +15,8 @@ Life of a request, as a sequence of queues:
   (a prompt longer than the prefill chunk runs as several forward jobs, each chunk's KV sent as
   soon as it is computed, so one huge prompt neither blows memory nor starves the queue)
   -> the end message (chunk count, first token, forward end time) closes each sink; the decode's
-     acknowledgement ends the handoff, and the summary is emitted.
+     acknowledgement ends the handoff; once the prompt's blocks are in the prefix cache (copied
+     meanwhile), the summary is emitted, so a repeat sent the moment the request ends finds them.
 Cancelling the request's task aborts its sinks; nothing is kept after it ends.
 
 Spans (children of the `prefill.Prefill` server span): `prefill.queue_wait`, `prefill.forward`,
@@ -26,6 +27,7 @@ kv.throughput_bytes_per_second, kv.handoff_seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ from services.prefill.records import PrefillSummary, record_forward, record_send
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
+KEEP_WAIT_SECONDS = 5.0  # the most a request's end waits for its prompt blocks to enter the prefix cache
 Forwarded = tuple[torch.Tensor, list[TokenLogprob]]  # the last position's logits; the prompt's scores if asked
 
 
@@ -202,8 +205,9 @@ class PrefillEngine:
                 pump.result()  # a transfer that could not open fails before the first token goes out
             for first in firsts:
                 yield first
+            cached: asyncio.Event | None = None
             if self._prefix is not None and wanted and len(recorded) == self._runtime.geometry.num_layers:
-                self._prefix.keep(hit, wanted, recorded, f"prefix-store-{job.key}")
+                cached = self._prefix.keep(hit, wanted, recorded, f"prefix-store-{job.key}")
             recorded = {}
             if pump is not None:
                 first_sent = await pump
@@ -213,6 +217,9 @@ class PrefillEngine:
                 await sink.close(end)
             if store_sink is not None:  # the decode acknowledged: its keys now
                 store_sink.keep()
+            if cached is not None:  # copied while the KV streamed; a repeat right after must find it
+                with contextlib.suppress(TimeoutError):  # best effort: never holds a request for long
+                    await asyncio.wait_for(cached.wait(), KEEP_WAIT_SECONDS)
             finished = time.perf_counter()
             summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
                                      finished - first_sent, finished - forward_done,

@@ -1,6 +1,8 @@
 """The prefix cache as the prefill engine uses it: look a prompt up in memory and then in the
 kvstore tier, plan which computed blocks to keep, and keep them in the background after the first
-token went out (best effort: a failure only loses the cache entry)."""
+token went out (best effort: a failure only loses the cache entry). The request ends only once this
+worker's cache holds them, so a repeat sent the moment the answer ends finds them; the kvstore copy
+goes on after."""
 
 from __future__ import annotations
 
@@ -42,18 +44,24 @@ class PrefixReuse:
         wanted = self.cache.wanted(hit)
         return wanted, self.cache.rows(wanted)
 
-    def keep(self, hit: PrefixHit, wanted: list[int], recorded: Recorded, name: str) -> None:
-        """Store the recorded blocks, in the background."""
-        self._tasks.spawn(self._keep(hit, wanted, recorded), name)
+    def keep(self, hit: PrefixHit, wanted: list[int], recorded: Recorded, name: str) -> asyncio.Event:
+        """Store the recorded blocks, in the background; the event is set once this worker's cache
+        holds them (or keeping them failed)."""
+        cached = asyncio.Event()
+        self._tasks.spawn(self._keep(hit, wanted, recorded, cached), name)
+        return cached
 
-    async def _keep(self, hit: PrefixHit, wanted: list[int], recorded: Recorded) -> None:
+    async def _keep(self, hit: PrefixHit, wanted: list[int], recorded: Recorded, cached: asyncio.Event) -> None:
         try:
             blocks = await asyncio.to_thread(self.cache.make_blocks, hit, wanted, recorded)
             self.cache.insert(blocks, hit.keys)
+            cached.set()
             if self._store is not None:  # for the other prefill workers, and after a restart
                 await self._store.save(blocks)
         except Exception:  # noqa: BLE001 - best effort
             log.exception("could not store prompt blocks in the prefix cache")
+        finally:
+            cached.set()
 
     async def close(self) -> None:
         await self._tasks.cancel_all()
