@@ -3,7 +3,7 @@ reached a server but that no handler had taken yet, when the server stops, with 
 "CANCELLED" (grpc/grpc#41785). During a rolling restart that is a call sent in the instant between a
 worker's drain and its exit; no handler ran, so nothing was done and it is safe to repeat. It
 reads as UNAVAILABLE (`services.common.errors.call_status`) wherever a caller decides to retry:
-the gateway's decode admission and prefill, the kvstore client, and the client SDK.
+the gateway's decode admission, prefill and model info, the kvstore client, and the client SDK.
 
 The first test pins grpc core's behaviour on a real server. The others put, in front of the real
 services, a real gRPC server on loopback that ends every call the same way (a dropping worker,
@@ -30,13 +30,13 @@ from services.common.channel_factory import ChannelFactory
 from services.gateway.text import PromptEncoder
 from tests.conftest import RunningStack, add_service
 
-PROMPT = "The capital of France is"
+PROMPT = "The capital of France is"  # under one routing block: workers are chosen by load and rotation
 TRIES = 12  # requests until the dropping worker has been routed to (it is then in backoff)
 
 
 class DroppingServer:
-    """A gRPC server, SERVING in its health, that ends every other call as grpc core ends one it
-    dropped at shutdown; `calls` counts them by method."""
+    """A gRPC server, SERVING in its health, that ends every call as grpc core ends one it dropped
+    at shutdown; `calls` counts them by method."""
 
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
@@ -113,19 +113,21 @@ def test_grpc_core_ends_a_call_no_handler_took_at_shutdown_with_cancelled_which_
         assert status_of(aio_error)[0] == grpc.StatusCode.UNAVAILABLE  # what a servicer edge passes on
 
 
-async def test_a_decode_admission_and_a_prefill_dropped_at_shutdown_go_to_other_workers(
+async def test_model_info_a_decode_admission_and_a_prefill_dropped_at_shutdown_go_to_other_workers(
         memory_stack: RunningStack, dropping: DroppingServer, runtime: ModelRuntime, encoder: PromptEncoder) -> None:
     expected = runtime.reference_generate(encoder.encode_text(PROMPT), 3)
     gateway = add_service(memory_stack, f"gateway_dropping_{dropping.address.rsplit(':', 1)[1]}", "gateway",
                           "--prefill-addresses", f"{dropping.address},{memory_stack['prefill']}",
                           "--decode-addresses", f"{dropping.address},{memory_stack['decode']}")
     async with GatewayClient(gateway) as client:
+        for _ in range(4):  # ties rotate: the dropping decode is asked first every other time
+            assert (await client.model_info(timeout=30)).fingerprint
         for _ in range(TRIES):
             completion = await client.complete(PROMPT, max_tokens=3, temperature=0, timeout=60)
             assert completion.token_ids == expected
             if dropping.calls["Generate"] and dropping.calls["Prefill"]:
                 break
-    assert dropping.calls["Generate"] and dropping.calls["Prefill"], dropping.calls
+    assert dropping.calls["GetModelInfo"] and dropping.calls["Generate"] and dropping.calls["Prefill"], dropping.calls
 
 
 async def test_the_client_retries_a_call_a_gateway_dropped_at_shutdown(

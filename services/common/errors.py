@@ -98,19 +98,21 @@ FAULT_ROLE_KEY = "disagg-fault-role"  # trailing metadata: which worker's fault 
 
 
 # grpc core ends a call that reached a server but that no handler had taken yet, when the server
-# shuts down, with CANCELLED and these details (grpc/grpc#41785). A caller's own cancel never comes
-# back to it as a status, and this project's handlers always give their reason.
+# shuts down, with CANCELLED and these details (grpc/grpc#41785); a stream reset by the server side
+# reads the same. A caller's own cancel never comes back to it as a status ("Locally cancelled by
+# application!"), and this project's handlers always give their reason.
 DROPPED_AT_SHUTDOWN_DETAILS = "CANCELLED"
 
 
 def call_status(error: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
-    """A failed call's status code and details, with one reading: a call a server dropped as it shut
-    down, before any handler ran, is UNAVAILABLE (nothing was done, so it is retried like any call
-    to a server that went away) rather than CANCELLED."""
+    """A failed call's status code and details, with one reading: a call the server side dropped
+    (as it shut down) is UNAVAILABLE, like any call to a server that went away, and retried as one
+    (every retry in this project is safe after a handler ran too). Empty details are never passed
+    on as the dropped call's."""
     code, details = error.code(), error.details() or ""  # type: ignore[attr-defined]
     if code == grpc.StatusCode.CANCELLED and details == DROPPED_AT_SHUTDOWN_DETAILS:
         return grpc.StatusCode.UNAVAILABLE, "the server shut down before it took the call"
-    return code, details or code.name
+    return code, details or f"{code.name} (no details)"
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -202,7 +202,7 @@ class Gateway:
                 return
             failed.add(attempt.decode_address)
             log.warning("decode worker %s failed (%s); resuming %d choices elsewhere", attempt.decode_address,
-                        error.code().name, sum(choice.finish is None for choice in choices))
+                        call_status(error)[0].name, sum(choice.finish is None for choice in choices))
 
     async def _one_choice(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress,
                           first_try: int, failed: set[str]) -> AsyncIterator[GenerateOutput]:
@@ -227,7 +227,7 @@ class Gateway:
                     raise
                 failed.add(attempt.decode_address)
                 log.warning("decode worker %s failed (%s) after %d tokens; resuming elsewhere",
-                            attempt.decode_address, error.code().name, len(choice.generated))
+                            attempt.decode_address, call_status(error)[0].name, len(choice.generated))
                 trace.get_current_span().add_event("gateway.failover", {
                     "decode.failed_worker": attempt.decode_address, "tokens.generated": len(choice.generated)})
 

@@ -145,5 +145,6 @@ def _exhausted(tried: list[str], error: grpc.aio.AioRpcError | BackendUnavailabl
     """What the client gets when every try failed: UNAVAILABLE naming the workers and the last error."""
     if not isinstance(error, grpc.aio.AioRpcError):
         return error
+    code, details = call_status(error)
     return BackendUnavailable(f"prefill failed on {len(tried)} worker(s) ({', '.join(tried)}); last error "
-                              f"{error.code().name}: {error.details()}")
+                              f"{code.name}: {details}")

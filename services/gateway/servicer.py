@@ -13,7 +13,7 @@ from opentelemetry import trace
 
 from services.common import logprobs
 from services.common.edge import grpc_edge
-from services.common.errors import BackendUnavailable, InvalidRequest
+from services.common.errors import BackendUnavailable, InvalidRequest, call_status
 from services.common.logs import request_id_var, request_tag
 from services.common.pb import common_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc
 from services.common.channels import ChannelPool
@@ -121,9 +121,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @grpc_edge(new_work=False)
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        worker = self.core().decode_pool.ranked()[0]
-        stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
-        return await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
+        """The model, as the serving decode workers report it: the next one when one went away."""
+        last = ""
+        for worker in self.core().decode_pool.ranked():  # (raises BackendUnavailable with none serving)
+            stub = decode_pb2_grpc.DecodeServiceStub(self._channels.get(worker.address))
+            try:
+                return await stub.GetModelInfo(common_pb2.ModelInfoRequest(), timeout=10)
+            except grpc.aio.AioRpcError as error:
+                code, last = call_status(error)
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+        raise BackendUnavailable(f"no serving decode worker answered GetModelInfo; last error: {last}")
 
     @grpc_edge(new_work=False)
     async def Stats(self, request: common_pb2.StatsRequest,
