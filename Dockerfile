@@ -10,6 +10,12 @@ ENV PYTHONUNBUFFERED=1 \
     HF_HUB_OFFLINE=1 \
     MODEL_CACHE_DIR=/models
 
+# A C compiler: the decode worker builds its attention kernel for the CPU it runs on, at start
+# (services/decode/native_attention.py; without one it falls back to torch's SDPA, slower).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 COPY requirements.txt ./
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \

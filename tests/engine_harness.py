@@ -14,7 +14,9 @@ from services.common.model_thread import ModelThread
 from services.common.packed_weights import PackedWeights
 from services.common.runtime import ModelRuntime
 from services.common.sampling import Sampling
+from services.common.model_files import default_cache_dir
 from services.decode.admission import AdmissionLimits
+from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.sequence import Sequence, Token
@@ -28,9 +30,12 @@ class Harness:
         self.fatal: list[str] = []  # what the engine reported as fatal
         limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
                               admission=AdmissionLimits(16, 0.95), max_batch_size=batch, preempt_threshold=preempt)
-        packed = PackedWeights.build(runtime.model, runtime.device, "batched")  # as the worker does by default
+        # as the worker does by default: packed products, and the C attention kernel where it builds
+        packed = PackedWeights.build(runtime.model, runtime.device, "batched")
+        attention = NativeAttention.build(runtime, default_cache_dir(), "auto")
         self.engine = DecodeEngine(runtime, self.thread, PoolConfig(blocks, 16), limits, None,
-                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, packed)
+                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, packed,
+                                   attention)
 
     def admit(self, name: str, prompt: list[int] = PROMPT, max_tokens: int = 6) -> Sequence:
         return self.engine.admit(Sequence(name, list(prompt), Sampling(temperature=0, max_tokens=max_tokens,

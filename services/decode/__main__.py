@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import grpc
 
@@ -17,6 +18,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
+from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits
 from services.decode.servicer import DecodeServicer, add_to_server
@@ -43,6 +45,11 @@ def packing_mode(settings: DecodeSettings) -> str:
     return settings.packed_weights
 
 
+def attention_mode(settings: DecodeSettings) -> str:
+    """How batched steps attend: batch-invariant steps attend per sequence, never batched."""
+    return "sdpa" if settings.batch_invariant else settings.paged_attention
+
+
 async def run(settings: DecodeSettings) -> None:
     telemetry = service_telemetry("decode")
     thread = ModelThread()
@@ -66,7 +73,10 @@ async def run(settings: DecodeSettings) -> None:
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
         packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings))
-        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail, packed)
+        attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
+                                     attention_mode(settings))
+        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail, packed,
+                              attention)
         engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)

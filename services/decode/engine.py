@@ -42,6 +42,7 @@ from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.packed_weights import PackedWeights
+from services.decode.native_attention import NativeAttention
 from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
 from services.decode.admission import Admission, AdmissionLimits
@@ -88,7 +89,7 @@ class _Executed:
 class DecodeEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, pool: PoolConfig, limits: DecodeLimits,
                  store: KvStoreClient | None, metrics: DecodeMetrics, on_fatal: Callable[[str], None],
-                 packed: PackedWeights | None = None) -> None:
+                 packed: PackedWeights | None = None, attention: NativeAttention | None = None) -> None:
         self._runtime = runtime
         self._thread = thread
         self._limits = limits
@@ -97,7 +98,7 @@ class DecodeEngine:
         self._pool = BlockPool(pool, runtime.geometry, runtime.device)
         cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
         self.blocks = BlockManager(pool, cache)
-        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed)
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed, attention)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))

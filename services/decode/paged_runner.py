@@ -9,7 +9,9 @@ larger batch copies every sequence's blocks with one `index_select` per layer in
 buffers (padded to the longest, masked) and runs one SDPA call per layer: a fresh tensor per layer,
 as plain indexing makes, costs an allocation and page faults as large as the copy itself (measured:
 the indexed copy took 25-38% of a step at 8-32 sequences of 600 tokens; `index_select` into a reused
-buffer takes half of that). Works for Llama-family layer layouts (Llama, Mistral, Qwen2, SmolLM).
+buffer takes half of that). With the C kernel (`--paged-attention`, native_attention.py) a larger
+batch copies nothing: the kernel attends over every sequence's blocks where they lie. Works for
+Llama-family layer layouts (Llama, Mistral, Qwen2, SmolLM).
 
 Matrix products over several rows round differently from one row (measured on the development CPU:
 `F.linear` with 1 row is a GEMV whose results differ in the last bits from any batch of 2 or more),
@@ -33,6 +35,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedLayer, PackedWeights
+from services.decode.native_attention import NativeAttention
 from services.decode.pool import BlockPool
 
 
@@ -45,6 +48,7 @@ class _Plan:
     flat: torch.Tensor  # [batch * width] block tables, padded, flattened
     width: int  # blocks per sequence in the gathered view
     valid: torch.Tensor  # [batch, 1, 1, width * block_size] attention mask
+    lengths: torch.Tensor  # [batch] tokens to attend over (the new one included), int64
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,10 +108,11 @@ class Scratch:
 
 class PagedRunner:
     def __init__(self, runtime: ModelRuntime, pool: BlockPool, batch_invariant: bool = False,
-                 packed: PackedWeights | None = None) -> None:
+                 packed: PackedWeights | None = None, attention: NativeAttention | None = None) -> None:
         """`packed`: steps of 2+ sequences run on these weights (built by `PackedWeights.build` on the
         model thread), and a batch of one too when `packed.for_one`. Batch-invariant steps compute
-        every row as a batch of one, with the model's own products."""
+        every row as a batch of one, with the model's own products. `attention`: the C kernel that
+        batched steps attend with (None: SDPA over gathered blocks)."""
         if batch_invariant and packed is not None and packed.for_one:
             raise ValueError("batch-invariant steps need a batch of one's own products: "
                              "packed weights batched or off, not all")
@@ -118,6 +123,7 @@ class PagedRunner:
         self._scratch = Scratch()
         self._packed = None if batch_invariant else packed
         self._packed_min_rows = 1 if packed is not None and packed.for_one else 2
+        self._native = attention
 
     def packs(self, rows: int) -> bool:
         """Whether a step of this many sequences runs on the packed weights."""
@@ -166,7 +172,8 @@ class PagedRunner:
         tables = [slot.blocks[:width] + [0] * (width - len(slot.blocks[:width])) for slot in batch]
         valid = torch.arange(width * size, device=device)[None, :] <= positions[:, None]
         return _Plan(torch.tensor([slot.blocks[slot.position // size] for slot in batch], device=device),
-                     positions % size, torch.tensor(tables, device=device).flatten(), width, valid[:, None, None, :])
+                     positions % size, torch.tensor(tables, device=device).flatten(), width, valid[:, None, None, :],
+                     positions + 1)
 
     def _span(self, slot: StepSlot) -> _Span:
         count = slot.position // self._pool.block_size + 1
@@ -227,6 +234,9 @@ class PagedRunner:
         pool_keys, pool_values = self._pool.keys[layer], self._pool.values[layer]
         pool_keys[plan.current, plan.offsets] = key[:, :, 0]
         pool_values[plan.current, plan.offsets] = value[:, :, 0]
+        if self._native is not None:
+            return self._native.attend(query, pool_keys, pool_values, plan.flat.view(query.shape[0], plan.width),
+                                       plan.lengths, attention.scaling).transpose(1, 2)
         blocks, batch = plan.flat.shape[0], query.shape[0]
         keys = torch.index_select(pool_keys, 0, plan.flat, out=self._scratch.take("k", pool_keys, blocks))
         values = torch.index_select(pool_values, 0, plan.flat, out=self._scratch.take("v", pool_values, blocks))

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
 from services.common.worker import WorkerSettings
+from services.decode.native_attention import MODES as ATTENTION_MODES
 
 
 @dataclass(slots=True)
@@ -44,6 +45,10 @@ class DecodeSettings(WorkerSettings):
     prefix_cache: str = setting("on", "keep the KV blocks of prompts (full blocks) after their requests end, "
                                 "evictable, and take a new prompt's cached prefix from them instead of its "
                                 "transfer (on, off)", "PREFIX_CACHE")
+    paged_attention: str = setting("auto", "how batched steps attend: native (a C kernel over the blocks in place, "
+                                   "compiled at start by the machine's C compiler; CPU, float32), sdpa (torch "
+                                   "SDPA over a copy of the blocks), or auto (native where it builds, else sdpa)",
+                                   "PAGED_ATTENTION")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
@@ -58,6 +63,9 @@ class DecodeSettings(WorkerSettings):
             raise ValueError(f"max_cache_budget_mb must be a finite number >= 0, got {self.max_cache_budget_mb}")
         if self.batch_invariant and self.packed_weights == "all":
             raise ValueError("batch_invariant needs a batch of one's own products: packed_weights batched or off")
+        if self.paged_attention not in ATTENTION_MODES:
+            raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_MODES)}, "
+                             f"got {self.paged_attention!r}")
         if self.prefix_cache not in ("on", "off"):
             raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         if self.kv_pool_blocks < 0:
