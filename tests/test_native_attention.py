@@ -97,6 +97,41 @@ def test_the_kernel_refuses_what_lies_outside_the_pool(tiny: ModelRuntime, case:
         kernel.attend(query, keys, keys.clone(), tables, lengths, 0.25)
 
 
+@pytest.mark.parametrize("case", ["head size", "dtype", "int32 tables", "rows"])
+def test_attend_refuses_inputs_not_laid_out_as_the_kernel_reads_them(tiny: ModelRuntime, case: str) -> None:
+    kernel, geometry = _kernel(tiny), tiny.geometry
+    keys = torch.zeros(4, 16, geometry.num_kv_heads, geometry.head_dim)
+    query = torch.zeros(2, tiny.model.config.num_attention_heads, 1, geometry.head_dim)
+    tables, lengths = torch.tensor([[0, 1], [2, 3]]), torch.tensor([20, 9])
+    if case == "head size":
+        query = torch.zeros(2, query.shape[1], 1, geometry.head_dim // 2)
+    elif case == "dtype":
+        query = query.half()
+    elif case == "int32 tables":
+        tables = tables.int()
+    else:
+        lengths = torch.tensor([20])
+    with pytest.raises(InternalFailure, match="not laid out as it reads them"):
+        kernel.attend(query, keys, keys.clone(), tables, lengths, 0.25)
+
+
+def test_a_cached_library_that_cannot_be_loaded_is_built_again(tiny: ModelRuntime, tmp_path: Path) -> None:
+    assert NativeAttention.build(tiny, tmp_path / "first", "native") is not None
+    (built,) = (tmp_path / "first" / "native").iterdir()
+    assert built.stat().st_mode & 0o777 == 0o755  # other users sharing the cache load it too
+    broken = tmp_path / "second" / "native" / built.name  # (never loaded here: a loaded one stays mapped)
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(built.read_bytes()[:100])  # cut short, as by a crash
+    assert NativeAttention.build(tiny, tmp_path / "second", "native") is not None
+    assert broken.stat().st_size == built.stat().st_size
+
+
+def test_a_compiler_command_with_arguments_is_used_as_given(tiny: ModelRuntime, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CC", "cc -w")
+    assert NativeAttention.build(tiny, tmp_path, "native") is not None
+
+
 def test_builds_at_once_into_a_new_cache_share_one_library(tiny: ModelRuntime, tmp_path: Path) -> None:
     built: list[NativeAttention | None] = []
     threads = [threading.Thread(target=lambda: built.append(NativeAttention.build(tiny, tmp_path, "native")))

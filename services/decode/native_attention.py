@@ -21,6 +21,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -80,18 +81,31 @@ class NativeAttention:
         pool layer `keys`/`values` [blocks, block_size, kv_heads, head_dim]; `tables` [batch, width]
         and `lengths` [batch] are int64 (each sequence's blocks, and tokens including the new one)."""
         query = query.contiguous()
+        _check_layout(query, keys, values, tables, lengths, self.head_dim)
         output = torch.empty_like(query)
         batch, heads = query.shape[0], query.shape[1]
         blocks, block_size, kv_heads, head_dim = keys.shape
-        if not (keys.is_contiguous() and values.is_contiguous() and tables.is_contiguous()
-                and lengths.is_contiguous() and values.shape == keys.shape and head_dim == self.head_dim):
-            raise InternalFailure("paged attention kernel: the pool or its tables are not laid out as it reads them")
         status = self._kernel(query.data_ptr(), keys.data_ptr(), values.data_ptr(), tables.data_ptr(),
                               lengths.data_ptr(), output.data_ptr(), batch, heads, kv_heads, head_dim, block_size,
                               tables.shape[1], blocks, scale)
         if status:
             raise InternalFailure(f"paged attention kernel refused its inputs: {_REFUSALS.get(status, status)}")
         return output
+
+
+def _check_layout(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tables: torch.Tensor,
+                  lengths: torch.Tensor, head_dim: int) -> None:
+    """The kernel trusts its pointers: everything it reads and writes is checked here first (the
+    block numbers and lengths themselves are checked by the kernel)."""
+    tensors = (query, keys, values, tables, lengths)
+    batch = query.shape[0]
+    if not (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and query.dtype == keys.dtype == values.dtype == torch.float32
+            and tables.dtype == lengths.dtype == torch.int64
+            and keys.dim() == 4 and values.shape == keys.shape and keys.shape[3] == head_dim
+            and query.dim() == 4 and query.shape[2] == 1 and query.shape[3] == head_dim
+            and tables.dim() == 2 and tables.shape[0] == batch and lengths.shape == (batch,)):
+        raise InternalFailure("paged attention kernel: its inputs are not laid out as it reads them")
 
 
 def _unsupported(head_dim: int, heads: int, kv_heads: int, dtype: torch.dtype, device: torch.device) -> str:
@@ -107,33 +121,41 @@ def _unsupported(head_dim: int, heads: int, kv_heads: int, dtype: torch.dtype, d
 
 
 def _compiled(head_dim: int, cache_dir: Path) -> ctypes.CDLL | str:
-    """The loaded library, built first unless the cache holds it; a string says why not."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        return f"no C compiler ({os.environ.get('CC', 'cc')!r} is not on PATH)"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(), str(head_dim).encode(),
-                                     _cpu_identity()])).hexdigest()[:16]
-    target = cache_dir / "native" / f"paged_attention-d{head_dim}-{key}.so"
+    """The loaded library, built first unless the cache holds it (one that cannot be loaded, cut
+    short by a crash, is built again); a string says why not."""
+    compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # `ccache gcc` works too
+    found = shutil.which(compiler[0])
+    if found is None:
+        return f"no C compiler ({compiler[0]!r} is not on PATH)"
+    command = [found, *compiler[1:], *FLAGS, f"-DHEAD_DIM={head_dim}"]
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(command).encode(), _cpu_identity()]))
+    target = cache_dir / "native" / f"paged_attention-d{head_dim}-{key.hexdigest()[:16]}.so"
     try:
-        if not target.exists():
-            _build(compiler, head_dim, target)
+        if target.exists():
+            try:
+                return ctypes.CDLL(str(target))
+            except OSError as error:
+                log.warning("rebuilding %s, which cannot be loaded: %s", target, error)
+        _build(command, target)
         return ctypes.CDLL(str(target))
     except (OSError, subprocess.SubprocessError) as error:
         return f"building it failed: {error}"
 
 
-def _build(compiler: str, head_dim: int, target: Path) -> None:
+def _build(command: list[str], target: Path) -> None:
     """Compile into a temporary file beside `target`, then rename: workers starting at once never
-    load a half-written library."""
+    load a half-written library, and a crash leaves none under the final name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     descriptor, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(descriptor)
     try:
-        done = subprocess.run([compiler, *FLAGS, f"-DHEAD_DIM={head_dim}", "-o", partial, str(SOURCE)],
-                              capture_output=True, text=True, timeout=BUILD_SECONDS, check=False)
+        done = subprocess.run([*command, "-o", partial, str(SOURCE)], capture_output=True, text=True,
+                              timeout=BUILD_SECONDS, check=False)
         if done.returncode:
-            raise OSError(f"{compiler} exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+            raise OSError(f"{command[0]} exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+        with open(partial, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(partial, 0o755)  # mkstemp's 0600: other users sharing the cache load it too
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):
@@ -146,6 +168,7 @@ def _cpu_identity() -> bytes:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor().encode()
-    lines = [line for line in text.splitlines() if line.startswith(("model name", "flags", "Features", "CPU part"))]
-    return "\n".join(sorted(set(lines))).encode()
+        text = ""
+    lines = [line for line in text.splitlines()
+             if line.lower().startswith(("model name", "flags", "features", "cpu part", "vendor_id"))]
+    return "\n".join([platform.machine(), platform.processor(), *sorted(set(lines))]).encode()

@@ -47,7 +47,7 @@ class _Plan:
     offsets: torch.Tensor  # its offset in that block
     flat: torch.Tensor  # [batch * width] block tables, padded, flattened
     width: int  # blocks per sequence in the gathered view
-    valid: torch.Tensor  # [batch, 1, 1, width * block_size] attention mask
+    valid: torch.Tensor | None  # [batch, 1, 1, width * block_size] attention mask (SDPA only)
     lengths: torch.Tensor  # [batch] tokens to attend over (the new one included), int64
 
 
@@ -170,10 +170,10 @@ class PagedRunner:
         positions = torch.tensor([slot.position for slot in batch], device=device)
         width = max(slot.position // size + 1 for slot in batch)
         tables = [slot.blocks[:width] + [0] * (width - len(slot.blocks[:width])) for slot in batch]
-        valid = torch.arange(width * size, device=device)[None, :] <= positions[:, None]
+        valid = None if self._native is not None else \
+            (torch.arange(width * size, device=device)[None, :] <= positions[:, None])[:, None, None, :]
         return _Plan(torch.tensor([slot.blocks[slot.position // size] for slot in batch], device=device),
-                     positions % size, torch.tensor(tables, device=device).flatten(), width, valid[:, None, None, :],
-                     positions + 1)
+                     positions % size, torch.tensor(tables, device=device).flatten(), width, valid, positions + 1)
 
     def _span(self, slot: StepSlot) -> _Span:
         count = slot.position // self._pool.block_size + 1
