@@ -5,7 +5,9 @@ Starts a prefill, a decode and a gateway (default model, float32), then for 1, 8
 streams (prompt ~128 tokens, 128 new tokens each, EOS ignored) measures generated tokens per second
 of wall time; and the same kind of request done one after another with `generate` in this
 process. Runs the decode worker in its default mode and with --batch-invariant (every sequence
-bit-identical to a batch of one), and prints the figures side by side with their ratios.
+bit-identical to a batch of one), or the modes named by --modes (sdpa-attention: batched steps
+attend with torch's SDPA over gathered blocks instead of the C kernel), and prints the figures side
+by side with their ratios to the first mode.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def hf_sequential(runtime: ModelRuntime, encoder: PromptEncoder, prompts: list[s
     return produced / (time.perf_counter() - started)
 
 
-MODES = {"default": (), "batch-invariant": ("--batch-invariant",)}
+MODES = {"default": (), "batch-invariant": ("--batch-invariant",),
+         "sdpa-attention": ("--paged-attention", "sdpa")}  # batched steps gather the blocks for torch's SDPA
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--baseline-requests", type=int, default=2, help="sequential generate calls to time")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES),
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["default", "batch-invariant"],
                         help="decode worker modes to measure")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -125,11 +128,12 @@ def main() -> None:
         for streams in args.streams:
             value = figures[f"{mode}_{streams}_streams_tokens_per_s"]
             print(f"  {f'{mode}, {streams} streams':28s} {value:8.1f} tokens/s   {value / baseline:5.2f}x")
-    if len(args.modes) == 2:
-        ratios = {streams: figures[f"batch-invariant_{streams}_streams_tokens_per_s"]
-                  / figures[f"default_{streams}_streams_tokens_per_s"] for streams in args.streams}
+    first = args.modes[0]
+    for mode in args.modes[1:]:
+        ratios = {streams: figures[f"{mode}_{streams}_streams_tokens_per_s"]
+                  / figures[f"{first}_{streams}_streams_tokens_per_s"] for streams in args.streams}
         costs = ", ".join(f"{streams} streams {ratio:.2f}x" for streams, ratio in ratios.items())
-        print(f"  batch-invariant / default: {costs}")
+        print(f"  {mode} / {first}: {costs}")
 
 
 if __name__ == "__main__":
