@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from prometheus_client import CollectorRegistry
 
 from services.common.kv_codec import AssemblyLimits
+from services.common.kv_ingest import NativeIngest
 from services.common.metrics import DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.packed_weights import PackedWeights
@@ -18,7 +19,7 @@ from services.common.model_files import default_cache_dir
 from services.decode.admission import AdmissionLimits
 from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
-from services.decode.engine import DecodeEngine, DecodeLimits
+from services.decode.engine import DecodeEngine, DecodeLimits, FastPaths
 from services.decode.sequence import Sequence, Token
 
 PROMPT = [1, 450, 7483, 310, 3444, 338]
@@ -30,12 +31,12 @@ class Harness:
         self.fatal: list[str] = []  # what the engine reported as fatal
         limits = DecodeLimits(kv_timeout_seconds=30, assembly=AssemblyLimits(2**24),
                               admission=AdmissionLimits(16, 0.95), max_batch_size=batch, preempt_threshold=preempt)
-        # as the worker does by default: packed products, and the C attention kernel where it builds
-        packed = PackedWeights.build(runtime.model, runtime.device, "batched")
-        attention = NativeAttention.build(runtime, default_cache_dir(), "auto")
+        # as the worker does by default: packed products, the C attention kernel and ingest where they build
+        fast = FastPaths(PackedWeights.build(runtime.model, runtime.device, "batched"),
+                         NativeAttention.build(runtime, default_cache_dir(), "auto"),
+                         NativeIngest.build(default_cache_dir(), "auto"))
         self.engine = DecodeEngine(runtime, self.thread, PoolConfig(blocks, 16), limits, None,
-                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, packed,
-                                   attention)
+                                   DecodeMetrics.create(CollectorRegistry(), self.thread), self.fatal.append, fast)
 
     def admit(self, name: str, prompt: list[int] = PROMPT, max_tokens: int = 6) -> Sequence:
         return self.engine.admit(Sequence(name, list(prompt), Sampling(temperature=0, max_tokens=max_tokens,

@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--chunk-layers", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--load-streams", type=int, default=8, help="sequences decoding during the load test")
     parser.add_argument("--load-seconds", type=float, default=8.0, help="length of each load phase")
     parser.add_argument("--load-interval", type=float, default=1.0, help="seconds between arriving transfers")

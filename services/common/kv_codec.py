@@ -12,7 +12,7 @@ import math
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import google_crc32c
 import numpy
@@ -20,6 +20,7 @@ import torch
 
 from services.common import kv_fp8
 from services.common.errors import KvCorrupted, KvProtocolError, ModelMismatch
+from services.common.kv_ingest import IngestVerdict
 from services.common.runtime import DTYPES, ModelGeometry
 
 RAW_ENCODING = "raw"
@@ -221,6 +222,15 @@ class KvTarget(Protocol):
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None: ...
 
 
+@runtime_checkable
+class OnePassKvTarget(KvTarget, Protocol):
+    """A target that can take a raw chunk's bytes while they are checked (kv_ingest): one that no
+    one reads before the transfer is complete. None from `store_unverified`: it cannot this time."""
+
+    def store_unverified(self, span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
+                         check_finite: bool) -> IngestVerdict | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class AssemblyLimits:
     """What a receiving worker accepts: the largest chunk, and whether chunk values must be finite
@@ -301,11 +311,18 @@ class KvAssembler:
         return span
 
     def verify_and_store(self, chunk: KvChunk, span: ChunkSpan) -> None:
-        """Checksum and finiteness of an admitted chunk's bytes, then its write into the target."""
+        """Checksum and finiteness of an admitted chunk's bytes, then its write into the target (a
+        raw CRC-32C chunk into a one-pass target: all three at once)."""
         layout = self._require_layout()
+        if (chunk.encoding == RAW_ENCODING and layout.checksum == CRC32C
+                and isinstance(self._target, OnePassKvTarget)):
+            verdict = self._target.store_unverified(span, chunk.data, layout.shape(span), self._limits.check_finite)
+            if verdict is not None:
+                self._judge(chunk, verdict.crc32c == chunk.crc32c, verdict.finite)
+                self.bytes_received += chunk.byte_length
+                return
         if not checksum_matches(layout.checksum, chunk):
-            raise KvCorrupted(f"KV chunk {chunk.index} fails its {'CRC-32' if layout.checksum == CRC32 else 'CRC-32C'}"
-                              " check")
+            self._judge(chunk, False, True)
         if chunk.encoding == FP8_ENCODING:
             tensor = kv_fp8.dequantize(chunk.data, chunk.scales, layout.shape(span), DTYPES[chunk.dtype],
                                        f"KV chunk {chunk.index}")
@@ -313,10 +330,16 @@ class KvAssembler:
             with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
                 warnings.simplefilter("ignore", UserWarning)
                 tensor = torch.frombuffer(chunk.data, dtype=DTYPES[chunk.dtype]).view(layout.shape(span))
-        if self._limits.check_finite and not all_finite(tensor):
-            raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
+        self._judge(chunk, True, not self._limits.check_finite or all_finite(tensor))
         self._target.store(span, tensor)
         self.bytes_received += chunk.byte_length
+
+    def _judge(self, chunk: KvChunk, checksum_matched: bool, finite: bool) -> None:
+        if not checksum_matched:
+            kind = "CRC-32" if self._require_layout().checksum == CRC32 else "CRC-32C"
+            raise KvCorrupted(f"KV chunk {chunk.index} fails its {kind} check")
+        if not finite:
+            raise KvCorrupted(f"KV chunk {chunk.index} holds values that are not finite (NaN or infinity)")
 
     def finish(self, end: KvEnd) -> KvReceipt:
         layout = self._require_layout()

@@ -104,10 +104,14 @@ class ShmTransferWriter:
         return writer
 
     def reserve(self) -> None:
-        """Allocate the segment's pages and write its header (blocking: a few ms for a long
-        prompt; OSError when /dev/shm is full). Nothing touches a page before: no SIGBUS."""
+        """Allocate the segment's pages, map them, and write its header (blocking: ~45 ms for a
+        2,048-token prompt of the default model, while its forward pass runs; OSError when /dev/shm
+        is full). Nothing touches a page before: no SIGBUS. Mapped here, the chunks' writes later
+        take no page fault (measured: 6 ms for 94 MB instead of 30). The decode's reads need no such
+        step: a read fault maps 16 pages at once, which measured cheaper than mapping them ahead."""
         segment = self._require()
         shm.allocate(segment)
+        shm.map_for_writing(segment)
         segment.buf[: len(self._header)] = self._header
         self._reserved = True
 

@@ -124,6 +124,19 @@ def allocate(segment: SharedMemory) -> None:
     os.posix_fallocate(segment._fd, 0, segment.size)  # type: ignore[attr-defined]
 
 
+MADV_POPULATE_WRITE = 23  # Linux 5.14+; Python's mmap names it only from 3.13
+
+
+def map_for_writing(segment: SharedMemory) -> None:
+    """Map every page of an allocated segment into this process, writable, in one call where the
+    kernel can (Linux 5.14+; elsewhere a no-op): writing into unmapped pages costs a page fault
+    per 4 KB page, which measured 5x slower for a transfer's 94 MB. Blocking: run it off the loop."""
+    try:
+        segment._mmap.madvise(MADV_POPULATE_WRITE, 0, segment.size)  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):  # an older kernel, or a mapping closed meanwhile
+        pass
+
+
 def attach(name: str) -> SharedMemory:
     """Map an existing segment without taking ownership: closing or exiting never unlinks it.
     Raises FileNotFoundError when no such segment exists, ValueError for a name this module

@@ -7,6 +7,7 @@ from pathlib import Path
 import grpc
 
 from services.common.kv_codec import AssemblyLimits
+from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
@@ -20,7 +21,7 @@ from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
 from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
-from services.decode.engine import DecodeEngine, DecodeLimits
+from services.decode.engine import DecodeEngine, DecodeLimits, FastPaths
 from services.decode.servicer import DecodeServicer, add_to_server
 from services.decode.settings import DecodeSettings
 
@@ -75,8 +76,9 @@ async def run(settings: DecodeSettings) -> None:
         packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings))
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
-        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail, packed,
-                              attention)
+        ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)
+        engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail,
+                              FastPaths(packed, attention, ingest))
         engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)

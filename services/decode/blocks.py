@@ -23,6 +23,7 @@ import torch
 
 from services.common.errors import CapacityExhausted, RequestCancelled
 from services.common.kv_codec import ChunkSpan
+from services.common.kv_ingest import IngestVerdict
 from services.decode.cached_blocks import CachedBlocks
 from services.decode.pool import BlockPool, PoolConfig
 
@@ -239,6 +240,16 @@ class LeasedWriter:
         with self._blocks.writing(self.lease) as table:  # checked even for a write all below the floor
             if skip < keys.shape[1]:
                 self._pool.write(table, layer, start + skip, keys[:, skip:], values[:, skip:])
+
+    def store_unverified(self, span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
+                         check_finite: bool) -> IngestVerdict | None:
+        """A raw chunk's bytes written while they are checked, in one pass (kv_ingest): safe here,
+        where no one reads the blocks before the transfer is verified. None where the pool has no
+        native pass: the caller verifies and calls `store`."""
+        if self._pool.ingest is None:
+            return None
+        with self._blocks.writing(self.lease) as table:
+            return self._pool.ingest_chunk(table, span, data, shape, self._floor, check_finite)
 
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
         """A verified chunk [layers, 2, kv_heads, tokens, head_dim] (the assembler's KvTarget)."""

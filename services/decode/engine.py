@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
 from services.common.kv_codec import RAW_ENCODING, AssemblyLimits, KvAssembler, KvLayout, KvReceipt
+from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
@@ -78,6 +79,16 @@ class DecodeLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class FastPaths:
+    """Faster ways to do what the engine does anyway, each None where it cannot be used here:
+    packed weight products, the C attention kernel of batched steps, the one-pass KV ingest."""
+
+    packed: PackedWeights | None = None
+    attention: NativeAttention | None = None
+    ingest: NativeIngest | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class _Executed:
     """What one model-thread job returns: each run sequence's token (or why it has none) and the
     copied-out KV of each sequence being preempted."""
@@ -89,16 +100,16 @@ class _Executed:
 class DecodeEngine:
     def __init__(self, runtime: ModelRuntime, thread: ModelThread, pool: PoolConfig, limits: DecodeLimits,
                  store: KvStoreClient | None, metrics: DecodeMetrics, on_fatal: Callable[[str], None],
-                 packed: PackedWeights | None = None, attention: NativeAttention | None = None) -> None:
+                 fast: FastPaths = FastPaths()) -> None:
         self._runtime = runtime
         self._thread = thread
         self._limits = limits
         self._metrics = metrics
         self._on_fatal = on_fatal
-        self._pool = BlockPool(pool, runtime.geometry, runtime.device)
+        self._pool = BlockPool(pool, runtime.geometry, runtime.device, fast.ingest)
         cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
         self.blocks = BlockManager(pool, cache)
-        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, packed, attention)
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, fast.packed, fast.attention)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy
 import torch
 
+from services.common.kv_codec import ChunkSpan
+from services.common.kv_ingest import IngestVerdict, NativeIngest
 from services.common.runtime import DTYPES, ModelGeometry
 
 
@@ -33,10 +35,12 @@ class PoolConfig:
 class BlockPool:
     """The storage: per layer, keys and values of every block."""
 
-    def __init__(self, config: PoolConfig, geometry: ModelGeometry, device: torch.device) -> None:
+    def __init__(self, config: PoolConfig, geometry: ModelGeometry, device: torch.device,
+                 ingest: NativeIngest | None = None) -> None:
         shape = (config.num_blocks, config.block_size, geometry.num_kv_heads, geometry.head_dim)
         dtype = DTYPES[geometry.dtype]
         self.block_size = config.block_size
+        self.ingest = ingest if device.type == "cpu" else None  # the native pass writes CPU memory
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(geometry.num_layers)]
 
@@ -51,6 +55,19 @@ class BlockPool:
             self._write_rows(blocks, layer, start, keys, values, last_full * self.block_size, end)
         else:
             self._write_rows(blocks, layer, start, keys, values, start, end)
+
+    def ingest_chunk(self, blocks: list[int], span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
+                     floor: int, check_finite: bool) -> IngestVerdict:
+        """A raw chunk's bytes [layers, 2, kv_heads, tokens, head_dim] into their rows in one native
+        pass, positions below `floor` left as they are; the caller compares the verdict (needs `ingest`)."""
+        if self.ingest is None:
+            raise RuntimeError("this pool has no native ingest")
+        positions = numpy.arange(span.token_start, span.token_end, dtype=numpy.int64)
+        rows = numpy.asarray(blocks, dtype=numpy.int64)[positions // self.block_size] * self.block_size
+        rows += positions % self.block_size
+        rows[positions < floor] = -1
+        layers = [(self.keys[layer], self.values[layer]) for layer in range(span.layer_start, span.layer_end)]
+        return self.ingest.ingest(data, shape, layers, rows, check_finite)
 
     def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
                             values: torch.Tensor) -> None:

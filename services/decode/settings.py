@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
+from services.common.kv_ingest import MODES as INGEST_MODES
 from services.common.worker import WorkerSettings
 from services.decode.native_attention import MODES as ATTENTION_MODES
 
@@ -49,6 +50,9 @@ class DecodeSettings(WorkerSettings):
                                    "compiled at start by the machine's C compiler; CPU, float32), sdpa (torch "
                                    "SDPA over a copy of the blocks), or auto (native where it builds, else sdpa)",
                                    "PAGED_ATTENTION")
+    kv_ingest: str = setting("auto", "how raw KV chunks are received: native (checksum, finiteness check and "
+                             "pool write in one pass of C, compiled at start; CPU), python (three passes), or auto "
+                             "(native where it builds)", "KV_INGEST")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
@@ -66,6 +70,8 @@ class DecodeSettings(WorkerSettings):
         if self.paged_attention not in ATTENTION_MODES:
             raise ValueError(f"paged_attention must be one of {', '.join(ATTENTION_MODES)}, "
                              f"got {self.paged_attention!r}")
+        if self.kv_ingest not in INGEST_MODES:
+            raise ValueError(f"kv_ingest must be one of {', '.join(INGEST_MODES)}, got {self.kv_ingest!r}")
         if self.prefix_cache not in ("on", "off"):
             raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         if self.kv_pool_blocks < 0:

@@ -1,0 +1,208 @@
+/* One pass over a raw KV chunk as it arrives: its CRC-32C, whether every value is finite, and its
+ * rows scattered into the decode's paged pool (see kv_ingest.py, which checks every pointer and
+ * size before calling). Reading the chunk once instead of three times (checksum, finiteness, copy)
+ * is what makes the receiving side cheap.
+ *
+ * The chunk is [layers][2][kv_heads][tokens][row_bytes] in C order; a pool layer is
+ * [pool rows][kv_heads][row_bytes]. The checksum runs as three interleaved streams over the
+ * chunk's first, second and last third (one CRC instruction's latency is three of its issue
+ * slots) and the three are combined at the end, so it equals the CRC-32C of the bytes in order.
+ */
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
+#define POLY 0x82F63B78u /* CRC-32C (Castagnoli), reflected */
+
+#if defined(__SSE4_2__)
+#include <nmmintrin.h>
+static inline uint32_t crc_word(uint32_t crc, uint64_t word) { return (uint32_t)_mm_crc32_u64(crc, word); }
+static inline uint32_t crc_byte(uint32_t crc, uint8_t byte) { return _mm_crc32_u8(crc, byte); }
+#elif defined(__ARM_FEATURE_CRC32)
+#include <arm_acle.h>
+static inline uint32_t crc_word(uint32_t crc, uint64_t word) { return __crc32cd(crc, word); }
+static inline uint32_t crc_byte(uint32_t crc, uint8_t byte) { return __crc32cb(crc, byte); }
+#else
+static uint32_t crc_table[256];
+__attribute__((constructor)) static void fill_crc_table(void) {
+    for (uint32_t n = 0; n < 256; n++) {
+        uint32_t c = n;
+        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ POLY : c >> 1;
+        crc_table[n] = c;
+    }
+}
+static inline uint32_t crc_byte(uint32_t crc, uint8_t byte) { return crc_table[(crc ^ byte) & 0xff] ^ (crc >> 8); }
+static inline uint32_t crc_word(uint32_t crc, uint64_t word) {
+    for (int k = 0; k < 8; k++) crc = crc_byte(crc, (uint8_t)(word >> (8 * k)));
+    return crc;
+}
+#endif
+
+/* A row into the pool. Streaming stores where they can be used: the pool's rows are written once
+ * here and read back by later steps, so pulling each destination line into the cache first (as a
+ * plain store does) only doubles the memory traffic of a transfer much larger than the cache. */
+static void store_row(uint8_t *target, const uint8_t *row, int64_t bytes) {
+#if defined(__AVX__)
+    if (((uintptr_t)target & 31) == 0 && (bytes & 31) == 0) {
+        for (int64_t at = 0; at < bytes; at += 32)
+            _mm256_stream_si256((__m256i *)(target + at), _mm256_loadu_si256((const __m256i *)(row + at)));
+        return;
+    }
+#elif defined(__SSE2__)
+    if (((uintptr_t)target & 15) == 0 && (bytes & 15) == 0) {
+        for (int64_t at = 0; at < bytes; at += 16)
+            _mm_stream_si128((__m128i *)(target + at), _mm_loadu_si128((const __m128i *)(row + at)));
+        return;
+    }
+#endif
+    memcpy(target, row, (size_t)bytes);
+}
+
+enum { KIND_FLOAT32 = 0, KIND_FLOAT16 = 1, KIND_BFLOAT16 = 2 };
+
+/* GF(2) matrix helpers of zlib's crc32_combine: shifting a CRC over len zero bytes. */
+static uint32_t gf2_times(const uint32_t *matrix, uint32_t vector) {
+    uint32_t sum = 0;
+    for (; vector; vector >>= 1, matrix++)
+        if (vector & 1) sum ^= *matrix;
+    return sum;
+}
+
+static void gf2_square(uint32_t *square, const uint32_t *matrix) {
+    for (int n = 0; n < 32; n++) square[n] = gf2_times(matrix, matrix[n]);
+}
+
+/* CRC-32C of A followed by B, from CRC-32C(A), CRC-32C(B) and B's length. */
+static uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+    uint32_t even[32], odd[32];
+    if (length_b == 0) return crc_a;
+    odd[0] = POLY;
+    for (int n = 1; n < 32; n++) odd[n] = 1u << (n - 1);
+    gf2_square(even, odd); /* two zero bits */
+    gf2_square(odd, even); /* four zero bits */
+    do {
+        gf2_square(even, odd);
+        if (length_b & 1) crc_a = gf2_times(even, crc_a);
+        length_b >>= 1;
+        if (!length_b) break;
+        gf2_square(odd, even);
+        if (length_b & 1) crc_a = gf2_times(odd, crc_a);
+        length_b >>= 1;
+    } while (length_b);
+    return crc_a ^ crc_b;
+}
+
+static inline uint64_t load_word(const uint8_t *at) {
+    uint64_t word;
+    memcpy(&word, at, sizeof word);
+    return word;
+}
+
+/* The running (not yet inverted) CRC of three rows at once. */
+static void crc_rows3(uint32_t *crc, const uint8_t *a, const uint8_t *b, const uint8_t *c, int64_t bytes) {
+    uint32_t x = crc[0], y = crc[1], z = crc[2];
+    int64_t at = 0;
+    for (; at + 8 <= bytes; at += 8) {
+        x = crc_word(x, load_word(a + at));
+        y = crc_word(y, load_word(b + at));
+        z = crc_word(z, load_word(c + at));
+    }
+    for (; at < bytes; at++) {
+        x = crc_byte(x, a[at]);
+        y = crc_byte(y, b[at]);
+        z = crc_byte(z, c[at]);
+    }
+    crc[0] = x, crc[1] = y, crc[2] = z;
+}
+
+static uint32_t crc_row(uint32_t crc, const uint8_t *row, int64_t bytes) {
+    int64_t at = 0;
+    for (; at + 8 <= bytes; at += 8) crc = crc_word(crc, load_word(row + at));
+    for (; at < bytes; at++) crc = crc_byte(crc, row[at]);
+    return crc;
+}
+
+/* The largest magnitude bit pattern of a row (sign cleared): a value is NaN or infinite exactly
+ * when its pattern reaches the exponent's all-ones. Plain loops: the compiler vectorizes them. */
+static uint32_t magnitude32(const uint8_t *row, int64_t bytes) {
+    uint32_t most = 0;
+    for (int64_t at = 0; at + 4 <= bytes; at += 4) {
+        uint32_t word;
+        memcpy(&word, row + at, sizeof word);
+        word &= 0x7fffffffu;
+        most = word > most ? word : most;
+    }
+    return most;
+}
+
+static uint32_t magnitude16(const uint8_t *row, int64_t bytes) {
+    uint16_t most = 0;
+    for (int64_t at = 0; at + 2 <= bytes; at += 2) {
+        uint16_t word;
+        memcpy(&word, row + at, sizeof word);
+        word &= 0x7fffu;
+        most = word > most ? word : most;
+    }
+    return most;
+}
+
+typedef struct {
+    const uint8_t *source;
+    int64_t heads, tokens, row_bytes, row_stride;
+    uint8_t *const *pools; /* per chunk layer: keys, values */
+    const int64_t *rows;   /* per token: its pool row, or -1 (not written) */
+    int kind, check_finite;
+    uint32_t magnitude;
+} Chunk;
+
+/* Row `index` of the chunk: copied into the pool (unless skipped) and its magnitude taken. */
+static void place_row(Chunk *chunk, int64_t index) {
+    int64_t plane = index / chunk->tokens, token = index % chunk->tokens;
+    const uint8_t *row = chunk->source + index * chunk->row_bytes;
+    if (chunk->check_finite) {
+        uint32_t most = chunk->kind == KIND_FLOAT32 ? magnitude32(row, chunk->row_bytes)
+                                                    : magnitude16(row, chunk->row_bytes);
+        chunk->magnitude = most > chunk->magnitude ? most : chunk->magnitude;
+    }
+    int64_t pool_row = chunk->rows[token];
+    if (pool_row < 0) return;
+    uint8_t *target = chunk->pools[plane / chunk->heads] + pool_row * chunk->row_stride +
+                      (plane % chunk->heads) * chunk->row_bytes;
+    store_row(target, row, chunk->row_bytes);
+}
+
+static uint32_t first_infinite(int kind) {
+    return kind == KIND_FLOAT32 ? 0x7f800000u : kind == KIND_FLOAT16 ? 0x7c00u : 0x7f80u;
+}
+
+/* Returns 0 when every value is finite (or check_finite is 0), 1 when one is not, -1 for a kind
+ * it does not know; *crc_out receives the chunk's CRC-32C either way. */
+int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t tokens, int64_t row_bytes,
+              uint8_t *const *pools, const int64_t *rows, int64_t row_stride, int kind, int check_finite,
+              uint32_t *crc_out) {
+    if (kind != KIND_FLOAT32 && kind != KIND_FLOAT16 && kind != KIND_BFLOAT16) return -1;
+    Chunk chunk = {source, heads, tokens, row_bytes, row_stride, pools, rows, kind, check_finite, 0};
+    int64_t total = layers * 2 * heads * tokens, third = total / 3;
+    uint32_t crc[3] = {0xffffffffu, 0xffffffffu, 0xffffffffu};
+    for (int64_t index = 0; index < third; index++) {
+        crc_rows3(crc, source + index * row_bytes, source + (third + index) * row_bytes,
+                  source + (2 * third + index) * row_bytes, row_bytes);
+        place_row(&chunk, index);
+        place_row(&chunk, third + index);
+        place_row(&chunk, 2 * third + index);
+    }
+    for (int64_t index = 3 * third; index < total; index++) { /* the last third's longer tail */
+        crc[2] = crc_row(crc[2], source + index * row_bytes, row_bytes);
+        place_row(&chunk, index);
+    }
+    uint64_t third_bytes = (uint64_t)(third * row_bytes), last_bytes = (uint64_t)((total - 2 * third) * row_bytes);
+    uint32_t combined = crc_combine(~crc[0], ~crc[1], third_bytes);
+    *crc_out = crc_combine(combined, ~crc[2], last_bytes);
+#if defined(__SSE2__)
+    _mm_sfence(); /* the streamed rows are in memory before the caller reports the chunk stored */
+#endif
+    return check_finite && chunk.magnitude >= first_infinite(kind);
+}

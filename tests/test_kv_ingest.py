@@ -1,0 +1,156 @@
+"""The one-pass KV ingest (services/common/kv_ingest.c): a raw chunk's CRC-32C, finiteness check and
+pool write in one native pass give exactly what the three Python passes give: the same checksum
+as google_crc32c, every NaN and infinity found, the same pool bits; a chunk that fails a check is
+DATA_LOSS through the assembler; anything outside the pool is refused before the pass runs."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import google_crc32c
+import numpy
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.common.errors import InternalFailure, KvCorrupted
+from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, encode_chunk, tensor_bytes
+from services.common.kv_ingest import NativeIngest
+from services.common.model_files import default_cache_dir
+from services.common.runtime import ModelGeometry
+from services.decode.blocks import BlockManager, LeaseRevoked, LeasedWriter
+from services.decode.pool import BlockPool, PoolConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def ingest() -> NativeIngest:
+    built = NativeIngest.build(default_cache_dir(), "native")
+    assert built is not None
+    return built
+
+
+def geometry(dtype: str = "float32", layers: int = 3, heads: int = 2, head_dim: int = 8) -> ModelGeometry:
+    return ModelGeometry("m", "fp", dtype, layers, heads, head_dim, 4096, frozenset(), 100)
+
+
+def assemble(geo: ModelGeometry, pool: BlockPool, tokens: int, chunk_tokens: int, floor: int = 0,
+             seed: int = 0) -> list[int]:
+    """A random transfer of `tokens` tokens through a KvAssembler into `pool`; the block table."""
+    manager = BlockManager(PoolConfig(pool.keys[0].shape[0], pool.block_size))
+    lease = manager.allocate("r", tokens)
+    keys, values = torch.randn(2, geo.num_layers, geo.num_kv_heads, tokens, geo.head_dim,
+                               generator=torch.Generator().manual_seed(seed)).to(DTYPES[geo.dtype])
+    layout = KvLayout("r", "fp", geo.num_layers, geo.num_kv_heads, geo.head_dim, tokens, chunk_tokens,
+                      2, geo.dtype)
+    assembler = KvAssembler("r", geo, tokens, AssemblyLimits(2**26), LeasedWriter(pool, manager, lease, floor))
+    assembler.accept_layout(layout)
+    for group in range(layout.layer_groups):
+        layers = slice(group * 2, group * 2 + 2)
+        for index in layout.group_chunks(group):
+            assembler.accept_chunk(encode_chunk(layout, index, keys[layers], values[layers]))
+    return manager.table("r")
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("tokens", "chunk_tokens", "floor"), [(1, 4, 0), (37, 16, 0), (64, 32, 20), (50, 7, 16)])
+def test_one_pass_writes_the_pool_bits_of_the_three_pass_path(ingest: NativeIngest, dtype: str, tokens: int,
+                                                             chunk_tokens: int, floor: int) -> None:
+    geo = geometry(dtype)
+    config = PoolConfig(16, 4)
+    native = BlockPool(config, geo, torch.device("cpu"), ingest)
+    python = BlockPool(config, geo, torch.device("cpu"))
+    assert assemble(geo, native, tokens, chunk_tokens, floor) == assemble(geo, python, tokens, chunk_tokens, floor)
+    for ours, theirs in zip([*native.keys, *native.values], [*python.keys, *python.values], strict=True):
+        assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
+    assert any(bool(layer.any()) for layer in native.keys)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layers=st.integers(1, 3), heads=st.integers(1, 4), tokens=st.integers(1, 40), head_dim=st.integers(1, 20),
+       dtype=st.sampled_from(list(DTYPES)), seed=st.integers(0, 2**16))
+def test_checksum_is_the_crc32c_of_the_bytes_in_order(layers: int, heads: int, tokens: int, head_dim: int,
+                                                      dtype: str, seed: int) -> None:
+    """Any shape: three interleaved streams, odd row sizes and short chunks combine to the CRC-32C."""
+    ingest = NativeIngest.build(default_cache_dir(), "native")
+    assert ingest is not None
+    chunk = torch.randn(layers, 2, heads, tokens, head_dim, generator=torch.Generator().manual_seed(seed))
+    data = tensor_bytes(chunk.to(DTYPES[dtype]))
+    pools = [(torch.zeros(1, tokens, heads, head_dim, dtype=DTYPES[dtype]),) * 2 for _ in range(layers)]
+    rows = numpy.full(tokens, -1, dtype=numpy.int64)
+    assert ingest.ingest(data, tuple(chunk.shape), pools, rows, True).crc32c == google_crc32c.value(data)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 777, -1])
+def test_every_non_finite_value_is_found(ingest: NativeIngest, dtype: str, poison: float, where: int) -> None:
+    chunk = torch.randn(2, 2, 3, 21, 16).to(DTYPES[dtype])
+    pools = [(torch.zeros(2, 16, 3, 16, dtype=DTYPES[dtype]),) * 2 for _ in range(2)]
+    rows = numpy.arange(21, dtype=numpy.int64)
+    assert ingest.ingest(tensor_bytes(chunk), tuple(chunk.shape), pools, rows, True).finite
+    chunk.view(-1)[where] = poison
+    assert not ingest.ingest(tensor_bytes(chunk), tuple(chunk.shape), pools, rows, True).finite
+    assert ingest.ingest(tensor_bytes(chunk), tuple(chunk.shape), pools, rows, False).finite  # the check is off
+
+
+@pytest.mark.parametrize(("corrupt", "phrase"), [("flip", "CRC-32C"), ("nan", "not finite")])
+def test_a_chunk_failing_a_check_is_refused_by_the_assembler(ingest: NativeIngest, corrupt: str,
+                                                             phrase: str) -> None:
+    geo = geometry()
+    pool = BlockPool(PoolConfig(8, 4), geo, torch.device("cpu"), ingest)
+    manager = BlockManager(PoolConfig(8, 4))
+    layout = KvLayout("r", "fp", 3, 2, 8, 8, 8, 3, "float32")
+    keys, values = torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8)
+    if corrupt == "nan":
+        values[1, 1, 5, 2] = float("nan")
+    chunk = encode_chunk(layout, 0, keys, values)
+    if corrupt == "flip":
+        chunk = dataclasses.replace(chunk, data=bytes([chunk.data[0] ^ 1]) + chunk.data[1:])
+    assembler = KvAssembler("r", geo, 8, AssemblyLimits(2**20), LeasedWriter(pool, manager, manager.allocate("r", 8)))
+    assembler.accept_layout(layout)
+    with pytest.raises(KvCorrupted, match=phrase):
+        assembler.accept_chunk(chunk)
+    assert assembler.bytes_received == 0
+
+
+def test_a_revoked_lease_writes_nothing(ingest: NativeIngest) -> None:
+    geo = geometry()
+    pool = BlockPool(PoolConfig(8, 4), geo, torch.device("cpu"), ingest)
+    manager = BlockManager(PoolConfig(8, 4))
+    layout = KvLayout("r", "fp", 3, 2, 8, 8, 8, 3, "float32")
+    writer = LeasedWriter(pool, manager, manager.allocate("r", 8))
+    manager.renew("r")  # a newer transfer took over
+    chunk = encode_chunk(layout, 0, torch.ones(3, 2, 8, 8), torch.ones(3, 2, 8, 8))
+    with pytest.raises(LeaseRevoked):
+        writer.store_unverified(chunk.span, chunk.data, chunk.shape, True)
+    assert not any(bool(layer.any()) for layer in [*pool.keys, *pool.values])
+
+
+def test_rows_or_bytes_outside_the_pool_are_refused_before_the_pass(ingest: NativeIngest) -> None:
+    pools = [(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8))]
+    data = tensor_bytes(torch.ones(1, 2, 3, 5, 8))
+    good = numpy.arange(5, dtype=numpy.int64)
+    for rows in (numpy.array([0, 1, 2, 3, 8]), numpy.array([-2, 0, 1, 2, 3]), good[:4], good.astype(numpy.int32)):
+        with pytest.raises(InternalFailure, match="outside the pool"):
+            ingest.ingest(data, (1, 2, 3, 5, 8), pools, numpy.asarray(rows), True)
+    with pytest.raises(InternalFailure, match="bytes"):
+        ingest.ingest(data[:-4], (1, 2, 3, 5, 8), pools, good, True)
+    with pytest.raises(InternalFailure, match="laid out"):
+        ingest.ingest(data, (1, 2, 3, 5, 8), [(pools[0][0], torch.zeros(2, 4, 3, 8, dtype=torch.float16))], good, True)
+    with pytest.raises(InternalFailure, match="pool tensors"):
+        ingest.ingest(data, (2, 2, 3, 5, 8), pools, good, True)
+    assert not any(bool(t.any()) for t in pools[0])
+
+
+def test_modes_python_and_no_compiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert NativeIngest.build(tmp_path, "python") is None
+    monkeypatch.setenv("CC", "no-such-compiler")
+    assert NativeIngest.build(tmp_path, "auto") is None  # the Python path runs
+    with pytest.raises(ValueError, match="no C compiler"):
+        NativeIngest.build(tmp_path, "native")
+    with pytest.raises(ValueError, match="kv_ingest"):
+        NativeIngest.build(tmp_path, "fast")
