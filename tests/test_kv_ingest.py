@@ -16,7 +16,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.common.errors import InternalFailure, KvCorrupted
-from services.common.kv_codec import AssemblyLimits, KvAssembler, KvLayout, encode_chunk, tensor_bytes
+from services.common import kv_fp8
+from services.common.kv_codec import (
+    FP8_ENCODING,
+    RAW_ENCODING,
+    AssemblyLimits,
+    KvAssembler,
+    KvLayout,
+    encode_chunk,
+    tensor_bytes,
+)
 from services.common.kv_ingest import NativeIngest
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelGeometry
@@ -38,14 +47,14 @@ def geometry(dtype: str = "float32", layers: int = 3, heads: int = 2, head_dim: 
 
 
 def assemble(geo: ModelGeometry, pool: BlockPool, tokens: int, chunk_tokens: int, floor: int = 0,
-             seed: int = 0) -> list[int]:
+             seed: int = 0, encoding: str = RAW_ENCODING) -> list[int]:
     """A random transfer of `tokens` tokens through a KvAssembler into `pool`; the block table."""
     manager = BlockManager(PoolConfig(pool.keys[0].shape[0], pool.block_size))
     lease = manager.allocate("r", tokens)
     keys, values = torch.randn(2, geo.num_layers, geo.num_kv_heads, tokens, geo.head_dim,
                                generator=torch.Generator().manual_seed(seed)).to(DTYPES[geo.dtype])
     layout = KvLayout("r", "fp", geo.num_layers, geo.num_kv_heads, geo.head_dim, tokens, chunk_tokens,
-                      2, geo.dtype)
+                      2, geo.dtype, encoding)
     assembler = KvAssembler("r", geo, tokens, AssemblyLimits(2**26), LeasedWriter(pool, manager, lease, floor))
     assembler.accept_layout(layout)
     for group in range(layout.layer_groups):
@@ -55,15 +64,17 @@ def assemble(geo: ModelGeometry, pool: BlockPool, tokens: int, chunk_tokens: int
     return manager.table("r")
 
 
-@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize(("dtype", "encoding"), [(d, RAW_ENCODING) for d in DTYPES] + [("float32", FP8_ENCODING)])
 @pytest.mark.parametrize(("tokens", "chunk_tokens", "floor"), [(1, 4, 0), (37, 16, 0), (64, 32, 20), (50, 7, 16)])
-def test_one_pass_writes_the_pool_bits_of_the_three_pass_path(ingest: NativeIngest, dtype: str, tokens: int,
-                                                             chunk_tokens: int, floor: int) -> None:
+def test_one_pass_writes_the_pool_bits_of_the_three_pass_path(ingest: NativeIngest, dtype: str, encoding: str,
+                                                             tokens: int, chunk_tokens: int, floor: int) -> None:
     geo = geometry(dtype)
     config = PoolConfig(16, 4)
     native = BlockPool(config, geo, torch.device("cpu"), ingest)
     python = BlockPool(config, geo, torch.device("cpu"))
-    assert assemble(geo, native, tokens, chunk_tokens, floor) == assemble(geo, python, tokens, chunk_tokens, floor)
+    assert native.can_ingest(encoding == FP8_ENCODING)
+    assert (assemble(geo, native, tokens, chunk_tokens, floor, encoding=encoding)
+            == assemble(geo, python, tokens, chunk_tokens, floor, encoding=encoding))
     for ours, theirs in zip([*native.keys, *native.values], [*python.keys, *python.values], strict=True):
         assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16))
     assert any(bool(layer.any()) for layer in native.keys)
@@ -115,6 +126,51 @@ def test_a_chunk_failing_a_check_is_refused_by_the_assembler(ingest: NativeInges
     with pytest.raises(KvCorrupted, match=phrase):
         assembler.accept_chunk(chunk)
     assert assembler.bytes_received == 0
+
+
+def test_every_fp8_code_dequantizes_to_torchs_float32(ingest: NativeIngest) -> None:
+    """All 256 e4m3 codes (subnormals, both zeros, the NaN codes) times a scale, bit for bit, and a
+    NaN code or an overflowing product is not finite."""
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 2, 1, 8, 16)
+    scales = numpy.array([0.37, 3.0], dtype=numpy.float32).tobytes()
+    pools = [(torch.zeros(1, 8, 1, 16), torch.zeros(1, 8, 1, 16))]
+    rows = numpy.arange(8, dtype=numpy.int64)
+    verdict = ingest.ingest(codes.numpy().tobytes(), (1, 2, 1, 8, 16), pools, rows, True, scales)
+    expected = kv_fp8.dequantize(codes.numpy().tobytes(), scales, (1, 2, 1, 8, 16), torch.float32, "chunk")
+    for kv in range(2):
+        assert torch.equal(pools[0][kv][0, :, 0].view(torch.int32), expected[0, kv, 0].view(torch.int32))
+    assert not verdict.finite  # 0x7f and 0xff are NaN
+    finite_codes = torch.full((1, 2, 1, 8, 16), 0x7E, dtype=torch.uint8)  # 448, the largest
+    assert ingest.ingest(finite_codes.numpy().tobytes(), (1, 2, 1, 8, 16), pools, rows, True, scales).finite
+    huge = numpy.array([1.0, 3e38], dtype=numpy.float32).tobytes()  # 448 * 3e38 overflows float32
+    assert not ingest.ingest(finite_codes.numpy().tobytes(), (1, 2, 1, 8, 16), pools, rows, True, huge).finite
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_an_fp8_chunk_with_a_bad_scale_is_refused_by_the_assembler(ingest: NativeIngest, scale: float) -> None:
+    geo = geometry()
+    pool = BlockPool(PoolConfig(8, 4), geo, torch.device("cpu"), ingest)
+    manager = BlockManager(PoolConfig(8, 4))
+    layout = KvLayout("r", "fp", 3, 2, 8, 8, 8, 3, "float32", FP8_ENCODING)
+    chunk = encode_chunk(layout, 0, torch.randn(3, 2, 8, 8), torch.randn(3, 2, 8, 8))
+    scales = numpy.frombuffer(chunk.scales, numpy.float32).copy()
+    scales[4] = scale
+    bad = dataclasses.replace(chunk, scales=scales.tobytes(),
+                              crc32c=google_crc32c.extend(google_crc32c.value(chunk.data), scales.tobytes()))
+    assembler = KvAssembler("r", geo, 8, AssemblyLimits(2**20), LeasedWriter(pool, manager, manager.allocate("r", 8)))
+    assembler.accept_layout(layout)
+    with pytest.raises(KvCorrupted, match="scale"):
+        assembler.accept_chunk(bad)
+
+
+def test_an_fp8_chunk_into_a_float16_pool_takes_the_python_path(ingest: NativeIngest) -> None:
+    geo = geometry("float16")
+    native = BlockPool(PoolConfig(16, 4), geo, torch.device("cpu"), ingest)
+    python = BlockPool(PoolConfig(16, 4), geo, torch.device("cpu"))
+    assert not native.can_ingest(fp8=True)
+    assemble(geo, native, 30, 16, encoding=FP8_ENCODING)
+    assemble(geo, python, 30, 16, encoding=FP8_ENCODING)
+    assert all(torch.equal(a, b) for a, b in zip(native.keys + native.values, python.keys + python.values, strict=True))
 
 
 def test_a_revoked_lease_writes_nothing(ingest: NativeIngest) -> None:

@@ -224,11 +224,11 @@ class KvTarget(Protocol):
 
 @runtime_checkable
 class OnePassKvTarget(KvTarget, Protocol):
-    """A target that can take a raw chunk's bytes while they are checked (kv_ingest): one that no
-    one reads before the transfer is complete. None from `store_unverified`: it cannot this time."""
+    """A target that can take a chunk's bytes while they are checked (kv_ingest): one that no one
+    reads before the transfer is complete. None from `store_unverified`: it cannot this time."""
 
     def store_unverified(self, span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
-                         check_finite: bool) -> IngestVerdict | None: ...
+                         check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,13 +312,17 @@ class KvAssembler:
 
     def verify_and_store(self, chunk: KvChunk, span: ChunkSpan) -> None:
         """Checksum and finiteness of an admitted chunk's bytes, then its write into the target (a
-        raw CRC-32C chunk into a one-pass target: all three at once)."""
+        CRC-32C chunk into a one-pass target: all three at once, fp8 scales checked in between)."""
         layout = self._require_layout()
-        if (chunk.encoding == RAW_ENCODING and layout.checksum == CRC32C
-                and isinstance(self._target, OnePassKvTarget)):
-            verdict = self._target.store_unverified(span, chunk.data, layout.shape(span), self._limits.check_finite)
+        if layout.checksum == CRC32C and isinstance(self._target, OnePassKvTarget):
+            fp8_scales = bytes(chunk.scales) if chunk.encoding == FP8_ENCODING else None
+            verdict = self._target.store_unverified(span, chunk.data, layout.shape(span), self._limits.check_finite,
+                                                    fp8_scales)
             if verdict is not None:
-                self._judge(chunk, verdict.crc32c == chunk.crc32c, verdict.finite)
+                self._judge(chunk, verdict.crc32c == chunk.crc32c, True)
+                if fp8_scales is not None:
+                    kv_fp8.check_scales(fp8_scales, f"KV chunk {chunk.index}")
+                self._judge(chunk, True, verdict.finite)
                 self.bytes_received += chunk.byte_length
                 return
         if not checksum_matches(layout.checksum, chunk):

@@ -51,12 +51,19 @@ def check_scale_bytes(scales: bytes, shape: tuple[int, ...], what: str) -> None:
                               f"({scale_count(shape)} float32)")
 
 
+def check_scales(scales: bytes, what: str) -> np.ndarray:
+    """The scales as float32, each a finite number > 0 (else KvCorrupted: the values would be garbage
+    or of the wrong sign)."""
+    factors = np.frombuffer(scales, dtype=SCALE_WIRE_DTYPE).astype(np.float32)
+    if not bool((np.isfinite(factors) & (factors > 0)).all()):
+        raise KvCorrupted(f"{what} has an fp8 scale that is not a finite number > 0")
+    return factors
+
+
 def dequantize(data: bytes, scales: bytes, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
     """The chunk's values in `dtype`, from checksum-verified fp8 bytes and scales. Raises KvCorrupted
     for a scale that is not finite and > 0 (the values would be garbage or of the wrong sign)."""
-    factors = torch.from_numpy(np.frombuffer(scales, dtype=SCALE_WIRE_DTYPE).astype(np.float32))
-    if not bool((torch.isfinite(factors) & (factors > 0)).all()):
-        raise KvCorrupted(f"{what} has an fp8 scale that is not a finite number > 0")
+    factors = torch.from_numpy(check_scales(scales, what))
     with warnings.catch_warnings():  # frombuffer warns on read-only bytes; we only read them
         warnings.simplefilter("ignore", UserWarning)
         encoded = torch.frombuffer(data, dtype=torch.uint8).view(FP8_DTYPE).view(shape)

@@ -1,10 +1,12 @@
-/* One pass over a raw KV chunk as it arrives: its CRC-32C, whether every value is finite, and its
+/* One pass over a KV chunk as it arrives: its CRC-32C, whether every value is finite, and its
  * rows scattered into the decode's paged pool (see kv_ingest.py, which checks every pointer and
  * size before calling). Reading the chunk once instead of three times (checksum, finiteness, copy)
- * is what makes the receiving side cheap.
+ * is what makes the receiving side cheap. An fp8 chunk (e4m3, one float32 scale per layer,
+ * key/value and kv head: kv_fp8.py) is dequantized into a float32 pool on the way, value = the
+ * e4m3 value times its scale, the same float32 product torch computes.
  *
- * The chunk is [layers][2][kv_heads][tokens][row_bytes] in C order; a pool layer is
- * [pool rows][kv_heads][row_bytes]. The checksum runs as three interleaved streams over the
+ * The chunk is [layers][2][kv_heads][tokens][head_dim] in C order; a pool layer is
+ * [pool rows][kv_heads][head_dim]. The checksum runs as three interleaved streams over the
  * chunk's first, second and last third (one CRC instruction's latency is three of its issue
  * slots) and the three are combined at the end, so it equals the CRC-32C of the bytes in order.
  */
@@ -61,7 +63,22 @@ static void store_row(uint8_t *target, const uint8_t *row, int64_t bytes) {
     memcpy(target, row, (size_t)bytes);
 }
 
-enum { KIND_FLOAT32 = 0, KIND_FLOAT16 = 1, KIND_BFLOAT16 = 2 };
+enum { KIND_FLOAT32 = 0, KIND_FLOAT16 = 1, KIND_BFLOAT16 = 2, KIND_FP8_TO_FLOAT32 = 3 };
+#define MAX_FP8_ROW 1024 /* head_dim of an fp8 chunk (checked by the caller) */
+
+static float fp8_values[256]; /* float8 e4m3fn: no infinity; S.1111.111 is NaN */
+__attribute__((constructor)) static void fill_fp8_values(void) {
+    for (int code = 0; code < 256; code++) {
+        int exponent = (code >> 3) & 15, mantissa = code & 7;
+        float magnitude = exponent == 0 ? (float)mantissa / 512.0f /* subnormal: m/8 * 2^-6 */
+                                        : (1.0f + (float)mantissa / 8.0f) * __builtin_ldexpf(1.0f, exponent - 7);
+        fp8_values[code] = code & 128 ? -magnitude : magnitude;
+        if (exponent == 15 && mantissa == 7) { /* NaN with the payload torch gives it, sign kept */
+            uint32_t bits = (code & 128 ? 0x80000000u : 0u) | 0x7ff00000u;
+            memcpy(&fp8_values[code], &bits, sizeof bits);
+        }
+    }
+}
 
 /* GF(2) matrix helpers of zlib's crc32_combine: shifting a CRC over len zero bytes. */
 static uint32_t gf2_times(const uint32_t *matrix, uint32_t vector) {
@@ -151,40 +168,62 @@ static uint32_t magnitude16(const uint8_t *row, int64_t bytes) {
 
 typedef struct {
     const uint8_t *source;
-    int64_t heads, tokens, row_bytes, row_stride;
+    int64_t heads, tokens, head_dim, row_bytes, target_row_bytes, row_stride; /* row_bytes: in the chunk */
     uint8_t *const *pools; /* per chunk layer: keys, values */
     const int64_t *rows;   /* per token: its pool row, or -1 (not written) */
+    const float *scales;   /* fp8: per plane (layer, key/value, kv head) */
     int kind, check_finite;
     uint32_t magnitude;
 } Chunk;
 
-/* Row `index` of the chunk: copied into the pool (unless skipped) and its magnitude taken. */
+static void fp8_row(float *values, const uint8_t *row, int64_t count, float scale) {
+    for (int64_t at = 0; at < count; at++) values[at] = fp8_values[row[at]] * scale;
+}
+
+/* Row `index` of the chunk: copied (fp8: dequantized) into the pool unless skipped, and its
+ * magnitude taken. */
 static void place_row(Chunk *chunk, int64_t index) {
     int64_t plane = index / chunk->tokens, token = index % chunk->tokens;
     const uint8_t *row = chunk->source + index * chunk->row_bytes;
+    float values[MAX_FP8_ROW] __attribute__((aligned(32)));
+    if (chunk->kind == KIND_FP8_TO_FLOAT32) {
+        fp8_row(values, row, chunk->head_dim, chunk->scales[plane]);
+        row = (const uint8_t *)values;
+    }
     if (chunk->check_finite) {
-        uint32_t most = chunk->kind == KIND_FLOAT32 ? magnitude32(row, chunk->row_bytes)
-                                                    : magnitude16(row, chunk->row_bytes);
+        uint32_t most = chunk->kind == KIND_FLOAT16 || chunk->kind == KIND_BFLOAT16
+                            ? magnitude16(row, chunk->target_row_bytes)
+                            : magnitude32(row, chunk->target_row_bytes);
         chunk->magnitude = most > chunk->magnitude ? most : chunk->magnitude;
     }
     int64_t pool_row = chunk->rows[token];
     if (pool_row < 0) return;
     uint8_t *target = chunk->pools[plane / chunk->heads] + pool_row * chunk->row_stride +
-                      (plane % chunk->heads) * chunk->row_bytes;
-    store_row(target, row, chunk->row_bytes);
+                      (plane % chunk->heads) * chunk->target_row_bytes;
+    store_row(target, row, chunk->target_row_bytes);
 }
 
 static uint32_t first_infinite(int kind) {
-    return kind == KIND_FLOAT32 ? 0x7f800000u : kind == KIND_FLOAT16 ? 0x7c00u : 0x7f80u;
+    return kind == KIND_FLOAT16 ? 0x7c00u : kind == KIND_BFLOAT16 ? 0x7f80u : 0x7f800000u;
 }
 
-/* Returns 0 when every value is finite (or check_finite is 0), 1 when one is not, -1 for a kind
- * it does not know; *crc_out receives the chunk's CRC-32C either way. */
-int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t tokens, int64_t row_bytes,
-              uint8_t *const *pools, const int64_t *rows, int64_t row_stride, int kind, int check_finite,
+static int64_t element_bytes(int kind) {
+    return kind == KIND_FLOAT32 ? 4 : kind == KIND_FP8_TO_FLOAT32 ? 1 : 2;
+}
+
+/* The chunk [layers][2][heads][tokens][head_dim] into the pools (keys and values of each of its
+ * layers, pool rows of heads * head_dim elements). Returns 0 when every value is finite (or
+ * check_finite is 0), 1 when one is not, -1 for a kind or head_dim it does not take; *crc_out
+ * receives the CRC-32C of the chunk's bytes either way. */
+int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t tokens, int64_t head_dim,
+              uint8_t *const *pools, const int64_t *rows, const float *scales, int kind, int check_finite,
               uint32_t *crc_out) {
-    if (kind != KIND_FLOAT32 && kind != KIND_FLOAT16 && kind != KIND_BFLOAT16) return -1;
-    Chunk chunk = {source, heads, tokens, row_bytes, row_stride, pools, rows, kind, check_finite, 0};
+    if (kind < KIND_FLOAT32 || kind > KIND_FP8_TO_FLOAT32 || head_dim <= 0) return -1;
+    if (kind == KIND_FP8_TO_FLOAT32 && (head_dim > MAX_FP8_ROW || scales == NULL)) return -1;
+    int64_t row_bytes = head_dim * element_bytes(kind);
+    int64_t target_row_bytes = head_dim * (kind == KIND_FP8_TO_FLOAT32 ? 4 : element_bytes(kind));
+    Chunk chunk = {source, heads, tokens, head_dim, row_bytes, target_row_bytes, heads * target_row_bytes,
+                   pools, rows, scales, kind, check_finite, 0};
     int64_t total = layers * 2 * heads * tokens, third = total / 3;
     uint32_t crc[3] = {0xffffffffu, 0xffffffffu, 0xffffffffu};
     for (int64_t index = 0; index < third; index++) {

@@ -1,6 +1,7 @@
-"""Receiving a raw KV chunk in one pass (kv_ingest.c): its CRC-32C, its finiteness check and its
-scatter into the decode's pool rows, reading the chunk's bytes once, straight from the message or
-the shared-memory segment they arrived in.
+"""Receiving a KV chunk in one pass (kv_ingest.c): its CRC-32C, its finiteness check and its
+scatter into the decode's pool rows (an fp8 chunk dequantized on the way into a float32 pool),
+reading the chunk's bytes once, straight from the message or the shared-memory segment they
+arrived in.
 
 The Python path reads them three times (the checksum, a min/max for finiteness, the transposing
 copy into blocks): measured on the development machine, ~45 ms of the receiving side's CPU for a
@@ -21,9 +22,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import google_crc32c
 import numpy
 import torch
 
+from services.common import kv_fp8
 from services.common.errors import InternalFailure
 from services.common.native_build import compiled
 
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "native", "python")
 SOURCE = Path(__file__).with_name("kv_ingest.c")
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_FP8_TO_FLOAT32 = 3
+MAX_FP8_HEAD_DIM = 1024  # MAX_FP8_ROW in the source
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +54,8 @@ class NativeIngest:
     def __init__(self, library: ctypes.CDLL) -> None:
         self._kernel = library.kv_ingest
         self._kernel.restype = ctypes.c_int
-        self._kernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
-                                 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+        self._kernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+                                 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
 
     @staticmethod
     def build(cache_dir: Path, mode: str) -> NativeIngest | None:
@@ -71,26 +76,30 @@ class NativeIngest:
 
     def ingest(self, data: bytes | memoryview, shape: tuple[int, ...],
                layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: numpy.ndarray,
-               check_finite: bool) -> IngestVerdict:
+               check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict:
         """Chunk `data` [layers, 2, kv_heads, tokens, head_dim] into the pool: token t of the chunk
         goes to row rows[t] (block * block_size + offset; -1: not written) of each layer's keys and
-        values [blocks, block_size, kv_heads, head_dim]."""
+        values [blocks, block_size, kv_heads, head_dim]. With `fp8_scales` the data is fp8 (see
+        kv_fp8; float32 pools only) and the checksum covers the data followed by the scales."""
         source = numpy.frombuffer(data, numpy.uint8)
         pools = [tensor for pair in layers for tensor in pair]
-        kind = _check_layout(source, shape, pools, rows)
+        kind = _check_layout(source, shape, pools, rows, fp8_scales)
+        scales = (None if fp8_scales is None  # little-endian on the wire, native for the kernel
+                  else numpy.frombuffer(fp8_scales, kv_fp8.SCALE_WIRE_DTYPE).astype(numpy.float32))
         bases = (ctypes.c_void_p * len(pools))(*(tensor.data_ptr() for tensor in pools))
         crc = ctypes.c_uint32()
-        _, _, heads, tokens, head_dim = shape
-        row_bytes = head_dim * pools[0].element_size()
-        status = self._kernel(source.ctypes.data, shape[0], heads, tokens, row_bytes, ctypes.addressof(bases),
-                              rows.ctypes.data, heads * row_bytes, kind, int(check_finite), ctypes.byref(crc))
+        layer_count, _, heads, tokens, head_dim = shape
+        status = self._kernel(source.ctypes.data, layer_count, heads, tokens, head_dim, ctypes.addressof(bases),
+                              rows.ctypes.data, None if scales is None else scales.ctypes.data, kind,
+                              int(check_finite), ctypes.byref(crc))
         if status < 0:
             raise InternalFailure(f"KV ingest refused its inputs (status {status})")
-        return IngestVerdict(crc.value, status == 0)
+        checksum = crc.value if fp8_scales is None else google_crc32c.extend(crc.value, fp8_scales)
+        return IngestVerdict(checksum, status == 0)
 
 
 def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[torch.Tensor],
-                  rows: numpy.ndarray) -> int:
+                  rows: numpy.ndarray, fp8_scales: bytes | None) -> int:
     """The pass trusts its pointers: every size it reads and every row it writes is checked here."""
     if len(shape) != 5 or shape[1] != 2 or len(pools) != 2 * shape[0] or not pools:
         raise InternalFailure(f"KV ingest: chunk shape {shape} does not match {len(pools)} pool tensors")
@@ -101,9 +110,13 @@ def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[tor
             t.device.type == "cpu" and t.is_contiguous() and t.dtype == first.dtype and t.shape == first.shape
             for t in pools) and first.dim() == 4 and tuple(first.shape[2:]) == (heads, head_dim)):
         raise InternalFailure("KV ingest: the pool is not laid out as the chunk's rows")
-    if source.size != math.prod(shape) * first.element_size():
+    fp8 = fp8_scales is not None
+    if fp8 and (first.dtype != torch.float32 or head_dim > MAX_FP8_HEAD_DIM
+                or len(fp8_scales) != kv_fp8.scale_count(shape) * kv_fp8.SCALE_WIRE_DTYPE.itemsize):
+        raise InternalFailure("KV ingest: fp8 needs a float32 pool and one scale per layer, key/value and kv head")
+    if source.size != math.prod(shape) * (1 if fp8 else first.element_size()):
         raise InternalFailure(f"KV ingest: {source.size} bytes for a chunk of shape {shape}")
     if not (rows.dtype == numpy.int64 and rows.flags.c_contiguous and rows.shape == (tokens,)
             and (tokens == 0 or (rows.min() >= -1 and rows.max() < capacity))):
         raise InternalFailure("KV ingest: a chunk row outside the pool")
-    return _KINDS[first.dtype]
+    return _FP8_TO_FLOAT32 if fp8 else _KINDS[first.dtype]

@@ -242,14 +242,14 @@ class LeasedWriter:
                 self._pool.write(table, layer, start + skip, keys[:, skip:], values[:, skip:])
 
     def store_unverified(self, span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
-                         check_finite: bool) -> IngestVerdict | None:
-        """A raw chunk's bytes written while they are checked, in one pass (kv_ingest): safe here,
-        where no one reads the blocks before the transfer is verified. None where the pool has no
-        native pass: the caller verifies and calls `store`."""
-        if self._pool.ingest is None:
+                         check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict | None:
+        """A chunk's bytes (fp8 with `fp8_scales`) written while they are checked, in one pass
+        (kv_ingest): safe here, where no one reads the blocks before the transfer is verified. None
+        where the pool has no such pass: the caller verifies and calls `store`."""
+        if not self._pool.can_ingest(fp8_scales is not None):
             return None
         with self._blocks.writing(self.lease) as table:
-            return self._pool.ingest_chunk(table, span, data, shape, self._floor, check_finite)
+            return self._pool.ingest_chunk(table, span, data, shape, self._floor, check_finite, fp8_scales)
 
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
         """A verified chunk [layers, 2, kv_heads, tokens, head_dim] (the assembler's KvTarget)."""

@@ -56,10 +56,15 @@ class BlockPool:
         else:
             self._write_rows(blocks, layer, start, keys, values, start, end)
 
+    def can_ingest(self, fp8: bool) -> bool:
+        """Whether `ingest_chunk` takes a raw chunk (fp8: an fp8 one) here."""
+        return self.ingest is not None and (not fp8 or self.keys[0].dtype == torch.float32)
+
     def ingest_chunk(self, blocks: list[int], span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
-                     floor: int, check_finite: bool) -> IngestVerdict:
-        """A raw chunk's bytes [layers, 2, kv_heads, tokens, head_dim] into their rows in one native
-        pass, positions below `floor` left as they are; the caller compares the verdict (needs `ingest`)."""
+                     floor: int, check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict:
+        """A chunk's bytes [layers, 2, kv_heads, tokens, head_dim] (fp8 with `fp8_scales`) into their
+        rows in one native pass, positions below `floor` left as they are; the caller judges the
+        verdict (needs `can_ingest`)."""
         if self.ingest is None:
             raise RuntimeError("this pool has no native ingest")
         positions = numpy.arange(span.token_start, span.token_end, dtype=numpy.int64)
@@ -67,7 +72,7 @@ class BlockPool:
         rows += positions % self.block_size
         rows[positions < floor] = -1
         layers = [(self.keys[layer], self.values[layer]) for layer in range(span.layer_start, span.layer_end)]
-        return self.ingest.ingest(data, shape, layers, rows, check_finite)
+        return self.ingest.ingest(data, shape, layers, rows, check_finite, fp8_scales)
 
     def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
                             values: torch.Tensor) -> None:
