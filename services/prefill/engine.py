@@ -215,16 +215,16 @@ class PrefillEngine:
                         tuple(first.token_id for first in firsts[1:]))
             for sink in sinks:
                 await sink.close(end)
+            acknowledged = time.perf_counter()  # the handoff ends here, whatever the request waits for next
             if store_sink is not None:  # the decode acknowledged: its keys now
                 store_sink.keep()
             if cached is not None:  # copied while the KV streamed; a repeat right after must find it
                 with contextlib.suppress(TimeoutError):  # best effort: never holds a request for long
                     await asyncio.wait_for(cached.wait(), KEEP_WAIT_SECONDS)
-            finished = time.perf_counter()
             summary = PrefillSummary(self.kv_bytes_held[job.key], layout.chunk_count, forward.run_seconds,
-                                     finished - first_sent, finished - forward_done,
+                                     acknowledged - first_sent, acknowledged - forward_done,
                                      store_sink is not None and getattr(store_sink, "ok", True), hit.tokens)
-            record_send(self._metrics, layout, summary, first_sent, finished)
+            record_send(self._metrics, layout, summary, first_sent, acknowledged)
             yield summary
         finally:
             if pump is not None and not pump.done():
