@@ -140,3 +140,34 @@ def test_a_reserved_transfer_segment_is_mapped_before_its_first_write() -> None:
     finally:
         writer.destroy()
     shm.map_for_writing(segment)  # a closed mapping: nothing to do, no error
+
+
+@pytest.mark.skipif(not _populate_supported(), reason="the kernel has no MADV_POPULATE_WRITE (Linux < 5.14)")
+def test_mapping_a_segment_leaves_the_gil_to_other_threads() -> None:
+    """The prefill maps a transfer's segment in a worker thread so its event loop goes on meanwhile:
+    the mapping must not hold the GIL (mmap.madvise does, for the whole ~50 ms of 94 MB)."""
+    import threading
+    import time
+
+    segment = shm.create(f"test-{uuid.uuid4().hex[:8]}", 256 << 20, reserve=True)
+    took: list[float] = []
+
+    def map_it() -> None:
+        started = time.perf_counter()
+        shm.map_for_writing(segment)
+        took.append(time.perf_counter() - started)
+
+    try:
+        mapper = threading.Thread(target=map_it)
+        longest_gap, last = 0.0, time.perf_counter()
+        mapper.start()
+        while mapper.is_alive():  # this thread keeps running Python while the other one maps
+            now = time.perf_counter()
+            longest_gap, last = max(longest_gap, now - last), now
+        mapper.join()
+        assert _resident_bytes(segment) == segment.size
+        if took[0] < 0.02:
+            pytest.skip(f"mapping took {took[0] * 1e3:.1f} ms: too short to tell who held the GIL")
+        assert longest_gap < took[0] / 2, f"this thread stalled {longest_gap * 1e3:.0f} ms of {took[0] * 1e3:.0f}"
+    finally:
+        shm.destroy(segment)
