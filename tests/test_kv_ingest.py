@@ -5,6 +5,7 @@ DATA_LOSS through the assembler; anything outside the pool is refused before the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from services.common.kv_codec import (
     tensor_bytes,
 )
 from services.common.kv_ingest import NativeIngest
+from services.common import native_build
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelGeometry
 from services.decode.blocks import BlockManager, LeaseRevoked, LeasedWriter
@@ -186,6 +188,30 @@ def test_a_revoked_lease_writes_nothing(ingest: NativeIngest) -> None:
     assert not any(bool(layer.any()) for layer in [*pool.keys, *pool.values])
 
 
+def test_a_chunk_is_written_a_layer_at_a_time_under_its_lease(ingest: NativeIngest) -> None:
+    """The lease's lock is held for one layer's pass at a time, as the Python path's writes hold it,
+    so a `free` or `renew` on the event loop never waits for a whole chunk; a lease revoked between
+    layers stops the rest."""
+    geo = geometry()
+    pool = BlockPool(PoolConfig(8, 4), geo, torch.device("cpu"), ingest)
+    manager = BlockManager(PoolConfig(8, 4))
+    writer = LeasedWriter(pool, manager, manager.allocate("r", 8))
+    holds = manager.writing
+
+    @contextlib.contextmanager
+    def writing(lease):  # type: ignore[no-untyped-def]
+        with holds(lease) as table:
+            yield table
+        manager.renew("r")  # a newer transfer takes over once the first layer is written
+
+    manager.writing = writing  # type: ignore[method-assign]
+    layout = KvLayout("r", "fp", 3, 2, 8, 8, 8, 3, "float32")
+    chunk = encode_chunk(layout, 0, torch.ones(3, 2, 8, 8), torch.ones(3, 2, 8, 8))
+    with pytest.raises(LeaseRevoked):
+        writer.store_unverified(chunk.span, chunk.data, chunk.shape, True)
+    assert bool(pool.keys[0].any()) and not any(bool(t.any()) for t in pool.keys[1:] + pool.values[1:])
+
+
 def test_rows_or_bytes_outside_the_pool_are_refused_before_the_pass(ingest: NativeIngest) -> None:
     pools = [(torch.zeros(2, 4, 3, 8), torch.zeros(2, 4, 3, 8))]
     data = tensor_bytes(torch.ones(1, 2, 3, 5, 8))
@@ -210,3 +236,19 @@ def test_modes_python_and_no_compiler(tmp_path: Path, monkeypatch: pytest.Monkey
         NativeIngest.build(tmp_path, "native")
     with pytest.raises(ValueError, match="kv_ingest"):
         NativeIngest.build(tmp_path, "fast")
+
+
+def test_where_the_cpu_cannot_be_identified_the_build_is_portable(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library compiled for this CPU (-march=native) could crash another host sharing the cache
+    with an illegal instruction; without /proc/cpuinfo the build targets any CPU of the architecture
+    (here: the CRC without its hardware instruction), and still computes the same checksum."""
+    native = NativeIngest.build(tmp_path, "native")
+    monkeypatch.setattr(native_build, "CPUINFO", tmp_path / "no-cpuinfo")
+    portable = NativeIngest.build(tmp_path, "native")
+    assert native is not None and portable is not None
+    assert len(list((tmp_path / "native").glob("kv_ingest-*.so"))) == 2  # two builds, two cache keys
+    data = tensor_bytes(torch.randn(2, 2, 3, 17, 8))
+    pools = [(torch.zeros(2, 16, 3, 8), torch.zeros(2, 16, 3, 8))] * 2
+    rows = numpy.arange(17, dtype=numpy.int64)
+    assert portable.ingest(data, (2, 2, 3, 17, 8), pools, rows, True).crc32c == google_crc32c.value(data)

@@ -214,10 +214,11 @@ static int64_t element_bytes(int kind) {
 /* The chunk [layers][2][heads][tokens][head_dim] into the pools (keys and values of each of its
  * layers, pool rows of heads * head_dim elements). Returns 0 when every value is finite (or
  * check_finite is 0), 1 when one is not, -1 for a kind or head_dim it does not take; *crc_out
- * receives the CRC-32C of the chunk's bytes either way. */
+ * receives the CRC-32C of the bytes before it (whose CRC-32C is crc_in) followed by the chunk's,
+ * either way. */
 int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t tokens, int64_t head_dim,
               uint8_t *const *pools, const int64_t *rows, const float *scales, int kind, int check_finite,
-              uint32_t *crc_out) {
+              uint32_t crc_in, uint32_t *crc_out) {
     if (kind < KIND_FLOAT32 || kind > KIND_FP8_TO_FLOAT32 || head_dim <= 0) return -1;
     if (kind == KIND_FP8_TO_FLOAT32 && (head_dim > MAX_FP8_ROW || scales == NULL)) return -1;
     int64_t row_bytes = head_dim * element_bytes(kind);
@@ -239,7 +240,8 @@ int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t toke
     }
     uint64_t third_bytes = (uint64_t)(third * row_bytes), last_bytes = (uint64_t)((total - 2 * third) * row_bytes);
     uint32_t combined = crc_combine(~crc[0], ~crc[1], third_bytes);
-    *crc_out = crc_combine(combined, ~crc[2], last_bytes);
+    combined = crc_combine(combined, ~crc[2], last_bytes);
+    *crc_out = crc_combine(crc_in, combined, third_bytes * 2 + last_bytes);
 #if defined(__SSE2__)
     _mm_sfence(); /* the streamed rows are in memory before the caller reports the chunk stored */
 #endif

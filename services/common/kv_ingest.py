@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy
 import torch
 
@@ -55,7 +54,7 @@ class NativeIngest:
         self._kernel = library.kv_ingest
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
-                                 + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+                                 + [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p])
 
     @staticmethod
     def build(cache_dir: Path, mode: str) -> NativeIngest | None:
@@ -76,26 +75,27 @@ class NativeIngest:
 
     def ingest(self, data: bytes | memoryview, shape: tuple[int, ...],
                layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: numpy.ndarray,
-               check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict:
+               check_finite: bool, fp8_scales: bytes | None = None, crc: int = 0) -> IngestVerdict:
         """Chunk `data` [layers, 2, kv_heads, tokens, head_dim] into the pool: token t of the chunk
         goes to row rows[t] (block * block_size + offset; -1: not written) of each layer's keys and
         values [blocks, block_size, kv_heads, head_dim]. With `fp8_scales` the data is fp8 (see
-        kv_fp8; float32 pools only) and the checksum covers the data followed by the scales."""
+        kv_fp8; float32 pools only). The verdict's checksum is that of the bytes before (whose
+        CRC-32C is `crc`: a chunk can go in parts) followed by `data`; an fp8 chunk's scales, which
+        its checksum covers too, are the caller's to add."""
         source = numpy.frombuffer(data, numpy.uint8)
         pools = [tensor for pair in layers for tensor in pair]
         kind = _check_layout(source, shape, pools, rows, fp8_scales)
         scales = (None if fp8_scales is None  # little-endian on the wire, native for the kernel
                   else numpy.frombuffer(fp8_scales, kv_fp8.SCALE_WIRE_DTYPE).astype(numpy.float32))
         bases = (ctypes.c_void_p * len(pools))(*(tensor.data_ptr() for tensor in pools))
-        crc = ctypes.c_uint32()
+        checksum = ctypes.c_uint32()
         layer_count, _, heads, tokens, head_dim = shape
         status = self._kernel(source.ctypes.data, layer_count, heads, tokens, head_dim, ctypes.addressof(bases),
                               rows.ctypes.data, None if scales is None else scales.ctypes.data, kind,
-                              int(check_finite), ctypes.byref(crc))
+                              int(check_finite), crc, ctypes.byref(checksum))
         if status < 0:
             raise InternalFailure(f"KV ingest refused its inputs (status {status})")
-        checksum = crc.value if fp8_scales is None else google_crc32c.extend(crc.value, fp8_scales)
-        return IngestVerdict(checksum, status == 0)
+        return IngestVerdict(checksum.value, status == 0)
 
 
 def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[torch.Tensor],

@@ -24,7 +24,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC")
+PORTABLE_FLAGS = ("-O3", "-shared", "-fPIC")  # where the CPU cannot be identified: runs on any of its kind
 BUILD_SECONDS = 120.0
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def compiled(source: Path, name: str, defines: Sequence[str], cache_dir: Path) -> ctypes.CDLL | str:
@@ -35,8 +37,9 @@ def compiled(source: Path, name: str, defines: Sequence[str], cache_dir: Path) -
     found = shutil.which(compiler[0])
     if found is None:
         return f"no C compiler ({compiler[0]!r} is not on PATH)"
-    command = [found, *compiler[1:], *FLAGS, *(f"-D{define}" for define in defines)]
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), _cpu_identity()]))
+    cpu = _cpu_identity()
+    command = [found, *compiler[1:], *(FLAGS if cpu else PORTABLE_FLAGS), *(f"-D{define}" for define in defines)]
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), cpu]))
     target = cache_dir / "native" / f"{name}-{key.hexdigest()[:16]}.so"
     try:
         if target.exists():
@@ -72,11 +75,12 @@ def _build(command: list[str], source: Path, target: Path) -> None:
 
 def _cpu_identity() -> bytes:
     """What -march=native compiles for: the CPU's model and flags (a library built for one CPU may
-    not run on another)."""
+    not run on another, and a cache directory may be shared between hosts); empty where they
+    cannot be read, and then the build is portable."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = CPUINFO.read_text()
     except OSError:
         text = ""
     lines = [line for line in text.splitlines()
              if line.lower().startswith(("model name", "flags", "features", "cpu part", "vendor_id"))]
-    return "\n".join([platform.machine(), platform.processor(), *sorted(set(lines))]).encode()
+    return "\n".join([platform.machine(), platform.processor(), *sorted(set(lines))]).encode() if lines else b""

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import google_crc32c
 import torch
 
 from services.common.errors import CapacityExhausted, RequestCancelled
@@ -248,8 +249,14 @@ class LeasedWriter:
         where the pool has no such pass: the caller verifies and calls `store`."""
         if not self._pool.can_ingest(fp8_scales is not None):
             return None
-        with self._blocks.writing(self.lease) as table:
-            return self._pool.ingest_chunk(table, span, data, shape, self._floor, check_finite, fp8_scales)
+        verdict, rows = IngestVerdict(0, True), None
+        for offset in range(shape[0]):
+            with self._blocks.writing(self.lease) as table:  # a layer at a time, as `write`: `free` waits less
+                rows = self._pool.ingest_rows(table, span, self._floor) if rows is None else rows
+                verdict = self._pool.ingest_layer(rows, span, offset, data, shape, check_finite, fp8_scales, verdict)
+        if fp8_scales is None:
+            return verdict
+        return IngestVerdict(google_crc32c.extend(verdict.crc32c, fp8_scales), verdict.finite)
 
     def store(self, span: ChunkSpan, tensor: torch.Tensor) -> None:
         """A verified chunk [layers, 2, kv_heads, tokens, head_dim] (the assembler's KvTarget)."""

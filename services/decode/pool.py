@@ -4,6 +4,7 @@ kv_heads, head_dim] sequence, no second copy needed). Which block belongs to who
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,22 +58,34 @@ class BlockPool:
             self._write_rows(blocks, layer, start, keys, values, start, end)
 
     def can_ingest(self, fp8: bool) -> bool:
-        """Whether `ingest_chunk` takes a raw chunk (fp8: an fp8 one) here."""
+        """Whether `ingest_layer` takes a raw chunk (fp8: an fp8 one) here."""
         return self.ingest is not None and (not fp8 or self.keys[0].dtype == torch.float32)
 
-    def ingest_chunk(self, blocks: list[int], span: ChunkSpan, data: bytes | memoryview, shape: tuple[int, ...],
-                     floor: int, check_finite: bool, fp8_scales: bytes | None = None) -> IngestVerdict:
-        """A chunk's bytes [layers, 2, kv_heads, tokens, head_dim] (fp8 with `fp8_scales`) into their
-        rows in one native pass, positions below `floor` left as they are; the caller judges the
-        verdict (needs `can_ingest`)."""
-        if self.ingest is None:
-            raise RuntimeError("this pool has no native ingest")
+    def ingest_rows(self, blocks: list[int], span: ChunkSpan, floor: int) -> numpy.ndarray:
+        """The pool row of each token of the span (block * block_size + offset), -1 below `floor`."""
         positions = numpy.arange(span.token_start, span.token_end, dtype=numpy.int64)
         rows = numpy.asarray(blocks, dtype=numpy.int64)[positions // self.block_size] * self.block_size
         rows += positions % self.block_size
         rows[positions < floor] = -1
-        layers = [(self.keys[layer], self.values[layer]) for layer in range(span.layer_start, span.layer_end)]
-        return self.ingest.ingest(data, shape, layers, rows, check_finite, fp8_scales)
+        return rows
+
+    def ingest_layer(self, rows: numpy.ndarray, span: ChunkSpan, offset: int, data: bytes | memoryview,
+                     shape: tuple[int, ...], check_finite: bool, fp8_scales: bytes | None,
+                     before: IngestVerdict) -> IngestVerdict:
+        """Layer `offset` of a chunk's bytes [layers, 2, kv_heads, tokens, head_dim] (fp8 with the
+        chunk's `fp8_scales`) into `rows` in one native pass, continuing the verdict of the layers
+        `before` it (needs `can_ingest`; the scales are not in the checksum)."""
+        if self.ingest is None:
+            raise RuntimeError("this pool has no native ingest")
+        layer_shape = (1, *shape[1:])
+        planes = 2 * shape[2]
+        size = math.prod(layer_shape) * (1 if fp8_scales is not None else self.keys[0].element_size())
+        scales = None if fp8_scales is None else fp8_scales[offset * planes * 4 : (offset + 1) * planes * 4]
+        layer = span.layer_start + offset
+        verdict = self.ingest.ingest(memoryview(data)[offset * size : (offset + 1) * size], layer_shape,
+                                     [(self.keys[layer], self.values[layer])], rows, check_finite, scales,
+                                     before.crc32c)
+        return IngestVerdict(verdict.crc32c, before.finite and verdict.finite)
 
     def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
                             values: torch.Tensor) -> None:
