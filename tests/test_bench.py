@@ -176,3 +176,4 @@ def test_transfer_bench_prints_every_row_handoff_and_load_figure() -> None:
     assert [load["transport"] for load in report["under_load"]] == transports
     for load in report["under_load"]:
         assert load["transfers"] >= 1 and load["quiet_itl_p50_ms"] > 0 and load["loaded_itl_p99_ms"] > 0
+    assert report["decode_prefix_hit_tokens"] == 0  # every repeat's chunks were written into the pool

@@ -18,6 +18,7 @@ import json
 import tempfile
 from dataclasses import asdict
 
+import grpc
 import torch
 
 from services.bench.handoff import (
@@ -33,6 +34,7 @@ from services.bench.transfer_shm import shm_fp8, shm_raw
 from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
+from services.common.pb import common_pb2, decode_pb2_grpc
 from services.common.runtime import ModelRuntime
 from services.stack import ServiceSpec, Stack, free_port
 
@@ -70,7 +72,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     messages = build_transfer(runtime, prompt, args.chunk_tokens, args.chunk_layers)
     port = free_port()
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
-    decode = ServiceSpec("decode", "decode", port, ("--port", str(port), *worker))
+    # Without its prefix cache: every repeat of the same prompt must write all its chunks into the pool.
+    decode = ServiceSpec("decode", "decode", port, ("--port", str(port), *worker, "--prefix-cache", "off"))
     stack = Stack([decode], log_dir=tempfile.mkdtemp(prefix="bench-transfer-"))
     stack.start()
     try:
@@ -82,11 +85,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         handoffs = [await handoff_via_prefill(case, name, prefill_args) for name in HANDOFF_TRANSPORTS]
         loads = [await under_load(case, name, args.load_streams, args.load_seconds, args.load_interval)
                  for name in LOAD_SENDERS]
+        prefix_hit_tokens = await _prefix_hit_tokens(decode.address)
     finally:
         stack.stop()
     return {"model": args.model, "prompt_tokens": len(prompt), "chunk_tokens": args.chunk_tokens,
             "chunk_layers": args.chunk_layers, "repeats": args.repeats, "rows": rows, "handoffs": handoffs,
-            "under_load": loads}
+            "under_load": loads, "decode_prefix_hit_tokens": prefix_hit_tokens}
+
+
+async def _prefix_hit_tokens(decode_address: str) -> int:
+    """Prompt tokens the decode took from its prefix cache instead of a transfer (0: every chunk landed)."""
+    async with grpc.aio.insecure_channel(decode_address) as channel:
+        stats = await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest(), timeout=30)
+    return stats.prefix_hit_tokens
 
 
 def table(report: dict[str, object]) -> str:

@@ -50,9 +50,9 @@ class DecodeSettings(WorkerSettings):
                                    "compiled at start by the machine's C compiler; CPU, float32), sdpa (torch "
                                    "SDPA over a copy of the blocks), or auto (native where it builds, else sdpa)",
                                    "PAGED_ATTENTION")
-    kv_ingest: str = setting("auto", "how raw KV chunks are received: native (checksum, finiteness check and "
-                             "pool write in one pass of C, compiled at start; CPU), python (three passes), or auto "
-                             "(native where it builds)", "KV_INGEST")
+    kv_ingest: str = setting("auto", "how KV chunks are received: native (checksum, finiteness check and pool "
+                             "write in one pass of C, fp8 dequantized on the way; compiled at start; CPU), python "
+                             "(separate passes), or auto (native where it builds)", "KV_INGEST")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
