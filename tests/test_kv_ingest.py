@@ -252,3 +252,24 @@ def test_where_the_cpu_cannot_be_identified_the_build_is_portable(tmp_path: Path
     pools = [(torch.zeros(2, 16, 3, 8), torch.zeros(2, 16, 3, 8))] * 2
     rows = numpy.arange(17, dtype=numpy.int64)
     assert portable.ingest(data, (2, 2, 3, 17, 8), pools, rows, True).crc32c == google_crc32c.value(data)
+
+
+def test_an_fp8_chunk_of_a_head_size_the_pass_does_not_take_goes_the_python_way(ingest: NativeIngest) -> None:
+    geo = geometry(layers=1, heads=1, head_dim=1032)  # over the pass's 1,024 fp8 values a row
+    native = BlockPool(PoolConfig(4, 4), geo, torch.device("cpu"), ingest)
+    python = BlockPool(PoolConfig(4, 4), geo, torch.device("cpu"))
+    assert native.can_ingest(fp8=False) and not native.can_ingest(fp8=True)
+    assemble(geo, native, 6, 4, encoding=FP8_ENCODING)
+    assemble(geo, python, 6, 4, encoding=FP8_ENCODING)
+    assert torch.equal(native.keys[0], python.keys[0]) and torch.equal(native.values[0], python.values[0])
+
+
+def test_portable_builds_for_other_architectures_get_their_own_cache_files(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts of two architectures sharing a cache, neither able to read /proc/cpuinfo, never load
+    (and rebuild over) each other's library."""
+    monkeypatch.setattr(native_build, "CPUINFO", tmp_path / "no-cpuinfo")
+    assert NativeIngest.build(tmp_path, "native") is not None
+    monkeypatch.setattr(native_build.platform, "machine", lambda: "some-other-architecture")
+    assert NativeIngest.build(tmp_path, "native") is not None
+    assert len(list((tmp_path / "native").glob("kv_ingest-*.so"))) == 2

@@ -171,3 +171,16 @@ def test_mapping_a_segment_leaves_the_gil_to_other_threads() -> None:
         assert longest_gap < took[0] / 2, f"this thread stalled {longest_gap * 1e3:.0f} ms of {took[0] * 1e3:.0f}"
     finally:
         shm.destroy(segment)
+
+
+def test_an_fp8_transfers_segment_holds_one_byte_a_value() -> None:
+    """fp8 chunks are one byte a value (their scales travel inline): a segment sized for float32
+    would reserve and map four times the memory."""
+    from services.common.kv_codec import KvLayout
+    from services.common.kv_shm import HEADER_BYTES, segment_bytes
+
+    raw = KvLayout("r", "fp", 30, 3, 64, 2048, 512, 4, "float32")
+    fp8 = KvLayout("r", "fp", 30, 3, 64, 2048, 512, 4, "float32", "fp8")
+    values = 30 * 2 * 3 * 2048 * 64
+    assert values <= segment_bytes(fp8) - HEADER_BYTES < values + 64 * fp8.chunk_count
+    assert 4 * values <= segment_bytes(raw) - HEADER_BYTES < 4 * values + 64 * raw.chunk_count

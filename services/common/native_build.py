@@ -39,7 +39,8 @@ def compiled(source: Path, name: str, defines: Sequence[str], cache_dir: Path) -
         return f"no C compiler ({compiler[0]!r} is not on PATH)"
     cpu = _cpu_identity()
     command = [found, *compiler[1:], *(FLAGS if cpu else PORTABLE_FLAGS), *(f"-D{define}" for define in defines)]
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), cpu]))
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), platform.machine().encode(),
+                                     cpu]))  # the architecture even where the CPU is unknown: portable builds differ
     target = cache_dir / "native" / f"{name}-{key.hexdigest()[:16]}.so"
     try:
         if target.exists():

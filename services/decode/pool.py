@@ -12,7 +12,7 @@ import numpy
 import torch
 
 from services.common.kv_codec import ChunkSpan
-from services.common.kv_ingest import IngestVerdict, NativeIngest
+from services.common.kv_ingest import MAX_FP8_HEAD_DIM, IngestVerdict, NativeIngest
 from services.common.runtime import DTYPES, ModelGeometry
 
 
@@ -59,7 +59,8 @@ class BlockPool:
 
     def can_ingest(self, fp8: bool) -> bool:
         """Whether `ingest_layer` takes a raw chunk (fp8: an fp8 one) here."""
-        return self.ingest is not None and (not fp8 or self.keys[0].dtype == torch.float32)
+        return self.ingest is not None and (not fp8 or (self.keys[0].dtype == torch.float32
+                                                        and self.keys[0].shape[3] <= MAX_FP8_HEAD_DIM))
 
     def ingest_rows(self, blocks: list[int], span: ChunkSpan, floor: int) -> numpy.ndarray:
         """The pool row of each token of the span (block * block_size + offset), -1 below `floor`."""
