@@ -177,3 +177,15 @@ def test_transfer_bench_prints_every_row_handoff_and_load_figure() -> None:
     for load in report["under_load"]:
         assert load["transfers"] >= 1 and load["quiet_itl_p50_ms"] > 0 and load["loaded_itl_p99_ms"] > 0
     assert report["decode_prefix_hit_tokens"] == 0  # every repeat's chunks were written into the pool
+
+
+def test_ingest_bench_receives_raw_and_fp8_both_ways() -> None:
+    """`python -m services.bench.ingest`: the Python passes and the native pass, raw and fp8, and memcpy."""
+    result = subprocess.run([sys.executable, "-m", "services.bench.ingest", "--tokens", "40", "--layers", "3",
+                             "--chunk-tokens", "16", "--chunk-layers", "2", "--repeats", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["raw", "fp8"]
+    assert all("Python passes" in line and "one native pass" in line for line in lines[1:3])
+    assert "memcpy" in lines[3]

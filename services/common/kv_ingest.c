@@ -80,36 +80,36 @@ __attribute__((constructor)) static void fill_fp8_values(void) {
     }
 }
 
-/* GF(2) matrix helpers of zlib's crc32_combine: shifting a CRC over len zero bytes. */
-static uint32_t gf2_times(const uint32_t *matrix, uint32_t vector) {
-    uint32_t sum = 0;
-    for (; vector; vector >>= 1, matrix++)
-        if (vector & 1) sum ^= *matrix;
-    return sum;
+/* Polynomial arithmetic modulo the CRC's, in its reflected bit order (zlib's crc32_combine_op):
+ * appending n bytes to a message multiplies its CRC by x^(8n). A table of x^(2^k) makes a shift by
+ * n bytes a few multiplications, ~1 us, where zlib's older matrix method took ~10. */
+static uint32_t multiply_mod(uint32_t a, uint32_t b) {
+    uint32_t mask = 1u << 31, product = 0;
+    if (a == 0) return 0;
+    for (;;) {
+        if (a & mask) {
+            product ^= b;
+            if ((a & (mask - 1)) == 0) break;
+        }
+        mask >>= 1;
+        b = b & 1 ? (b >> 1) ^ POLY : b >> 1;
+    }
+    return product;
 }
 
-static void gf2_square(uint32_t *square, const uint32_t *matrix) {
-    for (int n = 0; n < 32; n++) square[n] = gf2_times(matrix, matrix[n]);
+static uint32_t x_to_2_to_the[32]; /* x^(2^k) modulo the polynomial */
+__attribute__((constructor)) static void fill_powers(void) {
+    uint32_t power = 1u << 30; /* x^1 */
+    x_to_2_to_the[0] = power;
+    for (int k = 1; k < 32; k++) x_to_2_to_the[k] = power = multiply_mod(power, power);
 }
 
 /* CRC-32C of A followed by B, from CRC-32C(A), CRC-32C(B) and B's length. */
 static uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
-    uint32_t even[32], odd[32];
-    if (length_b == 0) return crc_a;
-    odd[0] = POLY;
-    for (int n = 1; n < 32; n++) odd[n] = 1u << (n - 1);
-    gf2_square(even, odd); /* two zero bits */
-    gf2_square(odd, even); /* four zero bits */
-    do {
-        gf2_square(even, odd);
-        if (length_b & 1) crc_a = gf2_times(even, crc_a);
-        length_b >>= 1;
-        if (!length_b) break;
-        gf2_square(odd, even);
-        if (length_b & 1) crc_a = gf2_times(odd, crc_a);
-        length_b >>= 1;
-    } while (length_b);
-    return crc_a ^ crc_b;
+    uint32_t shift = 1u << 31; /* x^0 */
+    for (unsigned k = 3; length_b; length_b >>= 1, k++) /* x^(8 * length_b) */
+        if (length_b & 1) shift = multiply_mod(x_to_2_to_the[k & 31], shift);
+    return multiply_mod(shift, crc_a) ^ crc_b;
 }
 
 static inline uint64_t load_word(const uint8_t *at) {
