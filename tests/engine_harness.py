@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from prometheus_client import CollectorRegistry
 
-from services.common.kv_codec import AssemblyLimits
+from services.common.kv_assembly import AssemblyLimits
 from services.common.kv_ingest import NativeIngest
 from services.common.metrics import DecodeMetrics
 from services.common.model_thread import ModelThread

@@ -15,7 +15,8 @@ import torch
 
 from services.client import GatewayClient
 from services.common.errors import CapacityExhausted, KvProtocolError
-from services.common.kv_codec import AssemblyLimits, KvAssembler, KvEnd, KvLayout, encode_chunk
+from services.common.kv_codec import KvEnd, KvLayout, encode_chunk
+from services.common.kv_assembly import AssemblyLimits, KvAssembler
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 from services.common.prefix_keys import block_keys
 from services.common.runtime import ModelRuntime

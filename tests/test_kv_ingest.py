@@ -18,15 +18,8 @@ from hypothesis import strategies as st
 
 from services.common.errors import InternalFailure, KvCorrupted
 from services.common import kv_fp8
-from services.common.kv_codec import (
-    FP8_ENCODING,
-    RAW_ENCODING,
-    AssemblyLimits,
-    KvAssembler,
-    KvLayout,
-    encode_chunk,
-    tensor_bytes,
-)
+from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvLayout, encode_chunk, tensor_bytes
+from services.common.kv_assembly import AssemblyLimits, KvAssembler
 from services.common.kv_ingest import NativeIngest
 from services.common import native_build
 from services.common.model_files import default_cache_dir

@@ -24,16 +24,8 @@ import torch
 from transformers import DynamicCache
 
 from services.bench.fp8_prompts import PROMPTS
-from services.common.kv_codec import (
-    FP8_ENCODING,
-    RAW_ENCODING,
-    AssemblyLimits,
-    ChunkSpan,
-    KvAssembler,
-    KvEnd,
-    KvLayout,
-    encode_chunk,
-)
+from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, ChunkSpan, KvEnd, KvLayout, encode_chunk
+from services.common.kv_assembly import AssemblyLimits, KvAssembler
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.gateway.text import PromptEncoder

@@ -16,15 +16,8 @@ from collections.abc import Callable
 import numpy
 import torch
 
-from services.common.kv_codec import (
-    FP8_ENCODING,
-    RAW_ENCODING,
-    AssemblyLimits,
-    KvAssembler,
-    KvChunk,
-    KvLayout,
-    encode_chunk,
-)
+from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvChunk, KvLayout, encode_chunk
+from services.common.kv_assembly import AssemblyLimits, KvAssembler
 from services.common.kv_ingest import NativeIngest
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelGeometry

@@ -2,7 +2,7 @@
 value refused at one door is refused at every door. Each raises InvalidRequest naming the field.
 
 Sampling parameters validate themselves (`Sampling.__post_init__`, which uses the temperature check
-below); KV chunk contents are checked by the assembler (`kv_codec`).
+below); KV chunk contents are checked by the assembler (`kv_assembly`).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common.kv_codec import AssemblyLimits
+from services.common.kv_assembly import AssemblyLimits
 from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges

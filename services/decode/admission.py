@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.errors import AlreadyExists, CapacityExhausted, InvalidRequest, KvProtocolError, UnknownRequest
-from services.common.kv_codec import KvLayout, check_token_start
+from services.common.kv_codec import KvLayout
+from services.common.kv_assembly import check_token_start
 from services.common.logit_controls import check_vocabulary
 from services.common.prefix_keys import check_salt
 from services.common.runtime import ModelGeometry

@@ -37,7 +37,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
-from services.common.kv_codec import RAW_ENCODING, AssemblyLimits, KvAssembler, KvLayout, KvReceipt
+from services.common.kv_codec import RAW_ENCODING, KvLayout
+from services.common.kv_assembly import AssemblyLimits, KvAssembler, KvReceipt
 from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeLoad, DecodeMetrics

@@ -9,7 +9,7 @@ import time
 
 from opentelemetry import trace
 
-from services.common.kv_codec import KvReceipt
+from services.common.kv_assembly import KvReceipt
 from services.common.metrics import DecodeMetrics
 from services.common.prefix_keys import block_keys
 from services.common.telemetry import perf_to_unix_nanos

@@ -11,7 +11,8 @@ from opentelemetry import trace
 
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
-from services.common.kv_codec import KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt
+from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_assembly import KvAssembler, KvReceipt
 from services.common.kv_shm import ShmReceiver
 from services.common import logprobs
 from services.common.kv_wire import parse_wire, transfer_prefix

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 
 from services.common.errors import BackendUnavailable, KvProtocolError, RequestCancelled, ServiceError
-from services.common.kv_codec import AssemblyLimits, KvAssembler, KvChunk, KvEnd, KvLayout, KvReceipt, \
-    encode_chunk
+from services.common.kv_assembly import AssemblyLimits, KvAssembler, KvReceipt
+from services.common.kv_codec import KvChunk, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage, chunk_key, end_key, key_of, layout_key, parse_stored, \
     request_prefix, swap_prefix, wire_bytes
 from services.common.kvstore_client import KvStoreClient
