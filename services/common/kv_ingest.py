@@ -4,8 +4,9 @@ reading the chunk's bytes once, straight from the message or the shared-memory s
 arrived in.
 
 The Python path reads them three times (the checksum, a min/max for finiteness, the transposing
-copy into blocks): measured on the development machine, ~45 ms of the receiving side's CPU for a
-2,048-token prompt's 94 MB, against ~8 ms in one pass (`make bench-transfer` shows what it buys).
+copy into blocks): measured on the development machine for a 2,048-token prompt's 94 MB, 20 ms of
+the receiving side's CPU against 8 ms in one pass (`python -m services.bench.ingest`; fp8: 81
+against 14 ms), ~55 ms against it on a loaded machine (`make bench-transfer` shows what it buys).
 
 The pass writes before it verifies, so it only writes into blocks that no one reads until the
 transfer is complete and verified: a sequence's own, under its lease (blocks.LeasedWriter). A chunk
