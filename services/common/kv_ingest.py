@@ -6,7 +6,8 @@ arrived in.
 The Python path reads them three times (the checksum, a min/max for finiteness, the transposing
 copy into blocks): measured on the development machine for a 2,048-token prompt's 94 MB, 20 ms of
 the receiving side's CPU against 8 ms in one pass (`python -m services.bench.ingest`; fp8: 81
-against 14 ms), ~55 ms against it on a loaded machine (`make bench-transfer` shows what it buys).
+against 14 ms; the Python passes took ~55 ms on a loaded machine). `make bench-transfer` shows
+what it buys end to end.
 
 The pass writes before it verifies, so it only writes into blocks that no one reads until the
 transfer is complete and verified: a sequence's own, under its lease (blocks.LeasedWriter). A chunk
