@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import grpc
 import torch
 
+from services.common.client_stream import ServerStatus
 from services.common.kv_codec import CRC32C, KvChunk, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import to_pb
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, kv_pb2
@@ -52,13 +53,17 @@ async def send(stub: decode_pb2_grpc.DecodeServiceStub, messages: Sequence[Messa
     """Write the messages one by one; if the decode ends the call early, its status is what counts
     (a write into a finished call fails on the client side with a generic error)."""
     call = stub.TransferKv(timeout=60)
+    status = ServerStatus(call)  # grpc.aio may report its own INTERNAL instead (client_stream)
     try:
         for message in messages:
             await call.write(message if isinstance(message, kv_pb2.KvTransferMessage) else to_pb(message))
         await call.done_writing()
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         pass
-    return await call
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        raise status.error(error) from None
 
 
 async def read_tokens(call: grpc.aio.UnaryStreamCall) -> list[int]:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from services.client import GatewayClient, GatewayError
+from services.common.client_stream import ServerStatus
 from services.common.kv_codec import encode_chunk
 from services.common.kv_wire import to_pb
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
@@ -188,13 +189,17 @@ async def test_late_transfer_after_cancel_is_refused_and_cannot_touch_the_next_r
 
 async def assert_refused(call: grpc.aio.StreamUnaryCall, rest: list) -> None:
     """The rest of a transfer whose request is gone (or superseded) is refused, never acknowledged."""
+    status = ServerStatus(call)  # grpc.aio may report its own INTERNAL instead (client_stream)
     with pytest.raises((grpc.aio.AioRpcError, asyncio.InvalidStateError)):
         for message in rest:
             await call.write(to_pb(message))
         await call.done_writing()
         await call
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await call
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            raise status.error(error) from None
     assert refused.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.NOT_FOUND)
 
 

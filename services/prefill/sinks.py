@@ -10,6 +10,7 @@ from typing import Protocol
 
 import grpc
 
+from services.common.client_stream import ServerStatus
 from services.common.errors import BackendUnavailable, UpstreamError, call_status
 from services.common.kv_codec import KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage, key_of, wire_bytes
@@ -44,12 +45,14 @@ class DecodeStreamSink:
         self._timeout = timeout_seconds
         self._chunks = chunks  # False: the chunks go to the kvstore; the stream announces them
         self._opened: grpc.aio.StreamUnaryCall | None = None
+        self._status: ServerStatus | None = None  # the decode's status, which grpc.aio may lose (client_stream)
 
     @property
     def _call(self) -> grpc.aio.StreamUnaryCall:
         """The TransferKv call, opened by the first message (nothing is opened for a refused job)."""
         if self._opened is None:
             self._opened = self._transfer_kv(timeout=self._timeout)
+            self._status = ServerStatus(self._opened)
         return self._opened
 
     async def send(self, message: KvLayout | KvChunk) -> None:
@@ -62,7 +65,7 @@ class DecodeStreamSink:
             await self._call.done_writing()
             await self._call  # the decode's verdict on the whole transfer
         except grpc.aio.AioRpcError as error:
-            raise _decode_fault(error) from None
+            raise self._fault(error) from None
 
     async def _write(self, message: KvMessage) -> None:
         try:
@@ -71,8 +74,11 @@ class DecodeStreamSink:
             try:
                 await self._call  # the decode ended the call: surface its status
             except grpc.aio.AioRpcError as error:
-                raise _decode_fault(error) from None
+                raise self._fault(error) from None
             raise UpstreamError(grpc.StatusCode.INTERNAL, "closed the KV stream early", DECODE_ROLE) from None
+
+    def _fault(self, error: grpc.aio.AioRpcError) -> UpstreamError:
+        return _decode_fault(self._status.error(error) if self._status is not None else error)
 
     def abort(self) -> None:
         if self._opened is not None and not self._opened.done():
