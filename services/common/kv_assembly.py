@@ -24,6 +24,7 @@ from services.common.kv_codec import (
     KvLayout,
     all_finite,
     checksum_matches,
+    value_bytes,
 )
 from services.common.kv_ingest import IngestVerdict
 from services.common.runtime import DTYPES, ModelGeometry
@@ -88,6 +89,7 @@ class KvAssembler:
         self._held_tokens = held_tokens  # leading tokens the target holds already: chunks may start there
         self._limits = limits
         self._target = target
+        self._one_pass = target if isinstance(target, OnePassKvTarget) else None  # checked once, not per chunk
         self._layout: KvLayout | None = None
         self.next_index = 0
         self.bytes_received = 0
@@ -131,7 +133,7 @@ class KvAssembler:
             raise KvProtocolError(f"KV chunk {chunk.index} is {chunk.byte_length} bytes, "
                                   f"over the {self._limits.max_chunk_bytes}-byte limit")
         fp8 = layout.encoding == FP8_ENCODING
-        expected_bytes = math.prod(shape) * (1 if fp8 else DTYPES[layout.dtype].itemsize)
+        expected_bytes = math.prod(shape) * value_bytes(layout)
         if not chunk.byte_length == len(chunk.data) == expected_bytes:
             raise KvProtocolError(f"KV chunk {chunk.index} carries {len(chunk.data)} bytes (declares "
                                   f"{chunk.byte_length}), its shape needs {expected_bytes}")
@@ -146,9 +148,9 @@ class KvAssembler:
         """Checksum and finiteness of an admitted chunk's bytes, then its write into the target (a
         CRC-32C chunk into a one-pass target: all three at once, fp8 scales checked in between)."""
         layout = self._require_layout()
-        if layout.checksum == CRC32C and isinstance(self._target, OnePassKvTarget):
+        if layout.checksum == CRC32C and self._one_pass is not None:
             fp8_scales = bytes(chunk.scales) if chunk.encoding == FP8_ENCODING else None
-            verdict = self._target.store_unverified(span, chunk.data, layout.shape(span), self._limits.check_finite,
+            verdict = self._one_pass.store_unverified(span, chunk.data, layout.shape(span), self._limits.check_finite,
                                                     fp8_scales)
             if verdict is not None:
                 self._judge(chunk, verdict.crc32c == chunk.crc32c, True)

@@ -112,6 +112,12 @@ class KvLayout:
         return range(max(start // self.chunk_tokens - first, 0), max(-(-end // self.chunk_tokens) - first, 0))
 
 
+def value_bytes(layout: KvLayout) -> int:
+    """Bytes of one value in the layout's chunk data: 1 in fp8 (its scales travel beside the
+    data), else the dtype's size."""
+    return 1 if layout.encoding == FP8_ENCODING else DTYPES[layout.dtype].itemsize
+
+
 @dataclass(frozen=True, slots=True)
 class ShmSlice:
     """Where a chunk's bytes lie in its transfer's shared-memory segment."""

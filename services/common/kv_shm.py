@@ -27,9 +27,8 @@ import numpy as np
 
 from services.common import shm
 from services.common.errors import KvProtocolError, TransportUnavailable, UnknownRequest
-from services.common.kv_codec import FP8_ENCODING, KvChunk, KvLayout, ShmSlice
+from services.common.kv_codec import KvChunk, KvLayout, ShmSlice, value_bytes
 from services.common.kv_wire import KvMessage
-from services.common.runtime import DTYPES
 
 TRANSPORTS = ("auto", "grpc", "shm")
 MAGIC = b"DISAGGKV"
@@ -71,7 +70,7 @@ def _header(request_id: str, attempt: int) -> bytes:
 
 def segment_bytes(layout: KvLayout) -> int:
     """Size of the segment holding every chunk of `layout` (header and alignment included)."""
-    itemsize = 1 if layout.encoding == FP8_ENCODING else DTYPES[layout.dtype].itemsize  # fp8's scales go inline
+    itemsize = value_bytes(layout)
     total = HEADER_BYTES
     for index in range(layout.chunk_count):
         shape = layout.shape(layout.span(index))
