@@ -9,7 +9,7 @@ import torch
 
 from services.decode.blocks import BlockManager
 from services.decode.pool import BlockPool, PoolConfig
-from services.decode.paged_runner import PagedRunner, StepSlot
+from services.decode.paged_runner import PagedRunner, StepSlot, rowwise_linear
 
 BATCH = 24
 
@@ -38,3 +38,15 @@ def test_batch_invariant_step_is_bit_identical_to_a_batch_of_one(runtime) -> Non
     assert torch.equal(step(invariant, slots), alone)
     assert torch.equal(step(invariant, slots[:5]), alone[:5])
     assert not torch.equal(step(default, slots), alone)  # what the mode is for
+
+
+def test_rowwise_products_equal_a_batch_of_one_where_a_slice_is_not_whole_fours_of_rows() -> None:
+    """MKL sums a matrix's last `rows mod 4` rows in another order than the rest (see
+    services/decode/exact_gemv.py), so a weight slice whose row count is not a multiple of 4 gave
+    its last rows other bits than the whole weight does for a batch of one: with 3,072 columns an
+    8 MB slice is 682 rows (a Qwen2-0.5B MLP's down projection has 4,864)."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(1400, 3072, generator=generator)
+    rows = torch.randn(3, 3072, generator=generator)
+    alone = torch.cat([torch.nn.functional.linear(rows[i : i + 1], weight) for i in range(3)])
+    assert torch.equal(rowwise_linear(rows, weight), alone)

@@ -79,7 +79,9 @@ def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     by slice of the weight so the slice is read from memory once for all rows."""
     rows = x.reshape(-1, x.shape[-1])
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    step = max(1, ROW_SLICE_BYTES // (weight.shape[1] * weight.element_size()))
+    # whole fours of rows: MKL sums a matrix's last `rows mod 4` rows in another order than the rest
+    # (services/decode/exact_gemv.py), so any other slice would give those rows other bits
+    step = max(4, ROW_SLICE_BYTES // (weight.shape[1] * weight.element_size()) // 4 * 4)
     for start in range(0, weight.shape[0], step):
         part = weight[start : start + step]
         for row in range(rows.shape[0]):
