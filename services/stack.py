@@ -75,6 +75,11 @@ class Stack:
         self.tls = tls  # what health checks present to TLS services
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 
+    @property
+    def log_dir(self) -> str | None:
+        """Where each service writes `<name>.log` (None: they inherit this process's output)."""
+        return self._log_dir
+
     def start(self) -> None:
         for spec in self.specs:
             self.start_one(spec)

@@ -29,16 +29,18 @@ BUILD_SECONDS = 120.0
 CPUINFO = Path("/proc/cpuinfo")
 
 
-def compiled(source: Path, name: str, defines: Sequence[str], cache_dir: Path) -> ctypes.CDLL | str:
-    """The loaded library of `source` compiled with `defines` (-D arguments), built first unless
-    the cache holds it (one that cannot be loaded, cut short by a crash, is built again); a string
-    says why not."""
+def compiled(source: Path, name: str, defines: Sequence[str], cache_dir: Path,
+             flags: Sequence[str] = ()) -> ctypes.CDLL | str:
+    """The loaded library of `source` compiled with `defines` (-D arguments) and `flags` (more
+    compiler arguments), built first unless the cache holds it (one that cannot be loaded, cut
+    short by a crash, is built again); a string says why not."""
     compiler = shlex.split(os.environ.get("CC", "cc")) or ["cc"]  # `ccache gcc` works too
     found = shutil.which(compiler[0])
     if found is None:
         return f"no C compiler ({compiler[0]!r} is not on PATH)"
     cpu = _cpu_identity()
-    command = [found, *compiler[1:], *(FLAGS if cpu else PORTABLE_FLAGS), *(f"-D{define}" for define in defines)]
+    command = [found, *compiler[1:], *(FLAGS if cpu else PORTABLE_FLAGS), *flags,
+               *(f"-D{define}" for define in defines)]
     key = hashlib.sha256(b"\0".join([source.read_bytes(), " ".join(command).encode(), platform.machine().encode(),
                                      cpu]))  # the architecture even where the CPU is unknown: portable builds differ
     target = cache_dir / "native" / f"{name}-{key.hexdigest()[:16]}.so"

@@ -19,6 +19,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
+from services.decode import exact_gemv
 from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits, FastPaths
@@ -74,6 +75,8 @@ async def run(settings: DecodeSettings) -> None:
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
         packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings))
+        # after packing, which reads the model's own nn.Linear modules
+        await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv)
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)

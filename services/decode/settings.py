@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from services.common.config import check_port, check_positive, setting
 from services.common.kv_ingest import MODES as INGEST_MODES
 from services.common.worker import WorkerSettings
+from services.decode.exact_gemv import MODES as GEMV_MODES
 from services.decode.native_attention import MODES as ATTENTION_MODES
 
 
@@ -53,6 +54,10 @@ class DecodeSettings(WorkerSettings):
     kv_ingest: str = setting("auto", "how KV chunks are received: native (checksum, finiteness check and pool "
                              "write in one pass of C, fp8 dequantized on the way; compiled at start; CPU), python "
                              "(separate passes), or auto (native where it builds)", "KV_INGEST")
+    gemv: str = setting("auto", "how a batch of one computes its matrix-vector products: native (a C kernel that "
+                        "sums in the BLAS's own order, bit-identical to F.linear and about twice as fast; each layer "
+                        "checked against F.linear at start; compiled at start; CPU, float32), torch (F.linear), or "
+                        "auto (native for the layers whose check passes)", "GEMV")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
@@ -72,6 +77,8 @@ class DecodeSettings(WorkerSettings):
                              f"got {self.paged_attention!r}")
         if self.kv_ingest not in INGEST_MODES:
             raise ValueError(f"kv_ingest must be one of {', '.join(INGEST_MODES)}, got {self.kv_ingest!r}")
+        if self.gemv not in GEMV_MODES:
+            raise ValueError(f"gemv must be one of {', '.join(GEMV_MODES)}, got {self.gemv!r}")
         if self.prefix_cache not in ("on", "off"):
             raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         if self.kv_pool_blocks < 0:

@@ -1,0 +1,131 @@
+"""The exact gemv kernel (--gemv): a batch of one's products in C, bit-identical to F.linear (the
+BLAS's own summation order) at every row alignment, through the whole model and in the running
+decode; what it cannot reproduce keeps F.linear; bad settings are refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from services.common.model_files import default_cache_dir
+from services.common.runtime import ModelRuntime
+from services.decode import exact_gemv
+from services.decode.exact_gemv import ExactGemv, ExactGemvLinear
+from services.decode.settings import DecodeSettings
+from tests.conftest import RunningStack, reference_model
+
+
+def _kernel() -> ExactGemv | str:
+    return ExactGemv.build(default_cache_dir())
+
+
+def _blas_order_unknown() -> str:
+    """Why the kernel cannot match here (empty where it does): no compiler, or a BLAS that sums in
+    another order than the one the kernel reproduces (MKL's path on AMD EPYC, the machine CI runs on)."""
+    kernel = _kernel()
+    if isinstance(kernel, str):
+        return kernel
+    probe = torch.randn(64, 576, generator=torch.Generator().manual_seed(1))
+    return "" if kernel.agrees(probe) else "this machine's BLAS sums one-row products in another order"
+
+
+pytestmark = pytest.mark.skipif(bool(_blas_order_unknown()), reason=_blas_order_unknown() or "-")
+
+
+def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator) -> torch.Tensor:
+    """Random weights [rows, columns] starting `offset` floats past a 64-byte boundary."""
+    storage = torch.randn(rows * columns + 32, generator=generator)
+    start = (-(storage.data_ptr() // 4)) % 16 + offset
+    return storage[start : start + rows * columns].view(rows, columns)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
+@pytest.mark.parametrize(("rows", "columns"), [(1536, 576), (576, 1536), (8, 100), (300, 64), (12, 8)])
+def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int, columns: int,
+                                                                        offset: int) -> None:
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    generator = torch.Generator().manual_seed(rows * 1000 + columns + offset)
+    weight = _at_offset(rows, columns, offset, generator)
+    for scale in (1.0, 1e-4, 1e4):
+        x = torch.randn(columns, generator=generator) * scale
+        assert torch.equal(kernel.product(weight, x), F.linear(x[None], weight)[0])
+
+
+def test_sums_that_cancel_exactly_come_out_as_the_blas_gives_them() -> None:
+    """The probes the order was read off with: a large value, a one and the large value negated;
+    the one survives only where the two large values meet before it."""
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    big, columns = 2.0**24, 64
+    rows = [(i, j, k) for i in range(0, 12) for j in range(0, 12) for k in (4, 9, 30, 62, 63) if len({i, j, k}) == 3]
+    for offset in (0, 2):
+        weight = _at_offset(len(rows), columns, offset, torch.Generator().manual_seed(2))
+        weight.zero_()
+        for row, (i, j, k) in enumerate(rows):
+            weight[row, i], weight[row, j], weight[row, k] = big, 1.0, -big
+        expected = F.linear(torch.ones(1, columns), weight)[0]
+        assert torch.equal(kernel.product(weight, torch.ones(columns)), expected)
+        assert 0 < int((expected == 1.0).sum()) < len(rows)  # the order decides: some ones survive, some not
+
+
+def _greedy_logits(model: torch.nn.Module, prompt: list[int], steps: int) -> torch.Tensor:
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        logits = [model(torch.tensor([prompt]), past_key_values=cache, use_cache=True).logits[:, -1]]
+        for _ in range(steps):
+            token = logits[-1].argmax(-1, keepdim=True)
+            logits.append(model(token, past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.cat(logits)
+
+
+def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runtime: ModelRuntime) -> None:
+    fast = reference_model("default").model  # its own copy: the session's reference stays untouched
+    assert exact_gemv.install(fast, default_cache_dir(), "native") == 211  # 30 layers x 7, and the LM head
+    assert isinstance(fast.lm_head, ExactGemvLinear)
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied, not copied
+    prompt = [1, 504, 3458, 282, 4649, 314]
+    assert torch.equal(_greedy_logits(fast, prompt, 12), _greedy_logits(runtime.model, prompt, 12))
+
+
+def test_rows_batches_and_autograd_go_through_f_linear() -> None:
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    wrapped = ExactGemvLinear(linear, kernel)
+    rows = torch.randn(3, 64)
+    with torch.inference_mode():
+        assert torch.equal(wrapped(rows), F.linear(rows, linear.weight))
+        assert wrapped(rows[:1, None]).shape == (1, 1, 32)
+    assert wrapped(rows[:1]).grad_fn is not None  # outside inference the graph is kept: F.linear ran
+
+
+def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 16),
+                                torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(4, 8, bias=False),
+                                torch.nn.Linear(8, 6, bias=False))
+    assert exact_gemv.install(model, default_cache_dir(), "auto") == 1
+    assert isinstance(model[0], ExactGemvLinear)
+    # a bias, float64, 4 columns, 6 rows (MKL sums a matrix's last n mod 4 rows another way)
+    assert [type(layer) for layer in model[1:]] == [torch.nn.Linear] * 4
+    with pytest.raises(ValueError, match="--gemv native cannot be used here: 4 of 5 linear layers"):
+        exact_gemv.install(torch.nn.Sequential(*model[1:], torch.nn.Linear(64, 8, bias=False)), tmp_path, "native")
+    assert exact_gemv.install(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), tmp_path, "torch") == 0
+
+
+def test_a_bad_gemv_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="gemv must be one of auto, native, torch, got 'fast'"):
+        DecodeSettings(gemv="fast")
+    with pytest.raises(ValueError, match="gemv must be one of"):
+        exact_gemv.install(torch.nn.Sequential(), default_cache_dir(), "on")
+
+
+def test_the_running_decode_computes_a_stream_alone_with_the_kernel(memory_stack: RunningStack) -> None:
+    """The stack the greedy exactness tests run against (tests/test_exactness.py) uses the kernel."""
+    assert memory_stack.stack.log_dir is not None
+    log = (Path(memory_stack.stack.log_dir) / "decode.log").read_text()
+    assert "a batch of one computes 211 of 211 linear layers with the exact gemv kernel" in log
