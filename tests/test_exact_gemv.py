@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from services.common.errors import InternalFailure
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.decode import exact_gemv
-from services.decode.exact_gemv import ExactGemv, ExactGemvLinear
+from services.decode.exact_gemv import ExactGemv, ExactGemvLinear, same_bits
 from services.decode.settings import DecodeSettings
 from tests.conftest import RunningStack, reference_model
 
@@ -33,7 +34,7 @@ def _blas_order_unknown() -> str:
     return "" if kernel.agrees(probe) else "this machine's BLAS sums one-row products in another order"
 
 
-pytestmark = pytest.mark.skipif(bool(_blas_order_unknown()), reason=_blas_order_unknown() or "-")
+needs_the_blas_order = pytest.mark.skipif(bool(_blas_order_unknown()), reason=_blas_order_unknown() or "-")
 
 
 def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,6 +44,7 @@ def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator)
     return storage[start : start + rows * columns].view(rows, columns)
 
 
+@needs_the_blas_order
 @pytest.mark.parametrize("offset", [0, 1, 2, 3, 4])
 @pytest.mark.parametrize(("rows", "columns"), [(1536, 576), (576, 1536), (8, 100), (300, 64), (12, 8)])
 def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int, columns: int,
@@ -53,9 +55,21 @@ def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int
     weight = _at_offset(rows, columns, offset, generator)
     for scale in (1.0, 1e-4, 1e4):
         x = torch.randn(columns, generator=generator) * scale
-        assert torch.equal(kernel.product(weight, x), F.linear(x[None], weight)[0])
+        assert same_bits(kernel.product(weight, x), F.linear(x[None], weight)[0])
 
 
+@needs_the_blas_order
+def test_rows_whose_stride_is_not_whole_fours_of_floats_are_left_to_f_linear() -> None:
+    """MKL starts such rows' sums elsewhere (measured, not reproduced): the kernel refuses them."""
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    weight = _at_offset(64, 579, 0, torch.Generator().manual_seed(4))[:, :576]
+    assert not kernel.supports(weight) and kernel.supports(_at_offset(64, 580, 0, torch.Generator())[:, :576])
+    with pytest.raises(InternalFailure):
+        kernel.product(weight, torch.randn(576))
+
+
+@needs_the_blas_order
 def test_sums_that_cancel_exactly_come_out_as_the_blas_gives_them() -> None:
     """The probes the order was read off with: a large value, a one and the large value negated;
     the one survives only where the two large values meet before it."""
@@ -69,7 +83,7 @@ def test_sums_that_cancel_exactly_come_out_as_the_blas_gives_them() -> None:
         for row, (i, j, k) in enumerate(rows):
             weight[row, i], weight[row, j], weight[row, k] = big, 1.0, -big
         expected = F.linear(torch.ones(1, columns), weight)[0]
-        assert torch.equal(kernel.product(weight, torch.ones(columns)), expected)
+        assert same_bits(kernel.product(weight, torch.ones(columns)), expected)
         assert 0 < int((expected == 1.0).sum()) < len(rows)  # the order decides: some ones survive, some not
 
 
@@ -83,15 +97,22 @@ def _greedy_logits(model: torch.nn.Module, prompt: list[int], steps: int) -> tor
     return torch.cat(logits)
 
 
+@needs_the_blas_order
 def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runtime: ModelRuntime) -> None:
     fast = reference_model("default").model  # its own copy: the session's reference stays untouched
     assert exact_gemv.install(fast, default_cache_dir(), "native") == 211  # 30 layers x 7, and the LM head
     assert isinstance(fast.lm_head, ExactGemvLinear)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied, not copied
+    kernel = fast.lm_head._kernel
+    counted = kernel.product
+    calls = []
+    kernel.product = lambda weight, x: calls.append(1) or counted(weight, x)
     prompt = [1, 504, 3458, 282, 4649, 314]
-    assert torch.equal(_greedy_logits(fast, prompt, 12), _greedy_logits(runtime.model, prompt, 12))
+    assert same_bits(_greedy_logits(fast, prompt, 12), _greedy_logits(runtime.model, prompt, 12))
+    assert len(calls) == 12 * 211  # each one-token step ran every layer on the kernel; the prompt on F.linear
 
 
+@needs_the_blas_order
 def test_rows_batches_and_autograd_go_through_f_linear() -> None:
     kernel = _kernel()
     assert isinstance(kernel, ExactGemv)
@@ -102,9 +123,14 @@ def test_rows_batches_and_autograd_go_through_f_linear() -> None:
         assert torch.equal(wrapped(rows), F.linear(rows, linear.weight))
         assert wrapped(rows[:1, None]).shape == (1, 1, 32)
     assert wrapped(rows[:1]).grad_fn is not None  # outside inference the graph is kept: F.linear ran
+    wrapped.to(torch.float64)  # a module cast after install: its weight is no longer the one checked
+    with torch.inference_mode():
+        assert wrapped(rows[:1].double()).dtype == torch.float64
 
 
-def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path) -> None:
+@needs_the_blas_order
+def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # one thread: no timing against MKL's threads
     model = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 16),
                                 torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(4, 8, bias=False),
                                 torch.nn.Linear(8, 6, bias=False))
@@ -124,8 +150,25 @@ def test_a_bad_gemv_mode_is_refused() -> None:
         exact_gemv.install(torch.nn.Sequential(), default_cache_dir(), "on")
 
 
+@needs_the_blas_order
 def test_the_running_decode_computes_a_stream_alone_with_the_kernel(memory_stack: RunningStack) -> None:
     """The stack the greedy exactness tests run against (tests/test_exactness.py) uses the kernel."""
     assert memory_stack.stack.log_dir is not None
     log = (Path(memory_stack.stack.log_dir) / "decode.log").read_text()
     assert "a batch of one computes 211 of 211 linear layers with the exact gemv kernel" in log
+
+
+@needs_the_blas_order
+def test_with_several_threads_auto_keeps_f_linear_where_that_is_faster(monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """MKL on several cores may outrun the one-thread kernel: `auto` times both on the largest layer."""
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    assert kernel.faster(torch.randn(49152, 576)) in (True, False)  # the real timing runs
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(ExactGemv, "faster", lambda self, weight: False)
+    layers = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
+    with caplog.at_level("INFO", logger="services.decode.exact_gemv"):
+        assert exact_gemv.install(layers, default_cache_dir(), "auto") == 0
+    assert "F.linear on 4 threads is faster here" in caplog.text
+    assert exact_gemv.install(layers, default_cache_dir(), "native") == 1  # asked for: no timing

@@ -2,10 +2,11 @@
  * of the BLAS that torch's F.linear calls, so that the result is bit-identical to it, but read
  * at the speed of memory (exact_gemv.py says why and how that order was found and is checked).
  *
- * The order, per row (MKL's path on AMD EPYC), with a = the row's address mod 16 bytes:
+ * The order, per row (MKL's path on AMD EPYC, for rows 16 bytes apart: another stride starts the
+ * sums elsewhere, and is refused), with a = the row's address mod 16 bytes:
  *   every product p_k rounded on its own (no fused multiply-add);
  *   the first q = 4 - a / 4 products summed in order: s0 = ((p_0 + p_1) + ...) + p_(q-1);
- *   then from k = q on (16-byte-aligned), four running sums in index order,
+ *   then from k = q on (16-byte aligned), four running sums in index order,
  *     s_((k - q) mod 4) += p_k, over the largest multiple of 4 columns;
  *   out = (s0 + s2) + (s1 + s3), then the remaining columns' products added in order.
  * It computes rows in fours that way; the last n mod 4 rows of a matrix it sums otherwise, so those
@@ -28,10 +29,8 @@ static inline v4 load4(const float *p) {
     return v;
 }
 
-/* `rows` rows that all start at the same address mod 16 (so at the same q). */
 static inline __attribute__((always_inline)) void rows_block(const float *w, const float *x, float *out,
-                                                             int64_t k, int64_t ldw, int rows) {
-    const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4;
+                                                             int64_t k, int64_t ldw, int64_t q, int rows) {
     const int64_t body_end = q + (k - q) / 4 * 4;
     v4 sums[ROWS];
     for (int r = 0; r < rows; r++) {
@@ -55,12 +54,12 @@ static inline __attribute__((always_inline)) void rows_block(const float *w, con
 }
 
 /* out[0..n) for the row-major weights w[n][ldw] (their first k columns) and x[k]; -1 (computing
- * nothing) for n not a multiple of 4, k < 8 or rows not aligned to a float. */
+ * nothing) for n or ldw not a multiple of 4, k < 8 or rows not aligned to a float. */
 int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k, int64_t ldw) {
-    if (n < 0 || n % 4 || k < 8 || ldw < k || (uintptr_t)w % sizeof(float)) return -1;
+    if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
+    const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4; /* every row's, rows being 16 bytes apart */
     int64_t i = 0;
-    if (ldw % 4 == 0) /* every row at the same address mod 16 */
-        for (; i + ROWS <= n; i += ROWS) rows_block(w + i * ldw, x, out + i, k, ldw, ROWS);
-    for (; i < n; i++) rows_block(w + i * ldw, x, out + i, k, ldw, 1);
+    for (; i + ROWS <= n; i += ROWS) rows_block(w + i * ldw, x, out + i, k, ldw, q, ROWS);
+    for (; i < n; i++) rows_block(w + i * ldw, x, out + i, k, ldw, q, 1);
     return 0;
 }

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
@@ -57,7 +60,8 @@ class ExactGemv:
         """Whether the kernel can take this weight (the BLAS's order holds for its shape)."""
         rows, width = weight.shape if weight.dim() == 2 else (0, 0)
         return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.stride(1) == 1
-                and width >= 8 and weight.stride(0) >= width and rows > 0 and rows % 4 == 0)
+                and width >= 8 and weight.stride(0) >= width and weight.stride(0) % 4 == 0 and rows > 0
+                and rows % 4 == 0)
 
     def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`weight @ x` for one row `x` [in_features] (float32, contiguous); `weight` as `supports`."""
@@ -69,13 +73,34 @@ class ExactGemv:
         return out
 
     def agrees(self, weight: torch.Tensor) -> bool:
-        """Whether the kernel's products equal `F.linear`'s bit for bit on seeded probe vectors."""
+        """Whether the kernel's products equal `F.linear`'s bit for bit (as integers: -0.0 is not
+        0.0) on seeded probe vectors."""
         generator = torch.Generator().manual_seed(PROBE_SEED)
         for scale in PROBE_SCALES:
             x = torch.randn(weight.shape[1], generator=generator) * scale
-            if not torch.equal(self.product(weight, x), F.linear(x[None], weight)[0]):
+            if not same_bits(self.product(weight, x), F.linear(x[None], weight)[0]):
                 return False
         return True
+
+    def faster(self, weight: torch.Tensor) -> bool:
+        """Whether the kernel (one thread) beats `F.linear` (torch's threads) on this weight: with
+        several threads MKL may, where one core cannot read memory as fast as all of them."""
+        x = torch.randn(weight.shape[1])
+        return _seconds(lambda: self.product(weight, x)) < _seconds(lambda: F.linear(x[None], weight))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    run()
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 class ExactGemvLinear(torch.nn.Module):
@@ -88,18 +113,28 @@ class ExactGemvLinear(torch.nn.Module):
         self.weight = linear.weight
         self.bias = None
         self._kernel = kernel
+        self._checked = (self.weight, self.weight.data_ptr())  # the weight `install` checked, where it lay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.in_features or x.dtype != torch.float32 or x.device.type != "cpu" \
-                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return F.linear(x, self.weight)  # also where autograd would need the graph the kernel does not record
+        if not self._takes(x):
+            return F.linear(x, self.weight)
         return self._kernel.product(self.weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], self.out_features)
+
+    def _takes(self, x: torch.Tensor) -> bool:
+        """One float32 row on the CPU, of the weight's width; the weight still the one checked, where
+        it lay (a module cast, moved or given another weight since falls back); nothing for autograd
+        to record."""
+        weight = self.weight
+        return (weight is self._checked[0] and weight.data_ptr() == self._checked[1]
+                and x.numel() == weight.shape[1] and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
 def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
     """Replace each bias-free float32 `nn.Linear` of `model` whose products the kernel reproduces
-    by an `ExactGemvLinear`; returns how many (`mode` auto: those that agree, the rest logged;
-    native: raise ValueError unless all agree; torch: none)."""
+    by an `ExactGemvLinear`; returns how many (`mode` auto: those that agree, unless torch's
+    threads make `F.linear` the faster, logged; native: raise ValueError unless all agree; torch:
+    none)."""
     if mode not in MODES:
         raise ValueError(f"gemv must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "torch":
@@ -107,15 +142,14 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
     kernel = ExactGemv.build(cache_dir)
-    if isinstance(kernel, str):
-        reason, agreeing = kernel, []
-    else:
-        agreeing = [target for target in targets if _agrees(kernel, target[2])]
-        reason = "" if len(agreeing) == len(targets) else (
-            f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS sums them in "
-            "another order, or they have a bias, another dtype or layout")
+    agreeing, reason = ([], kernel) if isinstance(kernel, str) else _agreeing(kernel, targets)
     if reason and mode == "native":
         raise ValueError(f"--gemv native cannot be used here: {reason}")
+    if agreeing and mode == "auto" and torch.get_num_threads() > 1:
+        largest = max((child.weight for _, _, child in agreeing), key=lambda weight: weight.numel())
+        with torch.inference_mode():
+            if not cast(ExactGemv, kernel).faster(largest.detach()):
+                agreeing, reason = [], f"F.linear on {torch.get_num_threads()} threads is faster here"
     for parent, name, child in agreeing:
         setattr(parent, name, ExactGemvLinear(child, cast(ExactGemv, kernel)))
     if agreeing:
@@ -124,6 +158,18 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
     else:
         log.info("a batch of one computes its products with F.linear (the exact gemv kernel: %s)", reason)
     return len(agreeing)
+
+
+Target = tuple[torch.nn.Module, str, torch.nn.Linear]
+
+
+def _agreeing(kernel: ExactGemv, targets: list[Target]) -> tuple[list[Target], str]:
+    """The layers whose products the kernel reproduces, and why not the rest ('' when none is left)."""
+    agreeing = [target for target in targets if _agrees(kernel, target[2])]
+    if len(agreeing) == len(targets):
+        return agreeing, ""
+    return agreeing, (f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS "
+                      "sums them in another order, or they have a bias, another dtype or layout")
 
 
 def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:

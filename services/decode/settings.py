@@ -55,9 +55,10 @@ class DecodeSettings(WorkerSettings):
                              "write in one pass of C, fp8 dequantized on the way; compiled at start; CPU), python "
                              "(separate passes), or auto (native where it builds)", "KV_INGEST")
     gemv: str = setting("auto", "how a batch of one computes its matrix-vector products: native (a C kernel that "
-                        "sums in the BLAS's own order, bit-identical to F.linear and about twice as fast; each layer "
-                        "checked against F.linear at start; compiled at start; CPU, float32), torch (F.linear), or "
-                        "auto (native for the layers whose check passes)", "GEMV")
+                        "sums in the BLAS's own order, bit-identical to F.linear and about twice as fast as one MKL "
+                        "thread; each layer checked against F.linear at start; compiled at start; CPU, float32), "
+                        "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
+                        "make F.linear faster)", "GEMV")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 
