@@ -64,7 +64,10 @@ class ExactGemv:
                 and rows % 4 == 0)
 
     def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """`weight @ x` for one row `x` [in_features] (float32, contiguous); `weight` as `supports`."""
+        """`weight @ x` for one row `x` (float32, `in_features` values); `weight` as `supports`."""
+        if x.numel() != weight.shape[1] or x.dtype != torch.float32 or x.device.type != "cpu":
+            raise InternalFailure("exact gemv kernel: a row that is not the weight's width of float32")
+        x = x.reshape(-1).contiguous()  # the kernel reads it as one packed row
         out = torch.empty(weight.shape[0], dtype=torch.float32)
         status = self._kernel(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
                               weight.stride(0))
@@ -118,7 +121,7 @@ class ExactGemvLinear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._takes(x):
             return F.linear(x, self.weight)
-        return self._kernel.product(self.weight, x.reshape(-1).contiguous()).view(*x.shape[:-1], self.out_features)
+        return self._kernel.product(self.weight, x).view(*x.shape[:-1], self.out_features)
 
     def _takes(self, x: torch.Tensor) -> bool:
         """One float32 row on the CPU, of the weight's width; the weight still the one checked, where
