@@ -123,10 +123,10 @@ def test_rows_batches_and_autograd_go_through_f_linear() -> None:
         assert torch.equal(wrapped(rows), F.linear(rows, linear.weight))
         assert wrapped(rows[:1, None]).shape == (1, 1, 32)
     assert wrapped(rows[:1]).grad_fn is not None  # outside inference the graph is kept: F.linear ran
-    strided = torch.randn(64, 3)[:, 1]  # a row with a stride: read as the values it holds
-    assert same_bits(kernel.product(linear.weight.detach(), strided), F.linear(strided[None], linear.weight.detach())[0])
+    weight, strided = linear.weight.detach(), torch.randn(64, 3)[:, 1]  # a row with a stride: read as its values
+    assert same_bits(kernel.product(weight, strided), F.linear(strided[None], weight)[0])
     with pytest.raises(InternalFailure, match="not the weight's width"):
-        kernel.product(linear.weight.detach(), torch.randn(63))  # never a read past the row's end
+        kernel.product(weight, torch.randn(63))  # never a read past the row's end
     wrapped.to(torch.float64)  # a module cast after install: its weight is no longer the one checked
     with torch.inference_mode():
         assert wrapped(rows[:1].double()).dtype == torch.float64
