@@ -138,13 +138,33 @@ def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path, monkey
     model = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 16),
                                 torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(4, 8, bias=False),
                                 torch.nn.Linear(8, 6, bias=False))
-    assert exact_gemv.install(model, default_cache_dir(), "auto") == 1
-    assert isinstance(model[0], ExactGemvLinear)
-    # a bias, float64, 4 columns, 6 rows (MKL sums a matrix's last n mod 4 rows another way)
-    assert [type(layer) for layer in model[1:]] == [torch.nn.Linear] * 4
-    with pytest.raises(ValueError, match="--gemv native cannot be used here: 4 of 5 linear layers"):
-        exact_gemv.install(torch.nn.Sequential(*model[1:], torch.nn.Linear(64, 8, bias=False)), tmp_path, "native")
+    assert exact_gemv.install(model, default_cache_dir(), "auto") == 2
+    assert isinstance(model[0], ExactGemvLinear) and isinstance(model[1], ExactGemvLinear)  # a bias is fine
+    # float64, 4 columns, 6 rows (MKL sums a matrix's last n mod 4 rows another way)
+    assert [type(layer) for layer in model[2:]] == [torch.nn.Linear] * 3
+    with pytest.raises(ValueError, match="--gemv native cannot be used here: 3 of 4 linear layers"):
+        exact_gemv.install(torch.nn.Sequential(*model[2:], torch.nn.Linear(64, 8, bias=False)), tmp_path, "native")
     assert exact_gemv.install(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), tmp_path, "torch") == 0
+
+
+@needs_the_blas_order
+@pytest.mark.parametrize("offset", [0, 2])
+def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> None:
+    """F.linear with a bias is MKL's sum, then the bias added (beta = 1): Qwen2's q/k/v take the kernel too."""
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    generator = torch.Generator().manual_seed(7 + offset)
+    linear = torch.nn.Linear(576, 192)
+    with torch.no_grad():
+        linear.weight = torch.nn.Parameter(_at_offset(192, 576, offset, generator))
+        linear.bias.copy_(torch.randn(192, generator=generator) * 10)
+    assert kernel.agrees(linear.weight.detach(), linear.bias.detach())
+    wrapped = ExactGemvLinear(linear, kernel)
+    x = torch.randn(1, 1, 576, generator=generator)
+    with torch.inference_mode():
+        assert same_bits(wrapped(x), F.linear(x, linear.weight, linear.bias))
+        wrapped.bias = torch.nn.Parameter(torch.zeros(192))  # another bias since the check: F.linear takes it
+        assert same_bits(wrapped(x), F.linear(x, linear.weight))
 
 
 def test_a_bad_gemv_mode_is_refused() -> None:

@@ -75,13 +75,14 @@ class ExactGemv:
             raise InternalFailure("exact gemv kernel refused a weight it had been checked for")
         return out
 
-    def agrees(self, weight: torch.Tensor) -> bool:
-        """Whether the kernel's products equal `F.linear`'s bit for bit (as integers: -0.0 is not
-        0.0) on seeded probe vectors."""
+    def agrees(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+        """Whether the kernel's products (plus `bias`, added after the sum as MKL adds it) equal
+        `F.linear`'s bit for bit (as integers: -0.0 is not 0.0) on seeded probe vectors."""
         generator = torch.Generator().manual_seed(PROBE_SEED)
         for scale in PROBE_SCALES:
             x = torch.randn(weight.shape[1], generator=generator) * scale
-            if not same_bits(self.product(weight, x), F.linear(x[None], weight)[0]):
+            product = self.product(weight, x)
+            if not same_bits(product if bias is None else product + bias, F.linear(x[None], weight, bias)[0]):
                 return False
         return True
 
@@ -107,34 +108,44 @@ def _seconds(run: Callable[[], object], repeats: int = 5) -> float:
 
 
 class ExactGemvLinear(torch.nn.Module):
-    """A drop-in for a bias-free `nn.Linear` (sharing its weight): one row through the kernel,
-    anything else through `F.linear`."""
+    """A drop-in for an `nn.Linear` (sharing its weight and bias): one row through the kernel (the
+    bias added to the sum after it, as MKL adds it), anything else through `F.linear`."""
 
     def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
-        self.bias = None
+        self.bias = linear.bias
         self._kernel = kernel
-        self._checked = (self.weight, self.weight.data_ptr())  # the weight `install` checked, where it lay
+        self._checked = self._where()  # the weight and bias `install` checked, where they lay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._takes(x):
-            return F.linear(x, self.weight)
-        return self._kernel.product(self.weight, x).view(*x.shape[:-1], self.out_features)
+            return F.linear(x, self.weight, self.bias)
+        out = self._kernel.product(self.weight, x)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _where(self) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
+        bias = self.bias
+        return self.weight, self.weight.data_ptr(), bias, 0 if bias is None else bias.data_ptr()
 
     def _takes(self, x: torch.Tensor) -> bool:
-        """One float32 row on the CPU, of the weight's width; the weight still the one checked, where
-        it lay (a module cast, moved or given another weight since falls back); nothing for autograd
-        to record."""
-        weight = self.weight
-        return (weight is self._checked[0] and weight.data_ptr() == self._checked[1]
+        """One float32 row on the CPU, of the weight's width; the weight and bias still the ones
+        checked, where they lay (a module cast, moved or given others since falls back); nothing for
+        autograd to record."""
+        weight, bias = self.weight, self.bias
+        checked = self._checked
+        return (weight is checked[0] and weight.data_ptr() == checked[1] and bias is checked[2]
+                and (bias is None or bias.data_ptr() == checked[3])
                 and x.numel() == weight.shape[1] and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+                and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                                      or (bias is not None and bias.requires_grad))))
 
 
 def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
-    """Replace each bias-free float32 `nn.Linear` of `model` whose products the kernel reproduces
+    """Replace each float32 `nn.Linear` of `model` whose products the kernel reproduces
     by an `ExactGemvLinear`; returns how many (`mode` auto: those that agree, unless torch's
     threads make `F.linear` the faster, logged; native: raise ValueError unless all agree; torch:
     none)."""
@@ -172,11 +183,12 @@ def _agreeing(kernel: ExactGemv, targets: list[Target]) -> tuple[list[Target], s
     if len(agreeing) == len(targets):
         return agreeing, ""
     return agreeing, (f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS "
-                      "sums them in another order, or they have a bias, another dtype or layout")
+                      "sums them in another order, or they have another dtype or layout")
 
 
 def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:
-    if linear.bias is not None or not kernel.supports(linear.weight):
+    bias = linear.bias
+    if not kernel.supports(linear.weight) or (bias is not None and bias.dtype != torch.float32):
         return False
     with torch.inference_mode():
-        return kernel.agrees(linear.weight.detach())
+        return kernel.agrees(linear.weight.detach(), None if bias is None else bias.detach())
