@@ -160,10 +160,33 @@ def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> N
         linear.bias.copy_(torch.randn(192, generator=generator) * 10)
     assert kernel.agrees(linear.weight.detach(), linear.bias.detach())
     wrapped = ExactGemvLinear(linear, kernel)
+    counted, calls = kernel.product, []
+    kernel.product = lambda weight, x: calls.append(1) or counted(weight, x)  # type: ignore[method-assign]
     x = torch.randn(1, 1, 576, generator=generator)
     with torch.inference_mode():
-        assert same_bits(wrapped(x), F.linear(x, linear.weight, linear.bias))
-        wrapped.bias = torch.nn.Parameter(torch.zeros(192))  # another bias since the check: F.linear takes it
+        assert same_bits(wrapped(x), F.linear(x, linear.weight, linear.bias)) and len(calls) == 1
+        other = torch.nn.Parameter(torch.randn(192, generator=generator))
+        wrapped.bias = other  # another bias since the check: F.linear takes the layer, with that bias
+        assert same_bits(wrapped(x), F.linear(x, linear.weight, other)) and len(calls) == 1
+    nan_sum = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        nan_sum.weight[0, :2] = torch.tensor([float("inf"), float("-inf")])
+        nan_sum.bias.fill_(float("nan"))  # both NaN: MKL keeps the sum's NaN, not the bias's
+    with torch.inference_mode():
+        assert same_bits(ExactGemvLinear(nan_sum, kernel)(torch.ones(64)), F.linear(torch.ones(64), nan_sum.weight,
+                                                                                   nan_sum.bias))
+
+
+@needs_the_blas_order
+def test_a_weight_laid_out_anew_in_place_since_the_check_goes_to_f_linear() -> None:
+    """Same Parameter, same address, other strides: the kernel would read it as rows (or past its end)."""
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    linear = torch.nn.Linear(64, 8, bias=False)
+    wrapped = ExactGemvLinear(linear, kernel)
+    linear.weight.data = linear.weight.data.as_strided((8, 64), (64, 0))
+    x = torch.randn(64)
+    with torch.inference_mode():
         assert same_bits(wrapped(x), F.linear(x, linear.weight))
 
 

@@ -117,28 +117,28 @@ class ExactGemvLinear(torch.nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self._kernel = kernel
-        self._checked = self._where()  # the weight and bias `install` checked, where they lay
+        self._checked = (self.weight, self.bias, self._layout())  # what `install` checked, and where it lay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._takes(x):
             return F.linear(x, self.weight, self.bias)
         out = self._kernel.product(self.weight, x)
         if self.bias is not None:
-            out += self.bias
+            torch.add(self.bias, out, out=out)  # bias + sum: where both are NaN, MKL's NaN (the sum's) is kept
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _where(self) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
-        bias = self.bias
-        return self.weight, self.weight.data_ptr(), bias, 0 if bias is None else bias.data_ptr()
+    def _layout(self) -> tuple[object, ...]:
+        weight, bias = self.weight, self.bias
+        return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype,
+                None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
 
     def _takes(self, x: torch.Tensor) -> bool:
         """One float32 row on the CPU, of the weight's width; the weight and bias still the ones
-        checked, where they lay (a module cast, moved or given others since falls back); nothing for
-        autograd to record."""
+        checked, where and as they lay (a module cast, moved, re-laid or given others since falls
+        back); nothing for autograd to record."""
         weight, bias = self.weight, self.bias
-        checked = self._checked
-        return (weight is checked[0] and weight.data_ptr() == checked[1] and bias is checked[2]
-                and (bias is None or bias.data_ptr() == checked[3])
+        checked_weight, checked_bias, layout = self._checked
+        return (weight is checked_weight and bias is checked_bias and self._layout() == layout
                 and x.numel() == weight.shape[1] and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                       or (bias is not None and bias.requires_grad))))
