@@ -6,16 +6,17 @@ bit. On one row `F.linear` calls MKL's sgemm, which on the development machine r
 Its summation order can be read off with inputs that cancel exactly (a large value, a one and the
 large value negated: the one survives only if the two large values meet first), and it is simple:
 products rounded one by one, the first one to four (up to the row's first 16-byte boundary) summed
-in order, the rest in four running sums by index mod 4, (s0 + s2) + (s1 + s3), and the last few
-columns added in order (exact_gemv.c; rows in fours: a matrix whose row count is not a multiple of 4
-keeps F.linear). The C kernel sums in that order, eight rows side by side with the
-next rows prefetched: 3.2 ms for the LM head, 18 ms for all of the model's products a token.
+in order, the rest in four running sums by index mod 4, (s0 + s2) + (s1 + s3), the last few
+columns added in order, then the bias (exact_gemv.c; a matrix whose row count or row stride is not
+a multiple of 4 is summed otherwise and keeps F.linear). The C kernel sums in that order, eight
+rows side by side with the next rows prefetched: 3.2 ms for the LM head, ~16 ms for all of the
+model's products a token.
 
-That order is MKL's choice for this CPU (its generic x86 path, seen on AMD EPYC); another CPU,
-or another BLAS sums otherwise. So nothing is assumed: at start,
-every linear layer's kernel output is compared bit for bit with `F.linear` on probe vectors, and a
-layer that differs keeps `F.linear` (`--gemv auto` logs how many; `native` refuses to start). Only
-single-row float32 products on the CPU take the kernel; every other call goes to `F.linear`.
+That order is MKL's choice for this CPU (seen on AMD EPYC); another CPU or another BLAS may sum
+otherwise. So nothing is assumed: at start, every linear layer's kernel output is compared bit for
+bit with `F.linear` on probe vectors, and a layer that differs keeps `F.linear` (`--gemv auto`
+logs how many; `native` refuses to start). Only single-row float32 products on the CPU take the
+kernel; every other call goes to `F.linear`.
 """
 
 from __future__ import annotations
