@@ -24,6 +24,20 @@ def _kernel() -> ExactGemv | str:
     return ExactGemv.build(default_cache_dir())
 
 
+def _built() -> ExactGemv:
+    kernel = _kernel()
+    assert isinstance(kernel, ExactGemv)
+    return kernel
+
+
+def _counted(kernel: ExactGemv) -> list[int]:
+    """A list that grows by one at each of the kernel's products from now on."""
+    calls: list[int] = []
+    product = kernel.product
+    kernel.product = lambda weight, x: calls.append(1) or product(weight, x)  # type: ignore[method-assign]
+    return calls
+
+
 def _blas_order_unknown() -> str:
     """Why the kernel cannot match here (empty where it does): no compiler, or a BLAS that sums in
     another order than the one the kernel reproduces (MKL's path on AMD EPYC, the machine CI runs on)."""
@@ -49,8 +63,7 @@ def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator)
 @pytest.mark.parametrize(("rows", "columns"), [(1536, 576), (576, 1536), (8, 100), (300, 64), (12, 8)])
 def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int, columns: int,
                                                                         offset: int) -> None:
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     generator = torch.Generator().manual_seed(rows * 1000 + columns + offset)
     weight = _at_offset(rows, columns, offset, generator)
     for scale in (1.0, 1e-4, 1e4):
@@ -61,8 +74,7 @@ def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int
 @needs_the_blas_order
 def test_rows_whose_stride_is_not_whole_fours_of_floats_are_left_to_f_linear() -> None:
     """MKL starts such rows' sums elsewhere (measured, not reproduced): the kernel refuses them."""
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     weight = _at_offset(64, 579, 0, torch.Generator().manual_seed(4))[:, :576]
     assert not kernel.supports(weight) and kernel.supports(_at_offset(64, 580, 0, torch.Generator())[:, :576])
     with pytest.raises(InternalFailure):
@@ -73,8 +85,7 @@ def test_rows_whose_stride_is_not_whole_fours_of_floats_are_left_to_f_linear() -
 def test_sums_that_cancel_exactly_come_out_as_the_blas_gives_them() -> None:
     """The probes the order was read off with: a large value, a one and the large value negated;
     the one survives only where the two large values meet before it."""
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     big, columns = 2.0**24, 64
     rows = [(i, j, k) for i in range(0, 12) for j in range(0, 12) for k in (4, 9, 30, 62, 63) if len({i, j, k}) == 3]
     for offset in (0, 2):
@@ -103,10 +114,7 @@ def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runt
     assert exact_gemv.install(fast, default_cache_dir(), "native") == 211  # 30 layers x 7, and the LM head
     assert isinstance(fast.lm_head, ExactGemvLinear)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied, not copied
-    kernel = fast.lm_head._kernel
-    counted = kernel.product
-    calls = []
-    kernel.product = lambda weight, x: calls.append(1) or counted(weight, x)
+    calls = _counted(fast.lm_head._kernel)
     prompt = [1, 504, 3458, 282, 4649, 314]
     assert same_bits(_greedy_logits(fast, prompt, 12), _greedy_logits(runtime.model, prompt, 12))
     assert len(calls) == 12 * 211  # each one-token step ran every layer on the kernel; the prompt on F.linear
@@ -114,8 +122,7 @@ def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runt
 
 @needs_the_blas_order
 def test_rows_batches_and_autograd_go_through_f_linear() -> None:
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     linear = torch.nn.Linear(64, 32, bias=False)
     wrapped = ExactGemvLinear(linear, kernel)
     rows = torch.randn(3, 64)
@@ -151,8 +158,7 @@ def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path, monkey
 @pytest.mark.parametrize("offset", [0, 2])
 def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> None:
     """F.linear with a bias is MKL's sum, then the bias added (beta = 1): Qwen2's q/k/v take the kernel too."""
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     generator = torch.Generator().manual_seed(7 + offset)
     linear = torch.nn.Linear(576, 192)
     with torch.no_grad():
@@ -160,8 +166,7 @@ def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> N
         linear.bias.copy_(torch.randn(192, generator=generator) * 10)
     assert kernel.agrees(linear.weight.detach(), linear.bias.detach())
     wrapped = ExactGemvLinear(linear, kernel)
-    counted, calls = kernel.product, []
-    kernel.product = lambda weight, x: calls.append(1) or counted(weight, x)  # type: ignore[method-assign]
+    calls = _counted(kernel)
     x = torch.randn(1, 1, 576, generator=generator)
     with torch.inference_mode():
         assert same_bits(wrapped(x), F.linear(x, linear.weight, linear.bias)) and len(calls) == 1
@@ -180,8 +185,7 @@ def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> N
 @needs_the_blas_order
 def test_a_weight_laid_out_anew_in_place_since_the_check_goes_to_f_linear() -> None:
     """Same Parameter, same address, other strides: the kernel would read it as rows (or past its end)."""
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     linear = torch.nn.Linear(64, 8, bias=False)
     wrapped = ExactGemvLinear(linear, kernel)
     linear.weight.data = linear.weight.data.as_strided((8, 64), (64, 0))
@@ -209,8 +213,7 @@ def test_the_running_decode_computes_a_stream_alone_with_the_kernel(memory_stack
 def test_with_several_threads_auto_keeps_f_linear_where_that_is_faster(monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """MKL on several cores may outrun the one-thread kernel: `auto` times both on the largest layer."""
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
+    kernel = _built()
     assert kernel.faster(torch.randn(49152, 576)) in (True, False)  # the real timing runs
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setattr(ExactGemv, "faster", lambda self, weight: False)

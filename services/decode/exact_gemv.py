@@ -27,7 +27,6 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -157,34 +156,36 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
     kernel = ExactGemv.build(cache_dir)
-    agreeing, reason = ([], kernel) if isinstance(kernel, str) else _agreeing(kernel, targets)
+    replacements, reason = ([], kernel) if isinstance(kernel, str) else _replacements(kernel, targets, mode)
     if reason and mode == "native":
         raise ValueError(f"--gemv native cannot be used here: {reason}")
-    if agreeing and mode == "auto" and torch.get_num_threads() > 1:
-        largest = max((child.weight for _, _, child in agreeing), key=lambda weight: weight.numel())
-        with torch.inference_mode():
-            if not cast(ExactGemv, kernel).faster(largest.detach()):
-                agreeing, reason = [], f"F.linear on {torch.get_num_threads()} threads is faster here"
-    for parent, name, child in agreeing:
-        setattr(parent, name, ExactGemvLinear(child, cast(ExactGemv, kernel)))
-    if agreeing:
-        log.info("a batch of one computes %d of %d linear layers with the exact gemv kernel%s", len(agreeing),
+    for parent, name, replacement in replacements:
+        setattr(parent, name, replacement)
+    if replacements:
+        log.info("a batch of one computes %d of %d linear layers with the exact gemv kernel%s", len(replacements),
                  len(targets), f" (not the rest: {reason})" if reason else "")
     else:
         log.info("a batch of one computes its products with F.linear (the exact gemv kernel: %s)", reason)
-    return len(agreeing)
+    return len(replacements)
 
 
 Target = tuple[torch.nn.Module, str, torch.nn.Linear]
 
 
-def _agreeing(kernel: ExactGemv, targets: list[Target]) -> tuple[list[Target], str]:
-    """The layers whose products the kernel reproduces, and why not the rest ('' when none is left)."""
+def _replacements(kernel: ExactGemv, targets: list[Target], mode: str
+                  ) -> tuple[list[tuple[torch.nn.Module, str, ExactGemvLinear]], str]:
+    """An `ExactGemvLinear` for each layer whose products the kernel reproduces (none in `auto`
+    where torch's threads make `F.linear` the faster), and why not the rest ('' when none is left)."""
     agreeing = [target for target in targets if _agrees(kernel, target[2])]
-    if len(agreeing) == len(targets):
-        return agreeing, ""
-    return agreeing, (f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS "
-                      "sums them in another order, or they have another dtype or layout")
+    reason = "" if len(agreeing) == len(targets) else (
+        f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS sums them in "
+        "another order, or they have another dtype or layout")
+    if agreeing and mode == "auto" and torch.get_num_threads() > 1:
+        largest = max((child.weight for _, _, child in agreeing), key=lambda weight: weight.numel())
+        with torch.inference_mode():
+            if not kernel.faster(largest.detach()):
+                return [], f"F.linear on {torch.get_num_threads()} threads is faster here"
+    return [(parent, name, ExactGemvLinear(child, kernel)) for parent, name, child in agreeing], reason
 
 
 def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:
