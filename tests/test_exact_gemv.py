@@ -18,37 +18,7 @@ from services.decode import exact_gemv
 from services.decode.exact_gemv import ExactGemv, ExactGemvLinear, same_bits
 from services.decode.settings import DecodeSettings
 from tests.conftest import RunningStack, reference_model
-
-
-def _kernel() -> ExactGemv | str:
-    return ExactGemv.build(default_cache_dir())
-
-
-def _built() -> ExactGemv:
-    kernel = _kernel()
-    assert isinstance(kernel, ExactGemv)
-    return kernel
-
-
-def _counted(kernel: ExactGemv) -> list[int]:
-    """A list that grows by one at each of the kernel's products from now on."""
-    calls: list[int] = []
-    product = kernel.product
-    kernel.product = lambda weight, x: calls.append(1) or product(weight, x)  # type: ignore[method-assign]
-    return calls
-
-
-def _blas_order_unknown() -> str:
-    """Why the kernel cannot match here (empty where it does): no compiler, or a BLAS that sums in
-    another order than the one the kernel reproduces (MKL's path on AMD EPYC, the machine CI runs on)."""
-    kernel = _kernel()
-    if isinstance(kernel, str):
-        return kernel
-    probe = torch.randn(64, 576, generator=torch.Generator().manual_seed(1))
-    return "" if kernel.agrees(probe) else "this machine's BLAS sums one-row products in another order"
-
-
-needs_the_blas_order = pytest.mark.skipif(bool(_blas_order_unknown()), reason=_blas_order_unknown() or "-")
+from tests.gemv_helpers import built_kernel, counted, needs_the_blas_order
 
 
 def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator) -> torch.Tensor:
@@ -63,7 +33,7 @@ def _at_offset(rows: int, columns: int, offset: int, generator: torch.Generator)
 @pytest.mark.parametrize(("rows", "columns"), [(1536, 576), (576, 1536), (8, 100), (300, 64), (12, 8)])
 def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int, columns: int,
                                                                         offset: int) -> None:
-    kernel = _built()
+    kernel = built_kernel()
     generator = torch.Generator().manual_seed(rows * 1000 + columns + offset)
     weight = _at_offset(rows, columns, offset, generator)
     for scale in (1.0, 1e-4, 1e4):
@@ -74,7 +44,7 @@ def test_the_kernel_equals_f_linear_bit_for_bit_at_every_row_alignment(rows: int
 @needs_the_blas_order
 def test_rows_whose_stride_is_not_whole_fours_of_floats_are_left_to_f_linear() -> None:
     """MKL starts such rows' sums elsewhere (measured, not reproduced): the kernel refuses them."""
-    kernel = _built()
+    kernel = built_kernel()
     weight = _at_offset(64, 579, 0, torch.Generator().manual_seed(4))[:, :576]
     assert not kernel.supports(weight) and kernel.supports(_at_offset(64, 580, 0, torch.Generator())[:, :576])
     with pytest.raises(InternalFailure):
@@ -85,7 +55,7 @@ def test_rows_whose_stride_is_not_whole_fours_of_floats_are_left_to_f_linear() -
 def test_sums_that_cancel_exactly_come_out_as_the_blas_gives_them() -> None:
     """The probes the order was read off with: a large value, a one and the large value negated;
     the one survives only where the two large values meet before it."""
-    kernel = _built()
+    kernel = built_kernel()
     big, columns = 2.0**24, 64
     rows = [(i, j, k) for i in range(0, 12) for j in range(0, 12) for k in (4, 9, 30, 62, 63) if len({i, j, k}) == 3]
     for offset in (0, 2):
@@ -114,7 +84,7 @@ def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runt
     assert exact_gemv.install(fast, default_cache_dir(), "native") == 211  # 30 layers x 7, and the LM head
     assert isinstance(fast.lm_head, ExactGemvLinear)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied, not copied
-    calls = _counted(fast.lm_head._kernel)
+    calls = counted(fast.lm_head._kernel)
     prompt = [1, 504, 3458, 282, 4649, 314]
     assert same_bits(_greedy_logits(fast, prompt, 12), _greedy_logits(runtime.model, prompt, 12))
     assert len(calls) == 12 * 211  # each one-token step ran every layer on the kernel; the prompt on F.linear
@@ -122,7 +92,7 @@ def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runt
 
 @needs_the_blas_order
 def test_rows_batches_and_autograd_go_through_f_linear() -> None:
-    kernel = _built()
+    kernel = built_kernel()
     linear = torch.nn.Linear(64, 32, bias=False)
     wrapped = ExactGemvLinear(linear, kernel)
     rows = torch.randn(3, 64)
@@ -158,7 +128,7 @@ def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path, monkey
 @pytest.mark.parametrize("offset", [0, 2])
 def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> None:
     """F.linear with a bias is MKL's sum, then the bias added (beta = 1): Qwen2's q/k/v take the kernel too."""
-    kernel = _built()
+    kernel = built_kernel()
     generator = torch.Generator().manual_seed(7 + offset)
     linear = torch.nn.Linear(576, 192)
     with torch.no_grad():
@@ -166,7 +136,7 @@ def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> N
         linear.bias.copy_(torch.randn(192, generator=generator) * 10)
     assert kernel.agrees(linear.weight.detach(), linear.bias.detach())
     wrapped = ExactGemvLinear(linear, kernel)
-    calls = _counted(kernel)
+    calls = counted(kernel)
     x = torch.randn(1, 1, 576, generator=generator)
     with torch.inference_mode():
         assert same_bits(wrapped(x), F.linear(x, linear.weight, linear.bias)) and len(calls) == 1
@@ -185,13 +155,38 @@ def test_a_layer_with_a_bias_adds_it_after_the_sum_as_mkl_does(offset: int) -> N
 @needs_the_blas_order
 def test_a_weight_laid_out_anew_in_place_since_the_check_goes_to_f_linear() -> None:
     """Same Parameter, same address, other strides: the kernel would read it as rows (or past its end)."""
-    kernel = _built()
+    kernel = built_kernel()
     linear = torch.nn.Linear(64, 8, bias=False)
     wrapped = ExactGemvLinear(linear, kernel)
     linear.weight.data = linear.weight.data.as_strided((8, 64), (64, 0))
     x = torch.randn(64)
     with torch.inference_mode():
         assert same_bits(wrapped(x), F.linear(x, linear.weight))
+
+
+def _fastest(weight: torch.Tensor | None) -> ExactGemv:
+    kernel = ExactGemv.fastest(default_cache_dir(), weight)
+    assert isinstance(kernel, ExactGemv)
+    return kernel
+
+
+@needs_the_blas_order
+def test_every_prefetch_hint_gives_the_same_bits_and_the_faster_on_the_largest_layer_is_kept(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Which hint reads memory fastest differs between machines of one kind (NTA or T2 ahead by
+    1.4x on two EPYCs): both are built and timed; neither changes a bit."""
+    weight = _at_offset(1536, 576, 2, torch.Generator().manual_seed(9))
+    x = torch.randn(576, generator=torch.Generator().manual_seed(10))
+    for hint in exact_gemv.PREFETCH_HINTS:
+        assert same_bits(built_kernel(hint).product(weight, x), F.linear(x[None], weight)[0])
+    assert _fastest(weight).hint in exact_gemv.PREFETCH_HINTS  # the real timing runs
+    for timings, chosen in (((2.0, 1.0), "nta"), ((1.0, 2.0), "t2")):  # the hints' times, in PREFETCH_HINTS order
+        times = iter(timings)
+        monkeypatch.setattr(exact_gemv, "_seconds", lambda run, times=times: (run(), next(times))[1])
+        with caplog.at_level("INFO", logger="services.decode.exact_gemv"):
+            assert _fastest(weight).hint == chosen
+        assert f"exact gemv kernel: prefetch hint {chosen} (t2 {timings[0] * 1e3:.1f} ms, nta " in caplog.text
+    assert _fastest(None).hint == "t2"  # nothing to time: the default
 
 
 def test_a_bad_gemv_mode_is_refused() -> None:
@@ -213,7 +208,7 @@ def test_the_running_decode_computes_a_stream_alone_with_the_kernel(memory_stack
 def test_with_several_threads_auto_keeps_f_linear_where_that_is_faster(monkeypatch: pytest.MonkeyPatch,
                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """MKL on several cores may outrun the one-thread kernel: `auto` times both on the largest layer."""
-    kernel = _built()
+    kernel = built_kernel()
     assert kernel.faster(torch.randn(49152, 576)) in (True, False)  # the real timing runs
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     monkeypatch.setattr(ExactGemv, "faster", lambda self, weight: False)

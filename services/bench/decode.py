@@ -7,8 +7,9 @@ of wall time; and the same kind of request done one after another with `generate
 process. Runs the decode worker in its default mode and with --batch-invariant (every sequence
 bit-identical to a batch of one), or the modes named by --modes (sdpa-attention: batched steps
 attend with torch's SDPA over gathered blocks instead of the C kernel; gemv-torch: a stream alone
-computes its products with F.linear instead of the exact gemv kernel), and prints the figures side
-by side with their ratios to the first mode.
+computes its products with F.linear instead of the exact gemv kernel; no-one-stream: a stream alone
+steps through the model's modules, not the one-stream path), and prints the figures side by side
+with their ratios to the first mode.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def hf_sequential(runtime: ModelRuntime, encoder: PromptEncoder, prompts: list[s
 
 MODES = {"default": (), "batch-invariant": ("--batch-invariant",),
          "sdpa-attention": ("--paged-attention", "sdpa"),  # batched steps gather the blocks for torch's SDPA
-         "gemv-torch": ("--gemv", "torch")}  # a stream alone on F.linear, not the exact gemv kernel
+         "gemv-torch": ("--gemv", "torch"),  # a stream alone on F.linear, not the exact gemv kernel
+         "no-one-stream": ("--no-one-stream",)}  # a stream alone through the model's modules
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:

@@ -15,7 +15,7 @@ from services.bench.advisor import Profile, Workload, advise
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedWeights
-from services.decode import exact_gemv
+from services.decode import exact_gemv, one_stream as one_stream_path
 from services.decode.blocks import BlockManager
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.native_attention import MODES, NativeAttention
@@ -25,7 +25,7 @@ TRANSFER_BYTES_PER_S = 0.5e9  # measured by `make bench-transfer` on this machin
 
 
 def measure(model: str, prompt_lengths: list[int], batches: list[int], context: int,
-            paged_attention: str = "auto", gemv: str = "auto") -> Profile:
+            paged_attention: str = "auto", gemv: str = "auto", *, one_stream: bool = True) -> Profile:
     runtime = ModelRuntime(model, "float32", "auto", default_cache_dir())
     prefill: dict[int, float] = {}
     for length in prompt_lengths:
@@ -39,7 +39,8 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
     packed = PackedWeights.build(runtime.model, runtime.device, "batched")
     exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
     runner = PagedRunner(runtime, pool, packed=packed,
-                         attention=NativeAttention.build(runtime, default_cache_dir(), paged_attention))
+                         attention=NativeAttention.build(runtime, default_cache_dir(), paged_attention),
+                         one_stream=one_stream_path.for_model(runtime.model, one_stream))
     steps: dict[int, float] = {}
     for batch in batches:
         owners = [f"b{batch}-{i}" for i in range(batch)]
@@ -66,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="how batched steps attend, as the decode worker's setting of that name")
     parser.add_argument("--gemv", choices=exact_gemv.MODES, default="auto",
                         help="a batch of one's products, as the decode worker's setting of that name")
+    parser.add_argument("--one-stream", action=argparse.BooleanOptionalAction, default=True,
+                        help="a batch of one on the one-stream path, as the decode worker's setting of that name")
     parser.add_argument("--rate", type=float, default=1.0, help="workload: requests/s")
     parser.add_argument("--prompt-tokens", type=float, default=1024)
     parser.add_argument("--output-tokens", type=float, default=128)
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     profile = measure(args.model, args.prompt_lengths, args.batches, args.context, args.paged_attention,
-                      args.gemv)
+                      args.gemv, one_stream=args.one_stream)
     advice = advise(profile, Workload(args.rate, args.prompt_tokens, args.output_tokens, args.slo_ttft_ms / 1000,
                                       args.slo_tpot_ms / 1000))
     if args.json:

@@ -19,7 +19,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
-from services.decode import exact_gemv
+from services.decode import exact_gemv, one_stream
 from services.decode.native_attention import NativeAttention
 from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits, FastPaths
@@ -80,8 +80,9 @@ async def run(settings: DecodeSettings) -> None:
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)
+        alone = one_stream.for_model(runtime.model, settings.one_stream)  # after the gemv kernel's install
         engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail,
-                              FastPaths(packed, attention, ingest))
+                              FastPaths(packed, attention, ingest, alone))
         engine.start()
         decode_load_gauges(telemetry.registry, engine.load)
         servicer.ready(engine, runtime.geometry)

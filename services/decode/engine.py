@@ -45,6 +45,7 @@ from services.common.metrics import DecodeLoad, DecodeMetrics
 from services.common.model_thread import ModelThread
 from services.common.packed_weights import PackedWeights
 from services.decode.native_attention import NativeAttention
+from services.decode.one_stream import OneStream
 from services.common.runtime import ModelRuntime
 from services.common.tasks import TaskSet
 from services.decode.admission import Admission, AdmissionLimits
@@ -82,11 +83,13 @@ class DecodeLimits:
 @dataclass(frozen=True, slots=True)
 class FastPaths:
     """Faster ways to do what the engine does anyway, each None where it cannot be used here:
-    packed weight products, the C attention kernel of batched steps, the one-pass KV ingest."""
+    packed weight products, the C attention kernel of batched steps, the one-pass KV ingest, the
+    one-stream path of a batch of one."""
 
     packed: PackedWeights | None = None
     attention: NativeAttention | None = None
     ingest: NativeIngest | None = None
+    one_stream: OneStream | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +113,8 @@ class DecodeEngine:
         self._pool = BlockPool(pool, runtime.geometry, runtime.device, fast.ingest)
         cache = CachedBlocks(metrics.prefix_evictions.inc) if limits.prefix_cache else None
         self.blocks = BlockManager(pool, cache)
-        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, fast.packed, fast.attention)
+        self._runner = PagedRunner(runtime, self._pool, limits.batch_invariant, fast.packed, fast.attention,
+                                   fast.one_stream)
         self.swapper = KvSwapper(runtime, thread, self._pool, store, limits.assembly)
         self._scheduler = Scheduler(self.blocks, SchedulerLimits(limits.max_batch_size, limits.preempt_threshold,
                                                                  runtime.geometry.kv_bytes_per_token))

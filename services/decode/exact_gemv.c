@@ -13,13 +13,17 @@
  * shapes are refused here.
  * Built with -ffp-contract=off (exact_gemv.py) so the compiler never fuses a product into its sum.
  * ROWS rows run side by side (independent sums hide the adds' latency) while the next rows are
- * prefetched: one core reads the weights at ~35 GB/s where the BLAS's path read ~16. */
+ * prefetched: one core reads the weights at ~35 GB/s where the BLAS's path read ~16 (on one
+ * machine; on another 23 GB/s against 11.5, where the sequential-read ceiling was 25). */
 
 #include <stdint.h>
 #include <string.h>
 
 #define ROWS 8           /* rows summed side by side */
 #define PREFETCH_ROWS 16 /* how far ahead (in rows) the weights are prefetched */
+#ifndef PREFETCH_LOCALITY /* __builtin_prefetch's: 0 (NTA) or 1 (T2); exact_gemv.py times both */
+#define PREFETCH_LOCALITY 1
+#endif
 
 typedef float v4 __attribute__((vector_size(16)));
 
@@ -41,7 +45,7 @@ static inline __attribute__((always_inline)) void rows_block(const float *w, con
     }
     for (int64_t i = q; i < body_end; i += 4) {
         if ((i - q) % 16 == 0) /* once per 64 bytes of each row; a prefetch past the end never faults */
-            for (int r = 0; r < rows; r++) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + i, 0, 0);
+            for (int r = 0; r < rows; r++) __builtin_prefetch(w + (r + PREFETCH_ROWS) * ldw + i, 0, PREFETCH_LOCALITY);
         v4 xs = load4(x + i);
         for (int r = 0; r < rows; r++) sums[r] = sums[r] + load4(w + r * ldw + i) * xs;
     }

@@ -10,7 +10,9 @@ in order, the rest in four running sums by index mod 4, (s0 + s2) + (s1 + s3), t
 columns added in order, then the bias (exact_gemv.c; a matrix whose row count or row stride is not
 a multiple of 4 is summed otherwise and keeps F.linear). The C kernel sums in that order, eight
 rows side by side with the next rows prefetched: 3.2 ms for the LM head, ~16 ms for all of the
-model's products a token.
+model's products a token. Which prefetch hint reads fastest differs between machines of the same
+kind (NTA gave 35 GB/s on one EPYC; on another it gave 15 and T2 gave 23, against a sequential-read
+ceiling of 25): both are built, and the faster on the model's largest layer is kept (logged).
 
 That order is MKL's choice for this CPU (seen on AMD EPYC); another CPU or another BLAS may sum
 otherwise. So nothing is assumed: at start, every linear layer's kernel output is compared bit for
@@ -40,23 +42,46 @@ MODES = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("exact_gemv.c")
 PROBE_SEED = 20261129
 PROBE_SCALES = (1.0, 1e-3, 1e3)  # hidden states range widely: probe small and large magnitudes too
+PREFETCH_HINTS = {"t2": 1, "nta": 0}  # __builtin_prefetch's locality for each hint; the first is the default
 
 
 class ExactGemv:
     """The compiled kernel."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, hint: str) -> None:
+        self.hint = hint  # the prefetch hint it was built with (PREFETCH_HINTS)
         self._kernel = library.exact_gemv
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
 
     @staticmethod
-    def build(cache_dir: Path) -> ExactGemv | str:
-        """The kernel, or why it cannot be built."""
-        built = compiled(SOURCE, "exact_gemv", [], cache_dir, flags=("-ffp-contract=off",))
-        return ExactGemv(built) if isinstance(built, ctypes.CDLL) else built
+    def build(cache_dir: Path, hint: str = next(iter(PREFETCH_HINTS))) -> ExactGemv | str:
+        """The kernel built with this prefetch hint, or why it cannot be built."""
+        built = compiled(SOURCE, "exact_gemv", [f"PREFETCH_LOCALITY={PREFETCH_HINTS[hint]}"], cache_dir,
+                         flags=("-ffp-contract=off",))
+        return ExactGemv(built, hint) if isinstance(built, ctypes.CDLL) else built
 
-    def supports(self, weight: torch.Tensor) -> bool:
+    @staticmethod
+    def fastest(cache_dir: Path, weight: torch.Tensor | None) -> ExactGemv | str:
+        """The kernel built with each prefetch hint, the fastest on `weight` (one it `supports`) kept,
+        or the default hint's where there is no weight to time: hints change speed, never a bit."""
+        if weight is None:
+            return ExactGemv.build(cache_dir)
+        built = [ExactGemv.build(cache_dir, hint) for hint in PREFETCH_HINTS]
+        kernels = [kernel for kernel in built if isinstance(kernel, ExactGemv)]
+        if len(kernels) < 2:
+            return kernels[0] if kernels else built[0]
+        x = torch.randn(weight.shape[1])
+        with torch.inference_mode():
+            seconds = {kernel.hint: _seconds(lambda kernel=kernel: kernel.product(weight, x)) for kernel in kernels}
+        chosen = min(kernels, key=lambda kernel: seconds[kernel.hint])
+        log.info("exact gemv kernel: prefetch hint %s (%s on the largest layer, %.0f MB)", chosen.hint,
+                 ", ".join(f"{hint} {value * 1e3:.1f} ms" for hint, value in seconds.items()),
+                 weight.numel() * weight.element_size() / 1e6)
+        return chosen
+
+    @staticmethod
+    def supports(weight: torch.Tensor) -> bool:
         """Whether the kernel can take this weight (the BLAS's order holds for its shape)."""
         rows, width = weight.shape if weight.dim() == 2 else (0, 0)
         return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.stride(1) == 1
@@ -65,15 +90,25 @@ class ExactGemv:
 
     def product(self, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """`weight @ x` for one row `x` (float32, `in_features` values); `weight` as `supports`."""
+        out = torch.empty(weight.shape[0], dtype=torch.float32)
+        self.product_into(weight, x, out)
+        return out
+
+    def product_into(self, weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """`product`, written into `out` (`weight.shape[0]` contiguous float32 values on the CPU)."""
         if x.numel() != weight.shape[1] or x.dtype != torch.float32 or x.device.type != "cpu":
             raise InternalFailure("exact gemv kernel: a row that is not the weight's width of float32")
+        if out.numel() != weight.shape[0] or out.dtype != torch.float32 or out.device.type != "cpu" \
+                or not out.is_contiguous():
+            raise InternalFailure("exact gemv kernel: an output that is not the weight's height of packed float32")
         x = x.reshape(-1).contiguous()  # the kernel reads it as one packed row
-        out = torch.empty(weight.shape[0], dtype=torch.float32)
-        status = self._kernel(weight.data_ptr(), x.data_ptr(), out.data_ptr(), weight.shape[0], weight.shape[1],
-                              weight.stride(0))
-        if status:
+        self.run((weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0)), x.data_ptr(), out.data_ptr())
+
+    def run(self, weight: tuple[int, int, int, int], x: int, out: int) -> None:
+        """The kernel on addresses checked already: the weight's (address, rows, columns, row
+        stride), a packed row's and an output's."""
+        if self._kernel(weight[0], x, out, *weight[1:]):
             raise InternalFailure("exact gemv kernel refused a weight it had been checked for")
-        return out
 
     def agrees(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
         """Whether the kernel's products (plus `bias`, added after the sum as MKL adds it) equal
@@ -114,34 +149,57 @@ class ExactGemvLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.bias = linear.bias
+        # registered even where None, so that `_parameters` always holds both (read there: faster
+        # than the module's attribute lookup, which the hot path would pay twice a product)
+        self.register_parameter("weight", linear.weight)
+        self.register_parameter("bias", linear.bias)
         self._kernel = kernel
-        self._checked = (self.weight, self.bias, self._layout())  # what `install` checked, and where it lay
+        weight, bias = linear.weight, linear.bias
+        self._checked = (weight, bias, _layout(weight, bias))  # what `install` checked, and where it lay
+        self._weight_arguments = (weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._takes(x):
             return F.linear(x, self.weight, self.bias)
-        out = self._kernel.product(self.weight, x)
-        if self.bias is not None:
-            torch.add(self.bias, out, out=out)  # bias + sum: where both are NaN, MKL's NaN (the sum's) is kept
+        out = torch.empty(self.out_features, dtype=torch.float32)
+        self._write(x, out)
         return out.view(*x.shape[:-1], self.out_features)
 
-    def _layout(self) -> tuple[object, ...]:
-        weight, bias = self.weight, self.bias
-        return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype,
-                None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
+    def into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """`self(x)` for one row `x`, written into `out` (`out_features` contiguous float32 values,
+        a part of a larger buffer: one_stream.py)."""
+        if self._takes(x):
+            self._write(x, out)
+        else:
+            out.copy_(F.linear(x.reshape(1, -1), self.weight, self.bias).view(-1))
+
+    def _write(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The kernel's product for a row `_takes`, into `out` (checked here: this is the hot path,
+        so the weight's arguments come from the layout `_takes` has just found unchanged)."""
+        if out.numel() != self.out_features or out.dtype != torch.float32 or not out.is_cpu \
+                or not out.is_contiguous():
+            raise InternalFailure("exact gemv kernel: an output that is not the layer's width of packed float32")
+        row = x if x.is_contiguous() else x.contiguous()  # the kernel reads it as one packed row
+        self._kernel.run(self._weight_arguments, row.data_ptr(), out.data_ptr())
+        bias = self._checked[1]  # the module's own: `_takes` has just found it unchanged
+        if bias is not None:
+            torch.add(bias, out, out=out)  # bias + sum: where both are NaN, MKL's NaN (the sum's) is kept
 
     def _takes(self, x: torch.Tensor) -> bool:
         """One float32 row on the CPU, of the weight's width; the weight and bias still the ones
         checked, where and as they lay (a module cast, moved, re-laid or given others since falls
         back); nothing for autograd to record."""
-        weight, bias = self.weight, self.bias
+        weight, bias = self._parameters["weight"], self._parameters["bias"]
         checked_weight, checked_bias, layout = self._checked
-        return (weight is checked_weight and bias is checked_bias and self._layout() == layout
-                and x.numel() == weight.shape[1] and x.dtype == torch.float32 and x.device.type == "cpu"
+        return (weight is checked_weight and bias is checked_bias and _layout(weight, bias) == layout
+                and x.numel() == self.in_features and x.dtype == torch.float32 and x.is_cpu
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                       or (bias is not None and bias.requires_grad))))
+
+
+def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ...]:
+    return (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype,
+            None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
 
 
 def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
@@ -155,7 +213,8 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
         return 0
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
-    kernel = ExactGemv.build(cache_dir)
+    weights = [child.weight.detach() for _, _, child in targets if ExactGemv.supports(child.weight)]
+    kernel = ExactGemv.fastest(cache_dir, max(weights, default=None, key=lambda weight: weight.numel()))
     replacements, reason = ([], kernel) if isinstance(kernel, str) else _replacements(kernel, targets, mode)
     if reason and mode == "native":
         raise ValueError(f"--gemv native cannot be used here: {reason}")

@@ -22,7 +22,8 @@ sequence: every sequence's logits are bit-identical to a batch of one, at any ba
 
 The projections and the LM head of a batched step run on oneDNN-packed copies of the weights
 (`--packed-weights`, packed_weights.py: about twice as fast as `F.linear` for decode-sized batches on
-CPU); a batch of one keeps the model's own products unless `--packed-weights all` asks otherwise.
+CPU); a batch of one keeps the model's own products unless `--packed-weights all` asks otherwise,
+and steps on the one-stream path (one_stream.py: the same operations in fewer calls) where it can.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedLayer, PackedWeights
 from services.decode.native_attention import NativeAttention
+from services.decode.one_stream import KvViews, OneStream
 from services.decode.pool import BlockPool
 
 
@@ -110,11 +112,13 @@ class Scratch:
 
 class PagedRunner:
     def __init__(self, runtime: ModelRuntime, pool: BlockPool, batch_invariant: bool = False,
-                 packed: PackedWeights | None = None, attention: NativeAttention | None = None) -> None:
+                 packed: PackedWeights | None = None, attention: NativeAttention | None = None,
+                 one_stream: OneStream | None = None) -> None:
         """`packed`: steps of 2+ sequences run on these weights (built by `PackedWeights.build` on the
         model thread), and a batch of one too when `packed.for_one`. Batch-invariant steps compute
         every row as a batch of one, with the model's own products. `attention`: the C kernel that
-        batched steps attend with (None: SDPA over gathered blocks)."""
+        batched steps attend with (None: SDPA over gathered blocks). `one_stream`: the path a batch
+        of one steps on, unless packed (None: the model's modules)."""
         if batch_invariant and packed is not None and packed.for_one:
             raise ValueError("batch-invariant steps need a batch of one's own products: "
                              "packed weights batched or off, not all")
@@ -126,6 +130,7 @@ class PagedRunner:
         self._packed = None if batch_invariant else packed
         self._packed_min_rows = 1 if packed is not None and packed.for_one else 2
         self._native = attention
+        self._one = None if self.packs(1) else one_stream
 
     def packs(self, rows: int) -> bool:
         """Whether a step of this many sequences runs on the packed weights."""
@@ -147,6 +152,8 @@ class PagedRunner:
     @torch.inference_mode()
     def step(self, batch: list[StepSlot]) -> torch.Tensor:
         """Logits [batch, vocab] (float32, CPU) of the next token of every sequence."""
+        if len(batch) == 1 and self._one is not None:
+            return self._one.step(batch[0].token, batch[0].position, self._kv_views(batch[0]))
         body = self._model.model
         ids = torch.tensor([[slot.token] for slot in batch], device=self._device)
         positions = torch.tensor([[slot.position] for slot in batch], device=self._device)
@@ -184,6 +191,21 @@ class PagedRunner:
             return _Span(blocks[0], None, count, slot.position + 1)
         return _Span(None, torch.tensor(blocks, device=self._device), count, slot.position + 1)
 
+    def _store(self, layer: int, slot: StepSlot, key: torch.Tensor, value: torch.Tensor) -> None:
+        """The new token's key and value [kv_heads, head_dim] into its place in the pool."""
+        size = self._pool.block_size
+        block, offset = slot.blocks[slot.position // size], slot.position % size
+        self._pool.keys[layer][block, offset] = key
+        self._pool.values[layer][block, offset] = value
+
+    def _kv_views(self, slot: StepSlot) -> KvViews:
+        span = self._span(slot)
+
+        def store_and_view(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            self._store(layer, slot, key, value)
+            return self._sequence_kv(layer, span)
+        return store_and_view
+
     def _sequence_kv(self, layer: int, span: _Span) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's keys and values [1, kv_heads, length, head_dim] of one layer: a view of
         the pool when its blocks are one run, else copied into the scratch buffers."""
@@ -219,11 +241,8 @@ class PagedRunner:
               value: torch.Tensor, batch: list[StepSlot], spans: list[_Span]) -> torch.Tensor:
         """Attention of each sequence on its own, over its blocks: [batch, 1, heads, head_dim]."""
         outputs = []
-        size = self._pool.block_size
         for row, (slot, span) in enumerate(zip(batch, spans)):
-            block, offset = slot.blocks[slot.position // size], slot.position % size
-            self._pool.keys[layer][block, offset] = key[row, :, 0]
-            self._pool.values[layer][block, offset] = value[row, :, 0]
+            self._store(layer, slot, key[row, :, 0], value[row, :, 0])
             keys, values = self._sequence_kv(layer, span)
             output, _ = sdpa_attention_forward(attention, query[row : row + 1], keys, values, None, dropout=0.0,
                                                scaling=attention.scaling)

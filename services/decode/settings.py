@@ -59,6 +59,10 @@ class DecodeSettings(WorkerSettings):
                         "thread; each layer checked against F.linear at start; compiled at start; CPU, float32), "
                         "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
                         "make F.linear faster)", "GEMV")
+    one_stream: bool = setting(True, "step a stream alone in the fewest calls: the same operations on the same "
+                               "values as the model's modules (bit-identical), its products fused into shared "
+                               "buffers and attention called directly; needs the exact gemv kernel (--gemv) on "
+                               "every layer; --no-one-stream: through the model's modules", "ONE_STREAM")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 

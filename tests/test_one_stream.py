@@ -1,0 +1,125 @@
+"""The one-stream path (one_stream.py): a stream alone, stepped in the fewest calls, computes
+Hugging Face's logits bit for bit over contiguous and scattered blocks, with biases and grouped
+heads; where it cannot take a model it says why and the modules' path runs; the running decode
+steps on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from services.common.model_files import default_cache_dir
+from services.common.runtime import ModelRuntime
+from services.decode import exact_gemv, one_stream
+from services.decode.blocks import BlockManager
+from services.decode.exact_gemv import same_bits
+from services.decode.one_stream import KvViews, OneStream
+from services.decode.paged_runner import PagedRunner, StepSlot
+from services.decode.pool import BlockPool, PoolConfig
+from services.decode.settings import DecodeSettings
+from tests.conftest import RunningStack, reference_model
+from tests.gemv_helpers import blas_order_unknown, needs_the_blas_order
+
+
+def _path(model: torch.nn.Module) -> OneStream:
+    assert exact_gemv.install(model, default_cache_dir(), "native") > 0
+    built = OneStream.build(model)
+    assert isinstance(built, OneStream), built
+    return built
+
+
+def _spied(path: OneStream) -> list[int]:
+    """A list that grows by one at each step the path takes."""
+    steps: list[int] = []
+    step = path.step
+
+    def counting(token: int, position: int, kv: KvViews) -> torch.Tensor:
+        steps.append(1)
+        return step(token, position, kv)
+    path.step = counting  # type: ignore[method-assign]
+    return steps
+
+
+@needs_the_blas_order
+@pytest.mark.parametrize("scattered", [False, True])
+def test_a_stream_alone_on_the_one_stream_path_is_bit_identical_to_hugging_face(runtime: ModelRuntime,
+                                                                                 scattered: bool) -> None:
+    fast = reference_model("default")  # its own copy for the kernel: the session's reference stays untouched
+    path = _path(fast.model)
+    steps = _spied(path)
+    config = PoolConfig(16, 4)
+    pool, blocks = BlockPool(config, fast.geometry, fast.device), BlockManager(config)
+    prompt = [1, 504, 3458, 282, 4649, 314, 2000, 17, 9]
+    blocks.allocate("s", len(prompt) + 4)
+    table = blocks.table("s")[::-1] if scattered else blocks.table("s")  # reversed: no two blocks adjacent
+    cache = runtime.new_cache()
+    fast.prefill(prompt, lambda layer, k, v: pool.write(table, layer, 0, k, v))
+    runtime.prefill(prompt, lambda *_: None, cache)
+    runner, token = PagedRunner(fast, pool, one_stream=path), 7
+    with torch.inference_mode():
+        for step in range(4):  # crosses a block boundary
+            expected = runtime.model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+            assert same_bits(runner.step([StepSlot(table, len(prompt) + step, token)])[0], expected)
+            token = int(expected.argmax())
+    assert len(steps) == 4
+
+
+def _biased_model() -> LlamaForCausalLM:
+    """Random weights with biases on every projection (as Qwen2's q, k and v have) and grouped heads."""
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True,
+                         mlp_bias=True, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_()  # initialized to zero: a bias added in the wrong place would not show
+    return model
+
+
+def test_biases_and_grouped_heads_give_hugging_faces_bits() -> None:
+    reference = _biased_model()
+    fast = _biased_model()
+    path = _path(fast)
+    keys: list[list[torch.Tensor]] = [[], []]
+    values: list[list[torch.Tensor]] = [[], []]
+
+    def contiguous(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys[layer].append(key[None, :, None])
+        values[layer].append(value[None, :, None])
+        return torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2)
+
+    cache, token = DynamicCache(config=reference.config), 5
+    with torch.inference_mode():
+        for position in range(6):
+            expected = reference(torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+            assert same_bits(path.step(token, position, contiguous)[0], expected)
+            token = int(expected.argmax())
+
+
+def test_a_model_the_path_cannot_take_steps_through_its_modules(caplog: pytest.LogCaptureFixture) -> None:
+    plain = _biased_model()
+    assert OneStream.build(plain) == "the LM head does not run on the exact gemv kernel"
+    normed = Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
+    exact_gemv.install(normed, default_cache_dir(), "torch" if blas_order_unknown() else "native")
+    with caplog.at_level("INFO", logger="services.decode.one_stream"):
+        assert one_stream.for_model(normed, True) is None
+        assert one_stream.for_model(_biased_model(), False) is None
+    reason = "the LM head does not run on the exact gemv kernel" if blas_order_unknown() else \
+        "the layers norm their query and key heads"
+    assert f"not the one-stream path: {reason}" in caplog.text
+    assert "not the one-stream path: --no-one-stream" in caplog.text
+    assert DecodeSettings(one_stream=False).one_stream is False
+
+
+@needs_the_blas_order
+def test_the_running_decode_steps_a_stream_alone_on_the_one_stream_path(memory_stack: RunningStack) -> None:
+    """The stack the greedy exactness tests run against (tests/test_exactness.py) uses the path."""
+    assert memory_stack.stack.log_dir is not None
+    log = (Path(memory_stack.stack.log_dir) / "decode.log").read_text()
+    assert "a stream alone steps on the one-stream path" in log
