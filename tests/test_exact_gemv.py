@@ -4,6 +4,7 @@ decode; what it cannot reproduce keeps F.linear; bad settings are refused."""
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import pytest
@@ -177,15 +178,17 @@ def test_every_prefetch_hint_gives_the_same_bits_and_the_faster_on_the_largest_l
     1.4x on two EPYCs): both are built and timed; neither changes a bit."""
     weight = _at_offset(1536, 576, 2, torch.Generator().manual_seed(9))
     x = torch.randn(576, generator=torch.Generator().manual_seed(10))
-    for hint in exact_gemv.PREFETCH_HINTS:
-        assert same_bits(built_kernel(hint).product(weight, x), F.linear(x[None], weight)[0])
+    kernels = [built_kernel(hint) for hint in exact_gemv.PREFETCH_HINTS]
+    for kernel in kernels:
+        assert same_bits(kernel.product(weight, x), F.linear(x[None], weight)[0])
+    assert len({ctypes.cast(kernel._kernel, ctypes.c_void_p).value for kernel in kernels}) == len(kernels)  # two builds
     assert _fastest(weight).hint in exact_gemv.PREFETCH_HINTS  # the real timing runs
     for timings, chosen in (((2.0, 1.0), "nta"), ((1.0, 2.0), "t2")):  # the hints' times, in PREFETCH_HINTS order
         times = iter(timings)
         monkeypatch.setattr(exact_gemv, "_seconds", lambda run, times=times: (run(), next(times))[1])
         with caplog.at_level("INFO", logger="services.decode.exact_gemv"):
             assert _fastest(weight).hint == chosen
-        assert f"exact gemv kernel: prefetch hint {chosen} (t2 {timings[0] * 1e3:.1f} ms, nta " in caplog.text
+        assert f"exact gemv kernel: prefetch hint {chosen} (t2 {timings[0] * 1e3:.2f} ms, nta " in caplog.text
     assert _fastest(None).hint == "t2"  # nothing to time: the default
 
 

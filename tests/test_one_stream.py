@@ -5,15 +5,19 @@ steps on it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (DynamicCache, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, PretrainedConfig, Qwen3Config, Qwen3ForCausalLM)
 
 from services.common.model_files import default_cache_dir
+from services.common.packed_weights import PackedWeights
 from services.common.runtime import ModelRuntime
 from services.decode import exact_gemv, one_stream
+from services.decode.__main__ import one_stream_refusal
 from services.decode.blocks import BlockManager
 from services.decode.exact_gemv import same_bits
 from services.decode.one_stream import KvViews, OneStream
@@ -21,7 +25,7 @@ from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.settings import DecodeSettings
 from tests.conftest import RunningStack, reference_model
-from tests.gemv_helpers import blas_order_unknown, needs_the_blas_order
+from tests.gemv_helpers import needs_the_blas_order
 
 
 def _path(model: torch.nn.Module) -> OneStream:
@@ -81,6 +85,7 @@ def _biased_model() -> LlamaForCausalLM:
     return model
 
 
+@needs_the_blas_order
 def test_biases_and_grouped_heads_give_hugging_faces_bits() -> None:
     reference = _biased_model()
     fast = _biased_model()
@@ -101,20 +106,54 @@ def test_biases_and_grouped_heads_give_hugging_faces_bits() -> None:
             token = int(expected.argmax())
 
 
-def test_a_model_the_path_cannot_take_steps_through_its_modules(caplog: pytest.LogCaptureFixture) -> None:
-    plain = _biased_model()
-    assert OneStream.build(plain) == "the LM head does not run on the exact gemv kernel"
-    normed = Qwen3ForCausalLM(Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16))
-    exact_gemv.install(normed, default_cache_dir(), "torch" if blas_order_unknown() else "native")
+def _tiny(config_class: type[PretrainedConfig], model_class: type[torch.nn.Module], **extra: object) -> torch.nn.Module:
+    config = config_class(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, **extra)
+    torch.manual_seed(4)
+    return model_class(config).eval()
+
+
+def _a_layer_off() -> torch.nn.Module:
+    """A Llama whose first layer's forward pass adds something the path does not know of."""
+    model = _biased_model()
+    layer = model.model.layers[0]
+    forward = layer.forward
+    layer.forward = lambda *args, **kwargs: forward(*args, **kwargs) * 2  # type: ignore[method-assign]
+    return model
+
+
+@needs_the_blas_order
+@pytest.mark.parametrize(("model", "reason"), [
+    (lambda: _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16),  # norms on the query and key heads
+     "its layers (Qwen3DecoderLayer) are not ones whose forward pass it repeats"),
+    (lambda: _tiny(GraniteConfig, GraniteForCausalLM, embedding_multiplier=2.0),  # scales what Llama does not
+     "its layers (GraniteDecoderLayer) are not ones whose forward pass it repeats"),
+    (lambda: _tiny(MistralConfig, MistralForCausalLM, head_dim=16, sliding_window=4),
+     "a sliding window of 4 tokens (Hugging Face masks what lies before it)"),
+    (_a_layer_off, "a probe step's logits differ from the model's own forward pass"),
+])
+def test_a_model_whose_forward_pass_the_path_does_not_repeat_is_refused(model: Callable[[], torch.nn.Module],
+                                                                         reason: str) -> None:
+    built = model()
+    exact_gemv.install(built, default_cache_dir(), "native")
+    assert OneStream.build(built) == reason
+
+
+def test_a_model_or_settings_the_path_cannot_take_step_through_the_modules(tiny: ModelRuntime,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    assert OneStream.build(_biased_model()) == "the LM head does not run on the exact gemv kernel"  # not installed
+    packed = PackedWeights.build(tiny.model, tiny.device, "all")
+    assert packed is not None and packed.for_one
+    assert one_stream_refusal(DecodeSettings(), packed) == \
+        "a stream alone runs on the packed weights (--packed-weights all)"
+    assert one_stream_refusal(DecodeSettings(one_stream=False), None) == "--no-one-stream"
+    assert one_stream_refusal(DecodeSettings(), None) == ""
     with caplog.at_level("INFO", logger="services.decode.one_stream"):
-        assert one_stream.for_model(normed, True) is None
-        assert one_stream.for_model(_biased_model(), False) is None
-    reason = "the LM head does not run on the exact gemv kernel" if blas_order_unknown() else \
-        "the layers norm their query and key heads"
-    assert f"not the one-stream path: {reason}" in caplog.text
-    assert "not the one-stream path: --no-one-stream" in caplog.text
-    assert DecodeSettings(one_stream=False).one_stream is False
+        assert one_stream.for_model(_biased_model(), "--no-one-stream") is None
+        assert one_stream.for_model(_biased_model()) is None
+    assert "a stream alone steps through the model's modules (not the one-stream path: --no-one-stream)" \
+        in caplog.text
+    assert "(not the one-stream path: the LM head does not run on the exact gemv kernel)" in caplog.text
 
 
 @needs_the_blas_order

@@ -40,7 +40,7 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
     exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
     runner = PagedRunner(runtime, pool, packed=packed,
                          attention=NativeAttention.build(runtime, default_cache_dir(), paged_attention),
-                         one_stream=one_stream_path.for_model(runtime.model, one_stream))
+                         one_stream=one_stream_path.for_model(runtime.model, "" if one_stream else "--no-one-stream"))
     steps: dict[int, float] = {}
     for batch in batches:
         owners = [f"b{batch}-{i}" for i in range(batch)]

@@ -40,6 +40,15 @@ def decode_limits(settings: DecodeSettings) -> DecodeLimits:
         prefix_cache=settings.prefix_cache == "on")
 
 
+def one_stream_refusal(settings: DecodeSettings, packed: PackedWeights | None) -> str:
+    """Why the settings keep a stream alone off the one-stream path ('' where they do not)."""
+    if not settings.one_stream:
+        return "--no-one-stream"
+    if packed is not None and packed.for_one:
+        return "a stream alone runs on the packed weights (--packed-weights all)"
+    return ""
+
+
 def packing_mode(settings: DecodeSettings) -> str:
     """What to pack: nothing for batch-invariant steps or when no step can hold two sequences."""
     if settings.batch_invariant or (settings.max_batch_size < 2 and settings.packed_weights == "batched"):
@@ -80,7 +89,8 @@ async def run(settings: DecodeSettings) -> None:
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)
-        alone = one_stream.for_model(runtime.model, settings.one_stream)  # after the gemv kernel's install
+        # after the gemv kernel's install, on the model thread (it runs probe steps)
+        alone = await thread.run(one_stream.for_model, runtime.model, one_stream_refusal(settings, packed))
         engine = DecodeEngine(runtime, thread, pool, decode_limits(settings), store, metrics, lifecycle.fail,
                               FastPaths(packed, attention, ingest, alone))
         engine.start()

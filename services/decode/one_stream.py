@@ -13,9 +13,11 @@ Measured at 448 tokens of context on the development machine: 35.4 ms a step aga
 general path, of which the products take ~27 and attention ~5.
 
 It runs where every projection and the LM head is an `ExactGemvLinear` (the kernel installed,
-`--gemv` auto or native) of a Llama-family layer (Llama, Mistral, Qwen2, SmolLM: no norms on the
-query or key heads), and where Hugging Face's SDPA attention would take the `enable_gqa` path;
-`OneStream.build` says why not otherwise, and the general path runs.
+`--gemv` auto or native) of a layer whose forward pass it repeats (Llama's, Mistral's and Qwen2's
+decoder layers, SmolLM being a Llama; no sliding window shorter than the model's context), where
+Hugging Face's SDPA attention would take the `enable_gqa` path, and where two probe steps give the
+model's own logits bit for bit. `OneStream.build` says why not otherwise, and the general path
+runs. It holds the modules it was built from: a model changed after that needs another build.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
-from services.decode.exact_gemv import ExactGemvLinear
+from services.decode.exact_gemv import ExactGemvLinear, same_bits
 
 # (layer, new key [kv_heads, head_dim], its value) -> that layer's keys and values [1, kv_heads, length, head_dim],
 # the new token's included: stores the token's KV and views (or gathers) the sequence's
@@ -37,6 +40,8 @@ KvViews = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 log = logging.getLogger(__name__)
 
 SDPA_GQA_HEAD_DIM = 256  # Hugging Face's SDPA attention passes enable_gqa up to this head size (use_gqa_in_sdpa)
+LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")  # whose forward `step` repeats
+PROBE_TOKENS = (1, 2)  # fed at positions 0 and 1 by `build`'s check against the model's forward pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,18 +91,23 @@ class OneStream:
         layers = getattr(body, "layers", None)
         if not isinstance(lm_head, ExactGemvLinear) or not isinstance(layers, torch.nn.ModuleList) or not layers:
             return "the LM head does not run on the exact gemv kernel"
+        other = {type(layer).__name__ for layer in layers} - set(LAYER_CLASSES)
+        if other:
+            return f"its layers ({', '.join(sorted(other))}) are not ones whose forward pass it repeats"
+        window = _sliding_window(getattr(model, "config", None))
+        if window:
+            return f"a sliding window of {window} tokens (Hugging Face masks what lies before it)"
         ends = [_module(body, name) for name in ("embed_tokens", "rotary_emb", "norm")]
         built = [_layer(layer) for layer in layers]
         ready = [layer for layer in built if isinstance(layer, _Layer)]
         if len(ready) < len(built) or None in ends:
             return next((reason for reason in built if isinstance(reason, str)), "the model is not a Llama-family one")
         embed, rotary, norm = (end for end in ends if end is not None)
-        first, head_dim = ready[0], int(getattr(layers[0].self_attn, "head_dim", 0))
-        shape = _Shape(first.qkv[0].out_features // head_dim, first.qkv[1].out_features // head_dim, head_dim,
-                       first.o.out_features, first.gate.out_features, lm_head.out_features)
-        if head_dim > SDPA_GQA_HEAD_DIM and shape.heads != shape.kv_heads:
-            return f"heads of {head_dim} values: Hugging Face's SDPA attention packs grouped queries for those"
-        return OneStream(_Ends(embed, rotary, norm, lm_head), ready, shape)
+        shape = _shape(ready, getattr(layers[0].self_attn, "head_dim", None), lm_head.out_features)
+        if isinstance(shape, str):
+            return shape
+        path = OneStream(_Ends(embed, rotary, norm, lm_head), ready, shape)
+        return path if _agrees(path, model) else "a probe step's logits differ from the model's own forward pass"
 
     def step(self, token: int, position: int, kv: KvViews) -> torch.Tensor:
         """Logits [1, vocab] of the token after `token` (at `position`)."""
@@ -139,14 +149,63 @@ class OneStream:
         return out
 
 
-def for_model(model: torch.nn.Module, enabled: bool) -> OneStream | None:
-    """The path a decode worker steps a stream alone on (None: the model's modules), logged."""
-    built = OneStream.build(model) if enabled else "--no-one-stream"
+def for_model(model: torch.nn.Module, refused: str = "") -> OneStream | None:
+    """The path a decode worker steps a stream alone on (None: the model's modules), logged;
+    `refused`: why the worker's settings leave it out ('' where they do not). Runs the model (its
+    probe steps): call it on the model thread."""
+    built = OneStream.build(model) if not refused else refused
     if isinstance(built, str):
         log.info("a stream alone steps through the model's modules (not the one-stream path: %s)", built)
         return None
     log.info("a stream alone steps on the one-stream path (fused projections, SDPA called directly)")
     return built
+
+
+def _shape(layers: list[_Layer], head_dim: object, vocab: int) -> _Shape | str:
+    """The sizes every layer shares, or why there are none."""
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return "its attention has no head size"
+    first = layers[0]
+    shape = _Shape(first.qkv[0].out_features // head_dim, first.qkv[1].out_features // head_dim, head_dim,
+                   first.o.out_features, first.gate.out_features, vocab)
+    sizes = {(tuple(p.out_features for p in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)),
+              tuple(p.in_features for p in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)))
+             for layer in layers}
+    if len(sizes) > 1 or first.qkv[0].out_features != shape.heads * head_dim \
+            or first.qkv[1].out_features != shape.kv_heads * head_dim:
+        return "its layers differ in size, or their heads do not divide their projections"
+    if head_dim > SDPA_GQA_HEAD_DIM and shape.heads != shape.kv_heads:
+        return f"heads of {head_dim} values: Hugging Face's SDPA attention packs grouped queries for those"
+    return shape
+
+
+def _sliding_window(config: object) -> int:
+    """The model's attention window where it is shorter than its context (0: none)."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or not getattr(config, "use_sliding_window", True):
+        return 0
+    return window if window < getattr(config, "max_position_embeddings", window + 1) else 0
+
+
+def _agrees(path: OneStream, model: torch.nn.Module) -> bool:
+    """Whether the path's logits equal the model's own forward pass bit for bit on two probe steps
+    (as integers: -0.0 is not 0.0)."""
+    keys: dict[int, list[torch.Tensor]] = {}
+    values: dict[int, list[torch.Tensor]] = {}
+
+    def contiguous(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys.setdefault(layer, []).append(key[None, :, None])
+        values.setdefault(layer, []).append(value[None, :, None])
+        return torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2)
+
+    cache = DynamicCache(config=getattr(model, "config", None))
+    with torch.inference_mode():
+        for position, token in enumerate(PROBE_TOKENS):
+            token %= path._shape.vocab
+            expected = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
+            if not same_bits(path.step(token, position, contiguous)[0], expected):
+                return False
+    return True
 
 
 def _module(parent: object, name: str) -> torch.nn.Module | None:
