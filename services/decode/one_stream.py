@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
+from services.common.runtime import attention_window
 from services.decode.exact_gemv import ExactGemvLinear, same_bits
 
 # (layer, new key [kv_heads, head_dim], its value) -> that layer's keys and values [1, kv_heads, length, head_dim],
@@ -40,7 +41,8 @@ KvViews = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 log = logging.getLogger(__name__)
 
 SDPA_GQA_HEAD_DIM = 256  # Hugging Face's SDPA attention passes enable_gqa up to this head size (use_gqa_in_sdpa)
-LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")  # whose forward `step` repeats
+# the decoder layers whose forward pass `step` (and PagedRunner's general path) repeats
+LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
 PROBE_TOKENS = (1, 2)  # fed at positions 0 and 1 by `build`'s check against the model's forward pass
 
 
@@ -94,7 +96,7 @@ class OneStream:
         other = {type(layer).__name__ for layer in layers} - set(LAYER_CLASSES)
         if other:
             return f"its layers ({', '.join(sorted(other))}) are not ones whose forward pass it repeats"
-        window = _sliding_window(getattr(model, "config", None))
+        window = attention_window(getattr(model, "config", None))
         if window:
             return f"a sliding window of {window} tokens (Hugging Face masks what lies before it)"
         ends = [_module(body, name) for name in ("embed_tokens", "rotary_emb", "norm")]
@@ -177,14 +179,6 @@ def _shape(layers: list[_Layer], head_dim: object, vocab: int) -> _Shape | str:
     if head_dim > SDPA_GQA_HEAD_DIM and shape.heads != shape.kv_heads:
         return f"heads of {head_dim} values: Hugging Face's SDPA attention packs grouped queries for those"
     return shape
-
-
-def _sliding_window(config: object) -> int:
-    """The model's attention window where it is shorter than its context (0: none)."""
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or not getattr(config, "use_sliding_window", True):
-        return 0
-    return window if window < getattr(config, "max_position_embeddings", window + 1) else 0
 
 
 def _agrees(path: OneStream, model: torch.nn.Module) -> bool:

@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedLayer, PackedWeights
 from services.decode.native_attention import NativeAttention
-from services.decode.one_stream import KvViews, OneStream
+from services.decode.one_stream import LAYER_CLASSES, KvViews, OneStream
 from services.decode.pool import BlockPool
 
 
@@ -122,6 +122,10 @@ class PagedRunner:
         if batch_invariant and packed is not None and packed.for_one:
             raise ValueError("batch-invariant steps need a batch of one's own products: "
                              "packed weights batched or off, not all")
+        other = sorted({type(layer).__name__ for layer in runtime.model.model.layers} - set(LAYER_CLASSES))
+        if other:  # stepped as a Llama, such a model's logits would be wrong: refused, not served
+            raise ValueError(f"the decode computes the layers of Llama, Mistral and Qwen2 models "
+                             f"({', '.join(LAYER_CLASSES)}), not {', '.join(other)}")
         self._model = runtime.model
         self._device = runtime.device
         self._pool = pool
