@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache  # noqa: E402
 
+from services.common.context_length import served_length  # noqa: E402
 from services.common.grammar import GrammarEngine  # noqa: E402
 from services.common.logprobs import TokenLogprob  # noqa: E402
 from services.common.scoring import prompt_logprobs  # noqa: E402
@@ -57,15 +58,6 @@ class ModelGeometry:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPES[self.dtype].itemsize
 
 
-def attention_window(config: object) -> int:
-    """The sliding window a model's attention is limited to where it is shorter than the model's
-    context (0: none)."""
-    window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or window <= 0 or not getattr(config, "use_sliding_window", True):
-        return 0
-    return window if window < getattr(config, "max_position_embeddings", window + 1) else 0
-
-
 def read_geometry(model_dir: Path, name: str, dtype: str) -> ModelGeometry:
     """Geometry and fingerprint from the checkpoint's config and weights, without loading it."""
     config = AutoConfig.from_pretrained(model_dir)
@@ -78,11 +70,9 @@ def read_geometry(model_dir: Path, name: str, dtype: str) -> ModelGeometry:
                 "weights_sha256": weights_digest(model_dir), "dtype": dtype,
                 "kv_layout": [config.num_hidden_layers, kv_heads, head_dim]}
     fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    # decode steps attend over every token: the window's own attention only while the context fits in it
-    length = attention_window(config) or config.max_position_embeddings
     return ModelGeometry(name=name, fingerprint=fingerprint, dtype=dtype,
                          num_layers=config.num_hidden_layers, num_kv_heads=kv_heads,
-                         head_dim=head_dim, max_model_len=length,
+                         head_dim=head_dim, max_model_len=served_length(config),
                          eos_token_ids=eos_ids, vocab_size=config.vocab_size)
 
 

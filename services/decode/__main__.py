@@ -21,6 +21,7 @@ from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
 from services.decode import exact_gemv, one_stream
 from services.decode.native_attention import NativeAttention
+from services.decode.paged_runner import check_layers
 from services.decode.pool import PoolConfig
 from services.decode.engine import DecodeEngine, DecodeLimits, FastPaths
 from services.decode.servicer import DecodeServicer, add_to_server
@@ -78,6 +79,7 @@ async def run(settings: DecodeSettings) -> None:
     async def warmup() -> None:
         nonlocal store, engine
         runtime = await thread.run(load_runtime, settings)
+        check_layers(runtime.model)  # a refused model fails before packing and kernel builds, not after
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,
                                   settings.kvstore_timeout_seconds, factory)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import rotate_half
 
-from services.common.runtime import attention_window
+from services.common.context_length import attention_window
 from services.decode.exact_gemv import ExactGemvLinear, same_bits
 
 # (layer, new key [kv_heads, head_dim], its value) -> that layer's keys and values [1, kv_heads, length, head_dim],

@@ -93,6 +93,17 @@ def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def check_layers(model: torch.nn.Module) -> None:
+    """Raise ValueError unless the decode computes `model`'s layers (stepped as a Llama, another
+    model's logits would be wrong: refused, not served)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    found = {type(layer).__name__ for layer in layers} if isinstance(layers, torch.nn.ModuleList) else {"none"}
+    other = sorted(found - set(LAYER_CLASSES))
+    if other:
+        raise ValueError(f"the decode computes the layers of Llama, Mistral and Qwen2 models "
+                         f"({', '.join(LAYER_CLASSES)}), not {', '.join(other)}")
+
+
 class Scratch:
     """Buffers the per-step KV copies land in, reused across layers and steps (a fresh tensor per
     layer costs an allocation and page faults as large as the copy itself)."""
@@ -122,10 +133,7 @@ class PagedRunner:
         if batch_invariant and packed is not None and packed.for_one:
             raise ValueError("batch-invariant steps need a batch of one's own products: "
                              "packed weights batched or off, not all")
-        other = sorted({type(layer).__name__ for layer in runtime.model.model.layers} - set(LAYER_CLASSES))
-        if other:  # stepped as a Llama, such a model's logits would be wrong: refused, not served
-            raise ValueError(f"the decode computes the layers of Llama, Mistral and Qwen2 models "
-                             f"({', '.join(LAYER_CLASSES)}), not {', '.join(other)}")
+        check_layers(runtime.model)
         self._model = runtime.model
         self._device = runtime.device
         self._pool = pool

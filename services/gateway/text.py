@@ -12,6 +12,7 @@ from typing import Any
 from tokenizers.decoders import DecodeStream
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from services.common.context_length import served_length
 from services.common.errors import InvalidRequest
 from services.gateway.tools import FORMAT_MARKER, ToolCall
 
@@ -53,7 +54,7 @@ class PromptEncoder:
         if chat_template is not None:  # an operator's template replaces the model's own
             self.tokenizer.chat_template = chat_template
         config = AutoConfig.from_pretrained(model_dir)
-        self.max_model_len: int = config.max_position_embeddings
+        self.max_model_len: int = served_length(config)  # what the workers serve (context_length.py)
         eos = config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, list) else [] if eos is None else [eos])
 
