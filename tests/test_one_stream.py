@@ -20,7 +20,7 @@ from services.decode import exact_gemv, one_stream
 from services.decode.__main__ import one_stream_refusal
 from services.decode.blocks import BlockManager
 from services.decode.exact_gemv import same_bits
-from services.decode.one_stream import KvViews, OneStream
+from services.decode.one_stream import KvViews, OneStream, contiguous_kv
 from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.settings import DecodeSettings
@@ -90,14 +90,7 @@ def test_biases_and_grouped_heads_give_hugging_faces_bits() -> None:
     reference = _biased_model()
     fast = _biased_model()
     path = _path(fast)
-    keys: list[list[torch.Tensor]] = [[], []]
-    values: list[list[torch.Tensor]] = [[], []]
-
-    def contiguous(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys[layer].append(key[None, :, None])
-        values[layer].append(value[None, :, None])
-        return torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2)
-
+    contiguous = contiguous_kv()
     cache, token = DynamicCache(config=reference.config), 5
     with torch.inference_mode():
         for position in range(6):

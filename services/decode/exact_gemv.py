@@ -98,9 +98,7 @@ class ExactGemv:
         """`product`, written into `out` (`weight.shape[0]` contiguous float32 values on the CPU)."""
         if x.numel() != weight.shape[1] or x.dtype != torch.float32 or x.device.type != "cpu":
             raise InternalFailure("exact gemv kernel: a row that is not the weight's width of float32")
-        if out.numel() != weight.shape[0] or out.dtype != torch.float32 or out.device.type != "cpu" \
-                or not out.is_contiguous():
-            raise InternalFailure("exact gemv kernel: an output that is not the weight's height of packed float32")
+        _check_output(out, weight.shape[0])
         x = x.reshape(-1).contiguous()  # the kernel reads it as one packed row
         self.run((weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0)), x.data_ptr(), out.data_ptr())
 
@@ -176,9 +174,7 @@ class ExactGemvLinear(torch.nn.Module):
     def _write(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """The kernel's product for a row `_takes`, into `out` (checked here: this is the hot path,
         so the weight's arguments come from the layout `_takes` has just found unchanged)."""
-        if out.numel() != self.out_features or out.dtype != torch.float32 or not out.is_cpu \
-                or not out.is_contiguous():
-            raise InternalFailure("exact gemv kernel: an output that is not the layer's width of packed float32")
+        _check_output(out, self.out_features)
         row = x if x.is_contiguous() else x.contiguous()  # the kernel reads it as one packed row
         self._kernel.run(self._weight_arguments, row.data_ptr(), out.data_ptr())
         bias = self._checked[1]  # the module's own: `_takes` has just found it unchanged
@@ -195,6 +191,11 @@ class ExactGemvLinear(torch.nn.Module):
                 and x.numel() == self.in_features and x.dtype == torch.float32 and x.is_cpu
                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                                       or (bias is not None and bias.requires_grad))))
+
+
+def _check_output(out: torch.Tensor, rows: int) -> None:
+    if out.numel() != rows or out.dtype != torch.float32 or not out.is_cpu or not out.is_contiguous():
+        raise InternalFailure("exact gemv kernel: an output that is not the weight's height of packed float32")
 
 
 def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ...]:

@@ -46,6 +46,25 @@ LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"
 PROBE_TOKENS = (1, 2)  # fed at positions 0 and 1 by `build`'s check against the model's forward pass
 
 
+def other_layers(model: torch.nn.Module) -> list[str]:
+    """The classes of `model`'s decoder layers that are not in LAYER_CLASSES (['none'] without any)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    found = {type(layer).__name__ for layer in layers} if isinstance(layers, torch.nn.ModuleList) else {"none"}
+    return sorted(found - set(LAYER_CLASSES))
+
+
+def contiguous_kv() -> KvViews:
+    """KV views over per-layer caches of their own, grown by concatenation (probe steps, tests)."""
+    keys: dict[int, list[torch.Tensor]] = {}
+    values: dict[int, list[torch.Tensor]] = {}
+
+    def store_and_view(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys.setdefault(layer, []).append(key[None, :, None])
+        values.setdefault(layer, []).append(value[None, :, None])
+        return torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2)
+    return store_and_view
+
+
 @dataclass(frozen=True, slots=True)
 class _Layer:
     input_norm: torch.nn.Module
@@ -67,6 +86,10 @@ class _Shape:
     hidden: int
     intermediate: int
     vocab: int
+
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        return self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +116,9 @@ class OneStream:
         layers = getattr(body, "layers", None)
         if not isinstance(lm_head, ExactGemvLinear) or not isinstance(layers, torch.nn.ModuleList) or not layers:
             return "the LM head does not run on the exact gemv kernel"
-        other = {type(layer).__name__ for layer in layers} - set(LAYER_CLASSES)
+        other = other_layers(model)
         if other:
-            return f"its layers ({', '.join(sorted(other))}) are not ones whose forward pass it repeats"
+            return f"its layers ({', '.join(other)}) are not ones whose forward pass it repeats"
         window = attention_window(getattr(model, "config", None))
         if window:
             return f"a sliding window of {window} tokens (Hugging Face masks what lies before it)"
@@ -127,7 +150,7 @@ class OneStream:
     def _attention(self, index: int, layer: _Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    kv: KvViews) -> torch.Tensor:
         shape = self._shape
-        sizes = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.kv_heads * shape.head_dim)
+        sizes = shape.qkv_sizes
         qkv = torch.empty(sum(sizes))
         for projection, part in zip(layer.qkv, qkv.split(sizes)):
             projection.into(x, part)
@@ -184,20 +207,13 @@ def _shape(layers: list[_Layer], head_dim: object, vocab: int) -> _Shape | str:
 def _agrees(path: OneStream, model: torch.nn.Module) -> bool:
     """Whether the path's logits equal the model's own forward pass bit for bit on two probe steps
     (as integers: -0.0 is not 0.0)."""
-    keys: dict[int, list[torch.Tensor]] = {}
-    values: dict[int, list[torch.Tensor]] = {}
-
-    def contiguous(layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys.setdefault(layer, []).append(key[None, :, None])
-        values.setdefault(layer, []).append(value[None, :, None])
-        return torch.cat(keys[layer], dim=2), torch.cat(values[layer], dim=2)
-
+    views = contiguous_kv()
     cache = DynamicCache(config=getattr(model, "config", None))
     with torch.inference_mode():
         for position, token in enumerate(PROBE_TOKENS):
             token %= path._shape.vocab
             expected = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
-            if not same_bits(path.step(token, position, contiguous)[0], expected):
+            if not same_bits(path.step(token, position, views)[0], expected):
                 return False
     return True
 

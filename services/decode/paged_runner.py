@@ -37,7 +37,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedLayer, PackedWeights
 from services.decode.native_attention import NativeAttention
-from services.decode.one_stream import LAYER_CLASSES, KvViews, OneStream
+from services.decode.one_stream import LAYER_CLASSES, KvViews, OneStream, other_layers
 from services.decode.pool import BlockPool
 
 
@@ -96,9 +96,7 @@ def rowwise_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def check_layers(model: torch.nn.Module) -> None:
     """Raise ValueError unless the decode computes `model`'s layers (stepped as a Llama, another
     model's logits would be wrong: refused, not served)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    found = {type(layer).__name__ for layer in layers} if isinstance(layers, torch.nn.ModuleList) else {"none"}
-    other = sorted(found - set(LAYER_CLASSES))
+    other = other_layers(model)
     if other:
         raise ValueError(f"the decode computes the layers of Llama, Mistral and Qwen2 models "
                          f"({', '.join(LAYER_CLASSES)}), not {', '.join(other)}")
