@@ -198,6 +198,7 @@ def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
                         "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http)),
                         "gateway_unified": ("--prefill-mode", "unified"),
                         "gateway_conditional": ("--prefill-mode", "conditional", "--conditional-threshold", "7"),
+                        "gateway_adaptive": ("--prefill-mode", "adaptive"),
                         "gateway_tools": ("--chat-template", str(TOOLS_TEMPLATE), "--http-port", str(tools_http)),
                         "gateway_shared": ("--api-keys", f"{API_KEY},another-key", "--prefix-cache-sharing",
                                            "--http-port", str(shared_http))})

@@ -1,7 +1,8 @@
 """The one-stream path (one_stream.py): a stream alone, stepped in the fewest calls, computes
 Hugging Face's logits bit for bit over contiguous and scattered blocks, with biases and grouped
-heads; where it cannot take a model it says why and the modules' path runs; the running decode
-steps on it."""
+heads, its products on the exact gemv kernel or (where this machine's BLAS sums in another order
+than the kernel's) on F.linear; where it cannot take a model it says why and the modules' path
+runs; the running decode steps on it."""
 
 from __future__ import annotations
 
@@ -28,10 +29,15 @@ from tests.conftest import RunningStack, reference_model
 from tests.gemv_helpers import needs_the_blas_order
 
 
-def _path(model: torch.nn.Module) -> OneStream:
-    assert exact_gemv.install(model, default_cache_dir(), "native") > 0
+PRODUCTS = [pytest.param("kernel", marks=needs_the_blas_order), "F.linear"]
+
+
+def _path(model: torch.nn.Module, products: str) -> OneStream:
+    if products == "kernel":
+        assert exact_gemv.install(model, default_cache_dir(), "native") > 0
     built = OneStream.build(model)
     assert isinstance(built, OneStream), built
+    assert built.on_kernel == (products == "kernel")
     return built
 
 
@@ -47,12 +53,12 @@ def _spied(path: OneStream) -> list[int]:
     return steps
 
 
-@needs_the_blas_order
+@pytest.mark.parametrize("products", PRODUCTS)
 @pytest.mark.parametrize("scattered", [False, True])
-def test_a_stream_alone_on_the_one_stream_path_is_bit_identical_to_hugging_face(runtime: ModelRuntime,
-                                                                                 scattered: bool) -> None:
+def test_a_stream_alone_on_the_one_stream_path_is_bit_identical_to_hugging_face(runtime: ModelRuntime, scattered: bool,
+                                                                                 products: str) -> None:
     fast = reference_model("default")  # its own copy for the kernel: the session's reference stays untouched
-    path = _path(fast.model)
+    path = _path(fast.model, products)
     steps = _spied(path)
     config = PoolConfig(16, 4)
     pool, blocks = BlockPool(config, fast.geometry, fast.device), BlockManager(config)
@@ -85,11 +91,11 @@ def _biased_model() -> LlamaForCausalLM:
     return model
 
 
-@needs_the_blas_order
-def test_biases_and_grouped_heads_give_hugging_faces_bits() -> None:
+@pytest.mark.parametrize("products", PRODUCTS)
+def test_biases_and_grouped_heads_give_hugging_faces_bits(products: str) -> None:
     reference = _biased_model()
     fast = _biased_model()
-    path = _path(fast)
+    path = _path(fast, products)
     contiguous = contiguous_kv()
     cache, token = DynamicCache(config=reference.config), 5
     with torch.inference_mode():
@@ -115,7 +121,6 @@ def _a_layer_off() -> torch.nn.Module:
     return model
 
 
-@needs_the_blas_order
 @pytest.mark.parametrize(("model", "reason"), [
     (lambda: _tiny(Qwen3Config, Qwen3ForCausalLM, head_dim=16),  # norms on the query and key heads
      "its layers (Qwen3DecoderLayer) are not ones whose forward pass it repeats"),
@@ -127,14 +132,14 @@ def _a_layer_off() -> torch.nn.Module:
 ])
 def test_a_model_whose_forward_pass_the_path_does_not_repeat_is_refused(model: Callable[[], torch.nn.Module],
                                                                          reason: str) -> None:
-    built = model()
-    exact_gemv.install(built, default_cache_dir(), "native")
-    assert OneStream.build(built) == reason
+    assert OneStream.build(model()) == reason
 
 
 def test_a_model_or_settings_the_path_cannot_take_step_through_the_modules(tiny: ModelRuntime,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
-    assert OneStream.build(_biased_model()) == "the LM head does not run on the exact gemv kernel"  # not installed
+    headless = _biased_model()
+    headless.lm_head = torch.nn.Identity()  # type: ignore[assignment]
+    assert OneStream.build(headless) == "its LM head is not a linear layer"
     packed = PackedWeights.build(tiny.model, tiny.device, "all")
     assert packed is not None and packed.for_one
     assert one_stream_refusal(DecodeSettings(), packed) == \
@@ -143,13 +148,14 @@ def test_a_model_or_settings_the_path_cannot_take_step_through_the_modules(tiny:
     assert one_stream_refusal(DecodeSettings(), None) == ""
     with caplog.at_level("INFO", logger="services.decode.one_stream"):
         assert one_stream.for_model(_biased_model(), "--no-one-stream") is None
-        assert one_stream.for_model(_biased_model()) is None
+        assert one_stream.for_model(headless) is None
+        assert one_stream.for_model(_biased_model()) is not None  # no kernel installed: products by F.linear
     assert "a stream alone steps through the model's modules (not the one-stream path: --no-one-stream)" \
         in caplog.text
-    assert "(not the one-stream path: the LM head does not run on the exact gemv kernel)" in caplog.text
+    assert "(not the one-stream path: its LM head is not a linear layer)" in caplog.text
+    assert "a stream alone steps on the one-stream path (products by F.linear, as the modules do" in caplog.text
 
 
-@needs_the_blas_order
 def test_the_running_decode_steps_a_stream_alone_on_the_one_stream_path(memory_stack: RunningStack) -> None:
     """The stack the greedy exactness tests run against (tests/test_exactness.py) uses the path."""
     assert memory_stack.stack.log_dir is not None

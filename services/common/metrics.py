@@ -122,6 +122,7 @@ class GatewayMetrics:
     prompt_tokens: Counter
     completion_tokens: Counter
     prefill_retries: Counter
+    prefills: Counter  # by where: prefill_worker / decode_worker (--prefill-mode)
 
     @classmethod
     def create(cls, registry: CollectorRegistry, active: Callable[[], int]) -> GatewayMetrics:
@@ -137,7 +138,9 @@ class GatewayMetrics:
             Counter("disagg_prompt_tokens", "prompt tokens processed", registry=registry),
             Counter("disagg_completion_tokens", "tokens generated", registry=registry),
             Counter("disagg_gateway_prefill_retries", "prefills moved to another prefill worker after its worker "
-                    "failed", registry=registry))
+                    "failed", registry=registry),
+            Counter("disagg_gateway_prefills", "prompts sent to be prefilled, by where: a prefill worker or the "
+                    "decode worker that admitted the request (--prefill-mode)", ["where"], registry=registry))
 
 
 @dataclass(frozen=True, slots=True)

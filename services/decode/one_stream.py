@@ -3,8 +3,9 @@
 A batch of one must compute what the model's own forward pass computes, bit for bit. PagedRunner's
 general path does so through the model's modules; this path does the same operations on the same
 values in fewer calls, so it computes the same bits:
-- q, k and v land in one buffer from three exact-gemv products (exact_gemv.py), gate and up in
-  another: no module dispatch, no output allocation per product;
+- q, k and v land in one buffer from three products, gate and up in another, with no module
+  dispatch: the exact gemv kernel's (exact_gemv.py) where it is installed, writing in place;
+  otherwise `F.linear`'s on the module's own weight, as the module calls it, copied there;
 - the query and key heads are rotated together, in four elementwise operations where the model
   runs eight (an elementwise result does not depend on which tensor its operands sit in);
 - attention calls torch's SDPA as Hugging Face's SDPA attention would (no mask, `enable_gqa` for
@@ -12,9 +13,14 @@ values in fewer calls, so it computes the same bits:
 Measured at 448 tokens of context on the development machine: 35.4 ms a step against 39.7 on the
 general path, of which the products take ~27 and attention ~5.
 
-It runs where every projection and the LM head is an `ExactGemvLinear` (the kernel installed,
-`--gemv` auto or native) of a layer whose forward pass it repeats (Llama's, Mistral's and Qwen2's
-decoder layers, SmolLM being a Llama; no sliding window shorter than the model's context), where
+On a machine whose BLAS sums a row in another order than the kernel (an Intel Xeon, where MKL's
+row products already read the weights at the core's speed) the products stay F.linear's and the
+path still saves the rest: 64.5 ms a step against 69.5 there.
+
+It runs where every projection and the LM head is an `nn.Linear` or its `ExactGemvLinear` (the
+kernel installed, `--gemv` auto or native) of a layer whose forward pass it repeats (Llama's,
+Mistral's and Qwen2's decoder layers, SmolLM being a Llama; no sliding window shorter than the
+model's context), where
 Hugging Face's SDPA attention would take the `enable_gqa` path, and where two probe steps give the
 model's own logits bit for bit. `OneStream.build` says why not otherwise, and the general path
 runs. It holds the modules it was built from: a model changed after that needs another build.
@@ -66,16 +72,43 @@ def contiguous_kv() -> KvViews:
 
 
 @dataclass(frozen=True, slots=True)
+class _Projection:
+    """A linear layer's product for one row, written into a buffer: the exact gemv kernel's where it
+    is installed, else `F.linear`'s (the call the module makes) copied there."""
+
+    into: Callable[[torch.Tensor, torch.Tensor], None]
+    in_features: int
+    out_features: int
+    on_kernel: bool
+
+
+def _projection(module: torch.nn.Module | None) -> _Projection | None:
+    if isinstance(module, ExactGemvLinear):
+        return _Projection(module.into, module.in_features, module.out_features, True)
+    if type(module) is not torch.nn.Linear:  # (a subclass may compute otherwise)
+        return None
+    linear = module
+
+    def into(x: torch.Tensor, out: torch.Tensor) -> None:
+        out.copy_(F.linear(x.reshape(1, -1), linear.weight, linear.bias).view(-1))
+    return _Projection(into, linear.in_features, linear.out_features, False)
+
+
+@dataclass(frozen=True, slots=True)
 class _Layer:
     input_norm: torch.nn.Module
-    qkv: tuple[ExactGemvLinear, ExactGemvLinear, ExactGemvLinear]
-    o: ExactGemvLinear
+    qkv: tuple[_Projection, _Projection, _Projection]
+    o: _Projection
     post_norm: torch.nn.Module
-    gate: ExactGemvLinear
-    up: ExactGemvLinear
-    down: ExactGemvLinear
+    gate: _Projection
+    up: _Projection
+    down: _Projection
     act: torch.nn.Module
     scaling: float
+
+    @property
+    def projections(self) -> tuple[_Projection, ...]:
+        return (*self.qkv, self.o, self.gate, self.up, self.down)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +132,7 @@ class _Ends:
     embed: torch.nn.Module
     rotary: torch.nn.Module
     norm: torch.nn.Module
-    lm_head: ExactGemvLinear
+    lm_head: _Projection
 
 
 class OneStream:
@@ -112,10 +145,10 @@ class OneStream:
     def build(model: torch.nn.Module) -> OneStream | str:
         """The path for `model` (a causal LM whose linear layers exact_gemv.install replaced), or why
         it cannot take it."""
-        body, lm_head = getattr(model, "model", None), getattr(model, "lm_head", None)
+        body, lm_head = getattr(model, "model", None), _projection(_module(model, "lm_head"))
         layers = getattr(body, "layers", None)
-        if not isinstance(lm_head, ExactGemvLinear) or not isinstance(layers, torch.nn.ModuleList) or not layers:
-            return "the LM head does not run on the exact gemv kernel"
+        if lm_head is None or not isinstance(layers, torch.nn.ModuleList) or not layers:
+            return "its LM head is not a linear layer"
         other = other_layers(model)
         if other:
             return f"its layers ({', '.join(other)}) are not ones whose forward pass it repeats"
@@ -133,6 +166,11 @@ class OneStream:
             return shape
         path = OneStream(_Ends(embed, rotary, norm, lm_head), ready, shape)
         return path if _agrees(path, model) else "a probe step's logits differ from the model's own forward pass"
+
+    @property
+    def on_kernel(self) -> bool:
+        """Whether every product runs on the exact gemv kernel (else some on `F.linear`)."""
+        return self._ends.lm_head.on_kernel and all(p.on_kernel for layer in self._layers for p in layer.projections)
 
     def step(self, token: int, position: int, kv: KvViews) -> torch.Tensor:
         """Logits [1, vocab] of the token after `token` (at `position`)."""
@@ -182,7 +220,8 @@ def for_model(model: torch.nn.Module, refused: str = "") -> OneStream | None:
     if isinstance(built, str):
         log.info("a stream alone steps through the model's modules (not the one-stream path: %s)", built)
         return None
-    log.info("a stream alone steps on the one-stream path (fused projections, SDPA called directly)")
+    log.info("a stream alone steps on the one-stream path (products %s, SDPA called directly)",
+             "on the exact gemv kernel into shared buffers" if built.on_kernel else "by F.linear, as the modules do")
     return built
 
 
@@ -193,8 +232,7 @@ def _shape(layers: list[_Layer], head_dim: object, vocab: int) -> _Shape | str:
     first = layers[0]
     shape = _Shape(first.qkv[0].out_features // head_dim, first.qkv[1].out_features // head_dim, head_dim,
                    first.o.out_features, first.gate.out_features, vocab)
-    sizes = {(tuple(p.out_features for p in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)),
-              tuple(p.in_features for p in (*layer.qkv, layer.o, layer.gate, layer.up, layer.down)))
+    sizes = {(tuple(p.out_features for p in layer.projections), tuple(p.in_features for p in layer.projections))
              for layer in layers}
     if len(sizes) > 1 or first.qkv[0].out_features != shape.heads * head_dim \
             or first.qkv[1].out_features != shape.kv_heads * head_dim:
@@ -225,11 +263,11 @@ def _module(parent: object, name: str) -> torch.nn.Module | None:
 
 def _layer(layer: torch.nn.Module) -> _Layer | str:
     attention, mlp = _module(layer, "self_attn"), _module(layer, "mlp")
-    found = [_module(attention, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
-        [_module(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")]
-    projections = [projection for projection in found if isinstance(projection, ExactGemvLinear)]
+    found = [_projection(_module(attention, name)) for name in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [_projection(_module(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
+    projections = [projection for projection in found if projection is not None]
     if len(projections) < len(found):
-        return "a layer's projections do not all run on the exact gemv kernel"
+        return "a layer's projections are not all linear layers"
     if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
         return "the layers norm their query and key heads"
     norms_and_act = [_module(layer, "input_layernorm"), _module(layer, "post_attention_layernorm"),

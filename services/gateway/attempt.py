@@ -4,7 +4,8 @@
   Accepted; workers that failed this request go last)                     span gateway.route
   -> the prefill (services/gateway/prefill_route.py: another prefill worker when one fails) sends
      the first token at once and hands the KV to that decode worker (inline, or announced after
-     storing it in the kvstore); unified and conditional modes skip it (the decode prefills)
+     storing it in the kvstore); the decode prefills instead where --prefill-mode places the
+     prompt there (services/gateway/placement.py)
   -> the decode's tokens, by choice and completion index: indices already passed on are skipped
      (the decode sends the first token too, for when the prefill that sampled it died before
      passing it on)
@@ -32,6 +33,7 @@ from services.common import logprobs
 from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError, call_status
 from services.common.logprobs import TokenLogprob
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
+from services.gateway.placement import PrefillPlacement
 from services.gateway.prefill_route import PrefillRoute, fault_role
 from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import Worker, WorkerPool
@@ -48,8 +50,6 @@ _RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUS
 class RouteLimits(Protocol):
     request_timeout_seconds: float
     kv_transfer: str
-
-    def prefill_locally(self, prompt_tokens: int) -> bool: ...
 
 
 @dataclass(slots=True)
@@ -103,11 +103,13 @@ class AttemptRequests:
 
 class AttemptRunner:
     def __init__(self, decode_pool: WorkerPool, channels: ChannelPool, limits: RouteLimits,
-                 prefill_route: PrefillRoute, affinity: PrefixAffinity | None = None) -> None:
+                 prefill_route: PrefillRoute, placement: PrefillPlacement,
+                 affinity: PrefixAffinity | None = None) -> None:
         self._decode_pool = decode_pool
         self._channels = channels
         self._limits = limits
         self._prefill_route = prefill_route
+        self._placement = placement
         self._affinity = affinity  # decode workers chosen by the prompt blocks they hold too (None: load only)
 
     async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
@@ -118,7 +120,8 @@ class AttemptRunner:
         delivered = [requests.offset] * choices  # per choice: the next completion index not passed on
         with ExitStack() as leases:
             try:
-                local = self._limits.prefill_locally(len(requests.decode.prompt_token_ids))
+                local = self._placement.local(len(requests.decode.prompt_token_ids))
+                prefilled = leases.enter_context(self._placement.local_prefill()) if local else None
                 if local:
                     requests.decode.kv_source = decode_pb2.KV_SOURCE_LOCAL
                 else:
@@ -145,6 +148,8 @@ class AttemptRunner:
                         delivered[delivery.choice] += 1
                         yield delivery
                 async for delivery in self._decoded(decode_call, delivered):
+                    if prefilled is not None:
+                        prefilled()  # its first token came: the decode's queue of prompts is one shorter
                     yield delivery
             finally:
                 for call in calls:

@@ -43,6 +43,7 @@ from services.gateway.attempt import Attempt, AttemptRequests, AttemptRunner, De
 from services.gateway.choices import ChoiceProgress, best_of_choices, check_best_of, workers_sampling
 from services.gateway.fanout import merged
 from services.gateway.outputs import GenerateOutput, Usage, finished_already, token_output
+from services.gateway.placement import PrefillPlacement
 from services.gateway.prefill_route import PrefillRoute
 from services.gateway.prefix_route import DECODE_LOAD_TOKENS, PrefixAffinity
 from services.gateway.routing import WorkerPool
@@ -90,10 +91,6 @@ class GatewayLimits:
     prefill_timeout_seconds: float = 60.0
     prefix_routing: bool = True  # prefill workers chosen by the prompt blocks they hold, then load
 
-    def prefill_locally(self, prompt_tokens: int) -> bool:
-        return self.prefill_mode == "unified" or (
-            self.prefill_mode == "conditional" and prompt_tokens < self.conditional_threshold)
-
 
 class Gateway:
     def __init__(self, encoder: PromptEncoder, prefill: WorkerPool, decode: WorkerPool, channels: ChannelPool,
@@ -107,7 +104,9 @@ class Gateway:
         route = PrefillRoute(prefill, channels, limits.prefill_timeout_seconds, limits.max_prefill_retries,
                              metrics.prefill_retries, PrefixAffinity() if limits.prefix_routing else None)
         decode_affinity = PrefixAffinity(load_tokens=DECODE_LOAD_TOKENS) if limits.prefix_routing else None
-        self._attempts = AttemptRunner(decode, channels, limits, route, decode_affinity)
+        placement = PrefillPlacement(limits.prefill_mode, limits.conditional_threshold, prefill, decode,
+                                     metrics.prefills)
+        self._attempts = AttemptRunner(decode, channels, limits, route, placement, decode_affinity)
         self.active_requests = 0
 
     def tokenize(self, request: GenerateInput) -> list[int]:

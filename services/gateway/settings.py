@@ -12,7 +12,7 @@ from services.common.targets import check_address_list
 from services.common.tls_settings import PublicTlsSettings
 
 KV_TRANSFER_MODES = ("direct", "kvstore")
-PREFILL_MODES = ("disaggregated", "unified", "conditional")
+PREFILL_MODES = ("disaggregated", "unified", "conditional", "adaptive")
 DEFAULT_PREFILL, DEFAULT_DECODE = "127.0.0.1:50052", "127.0.0.1:50053"
 
 
@@ -43,10 +43,12 @@ class GatewaySettings(PublicTlsSettings):
     kv_transfer: str = setting("direct", "how KV reaches decode: 'direct' (prefill streams it to the decode "
                                "worker) or 'kvstore' (prefill stores it, decode loads it)", "KV_TRANSFER")
     prefill_mode: str = setting("disaggregated", "where prompts are prefilled: 'disaggregated' (prefill workers), "
-                                "'unified' (the decode worker itself) or 'conditional' (the decode worker when the "
-                                "prompt is shorter than --conditional-threshold)", "PREFILL_MODE")
-    conditional_threshold: int = setting(256, "prompt length (tokens) below which conditional mode prefills on "
-                                         "the decode worker", "CONDITIONAL_THRESHOLD")
+                                "'unified' (the decode worker itself), 'conditional' (the decode worker when the "
+                                "prompt is shorter than --conditional-threshold) or 'adaptive' (such a prompt goes "
+                                "to the decode worker when the prefill workers have more prompts queued than it)",
+                                "PREFILL_MODE")
+    conditional_threshold: int = setting(256, "prompt length (tokens) below which conditional and adaptive modes "
+                                         "may prefill on the decode worker", "CONDITIONAL_THRESHOLD")
     max_failovers: int = setting(2, "times a request moves to another decode worker when its worker fails",
                                  "MAX_FAILOVERS")
     max_prefill_retries: int = setting(2, "times a prefill moves to another prefill worker when its worker fails "
