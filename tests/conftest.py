@@ -77,6 +77,9 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
     health checks present."""
     ports = {name: free_port() for name in (*SERVICE_NAMES, "http")}
     metrics_ports = {name: free_port() for name in (*SERVICE_NAMES, *extra_gateways)}
+    # every prompt on a prefill worker unless a test's gateway says otherwise: what a test of the
+    # handoff sends must take it, however many requests run at once
+    extra = {**(extra or {}), "gateway": ("--prefill-mode", "disaggregated", *(extra or {}).get("gateway", ()))}
     specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
                         extra=extra, log_level="DEBUG", metrics_ports=metrics_ports, tls=tls)
     env = dict(env or {})

@@ -31,7 +31,8 @@ def worker_spec(name: str, role: str, *extra: str) -> ServiceSpec:
 def gateway_spec(name: str, *args: str, metrics_port: int = 0) -> ServiceSpec:
     port = free_port()
     return ServiceSpec(name, "gateway", port, ("--port", str(port), "--metrics-port", str(metrics_port),
-                                               "--http-port", "0", "--model", "tiny", "--log-level", "DEBUG", *args))
+                                               "--http-port", "0", "--model", "tiny", "--log-level", "DEBUG",
+                                               "--prefill-mode", "disaggregated", *args))  # (as tests/conftest.py says)
 
 
 def write_addresses(path: Path, addresses: Sequence[str]) -> None:

@@ -60,9 +60,10 @@ class DecodeSettings(WorkerSettings):
                         "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
                         "make F.linear faster)", "GEMV")
     one_stream: bool = setting(True, "step a stream alone in the fewest calls: the same operations on the same "
-                               "values as the model's modules (bit-identical), its products fused into shared "
-                               "buffers and attention called directly; needs the exact gemv kernel (--gemv) on "
-                               "every layer; --no-one-stream: through the model's modules", "ONE_STREAM")
+                               "values as the model's modules (bit-identical), its products written into shared "
+                               "buffers (by the exact gemv kernel where --gemv installed it, else by F.linear) and "
+                               "attention called directly; --no-one-stream: through the model's modules",
+                               "ONE_STREAM")
     step_timeout_seconds: float = setting(300.0, "a decode step running longer than this means the model is stuck: "
                                           "the worker turns NOT_SERVING and exits non-zero", "STEP_TIMEOUT_SECONDS")
 

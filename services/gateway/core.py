@@ -84,7 +84,7 @@ class GatewayLimits:
     request_timeout_seconds: float
     kv_transfer: str
     request_summary: bool  # log one line per finished request
-    prefill_mode: str = "disaggregated"
+    prefill_mode: str = "adaptive"
     conditional_threshold: int = 256
     max_failovers: int = 2
     max_prefill_retries: int = 2

@@ -42,7 +42,7 @@ class GatewaySettings(PublicTlsSettings):
     api_keys_file: str = setting("", "file of API keys, one per line", "API_KEYS_FILE")
     kv_transfer: str = setting("direct", "how KV reaches decode: 'direct' (prefill streams it to the decode "
                                "worker) or 'kvstore' (prefill stores it, decode loads it)", "KV_TRANSFER")
-    prefill_mode: str = setting("disaggregated", "where prompts are prefilled: 'disaggregated' (prefill workers), "
+    prefill_mode: str = setting("adaptive", "where prompts are prefilled: 'disaggregated' (prefill workers), "
                                 "'unified' (the decode worker itself), 'conditional' (the decode worker when the "
                                 "prompt is shorter than --conditional-threshold) or 'adaptive' (such a prompt goes "
                                 "to the decode worker when the prefill workers have more prompts queued than it)",
