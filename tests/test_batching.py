@@ -87,7 +87,7 @@ async def test_twenty_four_simultaneous_greedy_requests_equal_hf_generate(memory
     assert (await wait_decode_idle(memory_stack["decode"])).blocks_used == 0
 
 
-@pytest.mark.parametrize("gateway", ["gateway_unified", "gateway_conditional", "gateway"])
+@pytest.mark.parametrize("gateway", ["gateway_unified", "gateway_conditional", "gateway_adaptive", "gateway"])
 async def test_prefill_modes_give_identical_output(memory_stack: RunningStack, references, gateway: str) -> None:
     async with GatewayClient(memory_stack[gateway]) as client:
         for prompt, tokens in list(references)[:5]:  # prompts of 5 to 10 tokens: conditional mixes both paths
