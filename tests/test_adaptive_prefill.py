@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from contextlib import ExitStack
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,57 +41,62 @@ def pool(role: str, *addresses: str) -> WorkerPool:
     return workers
 
 
-def test_adaptive_mode_sends_a_burst_of_short_prompts_to_both_queues_in_turn() -> None:
-    prefill, decode = pool("prefill", "p:1"), pool("decode", "d:1")
-    placement = PrefillPlacement("adaptive", 256, prefill, decode)
-    places = []
-    with WorkerPool.lease(prefill.workers[0]):  # the one the prefill worker holds already
-        places.append(placement.local(100))
-        with placement.local_prefill() as first_token:
-            places.append(placement.local(100))  # one each: a tie goes to the prefill worker
-            with WorkerPool.lease(prefill.workers[0]):
-                places.append(placement.local(100))
-                first_token()  # the decode's prompt is prefilled: its queue is empty again
-                places.append(placement.local(100))
-            assert placement.local_in_flight == 0
-    assert places == [True, False, True, True]
-    assert placement.local_in_flight == 0
+def test_a_burst_of_short_prompts_alternates_between_the_two_queues() -> None:
+    """Each prompt counts from the moment it is placed, on either side: a burst whose requests are
+    all placed before any first token comes spreads over both."""
+    placement = PrefillPlacement("adaptive", 256, pool("prefill", "p:1"), pool("decode", "d:1"))
+    with ExitStack() as burst:
+        places = [burst.enter_context(placement.placed(100)) for _ in range(5)]
+        assert [place.local for place in places] == [False, True, False, True, False]  # ties: a prefill worker
+        assert placement.waiting == {False: 3, True: 2}
+        places[1].prefilled()  # the decode's first prompt is prefilled: its queue is the shorter
+        places[1].prefilled()  # (counted once)
+        assert placement.waiting == {False: 3, True: 1}
+        with placement.placed(100) as sixth:
+            assert sixth.local
+    assert placement.waiting == {False: 0, True: 0}  # every place ends with its try
 
 
-def test_adaptive_mode_keeps_long_prompts_and_an_idle_system_on_the_prefill_workers() -> None:
-    prefill, decode = pool("prefill", "p:1"), pool("decode", "d:1")
-    placement = PrefillPlacement("adaptive", 256, prefill, decode)
-    assert not placement.local(10)  # nothing queued anywhere
-    with WorkerPool.lease(prefill.workers[0]), WorkerPool.lease(prefill.workers[0]):
-        assert not placement.local(256)  # not shorter than the threshold
-        assert placement.local(255)
+def test_adaptive_mode_keeps_long_prompts_and_a_quiet_system_on_the_prefill_workers() -> None:
+    placement = PrefillPlacement("adaptive", 256, pool("prefill", "p:1"), pool("decode", "d:1"))
+    with placement.placed(10) as alone:
+        assert not alone.local  # nothing queued anywhere
+        with placement.placed(256) as long:
+            assert not long.local  # not shorter than the threshold
+            with placement.placed(255) as short:
+                assert short.local
 
 
-def test_adaptive_mode_counts_each_serving_decode_worker_and_only_serving_prefill_workers() -> None:
+def test_adaptive_mode_counts_per_serving_worker_of_each_side() -> None:
     prefill, decode = pool("prefill", "p:1", "p:2"), pool("decode", "d:1", "d:2")
     placement = PrefillPlacement("adaptive", 256, prefill, decode)
-    busy, idle = prefill.workers
-    with WorkerPool.lease(busy), placement.local_prefill():
-        assert not placement.local(10)  # p:2 has no prompt queued
-        prefill.set_health(idle, WorkerState.NOT_SERVING)
-        assert placement.local(10)  # 1 local prompt over 2 decode workers < 1 on the prefill worker
+    with ExitStack() as held:
+        assert not held.enter_context(placement.placed(10)).local  # 0 per decode worker, 0 per prefill worker
+        assert held.enter_context(placement.placed(10)).local  # 0 against 1/2
+        assert not held.enter_context(placement.placed(10)).local  # 1/2 against 1/2
+        prefill.set_health(prefill.workers[1], WorkerState.NOT_SERVING)
+        assert held.enter_context(placement.placed(10)).local  # 1/2 against 2/1
         decode.set_health(decode.workers[1], WorkerState.NOT_SERVING)
-        assert not placement.local(10)  # 1 over 1: a tie
-        prefill.set_health(busy, WorkerState.UNREACHABLE)
-        assert placement.local(10)  # no prefill worker serves: the decode worker rather than a failure
-        assert not placement.local(300)
+        assert not held.enter_context(placement.placed(10)).local  # 2/1 against 2/1: a tie
+        prefill.set_health(prefill.workers[0], WorkerState.UNREACHABLE)
+        assert held.enter_context(placement.placed(10)).local  # no prefill worker serves: the decode worker
+        assert not held.enter_context(placement.placed(300)).local  # (a long prompt fails there, as before)
 
 
 @pytest.mark.parametrize(("mode", "places"), [("disaggregated", [False, False]), ("unified", [True, True]),
                                               ("conditional", [True, False])])
 def test_the_other_modes_ignore_load(mode: str, places: list[bool]) -> None:
     placement = PrefillPlacement(mode, 256, pool("prefill", "p:1"), pool("decode", "d:1"))
-    assert [placement.local(tokens) for tokens in (10, 300)] == places
+    with ExitStack() as held:
+        assert [held.enter_context(placement.placed(tokens)).local for tokens in (10, 300, 10, 300)] == places * 2
 
 
 def test_an_unknown_prefill_mode_is_refused_at_start() -> None:
     with pytest.raises(ValueError, match="prefill_mode must be one of"):
         parse_settings(GatewaySettings, "gateway", "", ["--prefill-mode", "balanced"], {})
+    with pytest.raises(ValueError, match="prefill mode must be one of"):
+        PrefillPlacement("balanced", 256, pool("prefill", "p:1"), pool("decode", "d:1"))
+    assert parse_settings(GatewaySettings, "gateway", "", [], {}).prefill_mode == "adaptive"
     assert parse_settings(GatewaySettings, "gateway", "", [], {"PREFILL_MODE": "adaptive"}).prefill_mode == "adaptive"
 
 
@@ -116,6 +122,7 @@ async def test_a_burst_through_the_adaptive_gateway_is_prefilled_on_both_sides_a
     cases = list(references)
     before = _prefills(memory_stack, "gateway_adaptive")
     async with GatewayClient(memory_stack["gateway_adaptive"]) as client:
+        # all placed within milliseconds, before any first token (tens of ms away): both sides take some
         outputs = await asyncio.gather(*(client.complete(prompt, max_tokens=tokens, temperature=0)
                                          for prompt, tokens in cases))
     assert [output.token_ids for output in outputs] == [references[case] for case in cases]

@@ -139,7 +139,12 @@ def test_a_model_or_settings_the_path_cannot_take_step_through_the_modules(tiny:
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     headless = _biased_model()
     headless.lm_head = torch.nn.Identity()  # type: ignore[assignment]
-    assert OneStream.build(headless) == "its LM head is not a linear layer"
+    assert OneStream.build(headless) == "its LM head is not a float32 linear layer on the CPU"
+    assert OneStream.build(_biased_model().to(torch.bfloat16)) == \
+        "its LM head is not a float32 linear layer on the CPU"  # (its buffers are float32)
+    half_layers = _biased_model()
+    half_layers.model.layers.to(torch.float16)
+    assert OneStream.build(half_layers) == "a layer's projections are not all float32 linear layers on the CPU"
     packed = PackedWeights.build(tiny.model, tiny.device, "all")
     assert packed is not None and packed.for_one
     assert one_stream_refusal(DecodeSettings(), packed) == \
@@ -152,7 +157,7 @@ def test_a_model_or_settings_the_path_cannot_take_step_through_the_modules(tiny:
         assert one_stream.for_model(_biased_model()) is not None  # no kernel installed: products by F.linear
     assert "a stream alone steps through the model's modules (not the one-stream path: --no-one-stream)" \
         in caplog.text
-    assert "(not the one-stream path: its LM head is not a linear layer)" in caplog.text
+    assert "(not the one-stream path: its LM head is not a float32 linear layer on the CPU)" in caplog.text
     assert "a stream alone steps on the one-stream path (products by F.linear, as the modules do" in caplog.text
 
 

@@ -92,6 +92,7 @@ async def run_mode(args: argparse.Namespace, prompts: list[str], decode_flags: t
              ServiceSpec("gateway", "gateway", ports["gateway"],
                          ("--port", str(ports["gateway"]), "--model", args.model, "--log-level", "WARNING",
                           "--metrics-port", "0", "--http-port", "0",
+                          "--prefill-mode", "disaggregated",  # the decode modes compared, not where prompts go
                           "--prefill-addresses", f"127.0.0.1:{ports['prefill']}",
                           "--decode-addresses", f"127.0.0.1:{ports['decode']}"))]
     stack = Stack(specs, log_dir=tempfile.mkdtemp(prefix="bench-decode-"))

@@ -88,6 +88,8 @@ def _projection(module: torch.nn.Module | None) -> _Projection | None:
     if type(module) is not torch.nn.Linear:  # (a subclass may compute otherwise)
         return None
     linear = module
+    if linear.weight.dtype != torch.float32 or not linear.weight.is_cpu:  # what `step`'s buffers hold
+        return None
 
     def into(x: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(F.linear(x.reshape(1, -1), linear.weight, linear.bias).view(-1))
@@ -143,12 +145,12 @@ class OneStream:
 
     @staticmethod
     def build(model: torch.nn.Module) -> OneStream | str:
-        """The path for `model` (a causal LM whose linear layers exact_gemv.install replaced), or why
-        it cannot take it."""
+        """The path for `model` (a causal LM on the CPU in float32, its linear layers replaced by
+        exact_gemv.install or not), or why it cannot take it."""
         body, lm_head = getattr(model, "model", None), _projection(_module(model, "lm_head"))
         layers = getattr(body, "layers", None)
         if lm_head is None or not isinstance(layers, torch.nn.ModuleList) or not layers:
-            return "its LM head is not a linear layer"
+            return "its LM head is not a float32 linear layer on the CPU"
         other = other_layers(model)
         if other:
             return f"its layers ({', '.join(other)}) are not ones whose forward pass it repeats"
@@ -267,7 +269,7 @@ def _layer(layer: torch.nn.Module) -> _Layer | str:
         [_projection(_module(mlp, name)) for name in ("gate_proj", "up_proj", "down_proj")]
     projections = [projection for projection in found if projection is not None]
     if len(projections) < len(found):
-        return "a layer's projections are not all linear layers"
+        return "a layer's projections are not all float32 linear layers on the CPU"
     if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
         return "the layers norm their query and key heads"
     norms_and_act = [_module(layer, "input_layernorm"), _module(layer, "post_attention_layernorm"),

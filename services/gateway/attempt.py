@@ -33,7 +33,7 @@ from services.common import logprobs
 from services.common.errors import BackendUnavailable, KvProtocolError, UpstreamError, call_status
 from services.common.logprobs import TokenLogprob
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2
-from services.gateway.placement import PrefillPlacement
+from services.gateway.placement import WHERE, PrefillPlacement
 from services.gateway.prefill_route import PrefillRoute, fault_role
 from services.gateway.prefix_route import PrefixAffinity
 from services.gateway.routing import Worker, WorkerPool
@@ -120,8 +120,8 @@ class AttemptRunner:
         delivered = [requests.offset] * choices  # per choice: the next completion index not passed on
         with ExitStack() as leases:
             try:
-                local = self._placement.local(len(requests.decode.prompt_token_ids))
-                prefilled = leases.enter_context(self._placement.local_prefill()) if local else None
+                place = leases.enter_context(self._placement.placed(len(requests.decode.prompt_token_ids)))
+                local = place.local
                 if local:
                     requests.decode.kv_source = decode_pb2.KV_SOURCE_LOCAL
                 else:
@@ -131,25 +131,28 @@ class AttemptRunner:
                 # the prompt's block names, for choosing both workers by the blocks they hold
                 keys = [] if self._affinity is None else self._affinity.keys(requests.decode.prompt_token_ids,
                                                                              requests.decode.cache_salt)
-                with tracer.start_as_current_span("gateway.route"):
+                with tracer.start_as_current_span("gateway.route") as span:
+                    span.set_attribute("gateway.prefill_where", WHERE[local])
                     # Admitted first either way: the decode worker owns the request's KV (and its
                     # cleanup) from the start.
                     decode, decode_call, accepted = await self._admit(requests.decode, calls, leases, failed, keys)
+                self._placement.admitted(place)
                 attempt.decode_address = decode.address
+                # (a decode can never hold the last token: what it claims past that is not passed on)
+                held = min(accepted.cached_tokens, len(requests.decode.prompt_token_ids) - 1)
+                timeline.decode_cached_tokens = held
                 if not local:
                     requests.prefill.decode_address = decode.address
                     requests.prefill.decode_kv_shm_host = accepted.kv_shm_host  # for --kv-transport auto
-                    # (a decode can never hold the last token: what it claims past that is not passed on)
-                    held = min(accepted.cached_tokens, len(requests.prefill.prompt_token_ids) - 1)
-                    requests.prefill.decode_cached_tokens = timeline.decode_cached_tokens = held
+                    requests.prefill.decode_cached_tokens = held
                     async for delivery in self._prefill(requests.prefill, calls, timeline, decode_call, attempt, keys):
                         if delivery.choice >= choices:
                             raise KvProtocolError(f"the prefill sent a first token of choice {delivery.choice}")
                         delivered[delivery.choice] += 1
+                        place.prefilled()  # its first token came: its queue is one shorter
                         yield delivery
                 async for delivery in self._decoded(decode_call, delivered):
-                    if prefilled is not None:
-                        prefilled()  # its first token came: the decode's queue of prompts is one shorter
+                    place.prefilled()
                     yield delivery
             finally:
                 for call in calls:

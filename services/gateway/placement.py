@@ -4,77 +4,88 @@ the decode worker that admitted the request, which computes it into its own bloc
   disaggregated  a prefill worker, always
   unified        the decode worker, always (no prefill worker is used)
   conditional    the decode worker when the prompt is shorter than --conditional-threshold tokens
-  adaptive       a prompt shorter than --conditional-threshold goes to the shorter queue: the least
-                 busy serving prefill worker's (prompts this gateway has in flight on it) or the
-                 decode workers' own (prompts this gateway has them prefilling and whose first token
-                 has not come yet, per serving decode worker). Ties, longer prompts and a queue-free
-                 system go to a prefill worker; with no prefill worker serving, a short prompt goes
-                 to the decode worker rather than fail.
+  adaptive       (the default) a prompt shorter than --conditional-threshold goes to the shorter
+                 queue: prompts waiting for their first token on the prefill workers, per serving
+                 prefill worker, or on the decode workers' own prefills, per serving decode worker,
+                 both as this gateway placed them. Ties, longer prompts and a quiet system go to a
+                 prefill worker; with no prefill worker serving, a short prompt goes to the decode
+                 worker rather than fail.
 
 Adaptive is conditional disaggregation driven by load (as NVIDIA Dynamo's router does it): when a
-burst of short prompts queues on the prefill workers while the decode workers' cores wait for them,
-both sides prefill at once. A local prefill stalls its decode worker's running streams for its
-forward pass, which is why only short prompts may take that way. The figures are this gateway's
-own view: each gateway of several balances what it sends.
+burst of short prompts would queue on the prefill workers while the decode workers' cores wait for
+them, both sides prefill at once. A local prefill stalls its decode worker's running streams for its
+forward pass, which is why only short prompts may take that way. A prompt counts from the moment it
+is placed (no await between the choice and the count, so that a burst's requests see each other)
+until its first token comes back or its try ends. Each gateway of several balances what it sends.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
 from services.gateway.routing import WorkerPool
+from services.gateway.settings import PREFILL_MODES
+
+WHERE = {True: "decode_worker", False: "prefill_worker"}  # the counter's label, by `local`
+
+
+@dataclass(slots=True)
+class PlacedPrefill:
+    """One prompt's place, counted in its queue until `prefilled` (idempotent) or the try's end."""
+
+    local: bool
+    _queues: dict[bool, int]
+    _waiting: bool = True
+
+    def prefilled(self) -> None:
+        """Its first token came: the queue it waited in is one shorter."""
+        if self._waiting:
+            self._waiting = False
+            self._queues[self.local] -= 1
 
 
 class PrefillPlacement:
     def __init__(self, mode: str, threshold: int, prefill: WorkerPool, decode: WorkerPool,
                  prefills: Counter | None = None) -> None:
+        if mode not in PREFILL_MODES:
+            raise ValueError(f"prefill mode must be one of {PREFILL_MODES}, got {mode!r}")
         self.mode = mode
         self._threshold = threshold
-        self._prefill = prefill
-        self._decode = decode
-        self._prefills = prefills  # by where: prefill_worker / decode_worker
-        self.local_in_flight = 0  # prompts the decode workers prefill whose first token has not come
-
-    def local(self, prompt_tokens: int) -> bool:
-        """Whether the decode worker prefills this prompt (the mode's rule; see the module doc)."""
-        short = prompt_tokens < self._threshold
-        if self.mode == "unified":
-            local = True
-        elif self.mode == "conditional":
-            local = short
-        elif self.mode == "adaptive":
-            local = short and self._local_queue() < self._remote_queue()
-        else:
-            local = False
-        if self._prefills is not None:
-            self._prefills.labels("decode_worker" if local else "prefill_worker").inc()
-        return local
+        self._pools = {False: prefill, True: decode}
+        self._prefills = prefills  # admitted prompts by where: prefill_worker / decode_worker
+        self.waiting = {False: 0, True: 0}  # prompts placed whose first token has not come, by `local`
 
     @contextmanager
-    def local_prefill(self) -> Iterator[Callable[[], None]]:
-        """Count a local prefill in flight until the callable it yields is called (its first token
-        came) or the context ends, whichever is first. Enter it right after `local()` said so, with
-        no await between, so that concurrent requests see each other."""
-        pending = True
-
-        def done() -> None:
-            nonlocal pending
-            if pending:
-                pending = False
-                self.local_in_flight -= 1
-
-        self.local_in_flight += 1
+    def placed(self, prompt_tokens: int) -> Iterator[PlacedPrefill]:
+        """The prompt's place by the mode's rule (see the module doc), counted while the context is
+        open and the prompt waits for its first token."""
+        place = PlacedPrefill(self._local(prompt_tokens), self.waiting)
+        self.waiting[place.local] += 1
         try:
-            yield done
+            yield place
         finally:
-            done()
+            place.prefilled()
 
-    def _remote_queue(self) -> float:
-        return min((worker.active for worker in self._prefill.workers if worker.routable), default=float("inf"))
+    def admitted(self, place: PlacedPrefill) -> None:
+        """Count where an admitted request's prompt is prefilled (`disagg_gateway_prefills_total`)."""
+        if self._prefills is not None:
+            self._prefills.labels(WHERE[place.local]).inc()
 
-    def _local_queue(self) -> float:
-        serving = sum(worker.routable for worker in self._decode.workers)
-        return self.local_in_flight / max(1, serving)
+    def _local(self, prompt_tokens: int) -> bool:
+        short = prompt_tokens < self._threshold
+        if self.mode == "unified":
+            return True
+        if self.mode == "conditional":
+            return short
+        if self.mode == "adaptive":
+            return short and self._queue(True) < self._queue(False)
+        return False
+
+    def _queue(self, local: bool) -> float:
+        """Prompts waiting per serving worker of that side (no worker serving: endless)."""
+        serving = sum(worker.routable for worker in self._pools[local].workers)
+        return self.waiting[local] / serving if serving else float("inf")
