@@ -14,6 +14,7 @@ from services.common.tls import TlsFiles
 from services.gateway.text import PromptEncoder
 from tests.engine_harness import Harness, started
 from tests.otlp_receiver import SpanSink, start_receiver
+from tests.membership_helpers import PINNED_PLACEMENT
 from tests.redis_server import RedisServer, redis_alive
 from services.stack import ServiceSpec, Stack, free_port, local_stack
 
@@ -77,9 +78,7 @@ def start_stack(log_dir: Path, model: str, kvstore_backend: str = "memory", redi
     health checks present."""
     ports = {name: free_port() for name in (*SERVICE_NAMES, "http")}
     metrics_ports = {name: free_port() for name in (*SERVICE_NAMES, *extra_gateways)}
-    # every prompt on a prefill worker unless a test's gateway says otherwise: what a test of the
-    # handoff sends must take it, however many requests run at once
-    extra = {**(extra or {}), "gateway": ("--prefill-mode", "disaggregated", *(extra or {}).get("gateway", ()))}
+    extra = {**(extra or {}), "gateway": (*PINNED_PLACEMENT, *(extra or {}).get("gateway", ()))}
     specs = local_stack(ports, model, kvstore_backend, "direct", redis_url or "redis://127.0.0.1:6379/0",
                         extra=extra, log_level="DEBUG", metrics_ports=metrics_ports, tls=tls)
     env = dict(env or {})

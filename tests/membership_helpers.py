@@ -22,6 +22,11 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# Test gateways send every prompt to a prefill worker unless a test says otherwise: what a test of the
+# handoff sends must take it, however many requests run at once (the default, adaptive, may not).
+PINNED_PLACEMENT = ("--prefill-mode", "disaggregated")
+
+
 def worker_spec(name: str, role: str, *extra: str) -> ServiceSpec:
     port = free_port()
     return ServiceSpec(name, role, port, ("--port", str(port), "--metrics-port", "0", "--model", "tiny",
@@ -32,7 +37,7 @@ def gateway_spec(name: str, *args: str, metrics_port: int = 0) -> ServiceSpec:
     port = free_port()
     return ServiceSpec(name, "gateway", port, ("--port", str(port), "--metrics-port", str(metrics_port),
                                                "--http-port", "0", "--model", "tiny", "--log-level", "DEBUG",
-                                               "--prefill-mode", "disaggregated", *args))  # (as tests/conftest.py says)
+                                               *PINNED_PLACEMENT, *args))
 
 
 def write_addresses(path: Path, addresses: Sequence[str]) -> None:

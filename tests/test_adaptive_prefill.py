@@ -5,11 +5,9 @@ prompts is prefilled on both sides and every output is Hugging Face's."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 from contextlib import ExitStack
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.client import GatewayClient
 from services.common.backoff import Backoff
@@ -18,6 +16,7 @@ from services.gateway.placement import PrefillPlacement
 from services.gateway.routing import Worker, WorkerPool, WorkerState
 from services.gateway.settings import GatewaySettings
 from tests.conftest import PROMPTS, RunningStack
+from tests.test_observability import _scrape
 
 
 class Unwatched:
@@ -102,14 +101,9 @@ def test_an_unknown_prefill_mode_is_refused_at_start() -> None:
 
 def _prefills(stack: RunningStack, gateway: str) -> dict[str, float]:
     """The gateway's `disagg_gateway_prefills_total`, by where."""
-    port = stack.metrics_ports[gateway]
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    sent = {"prefill_worker": 0.0, "decode_worker": 0.0}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "disagg_gateway_prefills_total":
-                sent[sample.labels["where"]] += sample.value
-    return sent
+    metrics = _scrape(stack.metrics_ports[gateway])
+    return {where: metrics.get(f"disagg_gateway_prefills_total|where={where}", 0.0)
+            for where in ("prefill_worker", "decode_worker")}
 
 
 @pytest.fixture(scope="module")

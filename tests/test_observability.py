@@ -79,7 +79,7 @@ def _scrape(port: int) -> dict[str, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             key = sample.name + "".join(f"|{k}={v}" for k, v in sorted(sample.labels.items())
-                                        if k in ("method", "code"))
+                                        if k in ("method", "code", "where"))
             values[key] += sample.value
     return values
 

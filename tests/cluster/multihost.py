@@ -22,6 +22,7 @@ from services.stack import ServiceSpec, Stack, free_port
 from tests.cluster.links import Conditions, Link, LinkEmulator
 from tests.cluster.netns import Host, Lan
 from tests.conftest import RunningStack, start_healthy
+from tests.membership_helpers import PINNED_PLACEMENT
 from tests.held import Services
 
 PREFILL_TIMEOUT_SECONDS = 8
@@ -54,8 +55,7 @@ def specs(hosts: dict[str, Host]) -> list[ServiceSpec]:
     prefills = [_spec(name, "prefill", hosts[name], *worker, "--checkpoint-kv", "--kv-chunk-tokens", "128")
                 for name in PREFILLS]
     decode = _spec("decode", "decode", hosts["decode"], *worker)
-    routing = ("--model", "tiny", "--http-port", "0", "--prefill-mode", "disaggregated",
-               "--prefill-addresses", ",".join(p.address for p in prefills),
+    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT, "--prefill-addresses", ",".join(p.address for p in prefills),
                "--decode-addresses", decode.address, "--prefill-timeout-seconds", str(PREFILL_TIMEOUT_SECONDS))
     gateways = [_spec("gateway", "gateway", hosts["gateway"], *routing),
                 _spec("gateway_kvstore", "gateway", hosts["gateway"], *routing, "--kv-transfer", "kvstore")]

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.stack import ServiceSpec, Stack, free_port
 from tests.held import Services
-from tests.membership_helpers import stop_gracefully, wait_serving, wait_state
+from tests.membership_helpers import PINNED_PLACEMENT, stop_gracefully, wait_serving, wait_state
 
 ROLES = {"kvstore": ("kvstore", "kvstore2"), "prefill": ("prefill", "prefill2"), "decode": ("decode", "decode2"),
          "gateway": ("gateway", "gateway2")}
@@ -61,8 +61,7 @@ def specs(redis_url: str) -> list[ServiceSpec]:
     worker = ("--model", "tiny", "--kvstore-address", ",".join(spec.address for spec in kvstores))
     prefills = [_spec(name, "prefill", *worker, "--checkpoint-kv") for name in ROLES["prefill"]]
     decodes = [_spec(name, "decode", *worker) for name in ROLES["decode"]]
-    routing = ("--model", "tiny", "--http-port", "0", "--prefill-mode", "disaggregated",
-               "--prefill-addresses", ",".join(p.address for p in prefills),
+    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT, "--prefill-addresses", ",".join(p.address for p in prefills),
                "--decode-addresses", ",".join(d.address for d in decodes))
     gateways = [_spec("gateway", "gateway", *routing, "--kv-transfer", "kvstore"),
                 _spec("gateway2", "gateway", *routing, "--kv-transfer", "direct")]
