@@ -190,12 +190,14 @@ def start_healthy(stack: Stack, log_dir: Path, timeout: float = 300) -> None:
 @pytest.fixture(scope="session")
 def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """Real model; memory kvstore; the prefill checkpoints KV to it; small chunks so that a
-    transfer has many; gateways for the direct and the kvstore path."""
+    transfer has many; batched steps on the panel kernel (auto may keep oneDNN on another
+    machine: the exactness tests run on the kernel everywhere); gateways for the direct and the
+    kvstore path."""
     keyed_http, tools_http, shared_http = free_port(), free_port(), free_port()
     running = start_stack(
         tmp_path_factory.mktemp("memory-stack"), "default",
         extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
-               "decode": ("--max-chunk-mb", "2")},
+               "decode": ("--max-chunk-mb", "2", "--batched-products", "native")},
         extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore"),
                         "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http)),
                         "gateway_unified": ("--prefill-mode", "unified"),

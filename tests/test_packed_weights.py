@@ -1,6 +1,7 @@
-"""oneDNN-packed weights for the decode step (--packed-weights): batched steps run on them and agree
-with the model's own products within rounding; a batch of one keeps Hugging Face's bit-identical
-products unless `all` is asked for; fused projections keep their biases; bad settings are refused."""
+"""Packed weights for the decode step (--packed-weights), laid out for oneDNN or for the panel
+kernel (--batched-products): batched steps run on them and agree with the model's own products
+within rounding; a batch of one keeps Hugging Face's bit-identical products unless `all` is asked
+for; fused projections keep their biases; bad settings are refused."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import torch
 
 from services.common.runtime import ModelRuntime
 from services.decode.blocks import BlockManager
-from services.common.packed_weights import PackedLinear, PackedLinearModule, PackedWeights, packing_unsupported
+from services.common.model_files import default_cache_dir
+from services.common.packed_weights import (PackedLinear, PackedLinearModule, PackedWeights, RowProducts,
+                                            packing_unsupported)
 from services.common.worker import WorkerSettings, load_runtime
 from services.decode.paged_runner import PagedRunner, StepSlot
+from services.decode.panel_products import PanelKernel
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.__main__ import packing_mode
 from services.decode.settings import DecodeSettings
@@ -22,10 +26,21 @@ pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.f
                                 reason="no oneDNN weight packing in this torch build")
 
 
-def _packed(model: ModelRuntime, mode: str = "batched") -> PackedWeights:
-    packed = PackedWeights.build(model.model, model.device, mode)
-    assert packed is not None
+def _packed(model: ModelRuntime, mode: str = "batched", products: RowProducts | None = None) -> PackedWeights:
+    packed = PackedWeights.build(model.model, model.device, mode, products)
+    assert packed is not None and packed.products is products
     return packed
+
+
+@pytest.fixture(params=["onednn", "panel kernel"])
+def products(request: pytest.FixtureRequest) -> RowProducts | None:
+    """Each layout the decode can pack its weights for (--batched-products)."""
+    if request.param == "onednn":
+        return None
+    built = PanelKernel.build(default_cache_dir())
+    if isinstance(built, str):
+        pytest.skip(f"the panel kernel cannot be built here: {built}")
+    return built
 
 
 def _filled_pool(model: ModelRuntime, lengths: tuple[int, ...]) -> tuple[BlockPool, list[StepSlot]]:
@@ -41,7 +56,8 @@ def _filled_pool(model: ModelRuntime, lengths: tuple[int, ...]) -> tuple[BlockPo
     return pool, slots
 
 
-def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(tiny: ModelRuntime) -> None:
+def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(
+        tiny: ModelRuntime, products: RowProducts | None) -> None:
     pool, slots = _filled_pool(tiny, (3, 9, 6))
     saved = [(k.clone(), v.clone()) for k, v in zip(pool.keys, pool.values)]
 
@@ -51,7 +67,7 @@ def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(
             v.copy_(values)
         return runner.step(slots)
 
-    packed, plain = PagedRunner(tiny, pool, packed=_packed(tiny)), PagedRunner(tiny, pool)
+    packed, plain = PagedRunner(tiny, pool, packed=_packed(tiny, products=products)), PagedRunner(tiny, pool)
     assert packed.packs(3) and not packed.packs(1) and not plain.packs(3)
     expected = step(plain)
     got = step(packed)
@@ -61,7 +77,8 @@ def test_batched_steps_run_on_packed_weights_and_agree_with_the_models_products(
 
 
 @pytest.mark.parametrize("mode", ["batched", "all"])
-def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: ModelRuntime, mode: str) -> None:
+def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: ModelRuntime, mode: str,
+                                                                       products: RowProducts | None) -> None:
     config = PoolConfig(16, 4)
     pool, blocks = BlockPool(config, tiny.geometry, tiny.device), BlockManager(config)
     prompt = [5, 17, 33, 2, 90, 41]
@@ -69,7 +86,7 @@ def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: Mod
     table = blocks.table("s")
     cache = tiny.new_cache()
     tiny.prefill(prompt, lambda layer, k, v: pool.write(table, layer, 0, k, v), cache)
-    runner = PagedRunner(tiny, pool, packed=_packed(tiny, mode))
+    runner = PagedRunner(tiny, pool, packed=_packed(tiny, mode, products))
     with torch.inference_mode():
         expected = tiny.model(input_ids=torch.tensor([[7]]), cache=cache, use_cache=True).logits[0, -1]
     got = runner.step([StepSlot(table, len(prompt), 7)])[0]
@@ -80,11 +97,11 @@ def test_a_batch_of_one_is_bit_identical_to_hf_unless_all_is_asked_for(tiny: Mod
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fused_projections_keep_each_parts_bias() -> None:
+def test_fused_projections_keep_each_parts_bias(products: RowProducts | None) -> None:
     torch.manual_seed(0)
-    with_bias, without = torch.nn.Linear(16, 8), torch.nn.Linear(16, 4, bias=False)
-    x = torch.randn(5, 16)
-    first, second = PackedLinear.of(with_bias, without)(x)
+    with_bias, without = torch.nn.Linear(16, 8), torch.nn.Linear(16, 20, bias=False)
+    x = torch.randn(3, 5, 16)  # leading dimensions are kept
+    first, second = PackedLinear.of(with_bias, without, products=products)(x)
     with torch.no_grad():
         torch.testing.assert_close(first, with_bias(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(second, without(x), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,8 @@ streams (prompt ~128 tokens, 128 new tokens each, EOS ignored) measures generate
 of wall time; and the same kind of request done one after another with `generate` in this
 process. Runs the decode worker in its default mode and with --batch-invariant (every sequence
 bit-identical to a batch of one), or the modes named by --modes (sdpa-attention: batched steps
-attend with torch's SDPA over gathered blocks instead of the C kernel; gemv-torch: a stream alone
+attend with torch's SDPA over gathered blocks instead of the C kernel; onednn-products: batched
+steps compute their products with oneDNN instead of the panel kernel; gemv-torch: a stream alone
 computes its products with F.linear instead of the exact gemv kernel; no-one-stream: a stream alone
 steps through the model's modules, not the one-stream path), and prints the figures side by side
 with their ratios to the first mode.
@@ -60,6 +61,7 @@ def hf_sequential(runtime: ModelRuntime, encoder: PromptEncoder, prompts: list[s
 
 MODES = {"default": (), "batch-invariant": ("--batch-invariant",),
          "sdpa-attention": ("--paged-attention", "sdpa"),  # batched steps gather the blocks for torch's SDPA
+         "onednn-products": ("--batched-products", "onednn"),  # batched steps on oneDNN, not the panel kernel
          "gemv-torch": ("--gemv", "torch"),  # a stream alone on F.linear, not the exact gemv kernel
          "no-one-stream": ("--no-one-stream",)}  # a stream alone through the model's modules
 

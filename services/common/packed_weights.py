@@ -16,12 +16,16 @@ gate/up are each packed as one fused matrix; the LM head of a model with tied em
 copy). On the prefill worker only `all` does anything: it replaces every linear layer of its model by
 a packed one (`pack_linears`: no second copy but the tied LM head's), so the prompt's KV and first
 token are no longer bit-identical to Hugging Face's either; the default keeps them so.
+
+The decode may lay its copy out for another kernel instead (`RowProducts`: the panel kernel of
+services/decode/panel_products.py, `--batched-products`); a copy is laid out for one of them.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -29,6 +33,16 @@ log = logging.getLogger(__name__)
 
 PACKED_MODES = ("batched", "all", "off")
 ROWS_HINT = 32  # the batch size oneDNN picks its blocking for (the products stay correct for any rows)
+
+
+class RowProducts(Protocol):
+    """A kernel with its own weight layout: a few rows times a weight, for decode steps."""
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` [out, in] in the kernel's layout."""
+
+    def product(self, rows: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+        """`rows` [m, in] (contiguous float32) times the weight `pack` gave `packed` for: [m, out]."""
 
 
 def packing_unsupported(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -58,9 +72,10 @@ class PackedLinear:
     weight: torch.Tensor
     bias: torch.Tensor | None
     widths: tuple[int, ...]
+    products: RowProducts | None = None  # the kernel `weight` is laid out for; None: oneDNN
 
     @staticmethod
-    def of(*modules: torch.nn.Module) -> PackedLinear:
+    def of(*modules: torch.nn.Module, products: RowProducts | None = None) -> PackedLinear:
         for module in modules:
             if not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32:
                 raise TypeError(f"{type(module).__name__} is not a float32 nn.Linear")
@@ -69,13 +84,19 @@ class PackedLinear:
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
         fused = torch.cat(weights) if len(weights) > 1 else weights[0]
-        return PackedLinear(torch.ops.mkldnn._reorder_linear_weight(fused.contiguous(), ROWS_HINT), bias,
-                            tuple(w.shape[0] for w in weights))
+        packed = (torch.ops.mkldnn._reorder_linear_weight(fused.contiguous(), ROWS_HINT) if products is None
+                  else products.pack(fused))
+        return PackedLinear(packed, bias, tuple(w.shape[0] for w in weights), products)
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [..., in] -> one [..., out] tensor per fused part (views of one result)."""
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        if self.products is None:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        else:
+            out = self.products.product(rows, self.weight, sum(self.widths))
+            if self.bias is not None:
+                out += self.bias
         return out.view(*x.shape[:-1], out.shape[-1]).split(self.widths, dim=-1)
 
 
@@ -89,28 +110,34 @@ class PackedLayer:
 
 class PackedWeights:
     """Packed projections of every layer and the LM head of a Llama-family model, for decode steps of
-    2+ sequences, and of one too when `for_one` (--packed-weights all)."""
+    2+ sequences, and of one too when `for_one` (--packed-weights all); laid out for `products`
+    (None: oneDNN)."""
 
-    def __init__(self, model: torch.nn.Module, for_one: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, for_one: bool = False, products: RowProducts | None = None) -> None:
         self.for_one = for_one
+        self.products = products
         body = model.model
+
+        def of(*modules: torch.nn.Module) -> PackedLinear:
+            return PackedLinear.of(*modules, products=products)
+
         with torch.inference_mode():
-            self.layers = [PackedLayer(PackedLinear.of(layer.self_attn.q_proj, layer.self_attn.k_proj,
-                                                       layer.self_attn.v_proj),
-                                       PackedLinear.of(layer.self_attn.o_proj),
-                                       PackedLinear.of(layer.mlp.gate_proj, layer.mlp.up_proj),
-                                       PackedLinear.of(layer.mlp.down_proj)) for layer in body.layers]
-            self.lm_head = PackedLinear.of(model.lm_head)
+            self.layers = [PackedLayer(of(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                                       of(layer.self_attn.o_proj), of(layer.mlp.gate_proj, layer.mlp.up_proj),
+                                       of(layer.mlp.down_proj)) for layer in body.layers]
+            self.lm_head = of(model.lm_head)
 
     @staticmethod
-    def build(model: torch.nn.Module, device: torch.device, mode: str) -> PackedWeights | None:
-        """The packed copy `mode` asks for, or None (mode off, or packing unsupported here: logged)."""
+    def build(model: torch.nn.Module, device: torch.device, mode: str,
+              products: RowProducts | None = None) -> PackedWeights | None:
+        """The packed copy `mode` asks for, laid out for `products` (None: oneDNN), or None (mode
+        off, or packing unsupported here: logged)."""
         if mode not in PACKED_MODES:
             raise ValueError(f"packed weights mode must be one of {', '.join(PACKED_MODES)}, got {mode!r}")
         if mode == "off" or _unsupported(model, device, mode):
             return None
         try:
-            return PackedWeights(model, for_one=mode == "all")
+            return PackedWeights(model, for_one=mode == "all", products=products)
         except (AttributeError, TypeError) as error:  # not q/k/v/o + gate/up/down nn.Linear layers (MoE, quantized)
             log.warning("--packed-weights %s: this model's layers are not plain Llama-style linears (%s); "
                         "using F.linear", mode, error)

@@ -19,7 +19,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
-from services.decode import exact_gemv, one_stream
+from services.decode import exact_gemv, one_stream, panel_products
 from services.decode.native_attention import NativeAttention
 from services.decode.paged_runner import check_layers
 from services.decode.pool import PoolConfig
@@ -57,6 +57,11 @@ def packing_mode(settings: DecodeSettings) -> str:
     return settings.packed_weights
 
 
+def products_mode(settings: DecodeSettings) -> str:
+    """Which kernel the packed weights are laid out for: oneDNN's (no timing at start) where nothing is packed."""
+    return "onednn" if packing_mode(settings) == "off" else settings.batched_products
+
+
 def attention_mode(settings: DecodeSettings) -> str:
     """How batched steps attend: batch-invariant steps attend per sequence, never batched."""
     return "sdpa" if settings.batch_invariant else settings.paged_attention
@@ -85,7 +90,10 @@ async def run(settings: DecodeSettings) -> None:
                                   settings.kvstore_timeout_seconds, factory)
         pool = (PoolConfig(settings.kv_pool_blocks, settings.block_size) if settings.kv_pool_blocks
                 else PoolConfig.from_megabytes(settings.kv_pool_mb, settings.block_size, runtime.geometry))
-        packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings))
+        products = await thread.run(panel_products.choose, runtime.model, runtime.device,
+                                    Path(settings.model_cache_dir), products_mode(settings))
+        packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings),
+                                  products)
         # after packing, which reads the model's own nn.Linear modules
         await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv)
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),

@@ -10,6 +10,7 @@ from services.common.kv_ingest import MODES as INGEST_MODES
 from services.common.worker import WorkerSettings
 from services.decode.exact_gemv import MODES as GEMV_MODES
 from services.decode.native_attention import MODES as ATTENTION_MODES
+from services.decode.panel_products import MODES as PRODUCTS_MODES
 
 
 @dataclass(slots=True)
@@ -59,6 +60,10 @@ class DecodeSettings(WorkerSettings):
                         "thread; each layer checked against F.linear at start; compiled at start; CPU, float32), "
                         "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
                         "make F.linear faster)", "GEMV")
+    batched_products: str = setting("auto", "how a batched step computes its products on the packed weights: "
+                                    "native (a C kernel that streams each weight once in panels, compiled at "
+                                    "start; CPU, float32), onednn (oneDNN's packed products), or auto (whichever "
+                                    "is faster on the LM head at start, logged)", "BATCHED_PRODUCTS")
     one_stream: bool = setting(True, "step a stream alone in the fewest calls: the same operations on the same "
                                "values as the model's modules (bit-identical), its products written into shared "
                                "buffers (by the exact gemv kernel where --gemv installed it, else by F.linear) and "
@@ -83,6 +88,9 @@ class DecodeSettings(WorkerSettings):
                              f"got {self.paged_attention!r}")
         if self.kv_ingest not in INGEST_MODES:
             raise ValueError(f"kv_ingest must be one of {', '.join(INGEST_MODES)}, got {self.kv_ingest!r}")
+        if self.batched_products not in PRODUCTS_MODES:
+            raise ValueError(f"batched_products must be one of {', '.join(PRODUCTS_MODES)}, "
+                             f"got {self.batched_products!r}")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv must be one of {', '.join(GEMV_MODES)}, got {self.gemv!r}")
         if self.prefix_cache not in ("on", "off"):

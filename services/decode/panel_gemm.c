@@ -1,0 +1,99 @@
+/* A decode step's matrix products for a few rows, out[m][n] = sum_k x[m][k] * w[n][k], reading
+ * each weight once from memory (panel_products.py says why and where it is used).
+ *
+ * The weight is stored in panels of NP output columns, each laid out k by k
+ * (panels[p][k][c] = w[p * NP + c][k], the last panel zero-padded), so one panel streams through
+ * memory in order and the next panels are prefetched while this one is computed. Up to MR input
+ * rows at a time: each k broadcasts an input value and adds its products with the panel's NP
+ * weights into 2 x MR vector sums (an outer product: no sum across lanes at the end). The
+ * panel, ~37 KB for 576 inputs, is read from cache again for each further MR rows. */
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define LANES 16
+#else
+#define LANES 8 /* AVX2, or what the compiler makes of 32-byte vectors elsewhere */
+#endif
+#define NP (2 * LANES) /* output columns a panel holds */
+#define MR 6           /* input rows computed together: 2 x MR sums + 2 weights fit AVX2's 16 registers */
+#ifndef PREFETCH_PANELS
+#define PREFETCH_PANELS 2 /* how far ahead (in panels) the weights are prefetched */
+#endif
+
+typedef float vec __attribute__((vector_size(LANES * 4)));
+
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+
+/* rows x[0..rows) (row stride k) times one panel into out (row stride ldo), its first `columns` */
+static inline __attribute__((always_inline)) void rows_block(const float *x, const float *panel, const float *ahead,
+                                                             float *out, int64_t k, int64_t ldo, int rows,
+                                                             int columns) {
+    vec sums[MR][2];
+    for (int r = 0; r < MR; r++) sums[r][0] = sums[r][1] = (vec){0};
+    for (int64_t i = 0; i < k; i++) {
+        if (ahead) { /* the panel PREFETCH_PANELS on, same offset: each 64-byte line of this k's NP weights */
+            __builtin_prefetch(ahead + i * NP, 0, 1);
+            if (NP > 16) __builtin_prefetch(ahead + i * NP + 16, 0, 1);
+        }
+        vec w0 = load(panel + i * NP), w1 = load(panel + i * NP + LANES);
+        for (int r = 0; r < MR; r++)
+            if (r < rows) {
+                const float xr = x[r * k + i]; /* broadcast by the vector-scalar product */
+                sums[r][0] += w0 * xr;
+                sums[r][1] += w1 * xr;
+            }
+    }
+    for (int r = 0; r < rows; r++) {
+        if (columns == NP) {
+            store(out + r * ldo, sums[r][0]);
+            store(out + r * ldo + LANES, sums[r][1]);
+        } else {
+            float full[NP];
+            store(full, sums[r][0]);
+            store(full + LANES, sums[r][1]);
+            memcpy(out + r * ldo, full, (size_t)columns * sizeof(float));
+        }
+    }
+}
+
+int panel_width(void) { return NP; }
+
+/* out[m][n] (rows m, n contiguous) for x[m][k] and the panels of a weight with n rows and k
+ * columns; -1 (computing nothing) for a negative size. */
+int panel_gemm(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k) {
+    if (m < 0 || n < 0 || k < 0) return -1;
+    if (m == 0 || n == 0) return 0; /* nothing to write (and empty tensors may have no address) */
+    if (k == 0) {
+        memset(out, 0, (size_t)(m * n) * sizeof(float));
+        return 0;
+    }
+    const int64_t count = (n + NP - 1) / NP;
+    for (int64_t p = 0; p < count; p++) {
+        const float *panel = panels + p * k * NP;
+        const float *ahead = p + PREFETCH_PANELS < count ? panel + PREFETCH_PANELS * k * NP : 0;
+        const int columns = n - p * NP < NP ? (int)(n - p * NP) : NP;
+        for (int64_t row = 0; row < m; row += MR) {
+            const int rows = m - row < MR ? (int)(m - row) : MR;
+            const float *hint = row == 0 ? ahead : 0; /* once per panel */
+            float *o = out + row * n + p * NP;
+            const float *xs = x + row * k;
+            switch (rows) { /* a constant row count each: the compiler keeps the sums in registers */
+            case MR: rows_block(xs, panel, hint, o, k, n, MR, columns); break;
+            case 5: rows_block(xs, panel, hint, o, k, n, 5, columns); break;
+            case 4: rows_block(xs, panel, hint, o, k, n, 4, columns); break;
+            case 3: rows_block(xs, panel, hint, o, k, n, 3, columns); break;
+            case 2: rows_block(xs, panel, hint, o, k, n, 2, columns); break;
+            default: rows_block(xs, panel, hint, o, k, n, 1, columns); break;
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,143 @@
+"""A batched decode step's products by a small C kernel that reads each weight once (panel_gemm.c).
+
+A decode step of a few sequences multiplies a few rows by every weight of the model: at 16 rows
+SmolLM2-135M's 540 MB of weights meet 4.3 GFLOP, so the step is bound by memory or by the
+core's arithmetic, and the matrices are far larger than the caches. oneDNN's packed products
+(`--packed-weights`, the default before this kernel) reach neither bound on some CPUs: on a
+2-core AMD EPYC (Zen 3, AVX2) they took 160 ms of a 16-row step's ~200 (27 GFLOPS, 3.4 GB/s).
+The kernel keeps each weight in panels of 16 (AVX2) or 32 (AVX-512) output columns laid out k by
+k, streams them in order with the next panels prefetched, and computes up to six rows per pass
+as outer products in registers. Measured there on all of a step's products (one thread, weights
+cold): 8 rows 52-80 against 82-141 ms for oneDNN, 16 rows 98-111 against 114-163.
+
+It is compiled at the decode's start for the machine (services.common.native_build). Which
+computes faster differs between CPUs, so `--batched-products auto` times both on the model's
+LM head (the largest matrix, colder than any cache) at a few row counts and keeps the faster
+(logged); `native` takes the kernel (refusing to start where it cannot be built) and `onednn`
+keeps oneDNN's. Either replaces the other's copy of the weights, so memory is the same. A batch of
+one is not affected unless `--packed-weights all` puts it on the packed weights.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from services.common.errors import InternalFailure
+from services.common.native_build import compiled
+from services.common.packed_weights import PackedLinear, packing_unsupported
+from services.decode.exact_gemv import best_seconds
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "native", "onednn")
+SOURCE = Path(__file__).with_name("panel_gemm.c")
+PROBE_ROWS = (4, 16, 32)  # the batch sizes auto times both on: where the kernel should win, and where it may not
+PROBE_SEED = 20261130
+
+
+class PanelKernel:
+    """The compiled kernel: packs weights into its panels and multiplies rows by them."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        library.panel_width.restype = ctypes.c_int
+        self.width = int(library.panel_width())  # output columns of a panel (16 with AVX2, 32 with AVX-512)
+        self._kernel = library.panel_gemm
+        self._kernel.restype = ctypes.c_int
+        self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+
+    @staticmethod
+    def build(cache_dir: Path) -> PanelKernel | str:
+        """The kernel, or why it cannot be built."""
+        built = compiled(SOURCE, "panel_gemm", [], cache_dir, flags=("-ffp-contract=fast",))
+        return PanelKernel(built) if isinstance(built, ctypes.CDLL) else built
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight` [out, in] as panels [ceil(out / width), in, width] (the last zero-padded)."""
+        out_features, in_features = weight.shape
+        full, left = divmod(out_features, self.width)
+        panels = weight.new_zeros(full + (left > 0), in_features, self.width)  # the only copy made
+        panels[:full] = weight[:full * self.width].view(full, self.width, in_features).transpose(1, 2)
+        if left:
+            panels[full, :, :left] = weight[full * self.width:].t()
+        return panels
+
+    def product(self, rows: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
+        """`rows` [m, in] times the weight `pack` gave `panels` for: [m, out_features]."""
+        if not (rows.dim() == 2 and rows.dtype == panels.dtype == torch.float32 and rows.is_contiguous()
+                and panels.is_contiguous() and rows.device.type == panels.device.type == "cpu"
+                and panels.dim() == 3 and panels.shape[1:] == (rows.shape[1], self.width)
+                and panels.shape[0] == math.ceil(out_features / self.width)):
+            raise InternalFailure("panel kernel: its inputs are not laid out as it reads them")
+        out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        if self._kernel(rows.data_ptr(), panels.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
+                        rows.shape[1]):
+            raise InternalFailure("panel kernel refused its sizes")
+        return out
+
+
+def choose(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: str) -> PanelKernel | None:
+    """The kernel where `mode` and this machine want it for batched steps, else None (oneDNN's)."""
+    if mode not in MODES:
+        raise ValueError(f"batched_products must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "onednn":
+        return None
+    unpacked = packing_unsupported(device, next(model.parameters()).dtype)
+    if unpacked and mode == "auto":
+        return None  # nothing is packed at all (PackedWeights.build logs why)
+    built = unpacked or PanelKernel.build(cache_dir)
+    head = model.get_submodule("lm_head")
+    if not isinstance(built, str) and not _agrees(built, head):
+        built = "its products differ from F.linear's on the LM head (a miscompiled or unusual build)"
+    if isinstance(built, str):
+        if mode == "native":
+            raise ValueError(f"--batched-products native cannot be used here: {built}")
+        log.info("batched products: oneDNN's (the panel kernel cannot be used: %s)", built)
+        return None
+    if mode == "native":
+        log.info("batched products: the panel kernel (--batched-products native)")
+        return built
+    return _faster(built, head)
+
+
+def _agrees(kernel: PanelKernel, head: torch.nn.Module) -> bool:
+    """Whether the kernel's products on `head` (a float32 linear layer, else nothing to lay out: True,
+    and packing logs why) are F.linear's within rounding, on seeded probe rows."""
+    if not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
+        return True
+    with torch.inference_mode():
+        x = torch.randn(PROBE_ROWS[0], head.in_features, generator=torch.Generator().manual_seed(PROBE_SEED))
+        expected = F.linear(x, head.weight)
+        got = kernel.product(x, kernel.pack(head.weight.detach()), head.out_features)
+        return torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def _faster(kernel: PanelKernel, head: torch.nn.Module) -> PanelKernel | None:
+    """The kernel if it computes `head`'s products faster than oneDNN over PROBE_ROWS, else None
+    (also where the head is not a float32 linear layer: then nothing is packed, and packing logs why)."""
+    with torch.inference_mode():
+        try:
+            panel, onednn = PackedLinear.of(head, products=kernel), PackedLinear.of(head)
+        except TypeError:
+            return None
+        generator = torch.Generator().manual_seed(PROBE_SEED)  # not the global RNG
+        inputs = [torch.randn(rows, panel.weight.shape[1], generator=generator) for rows in PROBE_ROWS]
+        seconds = [_total_seconds(linear, inputs) for linear in (panel, onednn)]
+    chosen = seconds[0] < seconds[1]
+    log.info("batched products: %s (the LM head at %s rows, in total: the panel kernel %.1f ms, oneDNN %.1f ms)",
+             "the panel kernel" if chosen else "oneDNN's", ", ".join(map(str, PROBE_ROWS)), seconds[0] * 1e3,
+             seconds[1] * 1e3)
+    return kernel if chosen else None
+
+
+def _total_seconds(linear: PackedLinear, inputs: list[torch.Tensor]) -> float:
+    total = 0.0
+    for x in inputs:
+        total += best_seconds(functools.partial(linear, x), repeats=3)
+    return total
