@@ -131,6 +131,27 @@ def test_kvstore_drain_waits_for_calls_in_flight(tmp_path: Path, private_redis) 
         stack.stop()
 
 
+def test_sigterm_again_while_a_service_stops_still_lets_it_exit_zero(tmp_path: Path) -> None:
+    """Kubernetes, a supervisor or an impatient user may send SIGTERM again while a service is on
+    its way out. The stop used to give the signals back to their default action before the process
+    had exited, so a second SIGTERM in that window killed it (exit -15, seen in the rolling-restart
+    test on a slow machine) instead of letting it finish its clean stop."""
+    port = free_port()
+    stack = Stack([ServiceSpec("kvstore", "kvstore", port, ("--port", str(port), "--metrics-port", "0",
+                                                            "--backend", "memory"))], log_dir=str(tmp_path))
+    stack.start()
+    try:
+        stack.wait_healthy(timeout=60)
+        process = stack.processes["kvstore"]
+        deadline = time.monotonic() + 30
+        while process.poll() is None and time.monotonic() < deadline:  # SIGTERM every millisecond until it exits
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.001)
+        assert process.wait(5) == 0
+    finally:
+        stack.stop()
+
+
 async def test_a_worker_that_can_no_longer_serve_says_not_serving_and_stops(tmp_path: Path) -> None:
     """`Lifecycle.fail` (the decode loop died, a step hung): health turns NOT_SERVING at once, the
     server stops without draining, and serve() raises FatalStop (the process exits non-zero)."""

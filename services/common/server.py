@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import TypeVar
 
 import grpc
@@ -130,6 +131,7 @@ class Lifecycle:
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SignalHandler = Callable[[int, FrameType | None], object] | int | signal.Handlers | None  # signal.getsignal's
 
 
 class Readiness:
@@ -154,16 +156,30 @@ class Readiness:
         self._changed.clear()
 
 
-def _install_signal_handlers(stop: asyncio.Event) -> None:
+def _install_signal_handlers(stop: asyncio.Event) -> dict[int, SignalHandler]:
+    """The loop sets `stop` on a stop signal; returns the handlers it replaced."""
     loop = asyncio.get_running_loop()
+    previous: dict[int, SignalHandler] = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
+    return previous
 
 
-def _remove_signal_handlers() -> None:
+def _restore_signal_handlers(previous: dict[int, SignalHandler]) -> None:
+    """Hand the stop signals back from the loop to the handlers they had before (a service's
+    process ignores them by then: run_service). The loop's removal alone would restore their
+    default action, and a second SIGTERM from a supervisor would kill the service mid-exit."""
     loop = asyncio.get_running_loop()
-    for sig in _STOP_SIGNALS:
+    for sig, handler in previous.items():
         loop.remove_signal_handler(sig)
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)  # None: not set from Python
+
+
+def _ignore_stop_signals() -> None:
+    """For a service's process from its asyncio run on: `serve` handles the stop signals while
+    it serves; before and after, the process is starting its loop or already stopping."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecycle,
@@ -177,7 +193,7 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
     is raised.
     """
     stop = lifecycle.stop
-    _install_signal_handlers(stop)
+    previous_handlers = _install_signal_handlers(stop)
     # No SO_REUSEPORT: a second server on a taken port fails at start instead of silently sharing it.
     server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)], interceptors=list(interceptors))
     names = list(register(server))
@@ -206,7 +222,7 @@ async def serve(spec: ServerSpec, telemetry: ServiceTelemetry, lifecycle: Lifecy
     finally:
         await server.stop(FINAL_STOP_SECONDS)
         stop_metrics()
-        _remove_signal_handlers()
+        _restore_signal_handlers(previous_handlers)
         log.info("%s stopped", spec.name)
     if lifecycle.fatal is not None:
         raise FatalStop(lifecycle.fatal)
@@ -268,6 +284,7 @@ def run_service(name: str, settings_type: type[S], description: str,
         tracing = setup_tracing(name)
     except ValueError as exc:
         sys.exit(f"{name}: {exc}")
+    _ignore_stop_signals()
     try:
         asyncio.run(run(settings))
     except FatalStop as stopped:
