@@ -10,20 +10,21 @@ k, streams them in order with the next panels prefetched, and computes up to six
 as outer products in registers. Measured there on all of a step's products (one thread, weights
 cold): 8 rows 52-80 against 82-141 ms for oneDNN, 16 rows 98-111 against 114-163.
 
-It is compiled at the decode's start for the machine (services.common.native_build). Which
-computes faster differs between CPUs, so `--batched-products auto` times both on the model's
-LM head (the largest matrix, colder than any cache) at a few row counts and keeps the faster
-(logged); `native` takes the kernel (refusing to start where it cannot be built) and `onednn`
-keeps oneDNN's. Either replaces the other's copy of the weights, so memory is the same. A batch of
+It is compiled at the decode's start for the machine (services.common.native_build) and its
+products are checked against F.linear's on one layer. Which computes faster differs between CPUs,
+so `--batched-products auto` times both on the model's first layers, 64 MB of weights (more than a
+last-level cache, as a step's are), one after another at a few row counts, and keeps the faster
+(logged; timing only the LM head favoured oneDNN, whose per-call cost is what the kernel saves);
+`native` takes the kernel (refusing to start where it cannot be built) and `onednn` keeps oneDNN's. Either replaces the other's copy of the weights, so memory is the same. A batch of
 one is not affected unless `--packed-weights all` puts it on the packed weights.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -32,13 +33,13 @@ import torch.nn.functional as F
 from services.common.errors import InternalFailure
 from services.common.native_build import compiled
 from services.common.packed_weights import PackedLinear, packing_unsupported
-from services.decode.exact_gemv import best_seconds
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "native", "onednn")
 SOURCE = Path(__file__).with_name("panel_gemm.c")
 PROBE_ROWS = (4, 16, 32)  # the batch sizes auto times both on: where the kernel should win, and where it may not
+PROBE_BYTES = 64 << 20  # weights auto times them on: more than a CPU's last-level cache holds, as a step's are
 PROBE_SEED = 20261130
 
 
@@ -92,9 +93,9 @@ def choose(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: 
     if unpacked and mode == "auto":
         return None  # nothing is packed at all (PackedWeights.build logs why)
     built = unpacked or PanelKernel.build(cache_dir)
-    head = model.get_submodule("lm_head")
-    if not isinstance(built, str) and not _agrees(built, head):
-        built = "its products differ from F.linear's on the LM head (a miscompiled or unusual build)"
+    linears = _probe_linears(model)
+    if not isinstance(built, str) and linears and not _agrees(built, linears[0]):
+        built = "its products differ from F.linear's (a miscompiled or unusual build)"
     if isinstance(built, str):
         if mode == "native":
             raise ValueError(f"--batched-products native cannot be used here: {built}")
@@ -103,41 +104,54 @@ def choose(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: 
     if mode == "native":
         log.info("batched products: the panel kernel (--batched-products native)")
         return built
-    return _faster(built, head)
+    return _faster(built, linears) if linears else None  # none: nothing to pack (packing logs why)
 
 
-def _agrees(kernel: PanelKernel, head: torch.nn.Module) -> bool:
-    """Whether the kernel's products on `head` (a float32 linear layer, else nothing to lay out: True,
-    and packing logs why) are F.linear's within rounding, on seeded probe rows."""
-    if not isinstance(head, torch.nn.Linear) or head.weight.dtype != torch.float32:
-        return True
+def _probe_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The model's first float32 linear layers, in a step's order, until PROBE_BYTES of weights."""
+    chosen: list[torch.nn.Linear] = []
+    size = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 and size < PROBE_BYTES:
+            chosen.append(module)
+            size += module.weight.numel() * module.weight.element_size()
+    return chosen
+
+
+def _agrees(kernel: PanelKernel, linear: torch.nn.Linear) -> bool:
+    """Whether the kernel's products on `linear` are F.linear's within rounding, on seeded rows."""
     with torch.inference_mode():
-        x = torch.randn(PROBE_ROWS[0], head.in_features, generator=torch.Generator().manual_seed(PROBE_SEED))
-        expected = F.linear(x, head.weight)
-        got = kernel.product(x, kernel.pack(head.weight.detach()), head.out_features)
+        x = torch.randn(PROBE_ROWS[0], linear.in_features, generator=torch.Generator().manual_seed(PROBE_SEED))
+        expected = F.linear(x, linear.weight)
+        got = kernel.product(x, kernel.pack(linear.weight.detach()), linear.out_features)
         return torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
-def _faster(kernel: PanelKernel, head: torch.nn.Module) -> PanelKernel | None:
-    """The kernel if it computes `head`'s products faster than oneDNN over PROBE_ROWS, else None
-    (also where the head is not a float32 linear layer: then nothing is packed, and packing logs why)."""
+def _faster(kernel: PanelKernel, linears: list[torch.nn.Linear]) -> PanelKernel | None:
+    """The kernel if it computes the products of `linears`, one after another as a step does and
+    at each of PROBE_ROWS, faster than oneDNN (the two timed in turn, best of three), else None."""
     with torch.inference_mode():
-        try:
-            panel, onednn = PackedLinear.of(head, products=kernel), PackedLinear.of(head)
-        except TypeError:
-            return None
+        layouts = {"panel": [PackedLinear.of(linear, products=kernel) for linear in linears],
+                   "onednn": [PackedLinear.of(linear) for linear in linears]}
         generator = torch.Generator().manual_seed(PROBE_SEED)  # not the global RNG
-        inputs = [torch.randn(rows, panel.weight.shape[1], generator=generator) for rows in PROBE_ROWS]
-        seconds = [_total_seconds(linear, inputs) for linear in (panel, onednn)]
-    chosen = seconds[0] < seconds[1]
-    log.info("batched products: %s (the LM head at %s rows, in total: the panel kernel %.1f ms, oneDNN %.1f ms)",
-             "the panel kernel" if chosen else "oneDNN's", ", ".join(map(str, PROBE_ROWS)), seconds[0] * 1e3,
-             seconds[1] * 1e3)
+        inputs = {(rows, width): torch.randn(rows, width, generator=generator)
+                  for rows in PROBE_ROWS for width in {linear.in_features for linear in linears}}
+        seconds = dict.fromkeys(layouts, math.inf)
+        for _ in range(3):
+            for name, packed in layouts.items():
+                seconds[name] = min(seconds[name], _step_seconds(packed, linears, inputs))
+    chosen = seconds["panel"] < seconds["onednn"]
+    megabytes = sum(linear.weight.numel() for linear in linears) * 4 / 1e6
+    log.info("batched products: %s (%d linear layers, %.0f MB, at %s rows, in total: the panel kernel %.1f ms, "
+             "oneDNN %.1f ms)", "the panel kernel" if chosen else "oneDNN's", len(linears), megabytes,
+             ", ".join(map(str, PROBE_ROWS)), seconds["panel"] * 1e3, seconds["onednn"] * 1e3)
     return kernel if chosen else None
 
 
-def _total_seconds(linear: PackedLinear, inputs: list[torch.Tensor]) -> float:
-    total = 0.0
-    for x in inputs:
-        total += best_seconds(functools.partial(linear, x), repeats=3)
-    return total
+def _step_seconds(packed: list[PackedLinear], linears: list[torch.nn.Linear],
+                  inputs: dict[tuple[int, int], torch.Tensor]) -> float:
+    started = time.perf_counter()
+    for rows in PROBE_ROWS:
+        for layer, linear in zip(packed, linears):
+            layer(inputs[rows, linear.in_features])
+    return time.perf_counter() - started

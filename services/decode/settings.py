@@ -63,7 +63,7 @@ class DecodeSettings(WorkerSettings):
     batched_products: str = setting("auto", "how a batched step computes its products on the packed weights: "
                                     "native (a C kernel that streams each weight once in panels, compiled at "
                                     "start; CPU, float32), onednn (oneDNN's packed products), or auto (whichever "
-                                    "is faster on the LM head at start, logged)", "BATCHED_PRODUCTS")
+                                    "is faster on the model's first layers at start, logged)", "BATCHED_PRODUCTS")
     one_stream: bool = setting(True, "step a stream alone in the fewest calls: the same operations on the same "
                                "values as the model's modules (bit-identical), its products written into shared "
                                "buffers (by the exact gemv kernel where --gemv installed it, else by F.linear) and "
