@@ -185,7 +185,7 @@ def test_every_prefetch_hint_gives_the_same_bits_and_the_faster_on_the_largest_l
     assert _fastest(weight).hint in exact_gemv.PREFETCH_HINTS  # the real timing runs
     for timings, chosen in (((2.0, 1.0), "nta"), ((1.0, 2.0), "t2")):  # the hints' times, in PREFETCH_HINTS order
         times = iter(timings)
-        monkeypatch.setattr(exact_gemv, "best_seconds", lambda run, times=times: (run(), next(times))[1])
+        monkeypatch.setattr(exact_gemv, "_seconds", lambda run, times=times: (run(), next(times))[1])
         with caplog.at_level("INFO", logger="services.decode.exact_gemv"):
             assert _fastest(weight).hint == chosen
         assert f"exact gemv kernel: prefetch hint {chosen} (t2 {timings[0] * 1e3:.2f} ms, nta " in caplog.text

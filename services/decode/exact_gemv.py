@@ -73,8 +73,7 @@ class ExactGemv:
             return kernels[0] if kernels else built[0]
         x = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(PROBE_SEED))  # not the global RNG
         with torch.inference_mode():
-            seconds = {kernel.hint: best_seconds(lambda kernel=kernel: kernel.product(weight, x))
-                       for kernel in kernels}
+            seconds = {kernel.hint: _seconds(lambda kernel=kernel: kernel.product(weight, x)) for kernel in kernels}
         chosen = min(kernels, key=lambda kernel: seconds[kernel.hint])
         log.info("exact gemv kernel: prefetch hint %s (%s on the largest layer, %.1f MB)", chosen.hint,
                  ", ".join(f"{hint} {value * 1e3:.2f} ms" for hint, value in seconds.items()),
@@ -124,15 +123,14 @@ class ExactGemv:
         """Whether the kernel (one thread) beats `F.linear` (torch's threads) on this weight: with
         several threads MKL may, where one core cannot read memory as fast as all of them."""
         x = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(PROBE_SEED))
-        return best_seconds(lambda: self.product(weight, x)) < best_seconds(lambda: F.linear(x[None], weight))
+        return _seconds(lambda: self.product(weight, x)) < _seconds(lambda: F.linear(x[None], weight))
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
-def best_seconds(run: Callable[[], object], repeats: int = 5) -> float:
-    """The shortest of `repeats` timed calls of `run`, after one untimed (warming caches and allocations)."""
+def _seconds(run: Callable[[], object], repeats: int = 5) -> float:
     run()
     best = math.inf
     for _ in range(repeats):

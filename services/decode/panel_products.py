@@ -15,8 +15,9 @@ products are checked against F.linear's on one layer. Which computes faster diff
 so `--batched-products auto` times both on the model's first layers, 64 MB of weights (more than a
 last-level cache, as a step's are), one after another at a few row counts, and keeps the faster
 (logged; timing only the LM head favoured oneDNN, whose per-call cost is what the kernel saves);
-`native` takes the kernel (refusing to start where it cannot be built) and `onednn` keeps oneDNN's. Either replaces the other's copy of the weights, so memory is the same. A batch of
-one is not affected unless `--packed-weights all` puts it on the packed weights.
+`native` takes the kernel (refusing to start where it cannot be built) and `onednn` keeps
+oneDNN's. Either replaces the other's copy of the weights, so memory is the same. A batch of one
+is not affected unless `--packed-weights all` puts it on the packed weights.
 """
 
 from __future__ import annotations
