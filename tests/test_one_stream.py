@@ -2,7 +2,7 @@
 Hugging Face's logits bit for bit over contiguous and scattered blocks, with biases and grouped
 heads, its products on the exact gemv kernel or (where this machine's BLAS sums in another order
 than the kernel's) on F.linear; where it cannot take a model it says why and the modules' path
-runs; the running decode steps on it."""
+runs; the running decode steps on it; its lean RMS norm gives the module's bits."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import pytest
 import torch
 from transformers import (DynamicCache, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM,
                           MistralConfig, MistralForCausalLM, PretrainedConfig, Qwen3Config, Qwen3ForCausalLM)
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from services.common.model_files import default_cache_dir
 from services.common.packed_weights import PackedWeights
@@ -166,3 +168,25 @@ def test_the_running_decode_steps_a_stream_alone_on_the_one_stream_path(memory_s
     assert memory_stack.stack.log_dir is not None
     log = (Path(memory_stack.stack.log_dir) / "decode.log").read_text()
     assert "a stream alone steps on the one-stream path" in log
+
+
+@pytest.mark.parametrize("norm_class", ["llama", "qwen2"])
+def test_the_lean_rms_norm_gives_the_modules_bits(norm_class: str) -> None:
+    generator = torch.Generator().manual_seed(7)
+    module = (LlamaRMSNorm if norm_class == "llama" else Qwen2RMSNorm)(576, eps=1e-6)
+    module.weight.data = torch.rand(576, generator=generator) * 3 - 1
+    lean = one_stream._norm(module)
+    assert lean is not module
+    for scale in (1e-30, 1e-3, 1.0, 7.5, 1e18):
+        x = torch.randn(1, 1, 576, generator=generator) * scale
+        with torch.inference_mode():
+            assert same_bits(lean(x), module(x)), scale
+
+
+def test_a_norm_the_path_does_not_know_or_a_half_input_keeps_the_modules_forward() -> None:
+    other = torch.nn.LayerNorm(8)
+    assert one_stream._norm(other) is other
+    module = LlamaRMSNorm(8)
+    x = torch.randn(1, 1, 8).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(one_stream._norm(module)(x), module(x))
