@@ -41,13 +41,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.models.llama.modeling_llama import rotate_half
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
+from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from services.common.context_length import attention_window
 from services.decode.exact_gemv import ExactGemvLinear, same_bits
 
 # (layer, new key [kv_heads, head_dim], its value) -> that layer's keys and values [1, kv_heads, length, head_dim],
-# the new token's included: stores the token's KV and views (or gathers) the sequence's
+# the new token's included: stores the token's KV and views (or gathers) the sequence's. The key and value are
+# valid during the call only (the value lies in a buffer the next layer writes): store copies.
 KvViews = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 log = logging.getLogger(__name__)
@@ -55,7 +58,8 @@ log = logging.getLogger(__name__)
 SDPA_GQA_HEAD_DIM = 256  # Hugging Face's SDPA attention passes enable_gqa up to this head size (use_gqa_in_sdpa)
 # the decoder layers whose forward pass `step` (and PagedRunner's general path) repeats
 LAYER_CLASSES = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * (x * rsqrt(mean(x^2) + eps))
+# weight * (x * rsqrt(mean(x^2) + eps)), each with this forward (the same code in each)
+NORM_FORWARDS = {kind: kind.forward for kind in (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm)}
 PROBE_TOKENS = (1, 2)  # fed at positions 0 and 1 by `build`'s check against the model's forward pass
 
 
@@ -107,11 +111,15 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _norm(module: torch.nn.Module) -> Norm:
-    """The module's forward in fewer calls where it is one of NORM_CLASSES' in float32 (the same
-    operations in the same order: the same bits), else the module itself."""
+    """The module's forward in fewer calls where it is one of NORM_FORWARDS' in float32 (the same
+    operations in the same order: the same bits), else the module itself (also where hooks or a
+    forward of its own, such as a hub kernel's, would run instead)."""
     weight, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
-    if type(module).__name__ not in NORM_CLASSES or not isinstance(weight, torch.Tensor) \
-            or weight.dtype != torch.float32 or not isinstance(eps, float):
+    kind = type(module)
+    plain = kind in NORM_FORWARDS and kind.forward is NORM_FORWARDS[kind] and "forward" not in vars(module) \
+        and not module._forward_hooks and not module._forward_pre_hooks
+    if not plain or type(weight) not in (torch.Tensor, torch.nn.Parameter) or not isinstance(eps, float) \
+            or not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32:
         return module
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -167,15 +175,16 @@ class _Buffers:
     """Where a step's products land, allocated and split once: the layers take turns in them."""
 
     def __init__(self, shape: _Shape) -> None:
-        sizes = shape.qkv_sizes
-        whole = torch.empty(sum(sizes))
-        self.qkv = whole.split(sizes)
-        query_key, value = whole.split((sizes[0] + sizes[1], sizes[2]))
-        self.query_key = query_key.view(-1, shape.head_dim)
-        self.value = value.view(shape.kv_heads, shape.head_dim)
-        self.attended = torch.empty(shape.hidden)
-        self.gate, self.up = torch.empty(2 * shape.intermediate).split(shape.intermediate)
-        self.mlp = torch.empty(shape.hidden)
+        with torch.inference_mode(False):  # written in place later, in or out of inference mode
+            sizes = shape.qkv_sizes
+            whole = torch.empty(sum(sizes), dtype=torch.float32)
+            self.qkv = whole.split(sizes)
+            query_key, value = whole.split((sizes[0] + sizes[1], sizes[2]))
+            self.query_key = query_key.view(-1, shape.head_dim)
+            self.value = value.view(shape.kv_heads, shape.head_dim)
+            self.attended = torch.empty(shape.hidden, dtype=torch.float32)
+            self.gate, self.up = torch.empty(2 * shape.intermediate, dtype=torch.float32).split(shape.intermediate)
+            self.mlp = torch.empty(shape.hidden, dtype=torch.float32)
 
 
 class OneStream:
