@@ -184,8 +184,21 @@ def _shm_transfer(model: common_pb2.ModelInfo, request_id: str,
     return writer, [dataclasses.replace(layout, shm_segment=writer.name), *chunks]
 
 
+async def _unmapped(stack: Stack, process: str, *segments: str) -> bool:
+    """Whether `process` maps none of `segments` (its mapping of a transfer's segment is closed in
+    a worker thread once the call ended: waited for up to 10 s)."""
+    maps = Path(f"/proc/{stack.processes[process].pid}/maps")
+    for _ in range(100):
+        text = maps.read_text()
+        if not any(name in text for name in segments):
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
 @pytest.mark.parametrize(("name", "mutate", "code", "phrase"), CASES, ids=[c[0] for c in CASES])
-async def test_bad_shm_slice_gets_clear_status_and_nothing_is_held(decode, name, mutate, code, phrase) -> None:
+async def test_bad_shm_slice_gets_clear_status_and_nothing_is_held(shm_stack, decode, name, mutate, code,
+                                                                   phrase) -> None:
     stub, model = decode
     request_id = f"bad-{name}-{next(_ids)}"
     writer, messages = _shm_transfer(model, request_id, corrupt=name == "checksum")
@@ -199,6 +212,7 @@ async def test_bad_shm_slice_gets_clear_status_and_nothing_is_held(decode, name,
         with pytest.raises(grpc.aio.AioRpcError) as generated:  # the request fails with the same status
             await generation.read()
         assert generated.value.code() == code
+        assert await _unmapped(shm_stack, "decode", writer.name, other.name)
     finally:
         writer.destroy()
         other.destroy()
@@ -206,15 +220,64 @@ async def test_bad_shm_slice_gets_clear_status_and_nothing_is_held(decode, name,
     assert shm.segments_of(SENDER_PREFIX) == []
 
 
-async def test_handcrafted_shm_transfer_is_decoded(decode) -> None:
+async def test_a_corrupt_chunk_fails_the_transfer_before_a_later_chunks_bad_slice(shm_stack, decode) -> None:
+    """Chunks are verified in a worker thread while later ones are parsed: the first chunk's
+    failure is still the transfer's, not the later message's own fault."""
+    stub, model = decode
+    request_id = f"order-{next(_ids)}"
+    writer, messages = _shm_transfer(model, request_id, corrupt=True)
+    second = messages[2]
+    assert isinstance(second, KvChunk) and second.shm is not None
+    messages[2] = dataclasses.replace(second, shm=dataclasses.replace(second.shm, offset=10**9))
+    try:
+        generation = await admit(stub, request_id, NUM_TOKENS)
+        with pytest.raises(grpc.aio.AioRpcError) as sent:
+            await send(stub, messages)
+        assert sent.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "kv chunk 0 fails its crc-32c check" in sent.value.details().lower()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await generation.read()
+    finally:
+        writer.destroy()
+    assert await _idle(stub) == (0, 0)
+
+
+async def test_handcrafted_shm_transfer_is_decoded_and_the_decode_unmaps_it(shm_stack, decode) -> None:
     stub, model = decode
     writer, messages = _shm_transfer(model, f"good-{next(_ids)}")
     try:
         generation = await admit(stub, messages[0].request_id, NUM_TOKENS, max_tokens=2)
         assert (await send(stub, messages)).chunks_received == len(messages) - 2
         assert (await read_tokens(generation))[0] == 42  # the transfer's first token
+        assert await _unmapped(shm_stack, "decode", writer.name)  # no mapping left behind per transfer
     finally:
         writer.destroy()
+
+
+def test_map_for_reading_maps_every_page_of_an_attached_segment() -> None:
+    size = 1 << 20
+    name = shm.write_segment(SENDER_PREFIX, bytes(size))  # written through its file: mapped by no one
+    try:
+        reader = shm.attach(name)
+        try:
+            assert _resident_kb(name) == 0
+            shm.map_for_reading(reader)
+            assert _resident_kb(name) == size // 1024
+        finally:
+            shm.close(reader)
+    finally:
+        shm.unlink(name)
+
+
+def _resident_kb(name: str) -> int:
+    """Resident kB of this process's mappings of segment `name`, from /proc/self/smaps."""
+    resident, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef" and "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(f"/{name}")
+        elif inside and line.startswith("Rss:"):
+            resident += int(line.split()[1])
+    return resident
 
 
 def test_a_decode_refusing_shm_refuses_a_layout_naming_a_segment() -> None:

@@ -24,6 +24,7 @@ from services.common.sampling import sampling_from_pb
 from services.common.server import Lifecycle
 from services.common.telemetry import ServiceTelemetry
 from services.decode.engine import FINISH_LENGTH, DecodeEngine
+from services.decode.ingest_queue import IngestQueue
 from services.decode.sequence import Finished, Sequence, Token
 
 tracer = trace.get_tracer("disagg.decode")
@@ -111,8 +112,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             if layout.chunks_in_kvstore:
                 receipt = await self._load_announced(engine, layout, messages, assembler)
             else:
-                with ShmReceiver(layout, accept_shm=bool(self._shm_host)) as chunk_bytes:
-                    receipt = await self._receive(layout, messages, assembler, chunk_bytes)
+                chunk_bytes = ShmReceiver(layout, accept_shm=bool(self._shm_host))
+                # Unmapped once the RPC ended, its reply gone: a few ms of work off the handoff.
+                context.add_done_callback(lambda _: chunk_bytes.release())
+                receipt = await self._receive(layout, messages, assembler, chunk_bytes)
             engine.complete(sequence, lease, receipt)  # type: ignore[arg-type]
         except (asyncio.CancelledError, RequestCancelled):
             # The sender vanished (a retry may follow; the KV deadline bounds the wait), or the
@@ -131,30 +134,27 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
     @staticmethod
     async def _receive(layout: KvLayout, messages: TransferStream, assembler: KvAssembler,
                        chunk_bytes: ShmReceiver) -> KvReceipt:
-        """Chunks are checked in arrival order here; each one's checksum, finiteness check and pool
-        write run in a worker thread while the next chunk is received and parsed (torch and the
-        checksum leave the GIL to the event loop), one chunk at a time, in order."""
+        """Chunks are parsed and admitted here, in arrival order; their checksum, finiteness check
+        and pool write run in order in one worker thread (IngestQueue) while the next chunks are
+        received. A chunk's failure comes before any later message's own."""
         assembler.accept_layout(layout)
-        verifying: asyncio.Future[None] | None = None
+        ingest = IngestQueue(assembler)
         try:
             async for raw in messages:
-                if verifying is not None:
-                    await verifying  # the previous chunk's verdict comes before this message's
-                    verifying = None
                 message = chunk_bytes.resolve(parse_wire(raw))  # an shm slice becomes its mapped bytes
                 if isinstance(message, KvChunk):
-                    verifying = asyncio.get_running_loop().run_in_executor(
-                        None, assembler.verify_and_store, message, assembler.admit_chunk(message))
+                    ingest.put(message, assembler.admit_chunk(message))
                 elif isinstance(message, KvEnd):
+                    await ingest.close()
                     return assembler.finish(message)
                 else:
                     raise KvProtocolError("KV layout sent twice")
-            if verifying is not None:
-                await verifying
-                verifying = None
+            await ingest.close()
+        except Exception:
+            await ingest.close()  # an earlier chunk's failure, if any, is the transfer's
+            raise
         finally:
-            if verifying is not None:  # the transfer failed or was cancelled: its last write ends on its own
-                verifying.add_done_callback(_consume)
+            ingest.close(stop=True).add_done_callback(_consume)  # cancelled or failed: drop the rest
         await asyncio.sleep(SENDER_GONE_GRACE_SECONDS)  # a sender that went away is cancelled meanwhile
         assembler.check_complete()
         raise KvCorrupted("KV transfer ended without its end message")
@@ -203,7 +203,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
 
 
 def _consume(future: asyncio.Future[None]) -> None:
-    """Retrieve an abandoned verification's outcome (a revoked lease, most likely) so it is not
+    """Retrieve a transfer's verifications' outcome (a revoked lease, most likely) so it is not
     logged as never retrieved; the transfer's own failure has been reported."""
     if not future.cancelled():
         future.exception()
