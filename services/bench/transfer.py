@@ -31,6 +31,7 @@ from services.bench.handoff import (
 )
 from services.bench.transfer_rows import ROWS, Row, TransferCase
 from services.bench.transfer_shm import shm_fp8, shm_raw
+from services.common.allocator import tune_allocator
 from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvEnd, KvLayout, encode_chunk
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
@@ -145,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    tune_allocator()  # this process plays the prefill, which tunes it as every service does
     report = asyncio.run(run(args))
     if args.json:
         print(json.dumps({k: [asdict(x) for x in v] if isinstance(v, list) else v for k, v in report.items()},

@@ -36,8 +36,10 @@ while True:
 """
 _GRPC_SINK = """
 import asyncio, grpc
+from services.common.allocator import tune_allocator
 from services.common.kv_wire import TRANSFER_KV_PATH
 from services.common.server import GRPC_OPTIONS
+tune_allocator()  # as every service does
 async def transfer_kv(messages, context):
     async for _ in messages:
         pass

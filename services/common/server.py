@@ -26,6 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.allocator import tune_allocator
 from services.common.config import parse_settings
 from services.common.errors import BackendUnavailable
 from services.common.logs import setup_logging
@@ -284,6 +285,7 @@ def run_service(name: str, settings_type: type[S], description: str,
         tracing = setup_tracing(name)
     except ValueError as exc:
         sys.exit(f"{name}: {exc}")
+    tune_allocator()
     _ignore_stop_signals()
     try:
         asyncio.run(run(settings))
