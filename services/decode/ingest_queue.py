@@ -1,28 +1,37 @@
-"""The verify-and-store half of receiving a KV transfer, in one worker thread per transfer.
+"""The verify-and-store half of receiving a KV transfer, in one thread of its own per transfer.
 
 The event loop parses each chunk message and admits it (`KvAssembler.admit_chunk`: the cheap
-checks, in arrival order), then queues it here; one worker thread takes the queued chunks in
+checks, in arrival order), then queues it here; the transfer's thread takes the queued chunks in
 order and verifies and stores each (`verify_and_store`: checksum, finiteness, the pool write).
 The loop never waits for a chunk's verdict before it reads the next message, and the thread goes
 from one queued chunk to the next without a round trip through the loop (which had cost ~0.3 ms
 a chunk on a busy 2-core machine). The first failure stops the thread's work: later chunks are
-dropped, and the failure is the transfer's (it comes before any later message's own fault)."""
+dropped, and the failure is the transfer's (it comes before any later message's own fault).
+
+The thread is the transfer's own, not the loop's shared executor: it waits for chunks as long as
+the transfer lasts (a prefill sends them while its forward pass runs), and concurrent transfers
+must not take every worker of the executor that everything else runs on."""
 
 from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 
+from services.common.errors import KvCorrupted
 from services.common.kv_assembly import KvAssembler
 from services.common.kv_codec import ChunkSpan, KvChunk
 
 _Item = tuple[KvChunk, ChunkSpan] | None  # None: no more chunks
+# How long the thread waits for the next chunk before it gives up on the transfer: a bound for a
+# handler that never closed its queue (it always does); the transfer's own deadline is far shorter.
+IDLE_SECONDS = 600.0
 
 
 class IngestQueue:
-    """Admitted chunks of one transfer, verified and stored in order by one worker thread. `put`
-    never blocks; `drained` ends once every chunk put before `close` is stored, or with the first
-    chunk's failure. Always `close` it: its thread waits for the end of the queue."""
+    """Admitted chunks of one transfer, verified and stored in order by the transfer's thread.
+    `put` never blocks; `drained` ends once every chunk put before `close` is stored, or with the
+    first chunk's failure. Always `close` it: the thread waits for the end of the queue."""
 
     def __init__(self, assembler: KvAssembler) -> None:
         self._assembler = assembler
@@ -30,7 +39,9 @@ class IngestQueue:
         self._failure: BaseException | None = None
         self._stopped = False
         self._closed = False
-        self.drained: asyncio.Future[None] = asyncio.get_running_loop().run_in_executor(None, self._drain)
+        self._loop = asyncio.get_running_loop()
+        self.drained: asyncio.Future[None] = self._loop.create_future()
+        threading.Thread(target=self._run, name="kv-ingest", daemon=True).start()
 
     def put(self, chunk: KvChunk, span: ChunkSpan) -> None:
         """Queue an admitted chunk; raises an earlier chunk's failure instead, if one failed."""
@@ -47,12 +58,29 @@ class IngestQueue:
             self._queue.put(None)
         return self.drained
 
+    def _run(self) -> None:
+        try:
+            self._drain()
+        except queue.Empty:
+            self._failure = KvCorrupted(f"KV transfer: no chunk for {IDLE_SECONDS:.0f} s")
+        try:
+            self._loop.call_soon_threadsafe(self._report)
+        except RuntimeError:  # the loop is closed: the process is ending, no one waits
+            pass
+
     def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (item := self._queue.get(timeout=IDLE_SECONDS)) is not None:
             if self._failure is None and not self._stopped:
                 try:
                     self._assembler.verify_and_store(*item)
                 except Exception as error:  # the transfer's failure, reported by put or drained
-                    self._failure = error
+                    self._failure = error.with_traceback(None)  # its frames would hold the chunk's bytes
+            del item
+
+    def _report(self) -> None:
+        if self.drained.done():
+            return
         if self._failure is not None:
-            raise self._failure
+            self.drained.set_exception(self._failure)
+        else:
+            self.drained.set_result(None)
