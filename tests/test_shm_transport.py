@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import os
 import signal
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from services.client import GatewayClient
 from services.common import shm
 from services.common.errors import TransportUnavailable
-from services.common.kv_codec import KvChunk, KvLayout
+from services.common.kv_codec import KvChunk, KvLayout, encode_chunk
 from services.common.kv_shm import ShmReceiver, ShmTransferWriter, choose_transport
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.pb import (
@@ -187,13 +189,24 @@ def _shm_transfer(model: common_pb2.ModelInfo, request_id: str,
 async def _unmapped(stack: Stack, process: str, *segments: str) -> bool:
     """Whether `process` maps none of `segments` (its mapping of a transfer's segment is closed in
     a worker thread once the call ended: waited for up to 10 s)."""
-    maps = Path(f"/proc/{stack.processes[process].pid}/maps")
+    pid = stack.processes[process].pid
     for _ in range(100):
-        text = maps.read_text()
-        if not any(name in text for name in segments):
+        if not any(name in text for text in _mappings_and_files(pid) for name in segments):
             return True
         await asyncio.sleep(0.1)
     return False
+
+
+def _mappings_and_files(pid: int) -> list[str]:
+    """What process `pid` maps and which files it holds open (an open descriptor of an unlinked
+    segment would keep its pages allocated)."""
+    files = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            files.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            pass
+    return [Path(f"/proc/{pid}/maps").read_text(), *files]
 
 
 @pytest.mark.parametrize(("name", "mutate", "code", "phrase"), CASES, ids=[c[0] for c in CASES])
@@ -254,6 +267,7 @@ async def test_handcrafted_shm_transfer_is_decoded_and_the_decode_unmaps_it(shm_
         writer.destroy()
 
 
+@pytest.mark.skipif(tuple(map(int, os.uname().release.split(".")[:2])) < (5, 14), reason="MADV_POPULATE_READ")
 def test_map_for_reading_maps_every_page_of_an_attached_segment() -> None:
     size = 1 << 20
     name = shm.write_segment(SENDER_PREFIX, bytes(size))  # written through its file: mapped by no one
@@ -267,6 +281,39 @@ def test_map_for_reading_maps_every_page_of_an_attached_segment() -> None:
             shm.close(reader)
     finally:
         shm.unlink(name)
+
+
+async def test_the_receiver_unmaps_only_once_its_readers_are_done() -> None:
+    """A reader of a chunk's bytes (the thread that verifies and stores them, which may go on after
+    the transfer was cancelled) keeps the segment mapped; once it is done the segment is unmapped
+    and the chunk's view released, whoever still holds it."""
+    layout = KvLayout("readers", "fp", 1, 1, 4, 2, 2, 1, "float32")
+    ones = torch.ones(1, 1, 2, 4)
+    writer = ShmTransferWriter.create(SENDER_PREFIX, layout)
+    try:
+        receiver = ShmReceiver(dataclasses.replace(layout, shm_segment=writer.name), accept_shm=True)
+        receiver.map_ahead()
+        chunk = receiver.resolve(writer.put(encode_chunk(layout, 0, ones, ones)))
+        assert isinstance(chunk, KvChunk) and _mappings_of(writer.name) == 2  # the writer's and the receiver's
+        reading: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        receiver.add_reader(reading)
+        receiver.release()
+        await asyncio.sleep(0.3)
+        assert bytes(chunk.data[:4]) == struct.pack("<f", 1.0)  # still mapped while the reader reads
+        reading.set_result(None)
+        for _ in range(50):
+            await asyncio.sleep(0.1)
+            if _mappings_of(writer.name) == 1:
+                break
+        assert _mappings_of(writer.name) == 1  # the receiver's is gone
+        with pytest.raises(ValueError):  # its view released: no read of an unmapped page is possible
+            bytes(chunk.data[:4])
+    finally:
+        writer.destroy()
+
+
+def _mappings_of(name: str) -> int:
+    return sum(line.endswith(f"/{name}") for line in Path("/proc/self/maps").read_text().splitlines())
 
 
 def _resident_kb(name: str) -> int:

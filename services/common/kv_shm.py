@@ -153,40 +153,65 @@ class ShmReceiver:
     """The decode's side of one transfer: maps the layout's segment (if it names one) and turns
     each chunk's slice into its mapped bytes, refusing slices that do not belong to the transfer.
 
-    The mapping's pages are mapped ahead in a worker thread from the start (`map_for_reading`):
-    the prefill wrote its header and reserved them before it sent the layout, and the chunks come
-    while its forward pass runs, so reading them later takes no page fault (a read fault per 64 KB
-    had cost ~5 ms of a 94 MB transfer). Call `release` when the transfer is over, best once its
-    reply went: unmapping a populated 94 MB takes a few ms, done in a worker thread (never unlinks)."""
+    `map_ahead` maps the segment's pages in a worker thread: the prefill reserved them before it
+    sent the layout and writes the chunks while its forward pass runs, so reading them later takes
+    no page fault (a read fault per 64 KB had cost ~5 ms of a 94 MB transfer). Call `release` when
+    the transfer is over, best once its reply went: once the mapping ahead and every reader
+    (`add_reader`: the thread that verifies and stores the chunks) are done, the chunks' views are
+    released and the segment unmapped in a worker thread (never unlinked): nothing can read it
+    after, and a view someone still holds (a failure's traceback) cannot keep it mapped."""
 
     def __init__(self, layout: KvLayout, accept_shm: bool) -> None:
         self._layout = layout
         self._segment: SharedMemory | None = None
-        self._mapping: asyncio.Future[None] | None = None
+        self._users: list[asyncio.Future[None]] = []  # what must end before the mapping closes
         self._views: list[memoryview] = []  # handed out by resolve: released before the mapping closes
+        self._released = False
         if layout.shm_segment:
             if not accept_shm:
                 raise TransportUnavailable("this decode worker does not accept shared-memory KV transfers")
             self._segment = _attach(layout)
-            self._mapping = asyncio.get_running_loop().run_in_executor(None, shm.map_for_reading, self._segment)
+
+    def map_ahead(self) -> None:
+        """Map the segment's pages for reading in a worker thread (once the layout is accepted)."""
+        if self._segment is not None and not self._released:
+            self.add_reader(asyncio.get_running_loop().run_in_executor(None, shm.map_for_reading, self._segment))
+
+    def add_reader(self, done: asyncio.Future[None]) -> None:
+        """The mapping stays until `done` (a future no one cancels) has ended."""
+        self._users.append(done)
 
     def release(self) -> None:
-        """Close the mapping (idempotent) in a worker thread once the pages' mapping ahead ended:
-        the executor finishes it even while the process shuts down."""
+        """Unmap the segment (idempotent) once the mapping ahead and the readers have ended."""
+        if self._released:
+            return
+        self._released = True
+        pending = [user for user in self._users if not user.done()]
+        if not pending:
+            self._close()
+            return
+        remaining = len(pending)
+
+        def one_done(_: asyncio.Future[None]) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                self._close()
+
+        for user in pending:
+            user.add_done_callback(one_done)
+
+    def _close(self) -> None:
         segment, self._segment = self._segment, None
         if segment is None:
             return
-        for view in self._views:  # whoever still holds a chunk (a failure's traceback) holds a released view
+        for view in self._views:  # no reader is left: whoever still holds a chunk holds a released view
             try:
                 view.release()
-            except BufferError:  # still being read (a cancelled transfer's last chunk): unmapped when it is done
+            except BufferError:  # something made its own view of it: unmapped when that goes (shm.close)
                 pass
         self._views.clear()
-        loop = asyncio.get_running_loop()
-        if self._mapping is None or self._mapping.done():
-            loop.run_in_executor(None, shm.close, segment)
-        else:
-            self._mapping.add_done_callback(lambda _: loop.run_in_executor(None, shm.close, segment))
+        asyncio.get_running_loop().run_in_executor(None, shm.close, segment)
 
     def resolve(self, message: KvMessage) -> KvMessage:
         """The message with a chunk's slice replaced by the bytes it names (others unchanged)."""

@@ -188,11 +188,16 @@ def unlink_segment(segment: SharedMemory) -> None:
 
 
 def close(segment: SharedMemory) -> None:
-    """Close this process's mapping; if views of it are still alive it is unmapped when they go."""
+    """Close this process's mapping; if views of it are still alive it is unmapped when they go.
+    Its file descriptor is closed either way (the mapping holds one of its own): left open, it
+    would keep an unlinked segment's pages allocated for as long as this process runs."""
     try:
         segment.close()
     except BufferError:
         log.debug("segment %s still has live views; it is unmapped when they are dropped", segment.name)
+        if segment._fd >= 0:  # type: ignore[attr-defined]
+            os.close(segment._fd)  # type: ignore[attr-defined]
+            segment._fd = -1  # type: ignore[attr-defined]
 
 
 def _creator_alive(owner: SegmentOwner) -> bool:

@@ -138,12 +138,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
         and pool write run in order in one worker thread (IngestQueue) while the next chunks are
         received. A chunk's failure comes before any later message's own."""
         assembler.accept_layout(layout)
+        chunk_bytes.map_ahead()
         ingest = IngestQueue(assembler)
+        chunk_bytes.add_reader(ingest.finished)  # the segment stays mapped while the thread may read it
         try:
             async for raw in messages:
                 message = chunk_bytes.resolve(parse_wire(raw))  # an shm slice becomes its mapped bytes
                 if isinstance(message, KvChunk):
-                    ingest.put(message, assembler.admit_chunk(message))
+                    await ingest.put(message, assembler.admit_chunk(message))
                 elif isinstance(message, KvEnd):
                     await ingest.close()
                     return assembler.finish(message)
