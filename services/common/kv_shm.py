@@ -122,17 +122,31 @@ class ShmTransferWriter:
     def put(self, chunk: KvChunk) -> KvChunk:
         """Copy the chunk's bytes into the segment (blocking: run it off the event loop) and return
         the chunk as it travels: its slice instead of its bytes."""
-        segment = self._require()
+        described = self.claim(chunk)
+        self.fill(chunk, described)
+        return described
+
+    def claim(self, chunk: KvChunk) -> KvChunk:
+        """Take the chunk's place in the segment (on the event loop, in chunk order) and return the
+        chunk as it travels once `fill` has copied its bytes there."""
+        self._require()
         if not self._reserved:
             raise TransportUnavailable(f"shared-memory segment {self.name} is not reserved yet")
         offset = _aligned(self._next)
         if offset + chunk.byte_length > self._size:
             raise KvProtocolError(f"KV chunk {chunk.index} does not fit the transfer's segment")
-        target = np.frombuffer(segment.buf, np.uint8, count=chunk.byte_length, offset=offset)
-        target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
-        del target
         self._next = offset + chunk.byte_length
         return dataclasses.replace(chunk, data=b"", shm=ShmSlice(self.name, offset, chunk.byte_length))
+
+    def fill(self, chunk: KvChunk, described: KvChunk) -> None:
+        """Copy the chunk's bytes to the place `claim` gave it (blocking: run it off the event loop;
+        chunks of claimed places may be copied at the same time)."""
+        segment = self._require()
+        if described.shm is None:
+            raise ValueError("fill takes the chunk claim returned")
+        target = np.frombuffer(segment.buf, np.uint8, count=chunk.byte_length, offset=described.shm.offset)
+        target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
+        del target
 
     def destroy(self) -> None:
         """Unlink and unmap the segment (idempotent): the transfer was acknowledged, failed or timed out."""

@@ -8,6 +8,7 @@ shared memory), or /dev/shm has no room."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 
@@ -20,6 +21,7 @@ from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_trans
 from services.prefill.sinks import DecodeStreamSink
 
 log = logging.getLogger(__name__)
+COPIES_AHEAD = 1  # chunk copies that may still run when send returns
 
 
 class ShmStreamSink(DecodeStreamSink):
@@ -33,13 +35,30 @@ class ShmStreamSink(DecodeStreamSink):
         self._transport = transport
         self._decode_host = decode_host
         self._writer: ShmTransferWriter | None = None
+        self._copies: collections.deque[tuple[asyncio.Task[None], KvChunk]] = collections.deque()
 
     async def send(self, message: KvLayout | KvChunk) -> None:
+        """A chunk's copy into the segment starts here and runs in a worker thread while the
+        previous chunk's slice goes out (sent in order; `close` sends the last ones): the copies
+        and the stream overlap instead of taking turns."""
         if isinstance(message, KvLayout):
-            message = await self._open(message)
-        elif self._writer is not None:
-            message = await asyncio.to_thread(self._writer.put, message)
-        await self._write(message)
+            await self._write(await self._open(message))
+        elif self._writer is None:
+            await self._write(message)
+        else:
+            described = self._writer.claim(message)
+            copying = asyncio.ensure_future(asyncio.to_thread(self._writer.fill, message, described))
+            copying.add_done_callback(_retrieved)
+            self._copies.append((copying, described))
+            await self._send_copied(keep=COPIES_AHEAD)
+
+    async def _send_copied(self, keep: int) -> None:
+        """Send the slices of copied chunks, in order, until at most `keep` copies are pending."""
+        while len(self._copies) > keep:
+            copying, described = self._copies[0]
+            await copying
+            self._copies.popleft()
+            await self._write(described)
 
     async def _open(self, layout: KvLayout) -> KvLayout:
         if choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host) != "shm":
@@ -59,12 +78,16 @@ class ShmStreamSink(DecodeStreamSink):
 
     async def close(self, end: KvEnd) -> None:
         try:
+            await self._send_copied(keep=0)
             await super().close(end)  # returns once the decode acknowledged the verified KV
         finally:
             self._release()
 
     def abort(self) -> None:
         super().abort()
+        for copying, _ in self._copies:  # a copy already running ends on its own; the mapping waits for it
+            copying.cancel()
+        self._copies.clear()
         self._release()
 
     def _release(self) -> None:
@@ -76,3 +99,10 @@ class ShmStreamSink(DecodeStreamSink):
                 asyncio.get_running_loop().run_in_executor(None, shm.close, mapping)
             except RuntimeError:  # no event loop (a sink dropped at exit): close it here
                 shm.close(mapping)
+
+
+def _retrieved(copying: asyncio.Task[None]) -> None:
+    """A copy's failure (its segment released under it) is the transfer's, reported by whoever
+    awaits it; one abandoned by abort is retrieved here so that it is not logged as lost."""
+    if not copying.cancelled():
+        copying.exception()
