@@ -2,8 +2,9 @@
 
 The same KV bytes as the gRPC row, into the same real decode worker process, through the shm
 transport: this side plays the prefill with the prefill's own sink (ShmStreamSink). Sending the
-layout creates and reserves the transfer's segment (the prefill does that while its forward pass
-runs: the row reports it apart, as setup); then the clock runs from the first chunk, which the
+layout opens the TransferKv call, creates and reserves the transfer's segment and writes the layout
+(the prefill does that while its forward pass runs: the row reports it apart, as setup; the gRPC
+rows' clocks include opening their call, ~1 ms); then the clock runs from the first chunk, which the
 sink copies into the segment and whose slice it sends, to the decode's acknowledgement (it mapped
 the segment, verified every chunk, checksum, shape and finiteness, and copied it into its pool).
 The table sets it next to raw TCP and `memcpy` of the same bytes.

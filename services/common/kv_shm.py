@@ -145,8 +145,10 @@ class ShmTransferWriter:
         if described.shm is None:
             raise ValueError("fill takes the chunk claim returned")
         target = np.frombuffer(segment.buf, np.uint8, count=chunk.byte_length, offset=described.shm.offset)
-        target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
-        del target
+        try:
+            target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
+        finally:
+            del target  # an export left alive (in a failure's traceback) would keep the segment mapped
 
     def destroy(self) -> None:
         """Unlink and unmap the segment (idempotent): the transfer was acknowledged, failed or timed out."""

@@ -21,7 +21,7 @@ from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_trans
 from services.prefill.sinks import DecodeStreamSink
 
 log = logging.getLogger(__name__)
-COPIES_AHEAD = 1  # chunk copies that may still run when send returns
+COPIES_AHEAD = 1  # chunks whose copy or slice may still be on its way when send returns
 
 
 class ShmStreamSink(DecodeStreamSink):
@@ -35,12 +35,14 @@ class ShmStreamSink(DecodeStreamSink):
         self._transport = transport
         self._decode_host = decode_host
         self._writer: ShmTransferWriter | None = None
-        self._copies: collections.deque[tuple[asyncio.Task[None], KvChunk]] = collections.deque()
+        self._slices: collections.deque[asyncio.Task[None]] = collections.deque()  # chunks on their way
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        """A chunk's copy into the segment starts here and runs in a worker thread while the
-        previous chunk's slice goes out (sent in order; `close` sends the last ones): the copies
-        and the stream overlap instead of taking turns."""
+        """A chunk's copy into the segment starts here, in a worker thread, and its slice goes out
+        as soon as the copy is done and the slices before it are out (each in a task of its own,
+        chained in chunk order); `send` returns once at most COPIES_AHEAD chunks are on their way,
+        so copying a chunk overlaps encoding the next one. `close` waits for the rest; after a
+        failed or cancelled `send`, only `abort`."""
         if isinstance(message, KvLayout):
             await self._write(await self._open(message))
         elif self._writer is None:
@@ -49,17 +51,19 @@ class ShmStreamSink(DecodeStreamSink):
             described = self._writer.claim(message)
             copying = asyncio.ensure_future(asyncio.to_thread(self._writer.fill, message, described))
             copying.add_done_callback(_retrieved)
-            self._copies.append((copying, described))
-            await self._send_copied(keep=COPIES_AHEAD)
+            previous = self._slices[-1] if self._slices else None
+            sending = asyncio.ensure_future(self._send_slice(previous, copying, described))
+            sending.add_done_callback(_retrieved)
+            self._slices.append(sending)
+            while len(self._slices) > COPIES_AHEAD:
+                await self._slices.popleft()
 
-    async def _send_copied(self, keep: int) -> None:
-        """Send the slices of copied chunks, in order, until at most `keep` copies are pending."""
-        while len(self._copies) > keep:
-            copying, described = self._copies[0]
-            await copying
-            self._copies.popleft()
-            await self._write(described)
-
+    async def _send_slice(self, previous: asyncio.Task[None] | None, copying: asyncio.Task[None],
+                          described: KvChunk) -> None:
+        if previous is not None:
+            await previous  # its failure is this one's too: nothing goes out after a lost slice
+        await copying
+        await self._write(described)
     async def _open(self, layout: KvLayout) -> KvLayout:
         if choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host) != "shm":
             return layout
@@ -78,16 +82,17 @@ class ShmStreamSink(DecodeStreamSink):
 
     async def close(self, end: KvEnd) -> None:
         try:
-            await self._send_copied(keep=0)
+            while self._slices:
+                await self._slices.popleft()
             await super().close(end)  # returns once the decode acknowledged the verified KV
         finally:
             self._release()
 
     def abort(self) -> None:
         super().abort()
-        for copying, _ in self._copies:  # a copy already running ends on its own; the mapping waits for it
-            copying.cancel()
-        self._copies.clear()
+        for sending in self._slices:  # a copy already running ends on its own; the mapping waits for it
+            sending.cancel()
+        self._slices.clear()
         self._release()
 
     def _release(self) -> None:
@@ -101,8 +106,8 @@ class ShmStreamSink(DecodeStreamSink):
                 shm.close(mapping)
 
 
-def _retrieved(copying: asyncio.Task[None]) -> None:
-    """A copy's failure (its segment released under it) is the transfer's, reported by whoever
-    awaits it; one abandoned by abort is retrieved here so that it is not logged as lost."""
-    if not copying.cancelled():
-        copying.exception()
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """A copy's or a slice's failure is the transfer's, reported by whoever awaits it (the next
+    send, close); one abandoned by abort is retrieved here, logged at debug, so it is not lost."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("a KV chunk on its way through shared memory failed: %r", task.exception())

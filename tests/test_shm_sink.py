@@ -1,0 +1,102 @@
+"""The prefill's shared-memory sink (services.prefill.shm_sink) against a stream that records
+what it is sent: slices go out in chunk order, each only once its chunk's bytes are in the
+segment, and the last one without waiting for `close`; the segment is gone after close or abort."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from services.common import shm
+from services.common.kv_codec import KvChunk, KvEnd, KvLayout, encode_chunk
+from services.common.kv_shm import ShmTransport
+from services.common.kv_wire import parse_wire
+from services.prefill.shm_sink import ShmStreamSink
+
+PREFIX = f"test-sink-{uuid.uuid4().hex[:8]}"
+
+
+class RecordingCall:
+    """A TransferKv call that keeps each message with whether the bytes its slice names were
+    already in the segment when it was written."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[object, bool]] = []
+        self._done = asyncio.get_running_loop().create_future()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        pass
+
+    async def write(self, raw: bytes) -> None:
+        message = parse_wire(raw)
+        self.messages.append((message, _in_segment(message)))
+
+    async def done_writing(self) -> None:
+        self._done.set_result(None)
+
+    def done(self) -> bool:
+        return self._done.done()
+
+    def cancel(self) -> None:
+        self._done.cancel()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self._done.__await__()
+
+
+def _in_segment(message: object) -> bool:
+    if not isinstance(message, KvChunk) or message.shm is None:
+        return True
+    with open(f"/dev/shm/{message.shm.segment}", "rb") as segment:
+        segment.seek(message.shm.offset)
+        return segment.read(message.shm.length) == EXPECTED[message.index]
+
+
+LAYOUT = KvLayout("sink", "fp", 2, 1, 4, 6, 2, 1, "float32")
+KEYS = torch.arange(2 * 1 * 6 * 4, dtype=torch.float32).view(2, 1, 6, 4)
+CHUNKS = [encode_chunk(LAYOUT, index, KEYS[group : group + 1], -KEYS[group : group + 1])
+          for group in range(LAYOUT.layer_groups) for index in LAYOUT.group_chunks(group)]
+EXPECTED = {chunk.index: bytes(chunk.data) for chunk in CHUNKS}
+
+
+def _sink(call: RecordingCall) -> ShmStreamSink:
+    host = shm.host_identity()
+    return ShmStreamSink(lambda timeout: call, 30.0, ShmTransport("shm", PREFIX, host), host)
+
+
+async def test_slices_go_in_order_after_their_bytes_and_the_last_without_close() -> None:
+    call = RecordingCall()
+    sink = _sink(call)
+    await sink.send(LAYOUT)
+    for chunk in CHUNKS:
+        await sink.send(chunk)
+    for _ in range(50):  # the last slice goes once its copy is done, not at close
+        await asyncio.sleep(0.02)
+        if len(call.messages) == 1 + len(CHUNKS):
+            break
+    assert len(call.messages) == 1 + len(CHUNKS)
+    await sink.close(KvEnd("sink", LAYOUT.chunk_count, 7))
+    sent = [message for message, _ in call.messages]
+    assert isinstance(sent[0], KvLayout) and sent[0].shm_segment
+    assert [m.index for m in sent[1:-1] if isinstance(m, KvChunk)] == list(range(len(CHUNKS)))
+    assert all(in_segment for _, in_segment in call.messages)  # no slice before its bytes
+    assert isinstance(sent[-1], KvEnd)
+    await asyncio.sleep(0.1)
+    assert shm.segments_of(PREFIX) == []
+
+
+async def test_abort_with_chunks_on_their_way_leaves_no_segment() -> None:
+    call = RecordingCall()
+    sink = _sink(call)
+    await sink.send(LAYOUT)
+    for chunk in CHUNKS[:2]:
+        await sink.send(chunk)
+    sink.abort()
+    await asyncio.sleep(0.1)
+    assert shm.segments_of(PREFIX) == []
+    assert not any(name.startswith(PREFIX) for name in os.listdir("/dev/shm"))
