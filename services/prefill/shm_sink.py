@@ -64,6 +64,7 @@ class ShmStreamSink(DecodeStreamSink):
             await previous  # its failure is this one's too: nothing goes out after a lost slice
         await copying
         await self._write(described)
+
     async def _open(self, layout: KvLayout) -> KvLayout:
         if choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host) != "shm":
             return layout
