@@ -203,19 +203,10 @@ class ShmReceiver:
             return
         self._released = True
         pending = [user for user in self._users if not user.done()]
-        if not pending:
+        if pending:
+            asyncio.gather(*pending, return_exceptions=True).add_done_callback(lambda _: self._close())
+        else:
             self._close()
-            return
-        remaining = len(pending)
-
-        def one_done(_: asyncio.Future[None]) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if remaining == 0:
-                self._close()
-
-        for user in pending:
-            user.add_done_callback(one_done)
 
     def _close(self) -> None:
         segment, self._segment = self._segment, None
