@@ -20,6 +20,7 @@ from services.common.errors import InternalFailure, KvCorrupted
 from services.common import kv_fp8
 from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvLayout, encode_chunk, tensor_bytes
 from services.common.kv_assembly import AssemblyLimits, KvAssembler
+from services.common import kv_ingest
 from services.common.kv_ingest import NativeIngest
 from services.common import native_build
 from services.common.model_files import default_cache_dir
@@ -88,6 +89,64 @@ def test_checksum_is_the_crc32c_of_the_bytes_in_order(layers: int, heads: int, t
     pools = [(torch.zeros(1, tokens, heads, head_dim, dtype=DTYPES[dtype]),) * 2 for _ in range(layers)]
     rows = numpy.full(tokens, -1, dtype=numpy.int64)
     assert ingest.ingest(data, tuple(chunk.shape), pools, rows, True).crc32c == google_crc32c.value(data)
+
+
+@pytest.fixture(scope="module")
+def three_streams(tmp_path_factory: pytest.TempPathFactory) -> NativeIngest:
+    """The pass built without folding (KV_INGEST_NO_FOLD): the CRC instruction in three streams, as
+    on a CPU without 512-bit carry-less multiplication."""
+    built = native_build.compiled(kv_ingest.SOURCE, "kv_ingest", ["KV_INGEST_NO_FOLD"],
+                                  tmp_path_factory.mktemp("no-fold"))
+    assert not isinstance(built, str), built
+    return NativeIngest(built)
+
+
+@settings(max_examples=40, deadline=None)
+@given(layers=st.integers(1, 4), tokens=st.integers(1, 300), head_dim=st.sampled_from([1, 3, 16, 64]),
+       dtype=st.sampled_from(list(DTYPES)), before=st.integers(0, 2**32 - 1), seed=st.integers(0, 2**16))
+def test_both_checksum_paths_continue_any_crc_over_any_length(ingest: NativeIngest, three_streams: NativeIngest,
+                                                              layers: int, tokens: int, head_dim: int, dtype: str,
+                                                              before: int, seed: int) -> None:
+    """Folding (where the CPU has VPCLMULQDQ and AVX-512) and the CRC instruction's three streams
+    both give the CRC-32C of the bytes before (`crc`) followed by the chunk's, for chunks from a
+    few bytes to many 256-byte fold steps with a tail, and write the same pool bits."""
+    chunk = torch.randn(layers, 2, 3, tokens, head_dim, generator=torch.Generator().manual_seed(seed))
+    data = tensor_bytes(chunk.to(DTYPES[dtype]))
+    rows = numpy.arange(tokens, dtype=numpy.int64)
+    written = []
+    for built in (ingest, three_streams):
+        pools = [(torch.zeros(1, tokens, 3, head_dim, dtype=DTYPES[dtype]),
+                  torch.zeros(1, tokens, 3, head_dim, dtype=DTYPES[dtype])) for _ in range(layers)]
+        verdict = built.ingest(data, tuple(chunk.shape), pools, rows, True, crc=before)
+        assert verdict.crc32c == google_crc32c.extend(before, data) and verdict.finite
+        written.append(torch.cat([t.flatten() for pair in pools for t in pair]))
+    assert torch.equal(written[0], chunk.to(DTYPES[dtype]).transpose(2, 3).flatten())  # rows [tokens, heads, dim]
+    assert torch.equal(written[0], written[1])
+
+
+def test_the_pass_folds_its_checksum_where_the_cpu_can(ingest: NativeIngest, three_streams: NativeIngest) -> None:
+    flags = set(" ".join(line for line in native_build.CPUINFO.read_text().splitlines()
+                         if line.startswith("flags")).split())
+    assert ingest.folds == ({"avx512f", "vpclmulqdq", "sse4_2"} <= flags)
+    assert not three_streams.folds
+
+
+def test_a_prepared_pass_run_layer_by_layer_equals_one_run(ingest: NativeIngest) -> None:
+    """The decode checks a chunk once and runs its pass a layer at a time (under the lease's lock):
+    chaining the layers' checksums gives the chunk's, and the pool bits are the same."""
+    chunk = torch.randn(3, 2, 2, 37, 16)
+    data = tensor_bytes(chunk)
+    rows = numpy.arange(37, dtype=numpy.int64)
+    whole = [(torch.zeros(1, 37, 2, 16), torch.zeros(1, 37, 2, 16)) for _ in range(3)]
+    parts = [(torch.zeros(1, 37, 2, 16), torch.zeros(1, 37, 2, 16)) for _ in range(3)]
+    expected = ingest.ingest(data, tuple(chunk.shape), whole, rows, True)
+    call, crc = ingest.prepare(data, tuple(chunk.shape), parts, rows, True), 0
+    for layer in range(3):
+        crc = call.run(layer, layer + 1, crc).crc32c
+    assert crc == expected.crc32c == google_crc32c.value(data)
+    assert all(torch.equal(a, b) for pa, pb in zip(whole, parts, strict=True) for a, b in zip(pa, pb, strict=True))
+    with pytest.raises(InternalFailure, match="layers"):
+        call.run(2, 4)
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))

@@ -9,6 +9,9 @@
  * [pool rows][kv_heads][head_dim]. The checksum runs as three interleaved streams over the
  * chunk's first, second and last third (one CRC instruction's latency is three of its issue
  * slots) and the three are combined at the end, so it equals the CRC-32C of the bytes in order.
+ * Where the CPU multiplies carry-less on 512 bits (VPCLMULQDQ with AVX-512), the checksum folds
+ * instead (fold_and_place): ~4x the CRC instruction's speed, so the pass runs at the speed of its
+ * memory traffic (measured: 7.5 ms for 94 MB where the three streams took 10.7).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -98,10 +101,12 @@ static uint32_t multiply_mod(uint32_t a, uint32_t b) {
 }
 
 static uint32_t x_to_2_to_the[32]; /* x^(2^k) modulo the polynomial */
+static void fill_fold_keys(void);
 __attribute__((constructor)) static void fill_powers(void) {
     uint32_t power = 1u << 30; /* x^1 */
     x_to_2_to_the[0] = power;
     for (int k = 1; k < 32; k++) x_to_2_to_the[k] = power = multiply_mod(power, power);
+    fill_fold_keys();
 }
 
 /* CRC-32C of A followed by B, from CRC-32C(A), CRC-32C(B) and B's length. */
@@ -166,7 +171,80 @@ static uint32_t magnitude16(const uint8_t *row, int64_t bytes) {
     return most;
 }
 
-typedef struct {
+typedef struct Chunk Chunk;
+static inline int64_t place_rows(Chunk *chunk, int64_t from, int64_t to);
+
+#if defined(__AVX512F__) && defined(__VPCLMULQDQ__) && defined(__SSE4_2__) && !defined(KV_INGEST_NO_FOLD)
+#define FOLD_CRC 1
+/* CRC-32C by folding (Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ"):
+ * four 512-bit accumulators take 256 bytes a step. Each 128-bit lane V is multiplied by x^D
+ * modulo the polynomial, D the distance to the bytes it is added to: in the reflected bit order
+ * a lane is x^64 * low + high, and a carry-less product carries one more factor x, so the keys
+ * are x^(D+63) for the low half and x^(D-1) for the high one (each as the top 32 bits of its
+ * half). At the end the accumulators fold into one 128-bit value congruent to the whole message,
+ * whose CRC the CRC instruction takes from a zero state. */
+#define FOLD_BYTES 256
+/* x^n modulo the polynomial. */
+static uint32_t x_power(uint64_t n) {
+    uint32_t result = 1u << 31; /* x^0 */
+    for (unsigned k = 0; n; n >>= 1, k++)
+        if (n & 1) result = multiply_mod(x_to_2_to_the[k & 31], result);
+    return result;
+}
+
+static uint64_t fold_keys[3][2]; /* D = 2048 (a step), 512 (between accumulators), 128 (lanes) */
+static void fill_fold_keys(void) {
+    const uint64_t distances[3] = {2048, 512, 128};
+    for (int k = 0; k < 3; k++) {
+        fold_keys[k][0] = (uint64_t)x_power(distances[k] + 63) << 32;
+        fold_keys[k][1] = (uint64_t)x_power(distances[k] - 1) << 32;
+    }
+}
+
+static inline __m512i times_key(__m512i lanes, __m512i key) {
+    return _mm512_xor_si512(_mm512_clmulepi64_epi128(lanes, key, 0x00), _mm512_clmulepi64_epi128(lanes, key, 0x11));
+}
+
+static inline __m512i key512(int which) { return _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)fold_keys[which])); }
+
+/* The running CRC of `state` followed by the first `bytes` (a multiple of FOLD_BYTES, > 0) of
+ * `at` (the chunk's source); each row whose bytes have been read is placed (place_row) at once. */
+static uint32_t fold(uint32_t state, const uint8_t *at, int64_t bytes, Chunk *chunk, int64_t row_bytes) {
+    __m512i lane[4], step = key512(0);
+    for (int k = 0; k < 4; k++) lane[k] = _mm512_loadu_si512(at + 64 * k);
+    lane[0] = _mm512_xor_si512(lane[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)state))); /* the state is the first 4 bytes' xor */
+    int64_t placed = 0;
+    for (int64_t done = FOLD_BYTES; done < bytes; done += FOLD_BYTES) {
+        for (int k = 0; k < 4; k++)
+            lane[k] = _mm512_xor_si512(times_key(lane[k], step), _mm512_loadu_si512(at + done + 64 * k));
+        placed = place_rows(chunk, placed, done / row_bytes); /* rows just read, from L1: 20% faster than 4 KB later */
+    }
+    place_rows(chunk, placed, bytes / row_bytes);
+    __m512i apart = key512(1);
+    for (int k = 1; k < 4; k++) lane[k] = _mm512_xor_si512(times_key(lane[k - 1], apart), lane[k]);
+    __m128i lanes = _mm_loadu_si128((const __m128i *)fold_keys[2]), value = _mm512_extracti32x4_epi32(lane[3], 0);
+    __m128i parts[3] = {_mm512_extracti32x4_epi32(lane[3], 1), _mm512_extracti32x4_epi32(lane[3], 2),
+                        _mm512_extracti32x4_epi32(lane[3], 3)};
+    for (int k = 0; k < 3; k++)
+        value = _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(value, lanes, 0x00),
+                                            _mm_clmulepi64_si128(value, lanes, 0x11)), parts[k]);
+    uint32_t crc = (uint32_t)_mm_crc32_u64(0, (uint64_t)_mm_cvtsi128_si64(value));
+    return (uint32_t)_mm_crc32_u64(crc, (uint64_t)_mm_extract_epi64(value, 1));
+}
+#else
+static void fill_fold_keys(void) {}
+#endif
+
+/* Whether this build folds its checksum (1) or runs the CRC instruction or table (0). */
+int kv_ingest_folds(void) {
+#if defined(FOLD_CRC)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+struct Chunk {
     const uint8_t *source;
     int64_t heads, tokens, head_dim, row_bytes, target_row_bytes, row_stride; /* row_bytes: in the chunk */
     uint8_t *const *pools; /* per chunk layer: keys, values */
@@ -174,7 +252,7 @@ typedef struct {
     const float *scales;   /* fp8: per plane (layer, key/value, kv head) */
     int kind, check_finite;
     uint32_t magnitude;
-} Chunk;
+};
 
 static void fp8_row(float *values, const uint8_t *row, int64_t count, float scale) {
     for (int64_t at = 0; at < count; at++) values[at] = fp8_values[row[at]] * scale;
@@ -203,6 +281,12 @@ static void place_row(Chunk *chunk, int64_t index) {
     store_row(target, row, chunk->target_row_bytes);
 }
 
+/* Rows [from, to) of the chunk (place_row); returns `to`. */
+static inline int64_t place_rows(Chunk *chunk, int64_t from, int64_t to) {
+    for (int64_t index = from; index < to; index++) place_row(chunk, index);
+    return to;
+}
+
 static uint32_t first_infinite(int kind) {
     return kind == KIND_FLOAT16 ? 0x7c00u : kind == KIND_BFLOAT16 ? 0x7f80u : 0x7f800000u;
 }
@@ -226,6 +310,15 @@ int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t toke
     Chunk chunk = {source, heads, tokens, head_dim, row_bytes, target_row_bytes, heads * target_row_bytes,
                    pools, rows, scales, kind, check_finite, 0};
     int64_t total = layers * 2 * heads * tokens, third = total / 3;
+#if defined(FOLD_CRC)
+    int64_t bytes = total * row_bytes, folded = bytes / FOLD_BYTES * FOLD_BYTES;
+    uint32_t state = ~crc_in; /* the running CRC of the bytes before */
+    if (folded > 0) state = fold(state, source, folded, &chunk, row_bytes);
+    *crc_out = ~crc_row(state, source + folded, bytes - folded);
+    place_rows(&chunk, folded / row_bytes, total);
+    _mm_sfence();
+    return check_finite && chunk.magnitude >= first_infinite(kind);
+#endif
     uint32_t crc[3] = {0xffffffffu, 0xffffffffu, 0xffffffffu};
     for (int64_t index = 0; index < third; index++) {
         crc_rows3(crc, source + index * row_bytes, source + (third + index) * row_bytes,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,8 @@ SOURCE = Path(__file__).with_name("kv_ingest.c")
 _KINDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FP8_TO_FLOAT32 = 3
 MAX_FP8_HEAD_DIM = 1024  # MAX_FP8_ROW in the source
+_POINTER_BYTES = ctypes.sizeof(ctypes.c_void_p)
+_SCALE_BYTES = 4  # a float32 scale, as the kernel reads them
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +59,7 @@ class NativeIngest:
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = ([ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
                                  + [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p])
+        self.folds = bool(library.kv_ingest_folds())  # the CRC by carry-less multiplication (VPCLMULQDQ)
 
     @staticmethod
     def build(cache_dir: Path, mode: str) -> NativeIngest | None:
@@ -68,8 +71,10 @@ class NativeIngest:
             return None
         built = compiled(SOURCE, "kv_ingest", [], cache_dir)
         if isinstance(built, ctypes.CDLL):
-            log.info("KV chunks are received in one native pass (%s)", built._name)
-            return NativeIngest(built)
+            native = NativeIngest(built)
+            log.info("KV chunks are received in one native pass (%s; CRC-32C %s)", built._name,
+                     "by folding" if native.folds else "by the CRC instruction or a table")
+            return native
         if mode == "native":
             raise ValueError(f"--kv-ingest native cannot be used here: {built}")
         log.info("KV chunks are received by the Python path (the native pass cannot be built: %s)", built)
@@ -84,20 +89,51 @@ class NativeIngest:
         kv_fp8; float32 pools only). The verdict's checksum is that of the bytes before (whose
         CRC-32C is `crc`: a chunk can go in parts) followed by `data`; an fp8 chunk's scales, which
         its checksum covers too, are the caller's to add."""
-        source = numpy.frombuffer(data, numpy.uint8)
+        return self.prepare(data, shape, layers, rows, check_finite, fp8_scales).run(0, shape[0], crc)
+
+    def prepare(self, data: bytes | memoryview, shape: tuple[int, ...],
+                layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: numpy.ndarray,
+                check_finite: bool, fp8_scales: bytes | None = None) -> IngestCall:
+        """The pass over a chunk (arguments as `ingest`), checked once, to run a few layers at a time."""
+        return IngestCall(self._kernel, data, shape, layers, rows, check_finite, fp8_scales)
+
+
+class IngestCall:
+    """One chunk's pass, its pointers and sizes checked (_check_layout) and its arguments built
+    once: `run` costs one kernel call (~3 us) a part. Holds the chunk's bytes until dropped."""
+
+    def __init__(self, kernel: Callable[..., int], data: bytes | memoryview, shape: tuple[int, ...],
+                 layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: numpy.ndarray, check_finite: bool,
+                 fp8_scales: bytes | None) -> None:
+        self._kernel = kernel
+        self._source = numpy.frombuffer(data, numpy.uint8)
         pools = [tensor for pair in layers for tensor in pair]
-        kind = _check_layout(source, shape, pools, rows, fp8_scales)
-        scales = (None if fp8_scales is None  # little-endian on the wire, native for the kernel
-                  else numpy.frombuffer(fp8_scales, kv_fp8.SCALE_WIRE_DTYPE).astype(numpy.float32))
-        bases = (ctypes.c_void_p * len(pools))(*(tensor.data_ptr() for tensor in pools))
-        checksum = ctypes.c_uint32()
-        layer_count, _, heads, tokens, head_dim = shape
-        status = self._kernel(source.ctypes.data, layer_count, heads, tokens, head_dim, ctypes.addressof(bases),
-                              rows.ctypes.data, None if scales is None else scales.ctypes.data, kind,
-                              int(check_finite), crc, ctypes.byref(checksum))
+        self._kind = _check_layout(self._source, shape, pools, rows, fp8_scales)
+        self._scales = (None if fp8_scales is None  # little-endian on the wire, native for the kernel
+                        else numpy.frombuffer(fp8_scales, kv_fp8.SCALE_WIRE_DTYPE).astype(numpy.float32))
+        self._bases = (ctypes.c_void_p * len(pools))(*(tensor.data_ptr() for tensor in pools))
+        self._rows = rows
+        self._addresses = (self._source.ctypes.data, ctypes.addressof(self._bases), rows.ctypes.data,
+                           None if self._scales is None else self._scales.ctypes.data)
+        self._shape = shape
+        self._check_finite = int(check_finite)
+        self._layer_bytes = self._source.size // shape[0]
+        self._layer_scales = 2 * shape[2]  # per layer: key/value x kv head
+        self._checksum = ctypes.c_uint32()
+
+    def run(self, first: int, end: int, crc: int = 0) -> IngestVerdict:
+        """Layers [first, end) of the chunk, continuing the checksum `crc` of the bytes before them."""
+        if not 0 <= first < end <= self._shape[0]:
+            raise InternalFailure(f"KV ingest: layers [{first}, {end}) of a chunk of {self._shape[0]}")
+        _, _, heads, tokens, head_dim = self._shape
+        source, bases, rows, scales = self._addresses
+        status = self._kernel(source + first * self._layer_bytes, end - first, heads, tokens, head_dim,
+                              bases + 2 * first * _POINTER_BYTES, rows,
+                              None if scales is None else scales + first * self._layer_scales * _SCALE_BYTES,
+                              self._kind, self._check_finite, crc, ctypes.byref(self._checksum))
         if status < 0:
             raise InternalFailure(f"KV ingest refused its inputs (status {status})")
-        return IngestVerdict(checksum.value, status == 0)
+        return IngestVerdict(self._checksum.value, status == 0)
 
 
 def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[torch.Tensor],

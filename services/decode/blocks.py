@@ -249,11 +249,14 @@ class LeasedWriter:
         where the pool has no such pass: the caller verifies and calls `store`."""
         if not self._pool.can_ingest(fp8_scales is not None):
             return None
-        verdict, rows = IngestVerdict(0, True), None
+        verdict, call = IngestVerdict(0, True), None
         for offset in range(shape[0]):
             with self._blocks.writing(self.lease) as table:  # a layer at a time, as `write`: `free` waits less
-                rows = self._pool.ingest_rows(table, span, self._floor) if rows is None else rows
-                verdict = self._pool.ingest_layer(rows, span, offset, data, shape, check_finite, fp8_scales, verdict)
+                if call is None:
+                    rows = self._pool.ingest_rows(table, span, self._floor)
+                    call = self._pool.prepare_ingest(rows, span, data, shape, check_finite, fp8_scales)
+                layer = call.run(offset, offset + 1, verdict.crc32c)
+                verdict = IngestVerdict(layer.crc32c, verdict.finite and layer.finite)
         if fp8_scales is None:
             return verdict
         return IngestVerdict(google_crc32c.extend(verdict.crc32c, fp8_scales), verdict.finite)

@@ -4,7 +4,6 @@ kv_heads, head_dim] sequence, no second copy needed). Which block belongs to who
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import numpy
 import torch
 
 from services.common.kv_codec import ChunkSpan
-from services.common.kv_ingest import MAX_FP8_HEAD_DIM, IngestVerdict, NativeIngest
+from services.common.kv_ingest import MAX_FP8_HEAD_DIM, IngestCall, NativeIngest
 from services.common.runtime import DTYPES, ModelGeometry
 
 
@@ -58,7 +57,7 @@ class BlockPool:
             self._write_rows(blocks, layer, start, keys, values, start, end)
 
     def can_ingest(self, fp8: bool) -> bool:
-        """Whether `ingest_layer` takes a raw chunk (fp8: an fp8 one) here."""
+        """Whether `prepare_ingest` takes a raw chunk (fp8: an fp8 one) here."""
         return self.ingest is not None and (not fp8 or (self.keys[0].dtype == torch.float32
                                                         and self.keys[0].shape[3] <= MAX_FP8_HEAD_DIM))
 
@@ -70,23 +69,16 @@ class BlockPool:
         rows[positions < floor] = -1
         return rows
 
-    def ingest_layer(self, rows: numpy.ndarray, span: ChunkSpan, offset: int, data: bytes | memoryview,
-                     shape: tuple[int, ...], check_finite: bool, fp8_scales: bytes | None,
-                     before: IngestVerdict) -> IngestVerdict:
-        """Layer `offset` of a chunk's bytes [layers, 2, kv_heads, tokens, head_dim] (fp8 with the
-        chunk's `fp8_scales`) into `rows` in one native pass, continuing the verdict of the layers
-        `before` it (needs `can_ingest`; the scales are not in the checksum)."""
+    def prepare_ingest(self, rows: numpy.ndarray, span: ChunkSpan, data: bytes | memoryview,
+                       shape: tuple[int, ...], check_finite: bool, fp8_scales: bytes | None) -> IngestCall:
+        """A chunk's bytes [layers, 2, kv_heads, tokens, head_dim] (fp8 with the chunk's
+        `fp8_scales`) into `rows`, in one native pass a layer or more at a time (needs `can_ingest`;
+        the scales are not in the checksum)."""
         if self.ingest is None:
             raise RuntimeError("this pool has no native ingest")
-        layer_shape = (1, *shape[1:])
-        planes = 2 * shape[2]
-        size = math.prod(layer_shape) * (1 if fp8_scales is not None else self.keys[0].element_size())
-        scales = None if fp8_scales is None else fp8_scales[offset * planes * 4 : (offset + 1) * planes * 4]
-        layer = span.layer_start + offset
-        verdict = self.ingest.ingest(memoryview(data)[offset * size : (offset + 1) * size], layer_shape,
-                                     [(self.keys[layer], self.values[layer])], rows, check_finite, scales,
-                                     before.crc32c)
-        return IngestVerdict(verdict.crc32c, before.finite and verdict.finite)
+        layers = range(span.layer_start, span.layer_end)
+        return self.ingest.prepare(data, shape, [(self.keys[layer], self.values[layer]) for layer in layers], rows,
+                                   check_finite, fp8_scales)
 
     def _write_whole_blocks(self, blocks: list[int], layer: int, first_row: int, keys: torch.Tensor,
                             values: torch.Tensor) -> None:
