@@ -10,8 +10,8 @@
  * chunk's first, second and last third (one CRC instruction's latency is three of its issue
  * slots) and the three are combined at the end, so it equals the CRC-32C of the bytes in order.
  * Where the CPU multiplies carry-less on 512 bits (VPCLMULQDQ with AVX-512), the checksum folds
- * instead (fold_and_place): ~4x the CRC instruction's speed, so the pass runs at the speed of its
- * memory traffic (measured: 7.5 ms for 94 MB where the three streams took 10.7).
+ * instead (`fold`): ~4x the CRC instruction's speed, so the pass runs at the speed of its memory
+ * traffic (measured: 6.7-7.0 ms for 94 MB where the three streams took 10.7).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -110,7 +110,7 @@ __attribute__((constructor)) static void fill_powers(void) {
 }
 
 /* CRC-32C of A followed by B, from CRC-32C(A), CRC-32C(B) and B's length. */
-static uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
+static inline uint32_t crc_combine(uint32_t crc_a, uint32_t crc_b, uint64_t length_b) {
     uint32_t shift = 1u << 31; /* x^0 */
     for (unsigned k = 3; length_b; length_b >>= 1, k++) /* x^(8 * length_b) */
         if (length_b & 1) shift = multiply_mod(x_to_2_to_the[k & 31], shift);
@@ -124,7 +124,7 @@ static inline uint64_t load_word(const uint8_t *at) {
 }
 
 /* The running (not yet inverted) CRC of three rows at once. */
-static void crc_rows3(uint32_t *crc, const uint8_t *a, const uint8_t *b, const uint8_t *c, int64_t bytes) {
+static inline void crc_rows3(uint32_t *crc, const uint8_t *a, const uint8_t *b, const uint8_t *c, int64_t bytes) {
     uint32_t x = crc[0], y = crc[1], z = crc[2];
     int64_t at = 0;
     for (; at + 8 <= bytes; at += 8) {
@@ -174,7 +174,8 @@ static uint32_t magnitude16(const uint8_t *row, int64_t bytes) {
 typedef struct Chunk Chunk;
 static inline int64_t place_rows(Chunk *chunk, int64_t from, int64_t to);
 
-#if defined(__AVX512F__) && defined(__VPCLMULQDQ__) && defined(__SSE4_2__) && !defined(KV_INGEST_NO_FOLD)
+#if defined(__AVX512F__) && defined(__VPCLMULQDQ__) && defined(__PCLMUL__) && defined(__SSE4_2__) && \
+    !defined(KV_INGEST_NO_FOLD)
 #define FOLD_CRC 1
 /* CRC-32C by folding (Intel, "Fast CRC Computation for Generic Polynomials Using PCLMULQDQ"):
  * four 512-bit accumulators take 256 bytes a step. Each 128-bit lane V is multiplied by x^D
@@ -212,7 +213,7 @@ static inline __m512i key512(int which) { return _mm512_broadcast_i32x4(_mm_load
 static uint32_t fold(uint32_t state, const uint8_t *at, int64_t bytes, Chunk *chunk, int64_t row_bytes) {
     __m512i lane[4], step = key512(0);
     for (int k = 0; k < 4; k++) lane[k] = _mm512_loadu_si512(at + 64 * k);
-    lane[0] = _mm512_xor_si512(lane[0], _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)state))); /* the state is the first 4 bytes' xor */
+    lane[0] = _mm512_mask_xor_epi32(lane[0], 1, lane[0], _mm512_set1_epi32((int)state)); /* the state xors the first 4 bytes */
     int64_t placed = 0;
     for (int64_t done = FOLD_BYTES; done < bytes; done += FOLD_BYTES) {
         for (int k = 0; k < 4; k++)
@@ -309,16 +310,15 @@ int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t toke
     int64_t target_row_bytes = head_dim * (kind == KIND_FP8_TO_FLOAT32 ? 4 : element_bytes(kind));
     Chunk chunk = {source, heads, tokens, head_dim, row_bytes, target_row_bytes, heads * target_row_bytes,
                    pools, rows, scales, kind, check_finite, 0};
-    int64_t total = layers * 2 * heads * tokens, third = total / 3;
+    int64_t total = layers * 2 * heads * tokens;
 #if defined(FOLD_CRC)
     int64_t bytes = total * row_bytes, folded = bytes / FOLD_BYTES * FOLD_BYTES;
     uint32_t state = ~crc_in; /* the running CRC of the bytes before */
     if (folded > 0) state = fold(state, source, folded, &chunk, row_bytes);
     *crc_out = ~crc_row(state, source + folded, bytes - folded);
     place_rows(&chunk, folded / row_bytes, total);
-    _mm_sfence();
-    return check_finite && chunk.magnitude >= first_infinite(kind);
-#endif
+#else
+    int64_t third = total / 3;
     uint32_t crc[3] = {0xffffffffu, 0xffffffffu, 0xffffffffu};
     for (int64_t index = 0; index < third; index++) {
         crc_rows3(crc, source + index * row_bytes, source + (third + index) * row_bytes,
@@ -335,6 +335,7 @@ int kv_ingest(const uint8_t *source, int64_t layers, int64_t heads, int64_t toke
     uint32_t combined = crc_combine(~crc[0], ~crc[1], third_bytes);
     combined = crc_combine(combined, ~crc[2], last_bytes);
     *crc_out = crc_combine(crc_in, combined, third_bytes * 2 + last_bytes);
+#endif
 #if defined(__SSE2__)
     _mm_sfence(); /* the streamed rows are in memory before the caller reports the chunk stored */
 #endif

@@ -111,15 +111,15 @@ class IngestCall:
         self._kind = _check_layout(self._source, shape, pools, rows, fp8_scales)
         self._scales = (None if fp8_scales is None  # little-endian on the wire, native for the kernel
                         else numpy.frombuffer(fp8_scales, kv_fp8.SCALE_WIRE_DTYPE).astype(numpy.float32))
+        self._pools = pools  # the kernel writes through their pointers: they live as long as the call
         self._bases = (ctypes.c_void_p * len(pools))(*(tensor.data_ptr() for tensor in pools))
-        self._rows = rows
+        rows = self._rows = rows.copy()  # as checked: a caller's later change cannot move a write
         self._addresses = (self._source.ctypes.data, ctypes.addressof(self._bases), rows.ctypes.data,
                            None if self._scales is None else self._scales.ctypes.data)
         self._shape = shape
         self._check_finite = int(check_finite)
         self._layer_bytes = self._source.size // shape[0]
         self._layer_scales = 2 * shape[2]  # per layer: key/value x kv head
-        self._checksum = ctypes.c_uint32()
 
     def run(self, first: int, end: int, crc: int = 0) -> IngestVerdict:
         """Layers [first, end) of the chunk, continuing the checksum `crc` of the bytes before them."""
@@ -130,10 +130,10 @@ class IngestCall:
         status = self._kernel(source + first * self._layer_bytes, end - first, heads, tokens, head_dim,
                               bases + 2 * first * _POINTER_BYTES, rows,
                               None if scales is None else scales + first * self._layer_scales * _SCALE_BYTES,
-                              self._kind, self._check_finite, crc, ctypes.byref(self._checksum))
+                              self._kind, self._check_finite, crc, ctypes.byref(checksum := ctypes.c_uint32()))
         if status < 0:
             raise InternalFailure(f"KV ingest refused its inputs (status {status})")
-        return IngestVerdict(self._checksum.value, status == 0)
+        return IngestVerdict(checksum.value, status == 0)
 
 
 def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[torch.Tensor],
