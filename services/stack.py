@@ -62,8 +62,30 @@ class PortAllocator:
                 self._issued.add(port)
                 return port
 
+    def take_run(self, count: int) -> int:
+        """The first of `count` consecutive free ports (a stack's base port: its services listen on
+        base, base + 1, ...), all issued: `take` never hands one of them out again."""
+        while True:
+            first = self.take()
+            run = range(first, first + count)
+            if run[-1] <= 65535 and all(port == first or (port not in self._issued and _bindable(port))
+                                        for port in run):
+                self._issued.update(run)
+                return first
 
-free_port = PortAllocator().take
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_PORTS = PortAllocator()  # one per process, so no two callers get the same port
+free_port = _PORTS.take
+free_port_run = _PORTS.take_run
 
 
 class Stack:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from grpc_health.v1 import health_pb2
 
 from services.client import GatewayClient, GatewayError
 from services.common.healthcheck import health_status
-from services.stack import ServiceSpec, Stack, free_port
+from services.stack import PortAllocator, ServiceSpec, Stack, free_port, free_port_run
 from tests.conftest import RunningStack, start_stack
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -76,10 +77,26 @@ async def test_sigterm_on_gateway_lets_the_generation_finish(tiny_stack: Running
     await _drain_during_generation(tiny_stack, "gateway")
 
 
+def test_a_run_of_ports_is_free_and_never_handed_out_again() -> None:
+    """A stack's base port: its services take base + 0..3, so all four must be free, and no later
+    free_port may give one of them to another server (it would answer on the stack's port after
+    the stack stopped)."""
+    allocator = PortAllocator()
+    base = allocator.take_run(4)
+    listeners = []
+    try:
+        for port in range(base, base + 4):
+            listener = socket.create_server(("127.0.0.1", port))  # each one free
+            listeners.append(listener)
+        assert all(allocator.take() not in range(base, base + 4) for _ in range(200))
+        assert allocator.take_run(4) not in range(base - 3, base + 4)  # runs never overlap
+    finally:
+        for listener in listeners:
+            listener.close()
+
+
 def test_launcher_stops_all_four_cleanly(tmp_path: Path) -> None:
-    base, metrics = free_port(), free_port()
-    while any(p in range(base, base + 4) for p in range(metrics, metrics + 4)):
-        metrics = free_port()
+    base, metrics = free_port_run(4), free_port_run(4)  # each service's port and metrics port: base + 0..3
     launcher = subprocess.Popen([sys.executable, "-m", "services.stack", "--model", "tiny", "--base-port", str(base),
                                  "--metrics-base-port", str(metrics), "--http-port", str(free_port())], cwd=ROOT,
                                 stdout=subprocess.PIPE,
