@@ -100,7 +100,7 @@ class NativeIngest:
 
 class IngestCall:
     """One chunk's pass, its pointers and sizes checked (_check_layout) and its arguments built
-    once: `run` costs one kernel call (~3 us) a part. Holds the chunk's bytes until dropped."""
+    once: `run` is one kernel call a part. Holds the chunk's bytes until dropped."""
 
     def __init__(self, kernel: Callable[..., int], data: bytes | memoryview, shape: tuple[int, ...],
                  layers: Sequence[tuple[torch.Tensor, torch.Tensor]], rows: numpy.ndarray, check_finite: bool,
