@@ -149,7 +149,7 @@ def _check_layout(source: numpy.ndarray, shape: tuple[int, ...], pools: list[tor
             for t in pools) and first.dim() == 4 and tuple(first.shape[2:]) == (heads, head_dim)):
         raise InternalFailure("KV ingest: the pool is not laid out as the chunk's rows")
     fp8 = fp8_scales is not None
-    if fp8 and (first.dtype != torch.float32 or head_dim > MAX_FP8_HEAD_DIM
+    if fp8_scales is not None and (first.dtype != torch.float32 or head_dim > MAX_FP8_HEAD_DIM
                 or len(fp8_scales) != kv_fp8.scale_count(shape) * kv_fp8.SCALE_WIRE_DTYPE.itemsize):
         raise InternalFailure("KV ingest: fp8 needs a float32 pool and one scale per layer, key/value and kv head")
     if source.size != math.prod(shape) * (1 if fp8 else first.element_size()):
