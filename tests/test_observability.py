@@ -28,30 +28,29 @@ def traced_stack(tmp_path_factory: pytest.TempPathFactory, receiver: SpanSink) -
     running.stack.stop()
 
 
-async def _wait_for(condition, timeout: float = 15.0) -> None:
+async def _wait_for(condition, timeout: float = 15.0) -> bool:
+    """Whether `condition` held within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting for spans")
+            return False
         await asyncio.sleep(0.1)
+    return True
 
 
 async def test_one_trace_spans_all_four_services(traced_stack: RunningStack, receiver: SpanSink) -> None:
     async with GatewayClient(traced_stack["gateway"]) as client:
         await client.complete("Hello world", max_tokens=5, temperature=0, request_id="traced-1")
-    await _wait_for(lambda: receiver.trace_of("gateway", "gateway.Generate", "traced-1") is not None)
+    assert await _wait_for(lambda: receiver.trace_of("gateway", "gateway.Generate", "traced-1") is not None)
     trace_id = receiver.trace_of("gateway", "gateway.Generate", "traced-1")
     services = lambda: {owner for owner, _ in receiver.in_trace(trace_id)}  # noqa: E731
-    await _wait_for(lambda: services() >= {"gateway", "prefill", "decode", "kvstore"})
+    assert await _wait_for(lambda: services() >= {"gateway", "prefill", "decode", "kvstore"})
     expected = {"gateway.Generate", "gateway.tokenize", "gateway.route", "prefill.Prefill", "prefill.queue_wait",
                 "prefill.forward", "prefill.kv_send", "decode.Generate", "decode.TransferKv", "kv.handoff",
                 "decode.generation", "kvstore.Put"}
     # Each process exports its spans in batches, every 100 ms: a span that ended after the reply (the
     # decode's Generate) may come a batch after the others.
-    try:
-        await _wait_for(lambda: expected <= {s.name for _, s in receiver.in_trace(trace_id)})
-    except AssertionError:
-        pass  # the assertion below names what is missing
+    await _wait_for(lambda: expected <= {s.name for _, s in receiver.in_trace(trace_id)})  # asserted below
     spans = receiver.in_trace(trace_id)
     names = {span.name for _, span in spans}
     assert expected <= names, f"missing spans: {sorted(expected - names)}"
@@ -72,7 +71,7 @@ async def test_failed_request_spans_carry_error_status(traced_stack: RunningStac
     async with GatewayClient(traced_stack["gateway"]) as client:
         with pytest.raises(GatewayError):
             await client.complete("Hello", max_tokens=5, top_p=2.0, request_id="traced-bad")
-    await _wait_for(lambda: receiver.trace_of("gateway", "gateway.Generate", "traced-bad") is not None)
+    assert await _wait_for(lambda: receiver.trace_of("gateway", "gateway.Generate", "traced-bad") is not None)
     spans = receiver.in_trace(receiver.trace_of("gateway", "gateway.Generate", "traced-bad"))
     generate = next(span for _, span in spans if span.name == "gateway.Generate")
     assert generate.status.code == trace_pb2.Status.STATUS_CODE_ERROR
