@@ -5,6 +5,7 @@ infinity, and whole-block pool writes land exactly where token-by-token writes w
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 
@@ -13,8 +14,12 @@ import torch
 
 from services.common.errors import KvProtocolError
 from services.common.kv_codec import (
+    CHECKSUMS,
     CRC32,
     CRC32C,
+    FP8_ENCODING,
+    RAW_ENCODING,
+    ChunkSource,
     KvEnd,
     KvLayout,
     all_finite,
@@ -23,7 +28,7 @@ from services.common.kv_codec import (
 )
 from services.common.kv_wire import _parse, from_pb, parse_wire, to_pb, wire_bytes
 from services.common.pb import kv_pb2
-from services.common.runtime import ModelGeometry
+from services.common.runtime import DTYPES, ModelGeometry
 from services.decode.pool import BlockPool, PoolConfig
 
 
@@ -100,3 +105,33 @@ def test_anything_but_one_plain_chunk_is_parsed_by_protobuf() -> None:
         expected = _outcome(lambda m=message: from_pb(_parse(m)))
         assert _outcome(lambda m=message: parse_wire(m)) == expected, message[:8]
     assert parse_wire(b"\x12" + bytes([len(body)]) + body).data == b"c"
+
+
+@pytest.mark.parametrize("checksum", CHECKSUMS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("token_offset", [0, 4])
+def test_a_chunk_encoded_into_a_buffer_equals_its_encoded_bytes(checksum: str, dtype: str, token_offset: int) -> None:
+    """The shm transport encodes raw chunks straight into the segment (ChunkSource.encode_into):
+    the bytes, checksum and shape must be those of `encode`, for a partial last token range too."""
+    layout = KvLayout("r", "fp", 3, 2, 8, 14 + token_offset, 4, 3, dtype, checksum=checksum, token_start=token_offset)
+    keys, values = (torch.randn(3, 2, 14, 8).to(DTYPES[dtype]) for _ in range(2))
+    for index in range(layout.chunk_count):
+        source = ChunkSource(layout, index, keys, values, token_offset)
+        encoded = source.encode()
+        buffer = bytearray(source.byte_length)
+        placed = source.encode_into(memoryview(buffer))
+        assert bytes(buffer) == encoded.data and placed.byte_length == encoded.byte_length == len(buffer)
+        assert (placed.crc32, placed.crc32c, placed.shape) == (encoded.crc32, encoded.crc32c, encoded.shape)
+
+
+def test_only_a_raw_chunk_of_the_right_size_is_encoded_into_a_buffer() -> None:
+    source = ChunkSource(KvLayout("r", "fp", 1, 1, 4, 4, 4, 1, "float32", FP8_ENCODING), 0,
+                         torch.ones(1, 1, 4, 4), torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="raw chunk"):
+        source.encode_into(memoryview(bytearray(source.byte_length)))
+    raw = dataclasses.replace(source, layout=dataclasses.replace(source.layout, encoding=RAW_ENCODING))
+    with pytest.raises(ValueError, match="raw chunk"):
+        raw.encode_into(memoryview(bytearray(raw.byte_length - 1)))
+    short = dataclasses.replace(raw, keys=torch.ones(1, 1, 3, 4), values=torch.ones(1, 1, 3, 4))
+    with pytest.raises(ValueError, match="do not make chunk 0"):  # stack would resize its output instead
+        short.encode_into(memoryview(bytearray(raw.byte_length)))

@@ -5,15 +5,18 @@ segment, and the last one without waiting for `close`; the segment is gone after
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import uuid
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 from services.common import shm
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout, encode_chunk
+from services.common.errors import TransportUnavailable
+from services.common.kv_codec import FP8_ENCODING, ChunkSource, KvChunk, KvEnd, KvLayout, encode_chunk
 from services.common.kv_shm import ShmTransport
 from services.common.kv_wire import parse_wire
 from services.prefill.shm_sink import ShmStreamSink
@@ -100,3 +103,51 @@ async def test_abort_with_chunks_on_their_way_leaves_no_segment() -> None:
     await asyncio.sleep(0.1)
     assert shm.segments_of(PREFIX) == []
     assert not any(name.startswith(PREFIX) for name in os.listdir("/dev/shm"))
+
+
+def _sources(layout: KvLayout = LAYOUT) -> list[ChunkSource]:
+    return [ChunkSource(layout, index, KEYS[group : group + 1], -KEYS[group : group + 1])
+            for group in range(layout.layer_groups) for index in layout.group_chunks(group)]
+
+
+async def test_raw_chunks_are_encoded_straight_into_the_segment_and_sent_as_slices() -> None:
+    """`place` (what the prefill engine asks a lone sink first) puts each raw chunk's bytes in the
+    segment itself, with the checksum of its encoded bytes, so `send` only sends the slice."""
+    call = RecordingCall()
+    sink = _sink(call)
+    await sink.send(LAYOUT)
+    for source, chunk in zip(_sources(), CHUNKS, strict=True):
+        placed = await sink.place(source)
+        assert placed is not None and placed.shm is not None and placed.data == b""
+        assert (placed.crc32c, placed.byte_length) == (chunk.crc32c, chunk.byte_length)
+        await sink.send(placed)
+    await sink.close(KvEnd("sink", LAYOUT.chunk_count, 7))
+    sent = [message for message, _ in call.messages]
+    assert [m.index for m in sent if isinstance(m, KvChunk)] == list(range(len(CHUNKS)))
+    assert all(in_segment for _, in_segment in call.messages)
+    await asyncio.sleep(0.1)
+    assert shm.segments_of(PREFIX) == []
+
+
+async def test_only_raw_chunks_of_an_open_shm_transfer_are_placed() -> None:
+    grpc_sink = ShmStreamSink(lambda timeout: RecordingCall(), 30.0,
+                              ShmTransport("grpc", PREFIX, shm.host_identity()), shm.host_identity())
+    await grpc_sink.send(LAYOUT)
+    assert await grpc_sink.place(_sources()[0]) is None  # the bytes travel inline
+    grpc_sink.abort()
+    fp8 = dataclasses.replace(LAYOUT, encoding=FP8_ENCODING)
+    fp8_sink = _sink(RecordingCall())
+    assert await fp8_sink.place(_sources(fp8)[0]) is None  # nothing opened yet
+    await fp8_sink.send(fp8)
+    assert await fp8_sink.place(_sources(fp8)[0]) is None  # fp8 is quantized to bytes first
+    fp8_sink.abort()
+
+
+async def test_a_chunk_is_not_placed_into_a_released_segment() -> None:
+    sink = _sink(RecordingCall())
+    await sink.send(LAYOUT)
+    sink.abort()
+    with pytest.raises(TransportUnavailable, match="already released"):
+        await sink.place(_sources()[0])
+    await asyncio.sleep(0.1)
+    assert shm.segments_of(PREFIX) == []

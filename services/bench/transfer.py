@@ -30,47 +30,52 @@ from services.bench.handoff import (
     under_load,
 )
 from services.bench.transfer_rows import ROWS, Row, TransferCase
-from services.bench.transfer_shm import shm_fp8, shm_raw
+from services.bench.transfer_shm import PATH, shm_fp8, shm_raw
 from services.common.allocator import tune_allocator
-from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, KvEnd, KvLayout, encode_chunk
+from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, ChunkSource, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2_grpc
 from services.common.runtime import ModelRuntime
 from services.stack import ServiceSpec, Stack, free_port
 
+PLACED = " and encoding its chunks into the segment"  # the shm raw row's setup
 QUICK = {"model": "tiny", "prompt_tokens": 256, "chunk_tokens": 64, "repeats": 2, "load_streams": 2,
          "load_seconds": 1.5}
 
 
 def build_transfer(runtime: ModelRuntime, prompt: list[int], chunk_tokens: int,
-                   chunk_layers: int) -> dict[str, list[KvMessage]]:
-    """The prompt's real KV, computed once, as the messages of one transfer per wire encoding."""
+                   chunk_layers: int) -> tuple[dict[str, list[KvMessage]], list[ChunkSource]]:
+    """The prompt's real KV, computed once: the messages of one transfer per wire encoding, and
+    its raw chunks before encoding (what the prefill's shm sink encodes into its segment)."""
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     runtime.prefill(prompt, lambda index, k, v: layers.__setitem__(index, (k, v)))
-    return {encoding: _encoded(runtime, layers, len(prompt), chunk_tokens, chunk_layers, encoding)
-            for encoding in (RAW_ENCODING, FP8_ENCODING)}
+    sources = {encoding: _sources(runtime, layers, len(prompt), chunk_tokens, chunk_layers, encoding)
+               for encoding in (RAW_ENCODING, FP8_ENCODING)}
+    messages = {encoding: [parts[0].layout, *(source.encode() for source in parts),
+                           KvEnd("bench", parts[0].layout.chunk_count, 0)] for encoding, parts in sources.items()}
+    return messages, sources[RAW_ENCODING]
 
 
-def _encoded(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
-             chunk_tokens: int, chunk_layers: int, encoding: str) -> list[KvMessage]:
+def _sources(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
+             chunk_tokens: int, chunk_layers: int, encoding: str) -> list[ChunkSource]:
     g = runtime.geometry
     layout = KvLayout("bench", g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, tokens,
                       chunk_tokens, chunk_layers, g.dtype, encoding)
-    messages: list[KvMessage] = [layout]
+    sources = []
     for group in range(layout.layer_groups):
         members = range(group * chunk_layers, min((group + 1) * chunk_layers, g.num_layers))
         keys = torch.stack([layers[i][0] for i in members])
         values = torch.stack([layers[i][1] for i in members])
-        messages += [encode_chunk(layout, i, keys, values) for i in layout.group_chunks(group)]
-    return [*messages, KvEnd("bench", layout.chunk_count, 0)]
+        sources += [ChunkSource(layout, i, keys, values) for i in layout.group_chunks(group)]
+    return sources
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     runtime = ModelRuntime(args.model, "float32", "cpu", default_cache_dir())
     prompt = torch.randint(10, min(49000, runtime.geometry.vocab_size), (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    messages = build_transfer(runtime, prompt, args.chunk_tokens, args.chunk_layers)
+    messages, sources = build_transfer(runtime, prompt, args.chunk_tokens, args.chunk_layers)
     port = free_port()
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
     # Without its prefix cache: every repeat of the same prompt must write all its chunks into the pool.
@@ -79,7 +84,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING])
+        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING],
+                            sources)
         rows = [await produce(case) for produce in (*ROWS, shm_raw, shm_fp8)]  # shm: services.bench.transfer_shm
         prefill_args = (*worker, "--kv-chunk-tokens", str(args.chunk_tokens), "--kv-chunk-layers",
                         str(args.chunk_layers))
@@ -111,8 +117,9 @@ def table(report: dict[str, object]) -> str:
              f"  {'path':12s} {'bytes':>12} {'chunks':>6} {'seconds':>9} {'GB/s':>7} {'/ raw TCP':>9} {'/ memcpy':>9}"]
     lines += [f"  {r.path:12s} {r.kv_bytes:12,} {r.chunks:6d} {r.seconds:9.4f} {r.gbps:7.2f} "
               f"{tcp.seconds / r.seconds:9.2f} {copy.seconds / r.seconds:9.2f}" for r in rows]
-    lines += [f"  ({r.path}: opening the transfer took {r.setup_seconds * 1e3:.1f} ms more, before the clock, "
-              "while the prefill's forward pass runs)" for r in rows if r.setup_seconds]
+    lines += [f"  ({r.path}: opening the transfer{PLACED if r.path == PATH else ''} took {r.setup_seconds * 1e3:.1f}"
+              " ms more, before the clock, as the prefill does while its forward pass runs)"
+              for r in rows if r.setup_seconds]
     handoffs: list[Handoff] = report["handoffs"]  # type: ignore[assignment]
     lines.append("  handoff through a prefill worker (forward end -> decode holds verified KV):")
     lines += [f"    {h.transport:12s} {h.handoff_seconds * 1e3:8.1f} ms   (forward pass {h.forward_seconds * 1e3:.0f} ms; "

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from services.common.kv_codec import KvChunk
+from services.common.kv_codec import ChunkSource, KvChunk
 from services.common.kv_wire import KvMessage, transfer_kv_bytes, wire_bytes
 from services.common.pb import common_pb2, decode_pb2, decode_pb2_grpc
 from services.common.server import GRPC_OPTIONS
@@ -66,10 +66,11 @@ class TransferCase:
     decode_address: str
     repeats: int
     fp8_messages: list[KvMessage] = dataclasses.field(default_factory=list)  # the same KV, fp8 on the wire
+    sources: list[ChunkSource] = dataclasses.field(default_factory=list)  # the raw chunks before encoding
 
     def as_fp8(self) -> TransferCase:
         """The case moving the fp8 encoding of the same KV (wire bytes: data and scales)."""
-        return dataclasses.replace(self, messages=self.fp8_messages, fp8_messages=[])
+        return dataclasses.replace(self, messages=self.fp8_messages, fp8_messages=[], sources=[])
 
     @property
     def chunks(self) -> list[KvChunk]:
@@ -106,6 +107,10 @@ def slug(name: str) -> str:
 def renamed(messages: list[KvMessage], request_id: str) -> list[KvMessage]:
     """The transfer for another request id (each repeat is a new admitted request)."""
     return [dataclasses.replace(m, request_id=request_id) for m in messages]
+
+
+def renamed_sources(sources: list[ChunkSource], request_id: str) -> list[ChunkSource]:
+    return [dataclasses.replace(s, layout=dataclasses.replace(s.layout, request_id=request_id)) for s in sources]
 
 
 async def admit_with_host(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str,

@@ -158,21 +158,71 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+@dataclass(frozen=True, slots=True)
+class ChunkSource:
+    """Chunk `index` of a transfer before it is encoded: its layer group's keys and values, each
+    [layers, kv_heads, tokens, head_dim] covering the group's tokens from `token_offset` on. A sink
+    may encode it straight into its own buffer (`encode_into`: a shared-memory segment), else it is
+    encoded once into bytes for every sink (`encode`)."""
+
+    layout: KvLayout
+    index: int
+    keys: torch.Tensor
+    values: torch.Tensor
+    token_offset: int = 0
+
+    @property
+    def byte_length(self) -> int:
+        return math.prod(self.layout.shape(self.layout.span(self.index))) * value_bytes(self.layout)
+
+    def encode(self) -> KvChunk:
+        return encode_chunk(self.layout, self.index, self.keys, self.values, self.token_offset)
+
+    def encode_into(self, target: memoryview) -> KvChunk:
+        """The chunk encoded raw into `target` (byte_length writable bytes; blocking), checksummed
+        there: its data is `target`. One copy where `encode` then a copy of its bytes takes two."""
+        layout, span = self.layout, self.layout.span(self.index)
+        if layout.encoding != RAW_ENCODING or len(target) != self.byte_length:
+            raise ValueError(f"encode_into takes a raw chunk and {self.byte_length} bytes")
+        keys, values = _kv_rows(self.keys, self.values, span, self.token_offset)
+        shape = layout.shape(span)
+        if keys.shape != values.shape or (keys.shape[0], 2, *keys.shape[1:]) != shape:
+            raise ValueError(f"keys and values of shape {tuple(keys.shape)} do not make chunk {self.index} {shape}")
+        placed = torch.frombuffer(target, dtype=DTYPES[layout.dtype]).view(shape)
+        torch.stack((keys, values), dim=1, out=placed)
+        del placed  # its export would keep the caller's buffer from being released
+        return _chunk(layout, self.index, target, b"")
+
+
+def _kv_rows(keys: torch.Tensor, values: torch.Tensor, span: ChunkSpan,
+             token_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = slice(span.token_start - token_offset, span.token_end - token_offset)
+    return keys[:, :, tokens], values[:, :, tokens]
+
+
 def encode_chunk(layout: KvLayout, index: int, keys: torch.Tensor, values: torch.Tensor,
                  token_offset: int = 0) -> KvChunk:
     """Chunk `index` from the layer group's keys and values, each [layers, kv_heads, tokens, head_dim]
     covering the group's tokens from `token_offset` on."""
     span = layout.span(index)
-    tokens = slice(span.token_start - token_offset, span.token_end - token_offset)
-    kv = torch.stack([keys[:, :, tokens], values[:, :, tokens]], dim=1)
+    kv = torch.stack(_kv_rows(keys, values, span, token_offset), dim=1)
     scales = b""
     if layout.encoding == FP8_ENCODING:
         data, scales = kv_fp8.quantize(kv, f"KV chunk {index} (layers {span.layer_start}-{span.layer_end - 1}, "
                                            f"tokens {span.token_start}-{span.token_end - 1})")
     else:
         data = tensor_bytes(kv)
-    crc32, crc32c = ((zlib.crc32(scales, zlib.crc32(data)), 0) if layout.checksum == CRC32
-                     else (0, google_crc32c.extend(google_crc32c.value(data), scales)))
+    return _chunk(layout, index, data, scales)
+
+
+def _chunk(layout: KvLayout, index: int, data: bytes | memoryview, scales: bytes) -> KvChunk:
+    """The chunk with its encoded data and scales, checksummed as the layout says."""
+    if layout.checksum == CRC32:
+        crc32, crc32c = zlib.crc32(scales, zlib.crc32(data)), 0
+    else:
+        array = data if isinstance(data, bytes) else numpy.frombuffer(data, numpy.uint8)
+        crc32, crc32c = 0, google_crc32c.extend(google_crc32c.value(array), scales)
+    span = layout.span(index)
     return KvChunk(layout.request_id, layout.model_fingerprint, index, span, layout.dtype, layout.encoding,
                    layout.shape(span), len(data), crc32, data, crc32c, scales=scales)
 

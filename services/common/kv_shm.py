@@ -27,7 +27,7 @@ import numpy as np
 
 from services.common import shm
 from services.common.errors import KvProtocolError, TransportUnavailable, UnknownRequest
-from services.common.kv_codec import KvChunk, KvLayout, ShmSlice, value_bytes
+from services.common.kv_codec import ChunkSource, KvChunk, KvLayout, ShmSlice, value_bytes
 from services.common.kv_wire import KvMessage
 
 TRANSPORTS = ("auto", "grpc", "shm")
@@ -129,14 +129,31 @@ class ShmTransferWriter:
     def claim(self, chunk: KvChunk) -> KvChunk:
         """Take the chunk's place in the segment (on the event loop, in chunk order) and return the
         chunk as it travels once `fill` has copied its bytes there."""
+        return dataclasses.replace(chunk, data=b"", shm=self._take(chunk.index, chunk.byte_length))
+
+    def _take(self, index: int, byte_length: int) -> ShmSlice:
         self._require()
         if not self._reserved:
             raise TransportUnavailable(f"shared-memory segment {self.name} is not reserved yet")
         offset = _aligned(self._next)
-        if offset + chunk.byte_length > self._size:
-            raise KvProtocolError(f"KV chunk {chunk.index} does not fit the transfer's segment")
-        self._next = offset + chunk.byte_length
-        return dataclasses.replace(chunk, data=b"", shm=ShmSlice(self.name, offset, chunk.byte_length))
+        if offset + byte_length > self._size:
+            raise KvProtocolError(f"KV chunk {index} does not fit the transfer's segment")
+        self._next = offset + byte_length
+        return ShmSlice(self.name, offset, byte_length)
+
+    def claim_source(self, source: ChunkSource) -> ShmSlice:
+        """Take the place of a chunk that `place` will encode there (on the event loop, in chunk order)."""
+        return self._take(source.index, source.byte_length)
+
+    def place(self, source: ChunkSource, where: ShmSlice) -> KvChunk:
+        """Encode the chunk straight into the place `claim_source` gave it (blocking: run it off the
+        event loop) and return it as it travels: its slice instead of its bytes. One copy, where
+        encoding to bytes and `fill` take two."""
+        target = self._require().buf[where.offset : where.offset + where.length]
+        try:
+            return dataclasses.replace(source.encode_into(target), data=b"", shm=where)
+        finally:
+            del target  # a view left alive (in a failure's traceback) would keep the segment mapped
 
     def fill(self, chunk: KvChunk, described: KvChunk) -> None:
         """Copy the chunk's bytes to the place `claim` gave it (blocking: run it off the event loop;

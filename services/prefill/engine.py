@@ -36,7 +36,7 @@ import torch
 from transformers import DynamicCache
 
 from services.common.errors import AlreadyExists, BackendUnavailable, InvalidRequest
-from services.common.kv_codec import RAW_ENCODING, KvEnd, KvLayout, encode_chunk
+from services.common.kv_codec import RAW_ENCODING, ChunkSource, KvEnd, KvLayout
 from services.common.kv_wire import transfer_prefix
 from services.common.kvstore_client import KvStoreClient
 from services.common.grammar import GrammarState
@@ -315,10 +315,9 @@ class PrefillEngine:
             await self._thread.run(hit.seed, cache, self._runtime.geometry.num_layers)
             keys, values = (torch.stack(parts) for parts in zip(*(hit.layer_kv(i) for i in range(layout.num_layers))))
             for index in layout.token_range_chunks(0, hit.tokens):
-                chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, 0)
-                first_sent = first_sent or time.perf_counter()
-                await _send_all(sinks, chunk)
-                self.kv_bytes_held[job.key] += chunk.byte_length
+                sent, encoded = await _send_chunk(sinks, ChunkSource(layout, index, keys, values))
+                first_sent = first_sent or encoded
+                self.kv_bytes_held[job.key] += sent
         for start in range(hit.tokens, len(job.prompt_ids), step):
             kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
             part = await self._thread.run_timed(self._forward_chunk, job, start,
@@ -332,10 +331,9 @@ class PrefillEngine:
                 part_rows = slice(max(rows[0], start) - start, min(rows[1], end) - start)
                 segments.append((keys[:, :, part_rows].clone(), values[:, :, part_rows].clone()))
             for index in layout.token_range_chunks(start, end):
-                chunk = await asyncio.to_thread(encode_chunk, layout, index, keys, values, start)
-                first_sent = first_sent or time.perf_counter()
-                await _send_all(sinks, chunk)
-                self.kv_bytes_held[job.key] += chunk.byte_length
+                sent, encoded = await _send_chunk(sinks, ChunkSource(layout, index, keys, values, start))
+                first_sent = first_sent or encoded
+                self.kv_bytes_held[job.key] += sent
         recorded = {layer: (torch.cat([k[layer] for k, _ in segments], dim=1),
                             torch.cat([v[layer] for _, v in segments], dim=1))
                     for layer in range(layout.num_layers)} if segments else {}
@@ -360,12 +358,23 @@ class PrefillEngine:
             for index in group_layers:
                 del pending[index]
             for chunk_index in layout.group_chunks(group):
-                chunk = await asyncio.to_thread(encode_chunk, layout, chunk_index, keys, values)
-                first_sent = first_sent or time.perf_counter()
-                await _send_all(sinks, chunk)
-                self.kv_bytes_held[key] += chunk.byte_length
+                sent, encoded = await _send_chunk(sinks, ChunkSource(layout, chunk_index, keys, values))
+                first_sent = first_sent or encoded
+                self.kv_bytes_held[key] += sent
         return first_sent
 
 
 async def _send_all(sinks: list[KvSink], message: object) -> None:
     await asyncio.gather(*(sink.send(message) for sink in sinks))  # type: ignore[arg-type]
+
+
+async def _send_chunk(sinks: list[KvSink], source: ChunkSource) -> tuple[int, float]:
+    """Encode the chunk off the event loop, once for every sink (or straight into a lone sink's
+    own buffer: a shared-memory segment) and send it to each. Returns its byte length and when it
+    was encoded (the transfer's clock starts at the first chunk's)."""
+    chunk = await sinks[0].place(source) if len(sinks) == 1 else None
+    if chunk is None:
+        chunk = await asyncio.to_thread(source.encode)
+    encoded = time.perf_counter()
+    await _send_all(sinks, chunk)
+    return chunk.byte_length, encoded

@@ -16,7 +16,7 @@ import grpc
 
 from services.common import shm
 from services.common.errors import CapacityExhausted
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_codec import RAW_ENCODING, ChunkSource, KvChunk, KvEnd, KvLayout
 from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_transport
 from services.prefill.sinks import DecodeStreamSink
 
@@ -37,20 +37,31 @@ class ShmStreamSink(DecodeStreamSink):
         self._writer: ShmTransferWriter | None = None
         self._slices: collections.deque[asyncio.Task[None]] = collections.deque()  # chunks on their way
 
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        """A raw chunk is encoded straight into its place in the segment, in a worker thread:
+        one copy of its values, not two (encode to bytes, then `send`'s copy into the segment)."""
+        if self._writer is None or source.layout.encoding != RAW_ENCODING:
+            return None
+        where = self._writer.claim_source(source)
+        return await asyncio.to_thread(self._writer.place, source, where)
+
     async def send(self, message: KvLayout | KvChunk) -> None:
-        """A chunk's copy into the segment starts here, in a worker thread, and its slice goes out
-        as soon as the copy is done and the slices before it are out (each in a task of its own,
-        chained in chunk order); `send` returns once at most COPIES_AHEAD chunks are on their way,
-        so copying a chunk overlaps encoding the next one. `close` waits for the rest; after a
-        failed or cancelled `send`, only `abort`."""
+        """A chunk's copy into the segment starts here, in a worker thread (none for a chunk
+        `place` put there), and its slice goes out as soon as the copy is done and the slices
+        before it are out (each in a task of its own, chained in chunk order); `send` returns once
+        at most COPIES_AHEAD chunks are on their way, so copying a chunk overlaps encoding the next
+        one. `close` waits for the rest; after a failed or cancelled `send`, only `abort`."""
         if isinstance(message, KvLayout):
             await self._write(await self._open(message))
         elif self._writer is None:
             await self._write(message)
         else:
-            described = self._writer.claim(message)
-            copying = asyncio.ensure_future(asyncio.to_thread(self._writer.fill, message, described))
-            copying.add_done_callback(_retrieved)
+            copying: asyncio.Future[None] | None = None
+            described = message
+            if message.shm is None:
+                described = self._writer.claim(message)
+                copying = asyncio.ensure_future(asyncio.to_thread(self._writer.fill, message, described))
+                copying.add_done_callback(_retrieved)
             previous = self._slices[-1] if self._slices else None
             sending = asyncio.ensure_future(self._send_slice(previous, copying, described))
             sending.add_done_callback(_retrieved)
@@ -58,11 +69,12 @@ class ShmStreamSink(DecodeStreamSink):
             while len(self._slices) > COPIES_AHEAD:
                 await self._slices.popleft()
 
-    async def _send_slice(self, previous: asyncio.Task[None] | None, copying: asyncio.Task[None],
+    async def _send_slice(self, previous: asyncio.Task[None] | None, copying: asyncio.Future[None] | None,
                           described: KvChunk) -> None:
         if previous is not None:
             await previous  # its failure is this one's too: nothing goes out after a lost slice
-        await copying
+        if copying is not None:
+            await copying
         await self._write(described)
 
     async def _open(self, layout: KvLayout) -> KvLayout:

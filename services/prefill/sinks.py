@@ -12,7 +12,7 @@ import grpc
 
 from services.common.client_stream import ServerStatus
 from services.common.errors import BackendUnavailable, UpstreamError, call_status
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_codec import ChunkSource, KvChunk, KvEnd, KvLayout
 from services.common.kv_wire import KvMessage, key_of, wire_bytes
 from services.common.kvstore_client import KvStoreClient
 from services.common.tasks import TaskSet
@@ -23,6 +23,11 @@ KVSTORE_ROLE = "kvstore"
 
 
 class KvSink(Protocol):
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        """The chunk encoded straight into this sink's own buffer, ready for `send` (a transfer's
+        only sink may); None: the sink sends the bytes `source.encode()` gives."""
+        ...
+
     async def send(self, message: KvLayout | KvChunk) -> None: ...
 
     async def close(self, end: KvEnd) -> None: ...
@@ -54,6 +59,9 @@ class DecodeStreamSink:
             self._opened = self._transfer_kv(timeout=self._timeout)
             self._status = ServerStatus(self._opened)
         return self._opened
+
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        return None
 
     async def send(self, message: KvLayout | KvChunk) -> None:
         if self._chunks or not isinstance(message, KvChunk):
@@ -101,6 +109,9 @@ class KvStoreSink:
         self._tasks = tasks
         self._kept = False
 
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        return None
+
     async def send(self, message: KvLayout | KvChunk) -> None:
         await self._put(message)
 
@@ -135,6 +146,9 @@ class BestEffortSink:
         self._inner = inner
         self._failed = False
         self._what = what
+
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        return None
 
     async def send(self, message: KvLayout | KvChunk) -> None:
         if not self._failed:
