@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry
 
-from services.common.kv_codec import KvChunk, KvEnd, KvLayout
+from services.common.kv_codec import ChunkSource, KvChunk, KvEnd, KvLayout
 from services.common.metrics import PrefillMetrics
 from services.common.model_thread import ModelThread
 from services.common.runtime import ModelGeometry, ModelRuntime
@@ -29,6 +29,9 @@ class ReceivedKv:
 
     def __init__(self) -> None:
         self.messages: list[KvLayout | KvChunk | KvEnd] = []
+
+    async def place(self, source: ChunkSource) -> KvChunk | None:
+        return None  # encoded once, as for any sink without a buffer of its own
 
     async def send(self, message: KvLayout | KvChunk) -> None:
         self.messages.append(message)

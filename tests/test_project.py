@@ -71,6 +71,7 @@ def test_boolean_environment_variable() -> None:
     (PrefillSettings, {"CHECKPOINT_KV": "yes"}, "kvstore_address"),
     (PrefillSettings, {"KV_CHUNK_TOKENS": "many"}, "KV_CHUNK_TOKENS"),
     (PrefillSettings, {"KV_TRANSPORT": "pigeon"}, "kv_transport"),
+    (PrefillSettings, {"KV_SHM_CHUNK_TOKENS": "0"}, "kv_shm_chunk_tokens"),
     (PrefillSettings, {"SHM_PREFIX": "../etc"}, "prefix"),
     (KvStoreSettings, {"KVSTORE_BACKEND": "floppy"}, "backend"),
     (KvStoreSettings, {"LOG_LEVEL": "LOUD"}, "log_level"),

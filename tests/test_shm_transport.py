@@ -117,6 +117,24 @@ async def test_greedy_output_over_shm_equals_hugging_face(shm_stack, decode, tin
     assert shm.segments_of(PREFIX) == []  # unlinked once the decode acknowledged
 
 
+@pytest.mark.parametrize(("prompt_tokens", "decode_host", "token_chunks"), [
+    (40, "this host", 1),  # through shm: one chunk per layer group (--kv-shm-chunk-tokens, 2048)
+    (40, "", 3),  # inline (the decode offers no shm): 16-token chunks (--kv-chunk-tokens)
+    (100, "this host", 7)])  # a chunked prefill (over --prefill-chunk-tokens, 64): 16-token chunks
+async def test_a_transfer_through_shm_takes_larger_chunks_and_output_equals_hugging_face(
+        shm_stack, decode, tiny, prompt_tokens: int, decode_host: str, token_chunks: int) -> None:
+    stub, info = decode
+    request_id = f"shm-chunks-{next(_ids)}"
+    prompt = [(11 * i) % 4000 + 10 for i in range(prompt_tokens)]
+    generation, host = await _admit(stub, request_id, prompt, max_tokens=4)
+    done = await _prefill(shm_stack, "prefill", "decode", request_id, prompt, host if decode_host else "")
+    assert done.kv_transport == ("shm" if decode_host else "grpc")
+    layer_groups = 1 if prompt_tokens > 64 else info.num_layers  # --kv-chunk-layers 1 unless chunked
+    assert done.chunk_count == token_chunks * layer_groups
+    assert await read_tokens(generation) == tiny.reference_generate(prompt, 4)
+    assert shm.segments_of(PREFIX) == []
+
+
 async def test_through_the_gateway_auto_picks_shm_and_output_equals_hugging_face(shm_stack, tiny) -> None:
     """The gateway relays the decode's host identity from its admission to the prefill."""
     async with grpc.aio.insecure_channel(_address(shm_stack, "prefill")) as channel:

@@ -36,24 +36,31 @@ from services.common.kv_codec import FP8_ENCODING, RAW_ENCODING, ChunkSource, Kv
 from services.common.kv_wire import KvMessage
 from services.common.model_files import default_cache_dir
 from services.common.pb import common_pb2, decode_pb2_grpc
+from services.common.kv_shm import SHM_CHUNK_TOKENS
 from services.common.runtime import ModelRuntime
 from services.stack import ServiceSpec, Stack, free_port
 
 PLACED = " and encoding its chunks into the segment"  # the shm raw row's setup
-QUICK = {"model": "tiny", "prompt_tokens": 256, "chunk_tokens": 64, "repeats": 2, "load_streams": 2,
-         "load_seconds": 1.5}
+QUICK = {"model": "tiny", "prompt_tokens": 256, "chunk_tokens": 64, "shm_chunk_tokens": 128, "repeats": 2,
+         "load_streams": 2, "load_seconds": 1.5}
 
 
-def build_transfer(runtime: ModelRuntime, prompt: list[int], chunk_tokens: int,
-                   chunk_layers: int) -> tuple[dict[str, list[KvMessage]], list[ChunkSource]]:
-    """The prompt's real KV, computed once: the messages of one transfer per wire encoding, and
-    its raw chunks before encoding (what the prefill's shm sink encodes into its segment)."""
+def prompt_kv(runtime: ModelRuntime, prompt: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The prompt's real KV per layer, computed once."""
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     runtime.prefill(prompt, lambda index, k, v: layers.__setitem__(index, (k, v)))
-    sources = {encoding: _sources(runtime, layers, len(prompt), chunk_tokens, chunk_layers, encoding)
+    return layers
+
+
+def build_transfer(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
+                   chunk_tokens: int, chunk_layers: int) -> tuple[dict[str, list[KvMessage]], list[ChunkSource]]:
+    """The messages of one transfer of the KV per wire encoding, and its raw chunks before encoding
+    (what the prefill's shm sink encodes into its segment)."""
+    sources = {encoding: _sources(runtime, layers, tokens, chunk_tokens, chunk_layers, encoding)
                for encoding in (RAW_ENCODING, FP8_ENCODING)}
-    messages = {encoding: [parts[0].layout, *(source.encode() for source in parts),
-                           KvEnd("bench", parts[0].layout.chunk_count, 0)] for encoding, parts in sources.items()}
+    messages: dict[str, list[KvMessage]] = {
+        encoding: [parts[0].layout, *(part.encode() for part in parts), KvEnd("bench", parts[0].layout.chunk_count, 0)]
+        for encoding, parts in sources.items()}
     return messages, sources[RAW_ENCODING]
 
 
@@ -75,7 +82,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     runtime = ModelRuntime(args.model, "float32", "cpu", default_cache_dir())
     prompt = torch.randint(10, min(49000, runtime.geometry.vocab_size), (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    messages, sources = build_transfer(runtime, prompt, args.chunk_tokens, args.chunk_layers)
+    layers = prompt_kv(runtime, prompt)
+    cases = {chunk_tokens: build_transfer(runtime, layers, len(prompt), chunk_tokens, args.chunk_layers)
+             for chunk_tokens in {args.chunk_tokens, args.shm_chunk_tokens}}
+    del layers
     port = free_port()
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
     # Without its prefix cache: every repeat of the same prompt must write all its chunks into the pool.
@@ -84,18 +94,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING],
-                            sources)
-        rows = [await produce(case) for produce in (*ROWS, shm_raw, shm_fp8)]  # shm: services.bench.transfer_shm
+        case, shm_case = (TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats,
+                                       messages[FP8_ENCODING], sources)
+                          for messages, sources in (cases[args.chunk_tokens], cases[args.shm_chunk_tokens]))
+        rows = [await produce(case) for produce in ROWS]
+        rows += [await shm_raw(shm_case), await shm_fp8(shm_case)]  # services.bench.transfer_shm
         prefill_args = (*worker, "--kv-chunk-tokens", str(args.chunk_tokens), "--kv-chunk-layers",
-                        str(args.chunk_layers))
+                        str(args.chunk_layers), "--kv-shm-chunk-tokens", str(args.shm_chunk_tokens))
         handoffs = [await handoff_via_prefill(case, name, prefill_args) for name in HANDOFF_TRANSPORTS]
-        loads = [await under_load(case, name, args.load_streams, args.load_seconds, args.load_interval)
-                 for name in LOAD_SENDERS]
+        loads = [await under_load(shm_case if name.startswith("shm") else case, name, args.load_streams,
+                                  args.load_seconds, args.load_interval) for name in LOAD_SENDERS]
         prefix_hit_tokens = await _prefix_hit_tokens(decode.address)
     finally:
         stack.stop()
     return {"model": args.model, "prompt_tokens": len(prompt), "chunk_tokens": args.chunk_tokens,
+            "shm_chunk_tokens": args.shm_chunk_tokens,
             "chunk_layers": args.chunk_layers, "repeats": args.repeats, "rows": rows, "handoffs": handoffs,
             "under_load": loads, "decode_prefix_hit_tokens": prefix_hit_tokens}
 
@@ -112,7 +125,8 @@ def table(report: dict[str, object]) -> str:
     tcp = next(r for r in rows if r.path == "raw TCP")
     copy = next(r for r in rows if r.path == "memcpy")
     title = (f"KV transfer: model {report['model']} (float32), prompt {report['prompt_tokens']} tokens, chunks of "
-             f"{report['chunk_tokens']} tokens x {report['chunk_layers']} layers, best of {report['repeats']}")
+             f"{report['chunk_tokens']} tokens x {report['chunk_layers']} layers ({report['shm_chunk_tokens']} tokens "
+             f"through shm), best of {report['repeats']}")
     lines = [title,
              f"  {'path':12s} {'bytes':>12} {'chunks':>6} {'seconds':>9} {'GB/s':>7} {'/ raw TCP':>9} {'/ memcpy':>9}"]
     lines += [f"  {r.path:12s} {r.kv_bytes:12,} {r.chunks:6d} {r.seconds:9.4f} {r.gbps:7.2f} "
@@ -139,6 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=2048)
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--chunk-layers", type=int, default=4)
+    parser.add_argument("--shm-chunk-tokens", type=int, default=SHM_CHUNK_TOKENS,
+                        help="tokens per chunk of the shm rows (the prefill's --kv-shm-chunk-tokens)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--load-streams", type=int, default=8, help="sequences decoding during the load test")
     parser.add_argument("--load-seconds", type=float, default=8.0, help="length of each load phase")

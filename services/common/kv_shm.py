@@ -31,6 +31,9 @@ from services.common.kv_codec import ChunkSource, KvChunk, KvLayout, ShmSlice, v
 from services.common.kv_wire import KvMessage
 
 TRANSPORTS = ("auto", "grpc", "shm")
+# Tokens per chunk through shared memory (--kv-shm-chunk-tokens): its bytes ride in no message, so
+# fewer, larger chunks only save control messages and hops to worker threads at both ends.
+SHM_CHUNK_TOKENS = 2048
 MAGIC = b"DISAGGKV"
 HEADER_BYTES = 128  # magic, attempt, request id (at most 64 bytes): room to spare
 _HEADER = struct.Struct("<8sIH")
@@ -39,11 +42,13 @@ _ALIGN = 64
 
 @dataclass(frozen=True, slots=True)
 class ShmTransport:
-    """A prefill's choice of transport: `mode` auto, grpc or shm; segments named with `prefix`."""
+    """A prefill's choice of transport: `mode` auto, grpc or shm; segments named with `prefix`;
+    `chunk_tokens` per KV chunk of a transfer through shared memory (0: the worker's usual)."""
 
     mode: str
     prefix: str
     host_identity: str
+    chunk_tokens: int = 0
 
 
 def choose_transport(mode: str, own_host: str, decode_host: str) -> str:

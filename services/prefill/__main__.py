@@ -32,7 +32,7 @@ async def run(settings: PrefillSettings) -> None:
     channels = ChannelPool(factory)
     thread = ModelThread()
     lifecycle = Lifecycle()
-    transport = ShmTransport(settings.kv_transport, settings.shm_prefix, host_identity())
+    transport = ShmTransport(settings.kv_transport, settings.shm_prefix, host_identity(), settings.kv_shm_chunk_tokens)
     servicer = PrefillServicer(telemetry, lifecycle, channels, settings.transfer_timeout_seconds, transport)
     reaper = ShmReaper(settings.shm_prefix, settings.shm_reap_interval_seconds)
     store: KvStoreClient | None = None

@@ -74,6 +74,7 @@ class PrefillJob:
     known_choice_first_tokens: tuple[int, ...] = ()  # sampling.n > 1: choices 1.. the client already has
     cache_salt: str = ""  # names its prefix blocks (services.common.prefix_keys): tenants do not share
     decode_cached_tokens: int = 0  # leading prompt tokens the decode holds: the transfer need not carry them
+    chunk_tokens: int = 0  # tokens per KV chunk its transport asks for (0: the worker's); see _layout
 
     @property
     def key(self) -> str:
@@ -163,21 +164,25 @@ class PrefillEngine:
     def _chunked(self, job: PrefillJob) -> bool:
         return len(job.prompt_ids) > self._chunking.prefill_chunk_tokens
 
-    def _layout(self, job: PrefillJob) -> KvLayout:
+    def _layout(self, job: PrefillJob, store_sink: KvSink | None) -> KvLayout:
         """A chunked prefill finishes all layers of a token range at a time, so its KV chunks span
-        all layers (token-range order); otherwise layer groups stream as the forward pass goes. The
-        chunks skip the prompt's tokens the decode holds (the kvstore copy is of the transfer too)."""
+        all layers (token-range order); otherwise layer groups stream as the forward pass goes, in
+        chunks of the job's chunk_tokens when it has its own (the shared-memory transport: larger
+        ones) and nothing else receives them. The chunks skip the prompt's tokens the decode holds
+        (the kvstore copy is of the transfer too)."""
         geometry = self._runtime.geometry
         layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
+        own = bool(job.chunk_tokens) and store_sink is None and not self._chunked(job)
+        chunk_tokens = job.chunk_tokens if own else self._chunking.chunk_tokens
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
-                        geometry.head_dim, len(job.prompt_ids), self._chunking.chunk_tokens, layers, geometry.dtype,
+                        geometry.head_dim, len(job.prompt_ids), chunk_tokens, layers, geometry.dtype,
                         self._chunking.encoding, job.transfer_attempt, job.store_kv,
                         token_start=job.decode_cached_tokens)
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job)
-        layout = self._layout(job)
         store_sink = self._store_sink(job)
+        layout = self._layout(job, store_sink)
         # The kvstore copy first: it is complete before the decode can finish and delete it.
         sinks: list[KvSink] = [sink for sink in (store_sink, job.decode_sink) if sink is not None]
         self.requests_total += 1

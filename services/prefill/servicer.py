@@ -70,7 +70,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServiceServicer):
                          request.position_offset, request.transfer_attempt,
                          request.known_first_token if request.HasField("known_first_token") else None,
                          tuple(request.known_choice_first_tokens), check_salt(request.cache_salt),
-                         request.decode_cached_tokens)
+                         request.decode_cached_tokens, sink.chunk_tokens())
         async for event in engine.run(job):
             if isinstance(event, FirstToken):
                 yield prefill_pb2.PrefillEvent(first_token=_first_token_pb(event))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from services.common.config import check_port, check_positive, setting
 from services.common.kv_codec import ENCODINGS
-from services.common.kv_shm import TRANSPORTS
+from services.common.kv_shm import SHM_CHUNK_TOKENS, TRANSPORTS
 from services.common.shm import check_prefix
 from services.common.worker import WorkerSettings
 
@@ -21,6 +21,10 @@ class PrefillSettings(WorkerSettings):
     kv_chunk_tokens: int = setting(512, "tokens per KV chunk", "KV_CHUNK_TOKENS")
     kv_chunk_layers: int = setting(4, "layers per KV chunk; a layer group is sent as soon as it is computed",
                                    "KV_CHUNK_LAYERS")
+    kv_shm_chunk_tokens: int = setting(SHM_CHUNK_TOKENS, "tokens per KV chunk of a transfer through shared memory "
+                                       "(--kv-transport shm or auto); a prompt longer than --prefill-chunk-tokens, "
+                                       "or one also written to the kvstore, uses --kv-chunk-tokens",
+                                       "KV_SHM_CHUNK_TOKENS")
     kv_wire_encoding: str = setting("raw", "KV encoding on the wire (and in the kvstore): raw (exact) or fp8 "
                                     "(float8 e4m3 with a scale per layer, key/value, kv head and chunk: "
                                     "a quarter of float32's bytes, lossy)", "KV_WIRE_ENCODING")
@@ -62,6 +66,7 @@ class PrefillSettings(WorkerSettings):
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_positive("kv_chunk_tokens", self.kv_chunk_tokens)
         check_positive("kv_chunk_layers", self.kv_chunk_layers)
+        check_positive("kv_shm_chunk_tokens", self.kv_shm_chunk_tokens)
         if self.kv_wire_encoding not in ENCODINGS:
             raise ValueError(f"kv_wire_encoding must be one of {list(ENCODINGS)}, got {self.kv_wire_encoding!r}")
         if self.prefill_chunk_tokens <= 0 or self.prefill_chunk_tokens % self.kv_chunk_tokens:

@@ -15,7 +15,7 @@ import logging
 import grpc
 
 from services.common import shm
-from services.common.errors import CapacityExhausted
+from services.common.errors import CapacityExhausted, TransportUnavailable
 from services.common.kv_codec import RAW_ENCODING, ChunkSource, KvChunk, KvEnd, KvLayout
 from services.common.kv_shm import ShmTransferWriter, ShmTransport, choose_transport
 from services.prefill.sinks import DecodeStreamSink
@@ -36,6 +36,15 @@ class ShmStreamSink(DecodeStreamSink):
         self._decode_host = decode_host
         self._writer: ShmTransferWriter | None = None
         self._slices: collections.deque[asyncio.Task[None]] = collections.deque()  # chunks on their way
+
+    def chunk_tokens(self) -> int:
+        """Larger chunks through shared memory: their bytes are in no message, and each chunk costs
+        both ends a control message and a hop to a worker thread (see --kv-shm-chunk-tokens)."""
+        try:
+            same_host = choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host)
+        except TransportUnavailable:  # refused when the transfer opens (_open)
+            return 0
+        return self._transport.chunk_tokens if same_host == "shm" else 0
 
     async def place(self, source: ChunkSource) -> KvChunk | None:
         """A raw chunk is encoded straight into its place in the segment, in a worker thread:

@@ -63,6 +63,10 @@ class DecodeStreamSink:
     async def place(self, source: ChunkSource) -> KvChunk | None:
         return None
 
+    def chunk_tokens(self) -> int:
+        """Tokens per KV chunk this transfer's transport asks for (0: the worker's --kv-chunk-tokens)."""
+        return 0
+
     async def send(self, message: KvLayout | KvChunk) -> None:
         if self._chunks or not isinstance(message, KvChunk):
             await self._write(message)
