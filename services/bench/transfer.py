@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import tempfile
 from dataclasses import asdict
@@ -94,9 +95,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        case, shm_case = (TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats,
-                                       messages[FP8_ENCODING], sources)
-                          for messages, sources in (cases[args.chunk_tokens], cases[args.shm_chunk_tokens]))
+        (messages, sources), (shm_messages, shm_sources) = cases[args.chunk_tokens], cases[args.shm_chunk_tokens]
+        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING],
+                            sources)
+        # Raw chunks through shm take --kv-shm-chunk-tokens; fp8 keeps --kv-chunk-tokens (its scales are per chunk).
+        shm_case = dataclasses.replace(case, messages=shm_messages[RAW_ENCODING], sources=shm_sources)
         rows = [await produce(case) for produce in ROWS]
         rows += [await shm_raw(shm_case), await shm_fp8(shm_case)]  # services.bench.transfer_shm
         prefill_args = (*worker, "--kv-chunk-tokens", str(args.chunk_tokens), "--kv-chunk-layers",
@@ -126,7 +129,7 @@ def table(report: dict[str, object]) -> str:
     copy = next(r for r in rows if r.path == "memcpy")
     title = (f"KV transfer: model {report['model']} (float32), prompt {report['prompt_tokens']} tokens, chunks of "
              f"{report['chunk_tokens']} tokens x {report['chunk_layers']} layers ({report['shm_chunk_tokens']} tokens "
-             f"through shm), best of {report['repeats']}")
+             f"for shm raw), best of {report['repeats']}")
     lines = [title,
              f"  {'path':12s} {'bytes':>12} {'chunks':>6} {'seconds':>9} {'GB/s':>7} {'/ raw TCP':>9} {'/ memcpy':>9}"]
     lines += [f"  {r.path:12s} {r.kv_bytes:12,} {r.chunks:6d} {r.seconds:9.4f} {r.gbps:7.2f} "
@@ -154,7 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chunk-tokens", type=int, default=512)
     parser.add_argument("--chunk-layers", type=int, default=4)
     parser.add_argument("--shm-chunk-tokens", type=int, default=SHM_CHUNK_TOKENS,
-                        help="tokens per chunk of the shm rows (the prefill's --kv-shm-chunk-tokens)")
+                        help="tokens per chunk of the shm raw row (the prefill's --kv-shm-chunk-tokens)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--load-streams", type=int, default=8, help="sequences decoding during the load test")
     parser.add_argument("--load-seconds", type=float, default=8.0, help="length of each load phase")

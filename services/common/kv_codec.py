@@ -180,17 +180,20 @@ class ChunkSource:
 
     def encode_into(self, target: memoryview) -> KvChunk:
         """The chunk encoded raw into `target` (byte_length writable bytes; blocking), checksummed
-        there: its data is `target`. One copy where `encode` then a copy of its bytes takes two."""
+        there: its data is `target`. One copy where `encode` then a copy of its bytes takes two
+        (from a GPU's tensors, the device-to-host copy lands in `target` itself)."""
         layout, span = self.layout, self.layout.span(self.index)
         if layout.encoding != RAW_ENCODING or len(target) != self.byte_length:
             raise ValueError(f"encode_into takes a raw chunk and {self.byte_length} bytes")
         keys, values = _kv_rows(self.keys, self.values, span, self.token_offset)
-        shape = layout.shape(span)
-        if keys.shape != values.shape or (keys.shape[0], 2, *keys.shape[1:]) != shape:
-            raise ValueError(f"keys and values of shape {tuple(keys.shape)} do not make chunk {self.index} {shape}")
-        placed = torch.frombuffer(target, dtype=DTYPES[layout.dtype]).view(shape)
-        torch.stack((keys, values), dim=1, out=placed)
-        del placed  # its export would keep the caller's buffer from being released
+        shape, dtype = layout.shape(span), DTYPES[layout.dtype]
+        if keys.shape != values.shape or (keys.shape[0], 2, *keys.shape[1:]) != shape or \
+                {keys.dtype, values.dtype} != {dtype}:
+            raise ValueError(f"keys and values of shape {tuple(keys.shape)} and dtype {keys.dtype} do not make "
+                             f"chunk {self.index} {shape} of {dtype}")
+        placed = torch.frombuffer(target, dtype=dtype).view(shape)
+        placed[:, 0].copy_(keys)
+        placed[:, 1].copy_(values)
         return _chunk(layout, self.index, target, b"")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import struct
+import traceback
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
@@ -157,8 +158,13 @@ class ShmTransferWriter:
         target = self._require().buf[where.offset : where.offset + where.length]
         try:
             return dataclasses.replace(source.encode_into(target), data=b"", shm=where)
+        except BaseException as error:
+            # The failed frames hold views of the segment: cleared, they cannot keep it mapped (the
+            # exception may live on in a reference cycle until the garbage collector runs).
+            traceback.clear_frames(error.__traceback__)
+            raise
         finally:
-            del target  # a view left alive (in a failure's traceback) would keep the segment mapped
+            del target
 
     def fill(self, chunk: KvChunk, described: KvChunk) -> None:
         """Copy the chunk's bytes to the place `claim` gave it (blocking: run it off the event loop;

@@ -57,6 +57,7 @@ from services.prefill.records import PrefillSummary, record_forward, record_send
 from services.prefill.sinks import BestEffortSink, KvSink, KvStoreSink
 
 LayerKv = tuple[int, torch.Tensor, torch.Tensor]
+OWN_CHUNK_BYTES = 16 << 20  # a transport's own chunks stay far under the decode's --max-chunk-mb (64)
 KEEP_WAIT_SECONDS = 5.0  # the most a request's end waits for its prompt blocks to enter the prefix cache
 Forwarded = tuple[torch.Tensor, list[TokenLogprob]]  # the last position's logits; the prompt's scores if asked
 
@@ -166,18 +167,26 @@ class PrefillEngine:
 
     def _layout(self, job: PrefillJob, store_sink: KvSink | None) -> KvLayout:
         """A chunked prefill finishes all layers of a token range at a time, so its KV chunks span
-        all layers (token-range order); otherwise layer groups stream as the forward pass goes, in
-        chunks of the job's chunk_tokens when it has its own (the shared-memory transport: larger
-        ones) and nothing else receives them. The chunks skip the prompt's tokens the decode holds
-        (the kvstore copy is of the transfer too)."""
+        all layers (token-range order); otherwise layer groups stream as the forward pass goes. The
+        chunks skip the prompt's tokens the decode holds (the kvstore copy is of the transfer too)."""
         geometry = self._runtime.geometry
         layers = geometry.num_layers if self._chunked(job) else min(self._chunking.chunk_layers, geometry.num_layers)
-        own = bool(job.chunk_tokens) and store_sink is None and not self._chunked(job)
-        chunk_tokens = job.chunk_tokens if own else self._chunking.chunk_tokens
         return KvLayout(job.request_id, geometry.fingerprint, geometry.num_layers, geometry.num_kv_heads,
-                        geometry.head_dim, len(job.prompt_ids), chunk_tokens, layers, geometry.dtype,
-                        self._chunking.encoding, job.transfer_attempt, job.store_kv,
+                        geometry.head_dim, len(job.prompt_ids), self._chunk_tokens(job, store_sink, layers), layers,
+                        geometry.dtype, self._chunking.encoding, job.transfer_attempt, job.store_kv,
                         token_start=job.decode_cached_tokens)
+
+    def _chunk_tokens(self, job: PrefillJob, store_sink: KvSink | None, layers: int) -> int:
+        """--kv-chunk-tokens, or the job's own (its transport's: larger through shared memory) when
+        only its decode sink receives raw chunks of a prompt prefilled whole (fp8's scales are per
+        chunk: larger chunks would round coarser), at most OWN_CHUNK_BYTES a chunk unless that is
+        less than --kv-chunk-tokens."""
+        usual = self._chunking.chunk_tokens
+        if not job.chunk_tokens or store_sink is not None or self._chunked(job) or \
+                self._chunking.encoding != RAW_ENCODING:
+            return usual
+        token_bytes = self._runtime.geometry.kv_bytes_per_token // self._runtime.geometry.num_layers * layers
+        return min(job.chunk_tokens, max(usual, OWN_CHUNK_BYTES // token_bytes))
 
     async def run(self, job: PrefillJob) -> AsyncIterator[FirstToken | PrefillSummary]:
         self.validate(job)

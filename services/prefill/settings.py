@@ -21,10 +21,10 @@ class PrefillSettings(WorkerSettings):
     kv_chunk_tokens: int = setting(512, "tokens per KV chunk", "KV_CHUNK_TOKENS")
     kv_chunk_layers: int = setting(4, "layers per KV chunk; a layer group is sent as soon as it is computed",
                                    "KV_CHUNK_LAYERS")
-    kv_shm_chunk_tokens: int = setting(SHM_CHUNK_TOKENS, "tokens per KV chunk of a transfer through shared memory "
-                                       "(--kv-transport shm or auto); a prompt longer than --prefill-chunk-tokens, "
-                                       "or one also written to the kvstore, uses --kv-chunk-tokens",
-                                       "KV_SHM_CHUNK_TOKENS")
+    kv_shm_chunk_tokens: int = setting(SHM_CHUNK_TOKENS, "tokens per KV chunk of a raw transfer through shared "
+                                       "memory (--kv-transport shm or auto), at most 16 MiB a chunk; fp8, a prompt "
+                                       "longer than --prefill-chunk-tokens, or one also written to the kvstore uses "
+                                       "--kv-chunk-tokens", "KV_SHM_CHUNK_TOKENS")
     kv_wire_encoding: str = setting("raw", "KV encoding on the wire (and in the kvstore): raw (exact) or fp8 "
                                     "(float8 e4m3 with a scale per layer, key/value, kv head and chunk: "
                                     "a quarter of float32's bytes, lossy)", "KV_WIRE_ENCODING")

@@ -55,11 +55,11 @@ class ShmStreamSink(DecodeStreamSink):
         return await asyncio.to_thread(self._writer.place, source, where)
 
     async def send(self, message: KvLayout | KvChunk) -> None:
-        """A chunk's copy into the segment starts here, in a worker thread (none for a chunk
-        `place` put there), and its slice goes out as soon as the copy is done and the slices
-        before it are out (each in a task of its own, chained in chunk order); `send` returns once
-        at most COPIES_AHEAD chunks are on their way, so copying a chunk overlaps encoding the next
-        one. `close` waits for the rest; after a failed or cancelled `send`, only `abort`."""
+        """A chunk's slice goes out as soon as its bytes are in the segment and the slices before
+        it are out (each in a task of its own, chained in chunk order). A chunk `place` put there
+        is already in; an encoded one (fp8) is copied there in a worker thread, and `send` returns
+        once at most COPIES_AHEAD chunks are on their way, so copying a chunk overlaps encoding the
+        next one. `close` waits for the rest; after a failed or cancelled `send`, only `abort`."""
         if isinstance(message, KvLayout):
             await self._write(await self._open(message))
         elif self._writer is None:
