@@ -41,10 +41,10 @@ class ShmStreamSink(DecodeStreamSink):
         """Larger chunks through shared memory: their bytes are in no message, and each chunk costs
         both ends a control message and a hop to a worker thread (see --kv-shm-chunk-tokens)."""
         try:
-            same_host = choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host)
+            chosen = choose_transport(self._transport.mode, self._transport.host_identity, self._decode_host)
         except TransportUnavailable:  # refused when the transfer opens (_open)
             return 0
-        return self._transport.chunk_tokens if same_host == "shm" else 0
+        return self._transport.chunk_tokens if chosen == "shm" else 0
 
     async def place(self, source: ChunkSource) -> KvChunk | None:
         """A raw chunk is encoded straight into its place in the segment, in a worker thread:
