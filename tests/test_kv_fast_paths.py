@@ -135,3 +135,7 @@ def test_only_a_raw_chunk_of_the_right_size_is_encoded_into_a_buffer() -> None:
     short = dataclasses.replace(raw, keys=torch.ones(1, 1, 3, 4), values=torch.ones(1, 1, 3, 4))
     with pytest.raises(ValueError, match="do not make chunk 0"):  # stack would resize its output instead
         short.encode_into(memoryview(bytearray(raw.byte_length)))
+    float64 = dataclasses.replace(raw, keys=torch.ones(1, 1, 4, 4, dtype=torch.float64),
+                                  values=torch.ones(1, 1, 4, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float64"):  # copy_ would cast it silently
+        float64.encode_into(memoryview(bytearray(raw.byte_length)))
