@@ -54,29 +54,23 @@ def prompt_kv(runtime: ModelRuntime, prompt: list[int]) -> dict[int, tuple[torch
 
 
 def build_transfer(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
-                   chunk_tokens: int, chunk_layers: int) -> tuple[dict[str, list[KvMessage]], list[ChunkSource]]:
+                   chunk_tokens: int, chunk_layers: int, encodings: tuple[str, ...] = (RAW_ENCODING, FP8_ENCODING)
+                   ) -> tuple[dict[str, list[KvMessage]], list[ChunkSource]]:
     """The messages of one transfer of the KV per wire encoding, and its raw chunks before encoding
-    (what the prefill's shm sink encodes into its segment)."""
-    sources = {encoding: _sources(runtime, layers, tokens, chunk_tokens, chunk_layers, encoding)
-               for encoding in (RAW_ENCODING, FP8_ENCODING)}
-    messages: dict[str, list[KvMessage]] = {
-        encoding: [parts[0].layout, *(part.encode() for part in parts), KvEnd("bench", parts[0].layout.chunk_count, 0)]
-        for encoding, parts in sources.items()}
-    return messages, sources[RAW_ENCODING]
-
-
-def _sources(runtime: ModelRuntime, layers: dict[int, tuple[torch.Tensor, torch.Tensor]], tokens: int,
-             chunk_tokens: int, chunk_layers: int, encoding: str) -> list[ChunkSource]:
+    (what the prefill's shm sink encodes into its segment; empty without raw)."""
     g = runtime.geometry
-    layout = KvLayout("bench", g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, tokens,
-                      chunk_tokens, chunk_layers, g.dtype, encoding)
-    sources = []
-    for group in range(layout.layer_groups):
-        members = range(group * chunk_layers, min((group + 1) * chunk_layers, g.num_layers))
-        keys = torch.stack([layers[i][0] for i in members])
-        values = torch.stack([layers[i][1] for i in members])
-        sources += [ChunkSource(layout, i, keys, values) for i in layout.group_chunks(group)]
-    return sources
+    groups = [tuple(torch.stack([layers[i][part] for i in range(start, min(start + chunk_layers, g.num_layers))])
+                    for part in (0, 1)) for start in range(0, g.num_layers, chunk_layers)]
+    messages: dict[str, list[KvMessage]] = {}
+    raw: list[ChunkSource] = []
+    for encoding in encodings:
+        layout = KvLayout("bench", g.fingerprint, g.num_layers, g.num_kv_heads, g.head_dim, tokens,
+                          chunk_tokens, chunk_layers, g.dtype, encoding)
+        sources = [ChunkSource(layout, i, keys, values)
+                   for group, (keys, values) in enumerate(groups) for i in layout.group_chunks(group)]
+        messages[encoding] = [layout, *(source.encode() for source in sources), KvEnd("bench", layout.chunk_count, 0)]
+        raw = sources if encoding == RAW_ENCODING else raw
+    return messages, raw
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -84,8 +78,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     prompt = torch.randint(10, min(49000, runtime.geometry.vocab_size), (args.prompt_tokens,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     layers = prompt_kv(runtime, prompt)
-    cases = {chunk_tokens: build_transfer(runtime, layers, len(prompt), chunk_tokens, args.chunk_layers)
-             for chunk_tokens in {args.chunk_tokens, args.shm_chunk_tokens}}
+    messages, _ = build_transfer(runtime, layers, len(prompt), args.chunk_tokens, args.chunk_layers)
+    # Raw chunks through shm take --kv-shm-chunk-tokens; fp8 keeps --kv-chunk-tokens (its scales are per chunk).
+    shm_messages, shm_sources = build_transfer(runtime, layers, len(prompt), args.shm_chunk_tokens, args.chunk_layers,
+                                               (RAW_ENCODING,))
     del layers
     port = free_port()
     worker = ("--model", args.model, "--log-level", "WARNING", "--metrics-port", "0")
@@ -95,10 +91,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     stack.start()
     try:
         stack.wait_healthy(timeout=300)
-        (messages, sources), (shm_messages, shm_sources) = cases[args.chunk_tokens], cases[args.shm_chunk_tokens]
-        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING],
-                            sources)
-        # Raw chunks through shm take --kv-shm-chunk-tokens; fp8 keeps --kv-chunk-tokens (its scales are per chunk).
+        case = TransferCase(prompt, messages[RAW_ENCODING], decode.address, args.repeats, messages[FP8_ENCODING])
         shm_case = dataclasses.replace(case, messages=shm_messages[RAW_ENCODING], sources=shm_sources)
         rows = [await produce(case) for produce in ROWS]
         rows += [await shm_raw(shm_case), await shm_fp8(shm_case)]  # services.bench.transfer_shm
