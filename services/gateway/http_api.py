@@ -12,7 +12,8 @@ harmless metadata or holds its neutral value (openai_fields). Log-probabilities 
 `logprobs` and `echo`, chat `logprobs` and `top_logprobs`) come in OpenAI's shapes (openai_logprobs).
 
 Errors use OpenAI's shape and HTTP statuses: 400 bad JSON or field, 401 API key, 404 unknown
-model, 429/503 no capacity. A client that disconnects mid-stream cancels its request everywhere.
+model, 429/503 no capacity. A client that disconnects cancels its request everywhere, mid-stream or
+while it waits for a whole response (disconnect.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fastapi import FastAPI, Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.errors import BackendUnavailable, InvalidRequest, ServiceError, status_of
@@ -40,6 +41,7 @@ from services.common.sampling import Sampling
 from services.common.server import Lifecycle
 from services.gateway.auth import ApiKeys, bearer, cache_salt
 from services.gateway.core import Gateway, GenerateInput, Usage
+from services.gateway.disconnect import CLIENT_CLOSED_REQUEST, ClientDisconnected, unless_disconnected
 from services.gateway.fanout import merged
 from services.gateway.http_tokens import TokenRoutes, add_token_routes
 from services.gateway.openai_fields import unsupported_field
@@ -167,7 +169,7 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         names = TokenNames(encoder().tokenizer) if body.logprobs is not None else None
         echo = [_prompt_text(prompt, encoder()) for prompt in prompts for _ in range(body.n)] if body.echo else None
         form = CompletionFormat(jobs[0].request_id, config.model_id, names, echo)
-        return await _respond(gateway, lifecycle, jobs, body, form)
+        return await _respond(gateway, lifecycle, jobs, body, form, request)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -187,7 +189,8 @@ def create_app(gateway: Callable[[], Gateway], lifecycle: Lifecycle, keys: ApiKe
         job = replace(_job("chatcmpl", None, messages, body, body.max_completion_tokens or body.max_tokens, config,
                            scores, constraint), tools=tools, cache_salt=salt(request, body))
         names = TokenNames(encoder().tokenizer) if body.logprobs else None
-        return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names))
+        return await _respond(gateway, lifecycle, [job], body, ChatFormat(job.request_id, config.model_id, names),
+                              request)
 
     return app
 
@@ -274,9 +277,10 @@ def _logit_bias(body: _Common) -> tuple[tuple[int, float], ...]:
 
 
 async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: list[GenerateInput], body: _Common,
-                   form: ResponseFormat) -> Any:
+                   form: ResponseFormat, request: Request) -> Any:
     """Run the request (n choices per prompt, as one response whose choice i * n + c is choice c
-    of prompt i); errors before the first token get a proper HTTP status."""
+    of prompt i); errors before the first token get a proper HTTP status, and a client that hangs
+    up before the response starts stops the work (disconnect.py)."""
     try:
         end_work = lifecycle.begin()
     except ServiceError as error:
@@ -289,11 +293,13 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
     outputs = _indexed(merged([core.generate(job) for job in jobs]), body.n)
     try:
         with trace.use_span(span, end_on_exit=False):  # worker calls made now join this trace
-            first = await anext(outputs)
-            if not body.stream:
-                collected = [first, *[output async for output in outputs]]
+            collected = await unless_disconnected(request.receive, _opening(outputs, whole=not body.stream))
     except BaseException as error:
         await outputs.aclose()
+        if isinstance(error, ClientDisconnected):
+            span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
+            end_work()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
         if isinstance(error, Exception):
             api_error = _api_error(error)
             span.set_status(Status(StatusCode.ERROR, api_error.body["error"]["message"]))
@@ -302,10 +308,16 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
         end_work()
         raise
     if body.stream:
-        return StreamingResponse(_sse(first, outputs, form, body.include_usage and choices, end_work),
+        return StreamingResponse(_sse(collected[0], outputs, form, body.include_usage and choices, end_work),
                                  media_type="text/event-stream")
     end_work()
     return JSONResponse(form.whole(collected, choices))
+
+
+async def _opening(outputs: AsyncIterator[Indexed], whole: bool) -> list[Indexed]:
+    """The first output, or every output for a response sent whole."""
+    first = await anext(outputs)
+    return [first, *[output async for output in outputs]] if whole else [first]
 
 
 async def _indexed(outputs: AsyncIterator[Indexed], n: int) -> AsyncIterator[Indexed]:
