@@ -88,7 +88,8 @@ async def interference(target: OpenAITarget, args: argparse.Namespace, rng: rand
             "itl_max_ms": max(itls) * 1e3, "long_prompts_failed": float(sum(bool(r.error) for r in long_prompts))}
 
 
-async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str, step_port: int | None) -> dict[str, float]:
+async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str,
+                  step_port: int | None) -> dict[str, float]:
     rng = random.Random(args.seed)
     await target.send(BenchRequest(prompt[:200], 4, 0))  # warm-up
     before = step_seconds(step_port) if step_port else None
