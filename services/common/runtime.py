@@ -39,7 +39,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
                                    "float16": torch.float16}
 
 # Called from the model thread with (layer index, keys, values); tensors are [kv_heads, tokens, head_dim].
-LayerKvCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+LayerKvCallback = Callable[[int, torch.Tensor, torch.Tensor], object]  # what it returns is ignored
 
 
 @dataclass(frozen=True, slots=True)
