@@ -6,7 +6,7 @@ INSTALLED := $(VENV)/.installed
 EVAL_INSTALLED := $(VENV)/.eval-installed
 PYTEST_ARGS ?=
 
-.PHONY: install proto proto-check up test test-slow test-cluster bench bench-transfer bench-fp8 bench-packed bench-decode bench-interference bench-compare bench-eval bench-prefill bench-prefix soak clean
+.PHONY: install proto proto-check up test lint test-slow test-cluster bench bench-transfer bench-fp8 bench-packed bench-decode bench-interference bench-compare bench-eval bench-prefill bench-prefix soak clean
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ up: $(INSTALLED)
 test: $(INSTALLED)
 	$(PY) -m services.common.model_files default tiny
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Static checks: ruff (ruff.toml) and mypy (mypy.ini; tests are not type-checked).
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check services tests tools
+	$(VENV)/bin/mypy services tools
 
 # The slow tests `make test` leaves out (SLOW_MODULES in tests/conftest.py): fault injection with
 # real processes killed and restarted, TLS, the shared-memory transport, benchmarks, the short

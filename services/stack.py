@@ -201,8 +201,9 @@ def local_stack(ports: Mapping[str, int], model: str, kvstore_backend: str = "me
                      "--model", model, *common, *extra.get("gateway", ()))),
     ]
     tls = tls or {}
-    return [ServiceSpec(s.name, s.module, s.port, s.args, {**(tls[s.name].environment() if s.name in tls else {}),
-                                                          **(placement.env() if s.name in ("prefill", "decode") else {})})
+    return [ServiceSpec(s.name, s.module, s.port, s.args,
+                        {**(tls[s.name].environment() if s.name in tls else {}),
+                         **(placement.env() if s.name in ("prefill", "decode") else {})})
             for s in specs]
 
 

@@ -20,7 +20,8 @@ from services.stack import ServiceSpec, Stack, free_port, local_stack
 
 SERVICE_NAMES = ("gateway", "prefill", "decode", "kvstore")
 API_KEY = "test-key-123"
-TOOLS_TEMPLATE = Path(__file__).resolve().parent.parent / "services" / "gateway" / "chat_templates" / "chatml_tools.jinja"
+TOOLS_TEMPLATE = (Path(__file__).resolve().parent.parent / "services" / "gateway" / "chat_templates"
+                  / "chatml_tools.jinja")
 PROMPTS = [
     "The capital of France is",
     "def fibonacci(n):",
@@ -229,7 +230,8 @@ def redis_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Ite
 # (real processes killed and restarted, fault injection, TLS handshakes, transports, benchmarks).
 SLOW_MODULES = frozenset({
     "tests.faults.test_cancel_stages", "tests.faults.test_store_faults", "tests.faults.test_worker_faults",
-    "tests.test_batching", "tests.test_bench", "tests.test_compose", "tests.test_decode_hardening", "tests.test_failover",
+    "tests.test_batching", "tests.test_bench", "tests.test_compose", "tests.test_decode_hardening",
+    "tests.test_failover",
     "tests.test_kv_fp8_services", "tests.test_kvstore_service", "tests.test_kvstore_shm", "tests.test_lm_eval",
     "tests.test_prefill_faults", "tests.test_shm_transport", "tests.test_soak", "tests.test_tls",
 })

@@ -87,7 +87,8 @@ def test_a_worker_pins_every_thread_and_runs_one_torch_thread_per_core() -> None
 
 
 @pytest.mark.skipif(placement.native_half(torch.bfloat16), reason="this CPU computes bfloat16 natively")
-def test_bfloat16_without_native_support_is_warned_about_with_the_measured_cost(caplog: pytest.LogCaptureFixture) -> None:
+def test_bfloat16_without_native_support_is_warned_about_with_the_measured_cost(
+        caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="services.common.placement"):
         placement.check_dtype(torch.bfloat16, torch.device("cpu"))
     assert "the time of float32" in caplog.text and "bfloat16" in caplog.text

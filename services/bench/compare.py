@@ -31,6 +31,7 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -88,7 +89,8 @@ async def interference(target: OpenAITarget, args: argparse.Namespace, rng: rand
             "itl_max_ms": max(itls) * 1e3, "long_prompts_failed": float(sum(bool(r.error) for r in long_prompts))}
 
 
-async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str, step_port: int | None) -> dict[str, float]:
+async def measure(target: OpenAITarget, args: argparse.Namespace, prompt: str,
+                  step_port: int | None) -> dict[str, float]:
     rng = random.Random(args.seed)
     await target.send(BenchRequest(prompt[:200], 4, 0))  # warm-up
     before = step_seconds(step_port) if step_port else None
@@ -171,8 +173,9 @@ def hf_generate(args: argparse.Namespace, prompt: str) -> dict[str, float]:
 
     def timed(tokens: int) -> float:
         started = time.perf_counter()
-        runtime.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                               min_new_tokens=tokens, do_sample=False)
+        model: Any = runtime.model  # a Hugging Face model: generate comes from transformers
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                       min_new_tokens=tokens, do_sample=False)
         return time.perf_counter() - started
 
     timed(2)

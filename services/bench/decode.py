@@ -20,6 +20,7 @@ import asyncio
 import json
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -53,8 +54,9 @@ def hf_sequential(runtime: ModelRuntime, encoder: PromptEncoder, prompts: list[s
     started, produced = time.perf_counter(), 0
     for prompt in prompts:
         ids = torch.tensor([encoder.encode_text(prompt)])
-        out = runtime.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False)
+        model: Any = runtime.model  # a Hugging Face model: generate comes from transformers
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
         produced += out.shape[1] - ids.shape[1]
     return produced / (time.perf_counter() - started)
 

@@ -162,8 +162,9 @@ def continue_greedy(runtime: ModelRuntime, group: list[Prefilled], count: int) -
     results = []
     for r, prompt in enumerate(group):
         same = [a == b for a, b in zip(rows[r], rows[n + r], strict=True)]
-        results.append(PromptResult(prompt.tokens, same.index(False) if False in same else count, sum(same),
-                                    [f - raw for f, raw in zip(forced_logprobs[r], raw_logprobs[r], strict=True)], rows[r]))
+        results.append(PromptResult(
+            prompt.tokens, same.index(False) if False in same else count, sum(same),
+            [f - raw for f, raw in zip(forced_logprobs[r], raw_logprobs[r], strict=True)], rows[r]))
     return results
 
 

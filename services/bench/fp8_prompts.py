@@ -50,7 +50,8 @@ _LONG = [
      "copied by hand, which made them rare and expensive. Within fifty years, presses had spread to more than "
      "two hundred cities across Europe, and millions of books were printed. The consequences were enormous:"),
     ("def merge_sort(items):\n    if len(items) <= 1:\n        return items\n    middle = len(items) // 2\n"
-     "    left = merge_sort(items[:middle])\n    right = merge_sort(items[middle:])\n    return merge(left, right)\n\n\n"
+     "    left = merge_sort(items[:middle])\n    right = merge_sort(items[middle:])\n"
+     "    return merge(left, right)\n\n\n"
      "def merge(left, right):\n    result = []\n    i = j = 0\n"),
     ("Meeting notes, Tuesday. Present: Ana, Ben, Chloe, David. Ana reported that the new onboarding flow cut "
      "support tickets by a third. Ben raised concerns about the database migration planned for next month: the "

@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -141,7 +141,7 @@ async def under_load(case: TransferCase, transport: str, streams: int, seconds: 
                       percentile(loaded, 0.5) * 1e3, percentile(loaded, 0.99) * 1e3)
 
 
-async def _all_decoding(gaps: list[float], streams: int, decoding: list[asyncio.Future[None]]) -> None:
+async def _all_decoding(gaps: list[float], streams: int, decoding: Sequence[asyncio.Future[None]]) -> None:
     """Wait until the streams are past their prefills and decoding (about one gap each)."""
     deadline = time.monotonic() + HEALTHY_SECONDS
     while len(gaps) < 2 * streams:
@@ -175,7 +175,8 @@ async def _stream(stub: decode_pb2_grpc.DecodeServiceStub, request_id: str, gaps
 
 async def _arrivals(channel: grpc.aio.Channel, case: TransferCase, transport: str, seconds: float,
                     interval: float) -> int:
-    stub, sends = decode_pb2_grpc.DecodeServiceStub(channel), []
+    stub = decode_pb2_grpc.DecodeServiceStub(channel)
+    sends: list[asyncio.Future[None]] = []
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         request_id = f"arrival-{slug(transport)}-{len(sends)}"

@@ -10,6 +10,7 @@ bytes into one buffer. Best of `--repeats`, one thread, the pool's pages touched
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         layout, chunks = chunks_of(geometry, args.tokens, args.chunk_tokens, args.chunk_layers, encoding)
         raw = raw or chunks
         wire = sum(len(c.data) + len(c.scales) for c in chunks)
-        seconds = {name: best_of(args.repeats, lambda pool=pool: receive(geometry, pool, layout, chunks))
+        seconds = {name: best_of(args.repeats, functools.partial(receive, geometry, pool, layout, chunks))
                    for name, pool in pools.items()}
         print(f"  {encoding:4s} {wire:12,} bytes: Python passes {seconds['python'] * 1e3:7.1f} ms, one native pass "
               f"{seconds['native'] * 1e3:7.1f} ms ({seconds['python'] / seconds['native']:.1f}x)")

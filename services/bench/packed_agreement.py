@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -40,8 +41,9 @@ class PackedReport:
 def greedy(runtime: ModelRuntime, ids: list[int], count: int) -> tuple[list[int], float]:
     prompt = torch.tensor([ids])
     started = time.perf_counter()
-    out = runtime.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
-                                 min_new_tokens=count, do_sample=False)
+    model: Any = runtime.model  # a Hugging Face model: generate comes from transformers
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=count,
+                         min_new_tokens=count, do_sample=False)
     return out[0, len(ids):].tolist(), time.perf_counter() - started
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, cast
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -42,8 +43,9 @@ def conversations(count: int) -> list[tuple[str, str]]:
 @torch.inference_mode()
 def generate(runtime: ModelRuntime, ids: list[int], tokens: int, past: object | None = None) -> list[int]:
     tensor = torch.tensor([ids])
-    out = runtime.model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=tokens,
-                                 do_sample=False, past_key_values=past)
+    model: Any = runtime.model  # a Hugging Face model: generate comes from transformers
+    out = model.generate(tensor, attention_mask=torch.ones_like(tensor), max_new_tokens=tokens,
+                         do_sample=False, past_key_values=past)
     return out[0, len(ids) :].tolist()
 
 
@@ -64,7 +66,8 @@ def agreement(runtime: ModelRuntime, encoder: PromptEncoder, count: int, tokens:
     for first, second in conversations(count):
         turn = [("system", SYSTEM), ("user", first)]
         turn_ids = encoder.encode_chat(turn)
-        answer = encoder.tokenizer.decode(generate(runtime, turn_ids, 24), skip_special_tokens=True)
+        # decode of one sequence of ids is one string
+        answer = cast(str, encoder.tokenizer.decode(generate(runtime, turn_ids, 24), skip_special_tokens=True))
         next_ids = encoder.encode_chat([*turn, ("assistant", answer), ("user", second)])
         past = cached_prefix(runtime, turn_ids, block_size)
         reused += past.get_seq_length()  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ both the TTFT and the TPOT SLO)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from services.bench.targets import RequestRecord
 
@@ -45,7 +46,7 @@ def summarize(records: list[RequestRecord], wall_seconds: float, slo: Slo, label
     }
 
 
-def table(runs: list[dict[str, object]]) -> str:
+def table(runs: list[dict[str, Any]]) -> str:
     lines = [f"{'run':>14} {'done':>5} {'req/s':>7} {'tok/s':>8} {'goodput':>8} | "
              f"{'TTFT p50/p90/p99 ms':>22} | {'TPOT p50/p90/p99 ms':>22} | {'ITL p50/p99 ms':>15} | "
              f"{'e2e p50/p99 s':>14}"]

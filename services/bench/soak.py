@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -62,8 +63,8 @@ class SoakConfig:
 
 async def one_request(client: GatewayClient, config: SoakConfig, rng: random.Random, tally: Tally) -> None:
     prompt = synthetic_prompt(rng, rng.randint(*config.prompt_words))
-    options: dict[str, object] = {"max_tokens": rng.randint(*config.max_tokens), "temperature": 0,
-                                  "ignore_eos": True, "timeout": config.request_timeout}
+    options: dict[str, Any] = {"max_tokens": rng.randint(*config.max_tokens), "temperature": 0,
+                               "ignore_eos": True, "timeout": config.request_timeout}
     bad = rng.random() < config.bad_share
     if bad:
         options |= rng.choice(BAD_REQUESTS)
@@ -172,10 +173,10 @@ def main() -> None:
     sys.exit(1 if tally.unexpected or tally.hung or any(leftover.values()) else 0)
 
 
-def _table(report: dict[str, object]) -> str:
-    rss = "  ".join(f"{name} {report['rss_mb_start'][name]:.0f} -> {report['rss_mb_end'][name]:.0f} MB"  # type: ignore[index]
-                    for name in report["rss_mb_start"])  # type: ignore[union-attr]
-    errors = ", ".join(f"{code} {count}" for code, count in report["errors"].items()) or "none"  # type: ignore[union-attr]
+def _table(report: dict[str, Any]) -> str:
+    rss = "  ".join(f"{name} {report['rss_mb_start'][name]:.0f} -> {report['rss_mb_end'][name]:.0f} MB"
+                    for name in report["rss_mb_start"])
+    errors = ", ".join(f"{code} {count}" for code, count in report["errors"].items()) or "none"
     return "\n".join([
         f"Soak: {report['streams']} streams for {report['seconds']:.0f} s, model {report['model']}",
         f"  requests        {report['requests']}: {report['completed']} completed, {report['cancelled']} cancelled by"

@@ -132,7 +132,8 @@ def table(report: dict[str, object]) -> str:
               for r in rows if r.setup_seconds]
     handoffs: list[Handoff] = report["handoffs"]  # type: ignore[assignment]
     lines.append("  handoff through a prefill worker (forward end -> decode holds verified KV):")
-    lines += [f"    {h.transport:12s} {h.handoff_seconds * 1e3:8.1f} ms   (forward pass {h.forward_seconds * 1e3:.0f} ms; "
+    lines += [f"    {h.transport:12s} {h.handoff_seconds * 1e3:8.1f} ms   "
+              f"(forward pass {h.forward_seconds * 1e3:.0f} ms; "
               f"chunks streamed for {h.streamed_seconds * 1e3:.0f} ms while layers were computed)" for h in handoffs]
     loads: list[LoadResult] = report["under_load"]  # type: ignore[assignment]
     lines.append("  handoff under load: decode ITL p50/p99 of the streams alone, then while a transfer arrives "

@@ -15,9 +15,12 @@ import dataclasses
 import math
 import os
 from collections.abc import Sequence
-from typing import Any, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 
 
 def setting(default: Any, help: str, env: str) -> Any:  # noqa: A002 - mirrors argparse

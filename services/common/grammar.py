@@ -143,7 +143,9 @@ class GrammarEngine:
             if self._tokenizer is None and not self._unavailable:
                 try:
                     hf = AutoTokenizer.from_pretrained(self._model_dir)
-                    self._tokenizer = from_tokenizer(hf, n_vocab=self._vocab_size, eos_token=self._eos or None)
+                    # A slow tokenizer is refused by from_tokenizer itself (ValueError, handled below).
+                    self._tokenizer = from_tokenizer(hf, n_vocab=self._vocab_size,  # type: ignore[arg-type]
+                                                     eos_token=self._eos or None)
                 except (ValueError, RuntimeError, OSError) as error:
                     self._unavailable = f"{type(error).__name__}: {error}"
             if self._tokenizer is None:

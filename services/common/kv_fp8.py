@@ -60,7 +60,8 @@ def check_scales(scales: bytes, what: str) -> np.ndarray:
     return factors
 
 
-def dequantize(data: bytes, scales: bytes, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> torch.Tensor:
+def dequantize(data: bytes | memoryview, scales: bytes, shape: tuple[int, ...], dtype: torch.dtype,
+               what: str) -> torch.Tensor:
     """The chunk's values in `dtype`, from checksum-verified fp8 bytes and scales. Raises KvCorrupted
     for a scale that is not finite and > 0 (the values would be garbage or of the wrong sign)."""
     factors = torch.from_numpy(check_scales(scales, what))

@@ -23,6 +23,7 @@ import struct
 import traceback
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
+from typing import cast
 
 import numpy as np
 
@@ -84,6 +85,12 @@ def segment_bytes(layout: KvLayout) -> int:
     return total
 
 
+def _mapped(segment: SharedMemory) -> memoryview:
+    """The segment's mapping. Typeshed has `buf` Optional (None once closed); every caller holds the
+    segment open (unchanged: indexing a closed one's None raises TypeError as before)."""
+    return cast(memoryview, segment.buf)
+
+
 class ShmTransferWriter:
     """The prefill's side of one transfer: its segment, filled chunk by chunk."""
 
@@ -117,7 +124,7 @@ class ShmTransferWriter:
         segment = self._require()
         shm.allocate(segment)
         shm.map_for_writing(segment)
-        segment.buf[: len(self._header)] = self._header
+        _mapped(segment)[: len(self._header)] = self._header
         self._reserved = True
 
     def _require(self) -> SharedMemory:
@@ -155,7 +162,7 @@ class ShmTransferWriter:
         """Encode the chunk straight into the place `claim_source` gave it (blocking: run it off the
         event loop) and return it as it travels: its slice instead of its bytes. One copy, where
         encoding to bytes and `fill` take two."""
-        target = self._require().buf[where.offset : where.offset + where.length]
+        target = _mapped(self._require())[where.offset : where.offset + where.length]
         try:
             return dataclasses.replace(source.encode_into(target), data=b"", shm=where)
         except BaseException as error:
@@ -172,7 +179,7 @@ class ShmTransferWriter:
         segment = self._require()
         if described.shm is None:
             raise ValueError("fill takes the chunk claim returned")
-        target = np.frombuffer(segment.buf, np.uint8, count=chunk.byte_length, offset=described.shm.offset)
+        target = np.frombuffer(_mapped(segment), np.uint8, count=chunk.byte_length, offset=described.shm.offset)
         try:
             target[:] = np.frombuffer(chunk.data, np.uint8)  # numpy copies without holding the GIL
         finally:
@@ -268,7 +275,7 @@ class ShmReceiver:
         if where.length != message.byte_length:
             raise KvProtocolError(f"KV chunk {message.index} slice holds {where.length} bytes, "
                                   f"it declares {message.byte_length}")
-        view = self._segment.buf[where.offset : where.offset + where.length]
+        view = _mapped(self._segment)[where.offset : where.offset + where.length]
         self._views.append(view)
         return dataclasses.replace(message, data=view)
 
@@ -284,7 +291,7 @@ def _attach(layout: KvLayout) -> SharedMemory:
     except OSError as error:
         raise TransportUnavailable(f"cannot map shared-memory segment {name!r}: {error}") from None
     expected = _header(layout.request_id, layout.transfer_attempt)
-    if segment.size < HEADER_BYTES or bytes(segment.buf[: len(expected)]) != expected:
+    if segment.size < HEADER_BYTES or bytes(_mapped(segment)[: len(expected)]) != expected:
         shm.close(segment)
         raise KvProtocolError(f"shared-memory segment {name!r} does not hold request {layout.request_id!r}'s "
                               f"transfer attempt {layout.transfer_attempt}")

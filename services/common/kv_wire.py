@@ -16,12 +16,12 @@ from services.common.pb import decode_pb2, kv_pb2
 
 _DTYPE_TO_PB = {"float32": kv_pb2.KV_DTYPE_FLOAT32, "bfloat16": kv_pb2.KV_DTYPE_BFLOAT16,
                 "float16": kv_pb2.KV_DTYPE_FLOAT16}
-_DTYPE_FROM_PB = {value: key for key, value in _DTYPE_TO_PB.items()}
+_DTYPE_FROM_PB: dict[int, str] = {value: key for key, value in _DTYPE_TO_PB.items()}
 _ENCODING_TO_PB = {"raw": kv_pb2.KV_ENCODING_RAW, "fp8": kv_pb2.KV_ENCODING_FP8_E4M3}
-_ENCODING_FROM_PB = {value: key for key, value in _ENCODING_TO_PB.items()}
+_ENCODING_FROM_PB: dict[int, str] = {value: key for key, value in _ENCODING_TO_PB.items()}
 _CHECKSUM_TO_PB = {CRC32: kv_pb2.KV_CHECKSUM_CRC32, CRC32C: kv_pb2.KV_CHECKSUM_CRC32C}
 # UNSPECIFIED: a sender that predates KvLayout.checksum, which sent CRC-32
-_CHECKSUM_FROM_PB = {kv_pb2.KV_CHECKSUM_UNSPECIFIED: CRC32, kv_pb2.KV_CHECKSUM_CRC32: CRC32,
+_CHECKSUM_FROM_PB: dict[int, str] = {kv_pb2.KV_CHECKSUM_UNSPECIFIED: CRC32, kv_pb2.KV_CHECKSUM_CRC32: CRC32,
                      kv_pb2.KV_CHECKSUM_CRC32C: CRC32C}
 
 KvMessage = KvLayout | KvChunk | KvEnd
@@ -65,6 +65,8 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             checksum=_CHECKSUM_TO_PB[message.checksum], shm_segment=message.shm_segment,
             token_start=message.token_start))
     if isinstance(message, KvChunk):
+        if isinstance(message.data, memoryview):  # protobuf takes bytes only: it would raise this TypeError itself
+            raise TypeError(f"KV chunk {message.index}: protobuf takes its data as bytes, not a memoryview")
         span = message.span
         return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
             request_id=message.request_id, model_fingerprint=message.model_fingerprint, index=message.index,

@@ -101,9 +101,15 @@ def apply_controls(logits: torch.Tensor, controls: LogitControlsLike, position: 
 class LogitControlsLike(Protocol):
     """The fields apply_controls reads (services.common.sampling.Sampling has them)."""
 
-    presence_penalty: float
-    frequency_penalty: float
-    repetition_penalty: float
-    logit_bias: tuple[tuple[int, float], ...]
-    min_tokens: int
-    stop_token_ids: tuple[int, ...]
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def repetition_penalty(self) -> float: ...
+    @property
+    def logit_bias(self) -> tuple[tuple[int, float], ...]: ...
+    @property
+    def min_tokens(self) -> int: ...
+    @property
+    def stop_token_ids(self) -> tuple[int, ...]: ...

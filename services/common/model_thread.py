@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class ModelThread:
         future.add_done_callback(self._unqueue_if_cancelled)
         return await asyncio.wrap_future(future)
 
-    def _unqueue_if_cancelled(self, future: Future[object]) -> None:
+    def _unqueue_if_cancelled(self, future: Future[Any]) -> None:
         """A job cancelled while it waited (its caller went away) never ran `timed`: it leaves the queue here."""
         if future.cancelled():
             with self._lock:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import torch
 
@@ -79,8 +79,9 @@ class PackedLinear:
         for module in modules:
             if not isinstance(module, torch.nn.Linear) or module.weight.dtype != torch.float32:
                 raise TypeError(f"{type(module).__name__} is not a float32 nn.Linear")
-        weights = [module.weight.detach() for module in modules]
-        biases = [module.bias for module in modules]
+        linears = cast(tuple[torch.nn.Linear, ...], modules)  # checked just above
+        weights = [module.weight.detach() for module in linears]
+        biases = [module.bias for module in linears]
         bias = None if all(b is None for b in biases) else torch.cat(
             [b.detach() if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, weights)])
         fused = torch.cat(weights) if len(weights) > 1 else weights[0]
@@ -116,7 +117,7 @@ class PackedWeights:
     def __init__(self, model: torch.nn.Module, for_one: bool = False, products: RowProducts | None = None) -> None:
         self.for_one = for_one
         self.products = products
-        body = model.model
+        body: Any = model.model  # a Hugging Face Llama-family model: its submodules are found by name
 
         def of(*modules: torch.nn.Module) -> PackedLinear:
             return PackedLinear.of(*modules, products=products)
@@ -125,7 +126,7 @@ class PackedWeights:
             self.layers = [PackedLayer(of(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
                                        of(layer.self_attn.o_proj), of(layer.mlp.gate_proj, layer.mlp.up_proj),
                                        of(layer.mlp.down_proj)) for layer in body.layers]
-            self.lm_head = of(model.lm_head)
+            self.lm_head = of(cast(torch.nn.Module, model.lm_head))
 
     @staticmethod
     def build(model: torch.nn.Module, device: torch.device, mode: str,

@@ -8,7 +8,7 @@ an executor so the asyncio loop never blocks.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import hashlib
 import json
@@ -30,13 +30,16 @@ from services.common.logprobs import TokenLogprob  # noqa: E402
 from services.common.scoring import prompt_logprobs  # noqa: E402
 from services.common.model_files import resolve_model_dir, weights_digest  # noqa: E402
 
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicLayer
+
 log = logging.getLogger(__name__)
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                                    "float16": torch.float16}
 
 # Called from the model thread with (layer index, keys, values); tensors are [kv_heads, tokens, head_dim].
-LayerKvCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
+LayerKvCallback = Callable[[int, torch.Tensor, torch.Tensor], object]  # what it returns is ignored
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _cached_kv(cache: DynamicCache, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `index`'s keys and values in `cache`, once the layer has run: a DynamicCache of these
+    (full-attention) models holds a DynamicLayer per layer, whose tensors are set by then."""
+    layer = cast("DynamicLayer", cache.layers[index])
+    return cast(torch.Tensor, layer.keys), cast(torch.Tensor, layer.values)
+
+
 class ModelRuntime:
     """One loaded causal LM."""
 
@@ -91,7 +101,9 @@ class ModelRuntime:
         self.geometry = read_geometry(model_dir, model, dtype)
         self.device = resolve_device(device)
         log.info("loading %s (%s) on %s", model_dir, dtype, self.device)
-        self._model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device)
+        loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        # transformers wraps PreTrainedModel.to with functools.wraps, whose type loses the bound self
+        self._model = loaded.to(self.device)  # type: ignore[arg-type]
         self._model.eval()
         self._layers = self._model.model.layers
         self.grammars = GrammarEngine(model_dir, self.geometry.vocab_size, self.geometry.eos_token_ids)
@@ -149,9 +161,9 @@ class ModelRuntime:
 
         def hook(index: int) -> Callable[..., None]:
             def deliver(*_: object) -> None:
-                layer = cache.layers[index]
+                keys, values = _cached_kv(cache, index)
                 for row, callback in enumerate(on_layer):
-                    callback(index, layer.keys[row, :, : lengths[row]], layer.values[row, :, : lengths[row]])
+                    callback(index, keys[row, :, : lengths[row]], values[row, :, : lengths[row]])
             return deliver
 
         hooks = [layer.register_forward_hook(hook(index)) for index, layer in enumerate(self._layers)]
@@ -167,8 +179,8 @@ class ModelRuntime:
     @staticmethod
     def _layer_hook(index: int, cache: DynamicCache, start: int, on_layer: LayerKvCallback) -> Callable[..., None]:
         def hook(*_: object) -> None:
-            layer = cache.layers[index]
-            on_layer(index, layer.keys[0, :, start:], layer.values[0, :, start:])
+            keys, values = _cached_kv(cache, index)
+            on_layer(index, keys[0, :, start:], values[0, :, start:])
         return hook
 
     @torch.inference_mode()

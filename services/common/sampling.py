@@ -8,6 +8,7 @@ The token at completion position i is drawn from a generator seeded by (seed, i)
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -159,7 +160,8 @@ def constraint_to_pb(constraint: Constraint) -> common_pb2.StructuredOutput:
         return common_pb2.StructuredOutput(json_object=True)
     if constraint.kind == "choice":
         return common_pb2.StructuredOutput(choice=common_pb2.Choices(choices=list(constraint.choices)))
-    return common_pb2.StructuredOutput(**{constraint.kind: constraint.spec})
+    fields: dict[str, Any] = {constraint.kind: constraint.spec}  # regex or json_schema
+    return common_pb2.StructuredOutput(**fields)
 
 
 def sampling_to_pb(params: Sampling) -> common_pb2.SamplingParams:

@@ -16,11 +16,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from types import FrameType
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,7 +55,7 @@ GRPC_OPTIONS: list[tuple[str, int]] = [
     *HTTP2_BULK_OPTIONS,
     *RECONNECT_OPTIONS,
 ]
-S = TypeVar("S")
+S = TypeVar("S", bound="DataclassInstance")
 FINAL_STOP_SECONDS = 1.0  # after in-flight work drained, what server.stop still allows
 LIVENESS_SERVICE = "liveness"  # health service name that says only "this process works"
 
@@ -276,7 +279,7 @@ async def _warm_up(warmup: Callable[[], Awaitable[None]], stop: asyncio.Event) -
 
 
 def run_service(name: str, settings_type: type[S], description: str,
-                run: Callable[[S], Awaitable[None]]) -> None:
+                run: Callable[[S], Coroutine[Any, Any, None]]) -> None:
     """The `main()` of a service: settings (exit with a message when invalid), logging, tracing,
     the asyncio run, and a final flush of buffered spans."""
     try:

@@ -147,8 +147,11 @@ def map_for_reading(segment: SharedMemory) -> None:
 
 
 def _populate(segment: SharedMemory, advice: int) -> None:
+    buf = segment.buf
+    if buf is None:  # closed meanwhile: nothing to map
+        return
     try:
-        view = numpy.frombuffer(segment.buf, numpy.uint8)  # the mapping's address, kept mapped meanwhile
+        view = numpy.frombuffer(buf, numpy.uint8)  # the mapping's address, kept mapped meanwhile
     except (TypeError, ValueError):  # closed meanwhile: nothing to map
         return
     try:
@@ -210,7 +213,7 @@ def reap_orphans(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     returns their names."""
     check_prefix(prefix)
     pid_namespace = _ns_inode("pid")
-    reaped = []
+    reaped: list[str] = []
     try:
         entries = list(shm_dir.iterdir())
     except OSError:

@@ -32,12 +32,14 @@ Spans: `kv.handoff` (kv_accounting.py) and `decode.preempt` events in the log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from services.common.errors import DeadlineExceeded, InternalFailure, KvProtocolError, RequestCancelled
 from services.common.kv_codec import RAW_ENCODING, KvLayout
+from services.common.kv_wire import KvMessage
 from services.common.kv_assembly import AssemblyLimits, KvAssembler, KvReceipt
 from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
@@ -98,7 +100,12 @@ class _Executed:
     copied-out KV of each sequence being preempted."""
 
     tokens: list[Token | Exception]  # index: the completion index of the token
-    swapped_out: list[list[object]]
+    swapped_out: list[list[KvMessage]]
+
+
+def _swapping_out(sequence: Sequence) -> bool:
+    """Whether the sequence still wants its KV swapped out (a swap-out's `wanted`)."""
+    return sequence.state is State.SWAPPING_OUT
 
 
 class DecodeEngine:
@@ -328,7 +335,7 @@ class DecodeEngine:
         for sequence, messages in zip(plan.swap_out, executed.swapped_out):
             self._scheduler.copied_out(sequence)
             if sequence.state is State.SWAPPING_OUT:
-                store = self.swapper.swap_out(sequence, messages, lambda s=sequence: s.state is State.SWAPPING_OUT)
+                store = self.swapper.swap_out(sequence, messages, functools.partial(_swapping_out, sequence))
                 self._scheduler.watch(sequence, Transfer.start(self._tasks, store, f"swap-out-{sequence.request_id}",
                                                                self._wake.set))
 

@@ -24,11 +24,13 @@ kernel; every other call goes to `F.linear`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +75,7 @@ class ExactGemv:
             return kernels[0] if kernels else built[0]
         x = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(PROBE_SEED))  # not the global RNG
         with torch.inference_mode():
-            seconds = {kernel.hint: _seconds(lambda kernel=kernel: kernel.product(weight, x)) for kernel in kernels}
+            seconds = {kernel.hint: _seconds(functools.partial(kernel.product, weight, x)) for kernel in kernels}
         chosen = min(kernels, key=lambda kernel: seconds[kernel.hint])
         log.info("exact gemv kernel: prefetch hint %s (%s on the largest layer, %.1f MB)", chosen.hint,
                  ", ".join(f"{hint} {value * 1e3:.2f} ms" for hint, value in seconds.items()),
@@ -144,12 +146,15 @@ class ExactGemvLinear(torch.nn.Module):
     """A drop-in for an `nn.Linear` (sharing its weight and bias): one row through the kernel (the
     bias added to the sum after it, as MKL adds it), anything else through `F.linear`."""
 
+    weight: torch.Tensor  # registered parameters (annotations for the type checker only)
+    bias: torch.Tensor | None
+
     def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # registered even where None, so that `_parameters` always holds both (read there: faster
         # than the module's attribute lookup, which the hot path would pay twice a product)
-        self.register_parameter("weight", linear.weight)
+        self.register_parameter("weight", cast(torch.nn.Parameter, linear.weight))  # an nn.Linear's is one
         self.register_parameter("bias", linear.bias)
         self._kernel = kernel
         weight, bias = linear.weight, linear.bias

@@ -29,6 +29,7 @@ and steps on the one-stream path (one_stream.py: the same operations in fewer ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -146,12 +147,14 @@ class PagedRunner:
         """Whether a step of this many sequences runs on the packed weights."""
         return self._packed is not None and rows >= self._packed_min_rows
 
-    def _project(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # The model's modules are Hugging Face's, their parts found by name: typed Any below (nn.Module's
+    # attribute lookup types them Tensor | Module).
+    def _project(self, module: Any, x: torch.Tensor) -> torch.Tensor:
         if self._batch_invariant and x.shape[0] > 1:
             return rowwise_linear(x, module.weight, module.bias)
         return module(x)
 
-    def _mlp(self, mlp: torch.nn.Module, x: torch.Tensor, packed: PackedLayer | None) -> torch.Tensor:
+    def _mlp(self, mlp: Any, x: torch.Tensor, packed: PackedLayer | None) -> torch.Tensor:
         if packed is not None:
             gate, up = packed.gate_up(x)
             return packed.down(mlp.act_fn(gate) * up)[0]
@@ -164,7 +167,7 @@ class PagedRunner:
         """Logits [batch, vocab] (float32, CPU) of the next token of every sequence."""
         if len(batch) == 1 and self._one is not None:
             return self._one.step(batch[0].token, batch[0].position, self._kv_views(batch[0]))
-        body = self._model.model
+        body: Any = self._model.model
         ids = torch.tensor([[slot.token] for slot in batch], device=self._device)
         positions = torch.tensor([[slot.position] for slot in batch], device=self._device)
         hidden = body.embed_tokens(ids)
@@ -224,13 +227,14 @@ class PagedRunner:
             keys, values = (pool_keys[span.first : span.first + span.count],
                             pool_values[span.first : span.first + span.count])
         else:
-            keys = torch.index_select(pool_keys, 0, span.index, out=self._scratch.take("k", pool_keys, span.count))
-            values = torch.index_select(pool_values, 0, span.index,
+            index = cast(torch.Tensor, span.index)  # a span has its first block or else its index (_span)
+            keys = torch.index_select(pool_keys, 0, index, out=self._scratch.take("k", pool_keys, span.count))
+            values = torch.index_select(pool_values, 0, index,
                                         out=self._scratch.take("v", pool_values, span.count))
         return (keys.flatten(0, 1)[: span.length].transpose(0, 1).unsqueeze(0),
                 values.flatten(0, 1)[: span.length].transpose(0, 1).unsqueeze(0))
 
-    def _attention(self, attention: torch.nn.Module, layer: int, hidden: torch.Tensor,
+    def _attention(self, attention: Any, layer: int, hidden: torch.Tensor,
                    rope: tuple[torch.Tensor, torch.Tensor], batch: list[StepSlot], plan: _Plan | None,
                    spans: list[_Span], packed: PackedLayer | None) -> torch.Tensor:
         input_shape = hidden.shape[:-1]
@@ -247,7 +251,7 @@ class PagedRunner:
             output = self._each(attention, layer, query, key, value, batch, spans).reshape(*input_shape, -1)
         return self._project(attention.o_proj, output.contiguous()) if packed is None else packed.o(output)[0]
 
-    def _each(self, attention: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
+    def _each(self, attention: Any, layer: int, query: torch.Tensor, key: torch.Tensor,
               value: torch.Tensor, batch: list[StepSlot], spans: list[_Span]) -> torch.Tensor:
         """Attention of each sequence on its own, over its blocks: [batch, 1, heads, head_dim]."""
         outputs = []
@@ -259,7 +263,7 @@ class PagedRunner:
             outputs.append(output)
         return torch.cat(outputs)
 
-    def _batched(self, attention: torch.nn.Module, layer: int, query: torch.Tensor, key: torch.Tensor,
+    def _batched(self, attention: Any, layer: int, query: torch.Tensor, key: torch.Tensor,
                  value: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Attention of every sequence at once: [batch, 1, heads, head_dim]."""
         pool_keys, pool_values = self._pool.keys[layer], self._pool.values[layer]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.decode.blocks import BlockManager
 from services.decode.sequence import Sequence, State, Token
@@ -63,7 +64,7 @@ class Scheduler:
         return len(self._running)
 
     # events ---------------------------------------------------------------------------------
-    def watch(self, sequence: Sequence, transfer: Transfer[object]) -> None:
+    def watch(self, sequence: Sequence, transfer: Transfer[Any]) -> None:
         """The sequence now moves KV in the background; its outcome comes from polling."""
         sequence.transfer = transfer
         self._moving.append(sequence)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -117,7 +118,10 @@ class KvSwapper:
             log.debug("could not delete the stored KV under %s: %s", prefix, error)
 
 
-def _expect(message: object, kind: type) -> object:
+M = TypeVar("M")
+
+
+def _expect(message: object, kind: type[M]) -> M:
     if not isinstance(message, kind):
         raise KvProtocolError(f"stored KV message is a {type(message).__name__}, expected {kind.__name__}")
     return message

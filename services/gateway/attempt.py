@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -48,8 +48,10 @@ _RETRY_ADMISSION = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUS
 
 
 class RouteLimits(Protocol):
-    request_timeout_seconds: float
-    kv_transfer: str
+    @property
+    def request_timeout_seconds(self) -> float: ...
+    @property
+    def kv_transfer(self) -> str: ...
 
 
 @dataclass(slots=True)
@@ -113,7 +115,7 @@ class AttemptRunner:
         self._affinity = affinity  # decode workers chosen by the prompt blocks they hold too (None: load only)
 
     async def tokens(self, requests: AttemptRequests, timeline: Timeline, attempt: Attempt,
-                     failed: set[str]) -> AsyncIterator[Delivery]:
+                     failed: set[str]) -> AsyncGenerator[Delivery, None]:
         """Each choice's new tokens, then its finish (until every choice has finished)."""
         calls: list[grpc.aio.Call] = []
         choices = requests.decode.sampling.n or 1

@@ -9,7 +9,7 @@ decode gave them) and seed (the request's + index), so it continues exactly wher
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from services.common.errors import InvalidRequest
@@ -58,7 +58,7 @@ def mean_logprob(outputs: list[GenerateOutput]) -> float:
 
 
 async def best_of_choices(outputs: AsyncIterator[GenerateOutput], n: int,
-                          keep_logprobs: bool) -> AsyncIterator[GenerateOutput]:
+                          keep_logprobs: bool) -> AsyncGenerator[GenerateOutput, None]:
     """Every choice's outputs once all have finished: the n best, renumbered 0 .. n-1 by rank."""
     by_choice: dict[int, list[GenerateOutput]] = {}
     async for output in outputs:

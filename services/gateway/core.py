@@ -25,9 +25,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
+from typing import Any
 
 import grpc
 from opentelemetry import trace
@@ -129,7 +130,7 @@ class Gateway:
                                  f"model's context of {context} tokens")
         return ids
 
-    async def generate(self, request: GenerateInput) -> AsyncIterator[GenerateOutput]:
+    async def generate(self, request: GenerateInput) -> AsyncGenerator[GenerateOutput, None]:
         """The request's outputs, each tagged with its choice; with best_of, the n best choices once
         every one has finished."""
         if request.sampling.constraint is not None:  # a bad schema is 400 here, not on a worker
@@ -157,7 +158,7 @@ class Gateway:
             self.active_requests -= 1
 
     async def _choices(self, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
-                       choices: list[ChoiceProgress]) -> AsyncIterator[GenerateOutput]:
+                       choices: list[ChoiceProgress]) -> AsyncGenerator[GenerateOutput, None]:
         """Every choice in one try; the ones a failover interrupts resume each on its own."""
         failed: set[str] = set()
         if len(choices) == 1:
@@ -174,7 +175,7 @@ class Gateway:
                 yield output
 
     async def _together(self, request: GenerateInput, sampling: Sampling, prompt_ids: list[int],
-                        choices: list[ChoiceProgress], failed: set[str]) -> AsyncIterator[GenerateOutput]:
+                        choices: list[ChoiceProgress], failed: set[str]) -> AsyncGenerator[GenerateOutput, None]:
         """The first try, all choices on one decode worker. Returns early (choices unfinished) when
         that worker disappears and the choices may fail over."""
         attempt = Attempt(0)
@@ -204,7 +205,7 @@ class Gateway:
                         call_status(error)[0].name, sum(choice.finish is None for choice in choices))
 
     async def _one_choice(self, request: GenerateInput, prompt_ids: list[int], choice: ChoiceProgress,
-                          first_try: int, failed: set[str]) -> AsyncIterator[GenerateOutput]:
+                          first_try: int, failed: set[str]) -> AsyncGenerator[GenerateOutput, None]:
         """One choice alone, moving to another decode worker when its worker disappears."""
         for failover in range(first_try, self._limits.max_failovers + 1):
             attempt = Attempt(failover)
@@ -268,7 +269,7 @@ class Gateway:
         sampling_pb = sampling_to_pb(sampling)
         if offset:  # the prompt's log-probabilities came with the first token, before the failover
             sampling_pb.ClearField("prompt_logprobs")
-        common = {"request_id": worker_id, "prompt_token_ids": prompt_ids, "sampling": sampling_pb,
+        common: dict[str, Any] = {"request_id": worker_id, "prompt_token_ids": prompt_ids, "sampling": sampling_pb,
                   "position_offset": offset, "client_request_id": request.name}
         return AttemptRequests(prefill_pb2.PrefillRequest(**common, cache_salt=request.cache_salt),
                                decode_pb2.DecodeRequest(**common, max_cache_budget_mb=request.max_cache_budget_mb,

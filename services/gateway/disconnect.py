@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Receive = Callable[[], Awaitable[dict[str, Any]]]  # an ASGI receive channel
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # an ASGI receive channel
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client hung up; logs and traces only
 
 

@@ -5,8 +5,8 @@ error ends the whole and closing it cancels every stream that is still running."
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Generic, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Generic, TypeVar, cast
 
 T = TypeVar("T")
 
@@ -18,7 +18,7 @@ class _Finished(Generic[T]):
 _FINISHED: _Finished[object] = _Finished()
 
 
-async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncGenerator[tuple[int, T], None]:
     if len(streams) == 1:  # the common case stays a plain iteration: no task, no queue
         async for item in streams[0]:
             yield 0, item
@@ -38,13 +38,13 @@ async def merged(streams: Sequence[AsyncIterator[T]]) -> AsyncIterator[tuple[int
     try:
         running = len(tasks)
         while running:
-            index, item, error = await queue.get()
+            index, received, error = await queue.get()
             if error is not None:
                 raise error
-            if item is _FINISHED:
+            if received is _FINISHED:
                 running -= 1
             else:
-                yield index, item  # type: ignore[misc]
+                yield index, cast(T, received)  # anything but _FINISHED is an item of stream `index`
     finally:
         for task in tasks:
             task.cancel()

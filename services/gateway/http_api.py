@@ -22,10 +22,10 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from opentelemetry import trace
@@ -48,7 +48,7 @@ from services.gateway.openai_fields import unsupported_field
 from services.gateway.openai_formats import ChatFormat, CompletionFormat, Indexed, ResponseFormat
 from services.gateway.openai_logprobs import TokenNames
 from services.gateway.openai_structured import constraint_of
-from services.gateway.text import PromptEncoder
+from services.gateway.text import ChatTurn, PromptEncoder
 from services.gateway.tools import Tools, tools_from_openai, with_tools
 from services.gateway.openai_schema import (HTTP_STATUS, ChatCompletionRequest, CompletionRequest, _Common,
                                             error_body)
@@ -78,7 +78,7 @@ def _api_error(error: Exception) -> ApiError:
         return error
     code, details = status_of(error)
     status = HTTP_STATUS.get(code, 500)
-    param = _FIELD.match(details).group(1) if status == 400 and _FIELD.match(details) else None
+    param = field.group(1) if status == 400 and (field := _FIELD.match(details)) else None
     return ApiError(status, details, "messages" if param == "chat" else param, code.name.lower())
 
 
@@ -228,7 +228,8 @@ class Scores:
 
 def _prompt_text(prompt: str | tuple[int, ...], encoder: PromptEncoder) -> str:
     """What echo returns: the prompt as given, or its token ids decoded."""
-    return prompt if isinstance(prompt, str) else encoder.tokenizer.decode(list(prompt))
+    # decode of one sequence of ids is one string
+    return prompt if isinstance(prompt, str) else cast(str, encoder.tokenizer.decode(list(prompt)))
 
 
 async def _constraint(body: _Common) -> Constraint | None:
@@ -249,7 +250,8 @@ async def _tools_and_constraint(body: ChatCompletionRequest) -> tuple[Tools | No
         raise _api_error(error) from None
 
 
-def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: list[tuple[str, str]] | None, body: _Common,
+def _job(prefix: str, prompt: str | tuple[int, ...] | None, messages: Sequence[ChatTurn | tuple[str, str]] | None,
+         body: _Common,
          max_tokens: int | None, config: HttpApiConfig, scores: Scores, constraint: Constraint | None,
          best_of: int = 0) -> GenerateInput:
     try:
@@ -314,13 +316,13 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
     return JSONResponse(form.whole(collected, choices))
 
 
-async def _opening(outputs: AsyncIterator[Indexed], whole: bool) -> list[Indexed]:
+async def _opening(outputs: AsyncGenerator[Indexed, None], whole: bool) -> list[Indexed]:
     """The first output, or every output for a response sent whole."""
     first = await anext(outputs)
     return [first, *[output async for output in outputs]] if whole else [first]
 
 
-async def _indexed(outputs: AsyncIterator[Indexed], n: int) -> AsyncIterator[Indexed]:
+async def _indexed(outputs: AsyncGenerator[Indexed, None], n: int) -> AsyncGenerator[Indexed, None]:
     """Each output under its response choice index; the prompt's tokens count once in usage (in
     choice 0's), not once per choice."""
     async with aclosing(outputs) as stream:
@@ -337,7 +339,7 @@ def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[],
     return end
 
 
-async def _sse(first: Indexed, outputs: AsyncIterator[Indexed], form: ResponseFormat, usage_after: int,
+async def _sse(first: Indexed, outputs: AsyncGenerator[Indexed, None], form: ResponseFormat, usage_after: int,
                end_work: Callable[[], None]) -> AsyncIterator[str]:
     """Server-sent events; with `usage_after` > 0, one usage chunk (summed over the choices) once
     that many generations finished."""

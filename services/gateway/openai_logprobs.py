@@ -12,7 +12,7 @@ vLLM); two ids that decode alike share one key of a completions top_logprobs dic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
@@ -29,7 +29,7 @@ class TokenNames:
     def __call__(self, token_id: int) -> str:
         name = self._names.get(token_id)
         if name is None:
-            name = self._names[token_id] = self._tokenizer.decode([token_id])
+            name = self._names[token_id] = cast(str, self._tokenizer.decode([token_id]))  # one sequence: one string
         return name
 
 

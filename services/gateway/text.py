@@ -102,8 +102,9 @@ class PromptEncoder:
         if tools and not self.supports_tools:
             raise InvalidRequest("tools: this model's chat template has no tool support, so it cannot call tools")
         conversation = [turn.rendered() for turn in turns]
-        encoded = self.tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True,
-                                                     tokenize=True)
+        # a list of ids, or a BatchEncoding holding them; the ignore: list is invariant, dict[str, Any] is a dict
+        encoded: Any = self.tokenizer.apply_chat_template(conversation, tools=tools,  # type: ignore[arg-type]
+                                                          add_generation_prompt=True, tokenize=True)
         return list(encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded)
 
 

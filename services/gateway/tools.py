@@ -63,7 +63,8 @@ class Tools:
             raise InvalidRequest(f"tools: at most {MAX_TOOLS} tools, got {len(self.functions)}")
         names = [function.get("name") for function in self.functions]
         for index, function in enumerate(self.functions):
-            if not isinstance(names[index], str) or not _NAME.match(names[index]):
+            name = names[index]
+            if not isinstance(name, str) or not _NAME.match(name):
                 raise InvalidRequest(f"tools[{index}].function.name must be 1-64 letters, digits, '_' or '-'")
             if not isinstance(function.get("parameters", {}), dict):
                 raise InvalidRequest(f"tools[{index}].function.parameters must be a JSON Schema object")

@@ -17,7 +17,7 @@ import asyncio
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -70,7 +70,8 @@ class RedisBackend:
             await pipe.execute()
 
     async def _sweep(self) -> None:
-        expired = await self._redis.zrangebyscore(f"{self._p}:idx:exp", "-inf", time.time() * 1000)
+        # members come back as bytes (no decode_responses), the same below
+        expired = cast(list[bytes], await self._redis.zrangebyscore(f"{self._p}:idx:exp", "-inf", time.time() * 1000))
         for member in expired:
             await self._remove(member.decode())
 
@@ -89,7 +90,7 @@ class RedisBackend:
                 await self._remove(member)
             evicted = 0
             while await self._bytes_used() + len(value) > self._budget:
-                oldest = await self._redis.zrange(f"{self._p}:idx:order", 0, 0)
+                oldest = cast(list[bytes], await self._redis.zrange(f"{self._p}:idx:order", 0, 0))
                 if not oldest:
                     break
                 await self._remove(oldest[0].decode())
@@ -137,8 +138,9 @@ class RedisBackend:
         async with self._lock:  # after any put in progress, so a key it is writing goes too
             names = set(keys)
             if prefix:
-                found = await self._redis.zrangebylex(self._names_key(namespace), b"[" + prefix.encode(),
-                                                      b"[" + prefix.encode() + b"\xff")
+                found = cast(list[bytes], await self._redis.zrangebylex(self._names_key(namespace),
+                                                                        b"[" + prefix.encode(),
+                                                                        b"[" + prefix.encode() + b"\xff"))
                 names |= {name.decode() for name in found}
             for member in (f"{namespace}\n{name}" for name in names):
                 if await self._redis.hexists(f"{self._p}:idx:size", member):

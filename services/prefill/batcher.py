@@ -9,6 +9,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,8 +71,8 @@ class PrefillBatcher:
                 continue
             try:
                 if len(batch) == 1:
-                    timed = await self._thread.run_timed(self._runtime.prefill, batch[0].prompt_ids,
-                                                         batch[0].on_layer)
+                    timed: Timed[Any] = await self._thread.run_timed(self._runtime.prefill, batch[0].prompt_ids,
+                                                                     batch[0].on_layer)
                     results = [timed.value]
                 else:
                     timed = await self._thread.run_timed(self._runtime.prefill_batch,

@@ -268,8 +268,9 @@ class PrefillEngine:
         logits, scored = forward
         known = (job.known_first_token, *job.known_choice_first_tokens)
         grammar = None if grammar is None else grammar.fork()  # every choice walks the grammar on its own
-        if choice < len(known) and known[choice] is not None:
-            first = known[choice]
+        known_first = known[choice] if choice < len(known) else None
+        if known_first is not None:
+            first = known_first
         else:
             allowed = None if grammar is None else grammar.allowed()
             first = sample(logits, job.sampling.for_choice(choice), job.position_offset, self._context(job), allowed)

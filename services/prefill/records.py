@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 
@@ -26,7 +27,7 @@ class PrefillSummary:
     cached_tokens: int = 0  # leading prompt tokens taken from the prefix cache
 
 
-def record_forward(metrics: PrefillMetrics, forward: Timed[object], cached: int, computed: int) -> None:
+def record_forward(metrics: PrefillMetrics, forward: Timed[Any], cached: int, computed: int) -> None:
     """The forward pass's spans (queue wait, forward with its cached and computed tokens) and metrics."""
     started = int(forward.started_unix * 1e9)
     tracer.start_span("prefill.queue_wait", start_time=started - int(forward.queued_seconds * 1e9)).end(

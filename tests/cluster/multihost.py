@@ -55,7 +55,8 @@ def specs(hosts: dict[str, Host]) -> list[ServiceSpec]:
     prefills = [_spec(name, "prefill", hosts[name], *worker, "--checkpoint-kv", "--kv-chunk-tokens", "128")
                 for name in PREFILLS]
     decode = _spec("decode", "decode", hosts["decode"], *worker)
-    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT, "--prefill-addresses", ",".join(p.address for p in prefills),
+    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT,
+               "--prefill-addresses", ",".join(p.address for p in prefills),
                "--decode-addresses", decode.address, "--prefill-timeout-seconds", str(PREFILL_TIMEOUT_SECONDS))
     gateways = [_spec("gateway", "gateway", hosts["gateway"], *routing),
                 _spec("gateway_kvstore", "gateway", hosts["gateway"], *routing, "--kv-transfer", "kvstore")]

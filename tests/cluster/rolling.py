@@ -61,7 +61,8 @@ def specs(redis_url: str) -> list[ServiceSpec]:
     worker = ("--model", "tiny", "--kvstore-address", ",".join(spec.address for spec in kvstores))
     prefills = [_spec(name, "prefill", *worker, "--checkpoint-kv") for name in ROLES["prefill"]]
     decodes = [_spec(name, "decode", *worker) for name in ROLES["decode"]]
-    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT, "--prefill-addresses", ",".join(p.address for p in prefills),
+    routing = ("--model", "tiny", "--http-port", "0", *PINNED_PLACEMENT,
+               "--prefill-addresses", ",".join(p.address for p in prefills),
                "--decode-addresses", ",".join(d.address for d in decodes))
     gateways = [_spec("gateway", "gateway", *routing, "--kv-transfer", "kvstore"),
                 _spec("gateway2", "gateway", *routing, "--kv-transfer", "direct")]
