@@ -16,7 +16,7 @@ from services.common.healthcheck import health_status
 from services.common.pb import common_pb2, decode_pb2_grpc
 from services.stack import free_port
 from tests.conftest import API_KEY, RunningStack, start_stack
-from tests.test_cancel import _held, _wait_until_idle
+from tests.test_cancel import _wait_until_idle
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = "The capital of France is"
@@ -139,21 +139,27 @@ async def test_disconnect_mid_stream_frees_everything(memory_stack: RunningStack
 async def test_hanging_up_on_a_whole_response_frees_everything(memory_stack: RunningStack) -> None:
     """A client that closes its connection while it waits for a completion sent whole (no stream)
     stops the generation: uvicorn does not cancel the route handler, so before, the decode went on
-    to the last of its 1,000 tokens for nobody."""
-    body = json.dumps({"model": MODEL, "prompt": "Tell me a story", "max_tokens": 1000, "temperature": 0,
+    to the last of its 4,000 tokens for nobody (minutes on a CPU; the wait below gives it ~10 s)."""
+    body = json.dumps({"model": MODEL, "prompt": "Tell me a story", "max_tokens": 4000, "temperature": 0,
                        "ignore_eos": True}).encode()
+    admitted_before = await _decode_requests_total(memory_stack)
     host, port = memory_stack["http"].removeprefix("http://").split(":")
-    reader, writer = await asyncio.open_connection(host, int(port))
+    _, writer = await asyncio.open_connection(host, int(port))
     writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
     await writer.drain()
     deadline = time.monotonic() + 60
-    while (await _held(memory_stack))["decode"][0] == 0:  # admitted and decoding
+    while await _decode_requests_total(memory_stack) == admitted_before:  # this request admitted, decoding
         assert time.monotonic() < deadline, "the request never reached the decode"
         await asyncio.sleep(0.05)
     writer.close()  # hang up without reading
     await writer.wait_closed()
     assert await _wait_until_idle(memory_stack) == {"decode": (0, 0), "prefill": (0, 0), "gateway": (0, 0)}
+
+
+async def _decode_requests_total(stack: RunningStack) -> int:
+    async with grpc.aio.insecure_channel(stack["decode"]) as channel:
+        return (await decode_pb2_grpc.DecodeServiceStub(channel).Stats(common_pb2.StatsRequest())).requests_total
 
 
 async def disconnect_after_events(stack: RunningStack, body: dict, events: int) -> dict[str, tuple[int, int]]:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import Any, TypeVar
+
+from services.common.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]  # an ASGI receive channel
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client hung up; logs and traces only
+CLEANUP_SECONDS = 30.0  # how long cancelled work may take to close its calls before it is left behind
 
 
 class ClientDisconnected(Exception):
@@ -27,19 +31,23 @@ class ClientDisconnected(Exception):
 
 async def unless_disconnected(receive: Receive, work: Coroutine[Any, Any, T]) -> T:
     """`work`'s result; if the client disconnects first, `work` is cancelled (its cleanup awaited)
-    and ClientDisconnected raised. Call it after the request body was read: from then on the
-    channel's only message is the disconnect."""
+    and ClientDisconnected raised. Work cancelled by anything else (a channel closed under it at
+    shutdown) is BackendUnavailable, which a client may retry. Call it after the request body was
+    read: from then on the channel's only message is the disconnect."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(receive))
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
         if not task.done() and watcher.exception() is not None:
             log.warning("cannot watch the client's connection (%s); the request goes on", watcher.exception())
-            await task
+            await asyncio.wait((task,))
+        hung_up = not task.done()  # the watcher saw the disconnect first
     finally:
         await _cancel(task, watcher)
-    if task.cancelled():
+    if hung_up:
         raise ClientDisconnected
+    if task.cancelled():
+        raise BackendUnavailable("the request's work was cancelled before it could answer")
     return task.result()
 
 
@@ -49,9 +57,22 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def _cancel(*tasks: asyncio.Future[Any]) -> None:
-    """Cancel what is still running and wait until it has finished cleaning up."""
-    pending = [task for task in tasks if not task.done()]
+    """Cancel what is still running and wait until it has finished cleaning up (closing its calls),
+    even if this task is cancelled meanwhile (that cancellation is raised afterwards), for at most
+    CLEANUP_SECONDS. A watcher's error nobody asked for is retrieved here."""
+    pending = {task for task in tasks if not task.done()}
     for task in pending:
         task.cancel()
+    deadline, interrupted = time.monotonic() + CLEANUP_SECONDS, False
+    while pending and (left := deadline - time.monotonic()) > 0:
+        try:
+            _, pending = await asyncio.wait(pending, timeout=left)
+        except asyncio.CancelledError:
+            interrupted = True
     if pending:
-        await asyncio.wait(pending)
+        log.error("cancelled request work still running after %.0f s; left behind", CLEANUP_SECONDS)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # marks it retrieved: the caller reads the work's own through result()
+    if interrupted:
+        raise asyncio.CancelledError

@@ -23,7 +23,7 @@ import re
 import secrets
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, replace
 from typing import Any, cast
 
@@ -293,27 +293,36 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
     core = gateway()
     choices = len(jobs) * body.n
     outputs = _indexed(merged([core.generate(job) for job in jobs]), body.n)
+    collected: list[Indexed] | None = None  # None: the client hung up first
     try:
         with trace.use_span(span, end_on_exit=False):  # worker calls made now join this trace
-            collected = await unless_disconnected(request.receive, _opening(outputs, whole=not body.stream))
+            with suppress(ClientDisconnected):  # not an error of ours to record on the span
+                collected = await unless_disconnected(request.receive, _opening(outputs, whole=not body.stream))
     except BaseException as error:
-        await outputs.aclose()
-        if isinstance(error, ClientDisconnected):
-            span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
-            end_work()
-            return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
-        if isinstance(error, Exception):
-            api_error = _api_error(error)
+        api_error = _api_error(error) if isinstance(error, Exception) else None
+        if api_error is not None:
             span.set_status(Status(StatusCode.ERROR, api_error.body["error"]["message"]))
-            end_work()
+        await _close(outputs, end_work)
+        if api_error is not None:
             raise api_error from None
-        end_work()
         raise
+    if collected is None:
+        span.set_status(Status(StatusCode.ERROR, "the client disconnected"))
+        await _close(outputs, end_work)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
     if body.stream:
         return StreamingResponse(_sse(collected[0], outputs, form, body.include_usage and choices, end_work),
                                  media_type="text/event-stream")
     end_work()
     return JSONResponse(form.whole(collected, choices))
+
+
+async def _close(outputs: AsyncGenerator[Indexed, None], end_work: Callable[[], None]) -> None:
+    """Close the request's calls; its work ends (and its span) whatever closing raises."""
+    try:
+        await outputs.aclose()
+    finally:
+        end_work()
 
 
 async def _opening(outputs: AsyncGenerator[Indexed, None], whole: bool) -> list[Indexed]:
