@@ -311,7 +311,7 @@ async def _respond(gateway: Callable[[], Gateway], lifecycle: Lifecycle, jobs: l
         await _close(outputs, end_work)
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
     if body.stream:
-        return StreamingResponse(_sse(collected[0], outputs, form, body.include_usage and choices, end_work),
+        return StreamingResponse(_sse(collected[0], outputs, form, body.include_usage and choices, end_work, span),
                                  media_type="text/event-stream")
     end_work()
     return JSONResponse(form.whole(collected, choices))
@@ -349,9 +349,10 @@ def _ending_span(span: trace.Span, end_work: Callable[[], None]) -> Callable[[],
 
 
 async def _sse(first: Indexed, outputs: AsyncGenerator[Indexed, None], form: ResponseFormat, usage_after: int,
-               end_work: Callable[[], None]) -> AsyncIterator[str]:
+               end_work: Callable[[], None], span: trace.Span) -> AsyncIterator[str]:
     """Server-sent events; with `usage_after` > 0, one usage chunk (summed over the choices) once
-    that many generations finished."""
+    that many generations finished. A failure after the first event is reported in the stream and
+    on the request's span (this runs in the response's own task, outside that span's context)."""
     usages: list[Usage] = []
     try:
         async with aclosing(outputs) as stream:
@@ -364,8 +365,9 @@ async def _sse(first: Indexed, outputs: AsyncGenerator[Indexed, None], form: Res
                     if len(usages) == usage_after:
                         yield _event(form.usage_chunk(usages))
     except Exception as error:  # noqa: BLE001 - the status line is sent; report in the stream
-        yield _event(_api_error(error).body)
-        trace.get_current_span().set_status(Status(StatusCode.ERROR, str(error)))
+        api_error = _api_error(error)
+        span.set_status(Status(StatusCode.ERROR, api_error.body["error"]["message"]))
+        yield _event(api_error.body)
     finally:
         end_work()
     yield "data: [DONE]\n\n"
