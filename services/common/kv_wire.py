@@ -6,6 +6,7 @@ internal ids, so no client can name another request's keys."""
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -64,16 +65,14 @@ def to_pb(message: KvMessage) -> kv_pb2.KvTransferMessage:
             transfer_attempt=message.transfer_attempt, chunks_in_kvstore=message.chunks_in_kvstore,
             checksum=_CHECKSUM_TO_PB[message.checksum], shm_segment=message.shm_segment,
             token_start=message.token_start))
-    if isinstance(message, KvChunk):
-        if isinstance(message.data, memoryview):  # protobuf takes bytes only: it would raise this TypeError itself
-            raise TypeError(f"KV chunk {message.index}: protobuf takes its data as bytes, not a memoryview")
+    if isinstance(message, KvChunk):  # data as bytes: protobuf itself refuses a memoryview (TypeError)
         span = message.span
         return kv_pb2.KvTransferMessage(chunk=kv_pb2.KvChunk(
             request_id=message.request_id, model_fingerprint=message.model_fingerprint, index=message.index,
             layer_start=span.layer_start, layer_end=span.layer_end, token_start=span.token_start,
             token_end=span.token_end, dtype=_DTYPE_TO_PB[message.dtype],
             encoding=_ENCODING_TO_PB[message.encoding], shape=message.shape,
-            byte_length=message.byte_length, crc32=message.crc32, data=message.data, crc32c=message.crc32c,
+            byte_length=message.byte_length, crc32=message.crc32, data=cast(bytes, message.data), crc32c=message.crc32c,
             shm=_shm_to_pb(message.shm), scales=message.scales))
     return kv_pb2.KvTransferMessage(end=kv_pb2.KvTransferEnd(
         request_id=message.request_id, chunk_count=message.chunk_count, first_token=message.first_token,
