@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -188,17 +189,23 @@ def start_healthy(stack: Stack, log_dir: Path, timeout: float = 300) -> None:
         raise
 
 
+def _gemv_helper() -> tuple[str, ...]:
+    cores = sorted(os.sched_getaffinity(0))
+    return ("--gemv-helpers", str(cores[-1])) if len(cores) > 1 else ()
+
+
 @pytest.fixture(scope="session")
 def memory_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     """Real model; memory kvstore; the prefill checkpoints KV to it; small chunks so that a
     transfer has many; batched steps on the panel kernel (auto may keep oneDNN on another
-    machine: the exactness tests run on the kernel everywhere); gateways for the direct and the
-    kvstore path."""
+    machine: the exactness tests run on the kernel everywhere); a stream alone helped by a thread
+    on the last core (auto gives none to a worker without a placement: the exactness tests run
+    helped); gateways for the direct and the kvstore path."""
     keyed_http, tools_http, shared_http = free_port(), free_port(), free_port()
     running = start_stack(
         tmp_path_factory.mktemp("memory-stack"), "default",
         extra={"prefill": ("--kv-chunk-tokens", "4", "--kv-chunk-layers", "8", "--checkpoint-kv"),
-               "decode": ("--max-chunk-mb", "2", "--batched-products", "native")},
+               "decode": ("--max-chunk-mb", "2", "--batched-products", "native", *_gemv_helper())},
         extra_gateways={"gateway_kvstore": ("--kv-transfer", "kvstore"),
                         "gateway_keyed": ("--api-keys", f"{API_KEY},another-key", "--http-port", str(keyed_http)),
                         "gateway_unified": ("--prefill-mode", "unified"),

@@ -6,6 +6,7 @@ runs; the running decode steps on it; its lean RMS norm gives the module's bits.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,15 +32,19 @@ from tests.conftest import RunningStack, reference_model
 from tests.gemv_helpers import needs_the_blas_order
 
 
-PRODUCTS = [pytest.param("kernel", marks=needs_the_blas_order), "F.linear"]
+ONE_CORE = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a helper needs a second core")
+# the kernel alone, the kernel helped by a thread on the last core (gemv_helpers.py), or F.linear
+PRODUCTS = [pytest.param("kernel", marks=needs_the_blas_order),
+            pytest.param("kernel helped", marks=[needs_the_blas_order, ONE_CORE]), "F.linear"]
 
 
 def _path(model: torch.nn.Module, products: str) -> OneStream:
-    if products == "kernel":
-        assert exact_gemv.install(model, default_cache_dir(), "native") > 0
+    if products.startswith("kernel"):
+        helpers = [max(os.sched_getaffinity(0))] if products == "kernel helped" else []
+        assert exact_gemv.install(model, default_cache_dir(), "native", helpers) > 0
     built = OneStream.build(model)
     assert isinstance(built, OneStream), built
-    assert built.on_kernel == (products == "kernel")
+    assert built.on_kernel == products.startswith("kernel")
     return built
 
 

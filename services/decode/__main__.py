@@ -11,6 +11,7 @@ from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
 from services.common.metrics import DecodeMetrics, decode_load_gauges
 from services.common.model_thread import ModelThread
+from services.common.placement import allowed_cpus
 from services.common.packed_weights import PackedWeights
 from services.common.pb import decode_pb2
 from services.common.server import Lifecycle, ServerSpec, run_service, serve
@@ -20,6 +21,7 @@ from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
 from services.decode import exact_gemv, one_stream, panel_products
+from services.decode.gemv_helpers import helper_cores
 from services.decode.native_attention import NativeAttention
 from services.decode.paged_runner import check_layers
 from services.decode.pool import PoolConfig
@@ -68,6 +70,7 @@ def attention_mode(settings: DecodeSettings) -> str:
 
 
 async def run(settings: DecodeSettings) -> None:
+    started_on = allowed_cpus()  # before the placement pins this process to its own cores
     telemetry = service_telemetry("decode")
     thread = ModelThread()
     lifecycle = Lifecycle()
@@ -95,7 +98,8 @@ async def run(settings: DecodeSettings) -> None:
         packed = await thread.run(PackedWeights.build, runtime.model, runtime.device, packing_mode(settings),
                                   products)
         # after packing, which reads the model's own nn.Linear modules
-        await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv)
+        helpers = helper_cores(settings.gemv_helpers, started_on - allowed_cpus())
+        await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv, helpers)
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)

@@ -16,6 +16,7 @@
  * prefetched: one core reads the weights at ~35 GB/s where the BLAS's path read ~16 (on one
  * machine; on another 23 GB/s against 11.5, where the sequential-read ceiling was 25). */
 
+#define _GNU_SOURCE /* CPU_SET, pthread_attr_setaffinity_np: the helpers' pinning (below) */
 #include <stdint.h>
 #include <string.h>
 
@@ -66,4 +67,241 @@ int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k,
     for (; i + ROWS <= n; i += ROWS) rows_block(w + i * ldw, x, out + i, k, ldw, q, ROWS);
     for (; i < n; i++) rows_block(w + i * ldw, x, out + i, k, ldw, q, 1);
     return 0;
+}
+
+/* ---- Idle cores helping: the same rows, the same sums, split between threads ----
+ *
+ * One core cannot read memory as fast as two (13 against 23 GB/s on a 2-core Zen box), and a
+ * stream decoding alone leaves the other cores of the machine idle. Helper threads, pinned to
+ * those cores at SCHED_IDLE (they run only when nothing else wants the core: a prefill working
+ * there takes it back at once), claim blocks of rows from a shared counter while the caller claims
+ * the rest. Each row is summed by the same code whichever thread takes it, so the bits are the
+ * single thread's.
+ *
+ * The caller never waits for a helper: a helper writes into its own scratch rows and marks the
+ * block done; the caller, once the counter runs out, copies the done blocks and computes itself
+ * every block a helper claimed but has not finished (a helper preempted mid-block loses the race
+ * and its late result is dropped). Helpers never write the caller's output, read only the weights
+ * (which outlive the pool) and the pool's own copies of the job, and tag every claim with the
+ * job's generation, so a helper still busy with an old job cannot mark a block of a new one. */
+
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <time.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define BLOCK_ROWS 32         /* rows per claim: a multiple of ROWS */
+#define MAX_HELPERS 8
+#define SPIN_NS 2000000       /* a helper spins this long after a job before it sleeps on the futex */
+enum { CLAIMED = 1, DONE = 2, CALLER = 3 }; /* a block's state: generation << 8 | helper << 2 | this */
+
+/* The rows split into one contiguous part per thread (the caller's first), each read in order
+ * as one stream; the caller takes what is left of the helpers' parts once its own is done. */
+typedef struct {
+    _Alignas(64) _Atomic int64_t value; /* the part's next block: one cache line per part */
+    _Atomic int64_t helped;             /* blocks of it its helper computed and the caller copied */
+} counter;
+
+typedef struct shared_gemv {
+    _Atomic uint64_t generation; /* odd while the caller writes a job's fields (a sequence lock) */
+    _Atomic uint32_t wake;       /* the futex word sleeping helpers wait on */
+    counter next[MAX_HELPERS + 1]; /* per part (the caller's first), its next unclaimed block */
+    _Atomic int sleepers, stop;
+    _Atomic int started, refused; /* helpers running, and whether one was refused SCHED_IDLE */
+    const float *w;              /* the job, read by helpers under the sequence lock */
+    int64_t n, k, ldw, q, blocks;
+    float *x;                    /* the job's row, copied (max_k values) */
+    _Atomic uint64_t *state;     /* one per block */
+    float *scratch;              /* max_n values per helper */
+    int64_t max_n, max_k;
+    int helpers;
+    int64_t taken;               /* blocks of the helpers' parts the caller computed itself */
+    pthread_t threads[MAX_HELPERS];
+    int cores[MAX_HELPERS];
+} shared_gemv;
+
+typedef struct { shared_gemv *pool; int index; } helper_start;
+
+void shared_gemv_stop(shared_gemv *pool);
+
+static void rows_range(const float *w, const float *x, float *out, int64_t first, int64_t end, int64_t k,
+                       int64_t ldw, int64_t q) {
+    int64_t i = first;
+    for (; i + ROWS <= end; i += ROWS) rows_block(w + i * ldw, x, out + i, k, ldw, q, ROWS);
+    for (; i < end; i++) rows_block(w + i * ldw, x, out + i, k, ldw, q, 1);
+}
+
+static int64_t part_start(int64_t blocks, int parts, int part) { return blocks * part / parts; }
+
+/* The next unclaimed block of `part`, or -1 once it has none. */
+static int64_t claim(shared_gemv *pool, int64_t blocks, int part) {
+    int64_t end = part_start(blocks, pool->helpers + 1, part + 1);
+    int64_t block = part_start(blocks, pool->helpers + 1, part) + atomic_fetch_add(&pool->next[part].value, 1);
+    return block < end ? block : -1;
+}
+
+static uint64_t tag(uint64_t generation, int helper, int status) {
+    return generation << 8 | (uint64_t)helper << 2 | (uint64_t)status;
+}
+
+static long futex(_Atomic uint32_t *word, int op, uint32_t value) {
+    return syscall(SYS_futex, (uint32_t *)word, op, value, NULL, NULL, 0);
+}
+
+static int64_t elapsed_ns(const struct timespec *since) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - since->tv_sec) * 1000000000LL + (now.tv_nsec - since->tv_nsec);
+}
+
+/* The next job's (even) generation after `seen`, or 0 once the pool stops. */
+static uint64_t await_job(shared_gemv *pool, uint64_t seen) {
+    struct timespec since;
+    clock_gettime(CLOCK_MONOTONIC, &since);
+    for (unsigned spins = 1;; spins++) {
+        if (atomic_load(&pool->stop)) return 0;
+        uint64_t generation = atomic_load(&pool->generation);
+        if (!(generation & 1) && generation != seen) return generation;
+        if (spins % 256 || elapsed_ns(&since) < SPIN_NS) {
+            __builtin_ia32_pause();
+            continue;
+        }
+        uint32_t word = atomic_load(&pool->wake);
+        atomic_fetch_add(&pool->sleepers, 1);
+        generation = atomic_load(&pool->generation);
+        if (!atomic_load(&pool->stop) && ((generation & 1) || generation == seen))
+            futex(&pool->wake, FUTEX_WAIT_PRIVATE, word);
+        atomic_fetch_sub(&pool->sleepers, 1);
+        clock_gettime(CLOCK_MONOTONIC, &since);
+    }
+}
+
+static void help(shared_gemv *pool, int index, uint64_t generation) {
+    const float *w = pool->w; /* a snapshot, valid if the generation is unchanged after it */
+    int64_t n = pool->n, k = pool->k, ldw = pool->ldw, q = pool->q, blocks = pool->blocks;
+    atomic_thread_fence(memory_order_acquire); /* the reads above complete before the check below */
+    if (atomic_load(&pool->generation) != generation) return;
+    float *scratch = pool->scratch + (int64_t)index * pool->max_n;
+    for (;;) {
+        int64_t block = claim(pool, blocks, index + 1);
+        if (block < 0 || atomic_load(&pool->generation) != generation) return;
+        uint64_t state = atomic_load(&pool->state[block]);
+        if (state >> 8 >= generation || !atomic_compare_exchange_strong(&pool->state[block], &state,
+                                                                        tag(generation, index, CLAIMED)))
+            continue; /* the caller took it */
+        int64_t first = block * BLOCK_ROWS, end = first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n;
+        rows_range(w, pool->x, scratch, first, end, k, ldw, q);
+        uint64_t claimed = tag(generation, index, CLAIMED);
+        atomic_compare_exchange_strong(&pool->state[block], &claimed, tag(generation, index, DONE));
+    }
+}
+
+static void *helper_main(void *argument) {
+    helper_start start = *(helper_start *)argument;
+    free(argument);
+    struct sched_param priority = {0}; /* SCHED_IDLE's only one */
+    if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &priority)) atomic_store(&start.pool->refused, 1);
+    atomic_fetch_add(&start.pool->started, 1);
+    for (uint64_t generation = 0; (generation = await_job(start.pool, generation));)
+        help(start.pool, start.index, generation);
+    return NULL;
+}
+
+/* A pool of helpers, one pinned to each of `cores` (at most MAX_HELPERS) at SCHED_IDLE, for
+ * products of up to max_n rows and max_k columns; NULL where memory, a thread, a core's pinning or
+ * the policy is refused. */
+shared_gemv *shared_gemv_start(const int *cores, int count, int64_t max_n, int64_t max_k) {
+    if (count < 1 || count > MAX_HELPERS || max_n < 1 || max_k < 1) return NULL;
+    shared_gemv *pool = aligned_alloc(64, (sizeof *pool + 63) / 64 * 64); /* the counters' cache lines */
+    if (!pool) return NULL;
+    memset(pool, 0, sizeof *pool);
+    int64_t blocks = (max_n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    pool->state = calloc((size_t)blocks, sizeof *pool->state);
+    pool->x = calloc((size_t)max_k, sizeof(float));
+    pool->scratch = calloc((size_t)(max_n * count), sizeof(float));
+    pool->max_n = max_n, pool->max_k = max_k;
+    atomic_store(&pool->generation, 2);
+    for (int i = 0; pool->state && pool->x && pool->scratch && i < count; i++) {
+        helper_start *start = malloc(sizeof *start);
+        pthread_attr_t attributes;
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cores[i], &set);
+        if (!start || pthread_attr_init(&attributes)) { free(start); break; }
+        *start = (helper_start){pool, i};
+        int refused = pthread_attr_setaffinity_np(&attributes, sizeof set, &set) ||
+                      pthread_create(&pool->threads[i], &attributes, helper_main, start);
+        pthread_attr_destroy(&attributes);
+        if (refused) { free(start); break; }
+        pool->cores[i] = cores[i];
+        pool->helpers++;
+    }
+    /* each helper reports whether it took SCHED_IDLE (glibc's attributes refuse that policy) */
+    for (int waited = 0; atomic_load(&pool->started) < pool->helpers && waited < 20000; waited++)
+        nanosleep(&(struct timespec){0, 50000}, NULL); /* 1 s at most */
+    if (pool->helpers == count && atomic_load(&pool->started) == count && !atomic_load(&pool->refused)) return pool;
+    shared_gemv_stop(pool);
+    return NULL;
+}
+
+void shared_gemv_stop(shared_gemv *pool) {
+    atomic_store(&pool->stop, 1);
+    atomic_fetch_add(&pool->wake, 1);
+    futex(&pool->wake, FUTEX_WAKE_PRIVATE, INT_MAX);
+    for (int i = 0; i < pool->helpers; i++) pthread_join(pool->threads[i], NULL);
+    free(pool->state), free(pool->x), free(pool->scratch), free(pool);
+}
+
+/* exact_gemv's product, with the pool's helpers taking what blocks they can. */
+int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
+                    int64_t ldw) {
+    if (n > pool->max_n || k > pool->max_k || n < 2 * BLOCK_ROWS) return exact_gemv(w, x, out, n, k, ldw);
+    if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
+    const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const uint64_t generation = atomic_load(&pool->generation) + 2;
+    atomic_store(&pool->generation, generation - 1); /* odd: the fields are being written */
+    pool->w = w, pool->n = n, pool->k = k, pool->ldw = ldw, pool->q = q, pool->blocks = blocks;
+    memcpy(pool->x, x, (size_t)k * sizeof(float));
+    for (int part = 0; part <= pool->helpers; part++) atomic_store(&pool->next[part].value, 0);
+    atomic_store(&pool->generation, generation);
+    atomic_store(&pool->wake, (uint32_t)generation);
+    if (atomic_load(&pool->sleepers)) futex(&pool->wake, FUTEX_WAKE_PRIVATE, INT_MAX);
+    for (int part = 0; part <= pool->helpers; part++)
+        for (int64_t block; (block = claim(pool, blocks, part)) >= 0;) {
+            atomic_store(&pool->state[block], tag(generation, 0, CALLER));
+            int64_t first = block * BLOCK_ROWS;
+            rows_range(w, x, out, first, first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n, k, ldw, q);
+            pool->taken += part > 0;
+        }
+    for (int64_t block = 0; block < blocks; block++) {
+        int64_t first = block * BLOCK_ROWS, end = first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n;
+        for (;;) {
+            uint64_t state = atomic_load(&pool->state[block]);
+            if (state == tag(generation, 0, CALLER)) break;
+            if (state >> 8 == generation && (state & 3) == DONE) {
+                int helper = (int)(state >> 2 & 63);
+                memcpy(out + first, pool->scratch + helper * pool->max_n + first, (size_t)(end - first) * sizeof(float));
+                atomic_fetch_add_explicit(&pool->next[helper + 1].helped, 1, memory_order_relaxed);
+                break;
+            }
+            if (atomic_compare_exchange_strong(&pool->state[block], &state, tag(generation, 0, CALLER))) {
+                rows_range(w, x, out, first, end, k, ldw, q);
+                pool->taken++;
+                break;
+            }
+        }
+    }
+    return 0;
+}
+
+/* Blocks of the helpers' parts so far: computed by a helper (and copied), and by the caller. */
+void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken) {
+    *helped = 0;
+    for (int part = 1; part <= pool->helpers; part++) *helped += atomic_load(&pool->next[part].helped);
+    *taken = pool->taken;
 }

@@ -28,7 +28,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import cast
 
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from services.common.errors import InternalFailure
 from services.common.native_build import compiled
+from services.decode.gemv_helpers import GemvHelpers
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ExactGemv:
 
     def __init__(self, library: ctypes.CDLL, hint: str) -> None:
         self.hint = hint  # the prefetch hint it was built with (PREFETCH_HINTS)
+        self.library = library  # its helpers' entry points too (gemv_helpers.py)
         self._kernel = library.exact_gemv
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
@@ -60,7 +62,7 @@ class ExactGemv:
     def build(cache_dir: Path, hint: str = next(iter(PREFETCH_HINTS))) -> ExactGemv | str:
         """The kernel built with this prefetch hint, or why it cannot be built."""
         built = compiled(SOURCE, "exact_gemv", [f"PREFETCH_LOCALITY={PREFETCH_HINTS[hint]}"], cache_dir,
-                         flags=("-ffp-contract=off",))
+                         flags=("-ffp-contract=off", "-pthread"))
         return ExactGemv(built, hint) if isinstance(built, ctypes.CDLL) else built
 
     @staticmethod
@@ -149,14 +151,14 @@ class ExactGemvLinear(torch.nn.Module):
     weight: torch.Tensor  # registered parameters (annotations for the type checker only)
     bias: torch.Tensor | None
 
-    def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv) -> None:
+    def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv, helpers: GemvHelpers | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # registered even where None, so that `_parameters` always holds both (read there: faster
         # than the module's attribute lookup, which the hot path would pay twice a product)
         self.register_parameter("weight", cast(torch.nn.Parameter, linear.weight))  # an nn.Linear's is one
         self.register_parameter("bias", linear.bias)
-        self._kernel = kernel
+        self._kernel: ExactGemv | GemvHelpers = kernel if helpers is None else helpers  # each with the same `run`
         weight, bias = linear.weight, linear.bias
         self._checked = (weight, bias, _layout(weight, bias))  # what `install` checked, and where it lay
         self._weight_arguments = (weight.data_ptr(), weight.shape[0], weight.shape[1], weight.stride(0))
@@ -208,11 +210,11 @@ def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ..
             None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
 
 
-def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
+def install(model: torch.nn.Module, cache_dir: Path, mode: str, helper_cores: Sequence[int] = ()) -> int:
     """Replace each float32 `nn.Linear` of `model` whose products the kernel reproduces
     by an `ExactGemvLinear`; returns how many (`mode` auto: those that agree, unless torch's
     threads make `F.linear` the faster, logged; native: raise ValueError unless all agree; torch:
-    none)."""
+    none). With `helper_cores`, threads there help with their products (gemv_helpers.py)."""
     if mode not in MODES:
         raise ValueError(f"gemv must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "torch":
@@ -224,8 +226,10 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
     replacements, reason = ([], kernel) if isinstance(kernel, str) else _replacements(kernel, targets, mode)
     if reason and mode == "native":
         raise ValueError(f"--gemv native cannot be used here: {reason}")
-    for parent, name, replacement in replacements:
-        setattr(parent, name, replacement)
+    if replacements and isinstance(kernel, ExactGemv):  # a kernel wherever there are replacements
+        helpers = _helpers(kernel, helper_cores, [child for _, _, child in replacements])
+        for parent, name, child in replacements:
+            setattr(parent, name, ExactGemvLinear(child, kernel, helpers))
     if replacements:
         log.info("a batch of one computes %d of %d linear layers with the exact gemv kernel%s", len(replacements),
                  len(targets), f" (not the rest: {reason})" if reason else "")
@@ -237,10 +241,9 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str) -> int:
 Target = tuple[torch.nn.Module, str, torch.nn.Linear]
 
 
-def _replacements(kernel: ExactGemv, targets: list[Target], mode: str
-                  ) -> tuple[list[tuple[torch.nn.Module, str, ExactGemvLinear]], str]:
-    """An `ExactGemvLinear` for each layer whose products the kernel reproduces (none in `auto`
-    where torch's threads make `F.linear` the faster), and why not the rest ('' when none is left)."""
+def _replacements(kernel: ExactGemv, targets: list[Target], mode: str) -> tuple[list[Target], str]:
+    """The layers whose products the kernel reproduces (none in `auto` where torch's threads make
+    `F.linear` the faster), and why not the rest ('' when none is left)."""
     agreeing = [target for target in targets if _agrees(kernel, target[2])]
     reason = "" if len(agreeing) == len(targets) else (
         f"{len(targets) - len(agreeing)} of {len(targets)} linear layers: this machine's BLAS sums them in "
@@ -250,7 +253,7 @@ def _replacements(kernel: ExactGemv, targets: list[Target], mode: str
         with torch.inference_mode():
             if not kernel.faster(largest.detach()):
                 return [], f"F.linear on {torch.get_num_threads()} threads is faster here"
-    return [(parent, name, ExactGemvLinear(child, kernel)) for parent, name, child in agreeing], reason
+    return agreeing, reason
 
 
 def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:
@@ -259,3 +262,15 @@ def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:
         return False
     with torch.inference_mode():
         return kernel.agrees(linear.weight.detach(), None if bias is None else bias.detach())
+
+
+def _helpers(kernel: ExactGemv, cores: Sequence[int], linears: list[torch.nn.Linear]) -> GemvHelpers | None:
+    """Helpers on `cores` for these layers' products, or None (none asked for, or they cannot start: logged)."""
+    if not cores:
+        return None
+    helpers = GemvHelpers.start(kernel.library, cores, [linear.weight.detach() for linear in linears])
+    if isinstance(helpers, str):
+        log.warning("a batch of one computes its products on one core: %s", helpers)
+        return None
+    log.info("a batch of one's products are helped by threads on cores %s, at SCHED_IDLE", list(helpers.cores))
+    return helpers

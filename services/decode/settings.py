@@ -9,6 +9,7 @@ from services.common.config import check_port, check_positive, setting
 from services.common.kv_ingest import MODES as INGEST_MODES
 from services.common.worker import WorkerSettings
 from services.decode.exact_gemv import MODES as GEMV_MODES
+from services.decode.gemv_helpers import SETTINGS_HELP as HELPERS_HELP, check_setting as check_gemv_helpers
 from services.decode.native_attention import MODES as ATTENTION_MODES
 from services.decode.panel_products import MODES as PRODUCTS_MODES
 
@@ -60,6 +61,9 @@ class DecodeSettings(WorkerSettings):
                         "thread; each layer checked against F.linear at start; compiled at start; CPU, float32), "
                         "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
                         "make F.linear faster)", "GEMV")
+    gemv_helpers: str = setting("auto", "threads on other cores that help a batch of one's products with the exact "
+                                "gemv kernel (same bits), pinned one per core at SCHED_IDLE so that they run only "
+                                "while that core has nothing else to do: " + HELPERS_HELP, "GEMV_HELPERS")
     batched_products: str = setting("auto", "how a batched step computes its products on the packed weights: "
                                     "native (a C kernel that streams each weight once in panels, compiled at "
                                     "start; CPU, float32), onednn (oneDNN's packed products), or auto (whichever "
@@ -93,6 +97,7 @@ class DecodeSettings(WorkerSettings):
                              f"got {self.batched_products!r}")
         if self.gemv not in GEMV_MODES:
             raise ValueError(f"gemv must be one of {', '.join(GEMV_MODES)}, got {self.gemv!r}")
+        check_gemv_helpers(self.gemv_helpers)
         if self.prefix_cache not in ("on", "off"):
             raise ValueError(f"prefix_cache must be on or off, got {self.prefix_cache!r}")
         if self.kv_pool_blocks < 0:

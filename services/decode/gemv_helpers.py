@@ -1,0 +1,117 @@
+"""Idle cores helping a batch of one's products (exact_gemv.c's shared_gemv): why, and the rules.
+
+A stream decoding alone is bound by how fast its one thread reads the weights, and one core
+cannot read memory as fast as two: on a 2-core Zen box a plain sum reads 13 GB/s on one core and
+23 on both, and the exact gemv kernel's products for a whole token (538 MB) took 46 ms alone and
+31 with a helper on the other core (best of 10, six alternating rounds). `make up` gives the
+other core to the prefill, which is idle between prompts; vLLM's CPU build leaves it to its
+front end.
+
+So the decode may run helper threads on cores it does not own: each pinned to one core at
+SCHED_IDLE, the kernel's lowest policy, which runs only when nothing else on that core wants it.
+A prefill working there takes its core back at once (the helper's claimed rows are then computed
+by the decode itself: the decode never waits for a helper), so the placement's promise holds:
+the decode's own threads never run on the prefill's cores. A helper spins for 2 ms after each
+product (a step's next one comes within microseconds) and then sleeps on a futex.
+
+Every row is summed by the same code whichever thread takes it, so the products keep their bits
+(tests/test_gemv_helpers.py checks them against F.linear, with a helper idle, busy and starved).
+Helpers read the weights the pool was started for, which it keeps alive (their storages) until
+its threads are joined.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+from services.common.errors import InternalFailure
+from services.common.placement import parse_cpu_list
+
+log = logging.getLogger(__name__)
+
+MAX_HELPERS = 8  # exact_gemv.c's
+AUTO_HELPERS = 3  # beyond a few cores a single stream's reads stop scaling, and each helper spins
+SETTINGS_HELP = ("auto (one helper on each core this worker's placement leaves to others, up to 3), off, or a "
+                 "cpu list")
+
+
+def check_setting(value: str) -> None:
+    """Validate a `gemv_helpers` setting: auto, off or a cpu list. Raises ValueError."""
+    if value not in ("auto", "off"):
+        cores = parse_cpu_list(value)
+        if len(cores) > MAX_HELPERS:
+            raise ValueError(f"gemv_helpers: at most {MAX_HELPERS} cores, got {len(cores)}")
+
+
+def helper_cores(setting: str, spare: frozenset[int]) -> list[int]:
+    """The cores a `gemv_helpers` setting names, `spare` being those the worker's placement took
+    from the cores it was started on (none without a placement: it owns them all)."""
+    if setting == "off":
+        return []
+    if setting == "auto":
+        return sorted(spare)[:AUTO_HELPERS]
+    return sorted(parse_cpu_list(setting))
+
+
+class GemvHelpers:
+    """Helper threads for the exact gemv kernel's products on a fixed set of weights; stopped
+    (their threads joined) when this object is collected, or at exit."""
+
+    def __init__(self, library: ctypes.CDLL, pool: int, cores: Sequence[int], weights: Sequence[torch.Tensor]) -> None:
+        self.cores = tuple(cores)
+        self._run = library.shared_gemv_run
+        self._counts = library.shared_gemv_counts
+        self._pool = pool
+        # the helpers may read any of these weights until joined: hold their storages until then
+        storages = [weight.untyped_storage() for weight in weights]
+        self._stop = weakref.finalize(self, _stop, library, pool, storages)
+
+    @staticmethod
+    def start(library: ctypes.CDLL, cores: Sequence[int], weights: Sequence[torch.Tensor]) -> GemvHelpers | str:
+        """Helpers on `cores` for products on `weights` ([rows, columns] float32), or why not."""
+        if not cores or not weights:
+            return "no cores or no weights to help with"
+        if len(cores) > MAX_HELPERS:
+            return f"at most {MAX_HELPERS} helpers"
+        _declare(library)
+        rows, columns = max(weight.shape[0] for weight in weights), max(weight.shape[1] for weight in weights)
+        pool = library.shared_gemv_start((ctypes.c_int * len(cores))(*cores), len(cores), rows, columns)
+        if not pool:
+            return f"the helpers could not start on cores {list(cores)} (a core outside this container, or memory)"
+        return GemvHelpers(library, pool, cores, weights)
+
+    def run(self, weight: tuple[int, int, int, int], x: int, out: int) -> None:
+        """exact_gemv's `run` (same arguments), helped; the weight must be one of the pool's."""
+        if self._run(self._pool, weight[0], x, out, *weight[1:]):
+            raise InternalFailure("exact gemv kernel refused a weight it had been checked for")
+
+    def counts(self) -> tuple[int, int]:
+        """Blocks of the helpers' parts of products so far: (computed by a helper, by the caller)."""
+        helped, taken = ctypes.c_int64(), ctypes.c_int64()
+        self._counts(self._pool, ctypes.byref(helped), ctypes.byref(taken))
+        return helped.value, taken.value
+
+    def stop(self) -> None:
+        self._stop()
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    library.shared_gemv_start.restype = ctypes.c_void_p
+    library.shared_gemv_start.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    library.shared_gemv_run.restype = ctypes.c_int
+    library.shared_gemv_run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    library.shared_gemv_counts.restype = None
+    library.shared_gemv_counts.argtypes = [ctypes.c_void_p] * 3
+    library.shared_gemv_stop.restype = None
+    library.shared_gemv_stop.argtypes = [ctypes.c_void_p]
+
+
+def _stop(library: ctypes.CDLL, pool: int, storages: list[torch.UntypedStorage]) -> None:
+    library.shared_gemv_stop(pool)  # joins the threads: only then may the weights go
+    storages.clear()
+
