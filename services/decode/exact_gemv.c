@@ -85,6 +85,7 @@ int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k,
  * (which outlive the pool) and the pool's own copies of the job, and tag every claim with the
  * job's generation, so a helper still busy with an old job cannot mark a block of a new one. */
 
+#if defined(__linux__) /* futexes, pinning and SCHED_IDLE; elsewhere no helpers start (the stubs at the end) */
 #include <limits.h>
 #include <pthread.h>
 #include <sched.h>
@@ -98,6 +99,9 @@ int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k,
 #define BLOCK_ROWS 32         /* rows per claim: a multiple of ROWS */
 #define MAX_HELPERS 8
 #define SPIN_NS 2000000       /* a helper spins this long after a job before it sleeps on the futex */
+#ifndef HELPER_POLICY
+#define HELPER_POLICY SCHED_IDLE /* tests build one with SCHED_OTHER: helpers preempted mid-block all the time */
+#endif
 enum { CLAIMED = 1, DONE = 2, CALLER = 3 }; /* a block's state: generation << 8 | helper << 2 | this */
 
 /* The rows split into one contiguous part per thread (the caller's first), each read in order
@@ -113,6 +117,7 @@ typedef struct shared_gemv {
     counter next[MAX_HELPERS + 1]; /* per part (the caller's first), its next unclaimed block */
     _Atomic int sleepers, stop;
     _Atomic int started, refused; /* helpers running, and whether one was refused SCHED_IDLE */
+    _Atomic int busy;            /* a caller's product is running (a second caller computes alone) */
     const float *w;              /* the job, read by helpers under the sequence lock */
     int64_t n, k, ldw, q, blocks;
     float *x;                    /* the job's row, copied (max_k values) */
@@ -153,6 +158,14 @@ static long futex(_Atomic uint32_t *word, int op, uint32_t value) {
     return syscall(SYS_futex, (uint32_t *)word, op, value, NULL, NULL, 0);
 }
 
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    sched_yield();
+#endif
+}
+
 static int64_t elapsed_ns(const struct timespec *since) {
     struct timespec now;
     clock_gettime(CLOCK_MONOTONIC, &now);
@@ -168,7 +181,7 @@ static uint64_t await_job(shared_gemv *pool, uint64_t seen) {
         uint64_t generation = atomic_load(&pool->generation);
         if (!(generation & 1) && generation != seen) return generation;
         if (spins % 256 || elapsed_ns(&since) < SPIN_NS) {
-            __builtin_ia32_pause();
+            relax();
             continue;
         }
         uint32_t word = atomic_load(&pool->wake);
@@ -205,7 +218,7 @@ static void *helper_main(void *argument) {
     helper_start start = *(helper_start *)argument;
     free(argument);
     struct sched_param priority = {0}; /* SCHED_IDLE's only one */
-    if (pthread_setschedparam(pthread_self(), SCHED_IDLE, &priority)) atomic_store(&start.pool->refused, 1);
+    if (pthread_setschedparam(pthread_self(), HELPER_POLICY, &priority)) atomic_store(&start.pool->refused, 1);
     atomic_fetch_add(&start.pool->started, 1);
     for (uint64_t generation = 0; (generation = await_job(start.pool, generation));)
         help(start.pool, start.index, generation);
@@ -257,14 +270,17 @@ void shared_gemv_stop(shared_gemv *pool) {
     free(pool->state), free(pool->x), free(pool->scratch), free(pool);
 }
 
-/* exact_gemv's product, with the pool's helpers taking what blocks they can. */
+/* exact_gemv's product, with the pool's helpers taking what blocks they can (one caller at a time:
+ * a second, concurrent one computes alone). */
 int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
                     int64_t ldw) {
     if (n > pool->max_n || k > pool->max_k || n < 2 * BLOCK_ROWS) return exact_gemv(w, x, out, n, k, ldw);
     if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
+    if (atomic_exchange(&pool->busy, 1)) return exact_gemv(w, x, out, n, k, ldw);
     const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
     const uint64_t generation = atomic_load(&pool->generation) + 2;
     atomic_store(&pool->generation, generation - 1); /* odd: the fields are being written */
+    atomic_thread_fence(memory_order_release);       /* ...after the odd generation is seen */
     pool->w = w, pool->n = n, pool->k = k, pool->ldw = ldw, pool->q = q, pool->blocks = blocks;
     memcpy(pool->x, x, (size_t)k * sizeof(float));
     for (int part = 0; part <= pool->helpers; part++) atomic_store(&pool->next[part].value, 0);
@@ -296,6 +312,7 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
             }
         }
     }
+    atomic_store(&pool->busy, 0);
     return 0;
 }
 
@@ -305,3 +322,25 @@ void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken
     for (int part = 1; part <= pool->helpers; part++) *helped += atomic_load(&pool->next[part].helped);
     *taken = pool->taken;
 }
+
+#else /* no helpers here: a pool never starts, so the others are never called */
+typedef struct shared_gemv shared_gemv;
+
+shared_gemv *shared_gemv_start(const int *cores, int count, int64_t max_n, int64_t max_k) {
+    (void)cores, (void)count, (void)max_n, (void)max_k;
+    return 0;
+}
+
+int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
+                    int64_t ldw) {
+    (void)pool;
+    return exact_gemv(w, x, out, n, k, ldw);
+}
+
+void shared_gemv_stop(shared_gemv *pool) { (void)pool; }
+
+void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken) {
+    (void)pool;
+    *helped = *taken = 0;
+}
+#endif

@@ -45,6 +45,7 @@ MODES = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("exact_gemv.c")
 PROBE_SEED = 20261129
 PROBE_SCALES = (1.0, 1e-3, 1e3)  # hidden states range widely: probe small and large magnitudes too
+BUILD_FLAGS = ("-ffp-contract=off", "-pthread")  # no fused multiply-adds; the helpers' threads
 PREFETCH_HINTS = {"t2": 1, "nta": 0}  # __builtin_prefetch's locality for each hint; the first is the default
 
 
@@ -62,7 +63,7 @@ class ExactGemv:
     def build(cache_dir: Path, hint: str = next(iter(PREFETCH_HINTS))) -> ExactGemv | str:
         """The kernel built with this prefetch hint, or why it cannot be built."""
         built = compiled(SOURCE, "exact_gemv", [f"PREFETCH_LOCALITY={PREFETCH_HINTS[hint]}"], cache_dir,
-                         flags=("-ffp-contract=off", "-pthread"))
+                         flags=BUILD_FLAGS)
         return ExactGemv(built, hint) if isinstance(built, ctypes.CDLL) else built
 
     @staticmethod

@@ -67,6 +67,7 @@ class GemvHelpers:
         self._run = library.shared_gemv_run
         self._counts = library.shared_gemv_counts
         self._pool = pool
+        self._addresses = frozenset(weight.data_ptr() for weight in weights)  # the only weights helpers may read
         # the helpers may read any of these weights until joined: hold their storages until then
         storages = [weight.untyped_storage() for weight in weights]
         self._stop = weakref.finalize(self, _stop, library, pool, storages)
@@ -86,7 +87,10 @@ class GemvHelpers:
         return GemvHelpers(library, pool, cores, weights)
 
     def run(self, weight: tuple[int, int, int, int], x: int, out: int) -> None:
-        """exact_gemv's `run` (same arguments), helped; the weight must be one of the pool's."""
+        """exact_gemv's `run` (same arguments), helped; the weight must be one of the pool's (a helper
+        may still read it after the product, while it loses the race for a block)."""
+        if weight[0] not in self._addresses:
+            raise InternalFailure("gemv helpers: a weight they were not started for")
         if self._run(self._pool, weight[0], x, out, *weight[1:]):
             raise InternalFailure("exact gemv kernel refused a weight it had been checked for")
 
