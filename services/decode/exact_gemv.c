@@ -99,6 +99,8 @@ int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k,
 #define BLOCK_ROWS 32         /* rows per claim: a multiple of ROWS */
 #define MAX_HELPERS 8
 #define SPIN_NS 2000000       /* a helper spins this long after a job before it sleeps on the futex */
+#define WINDOW 64  /* products over which the helpers' share is judged (a step has ~200) */
+#define REST 512   /* products the caller then computes alone if it was too small */
 #ifndef HELPER_POLICY
 #define HELPER_POLICY SCHED_IDLE /* tests build one with SCHED_OTHER: helpers preempted mid-block all the time */
 #endif
@@ -126,6 +128,7 @@ typedef struct shared_gemv {
     int64_t max_n, max_k;
     int helpers;
     int64_t taken;               /* blocks of the helpers' parts the caller computed itself */
+    int64_t window_products, window_blocks, window_copied, resting, rests; /* `rests`'s, the caller's */
     pthread_t threads[MAX_HELPERS];
     int cores[MAX_HELPERS];
 } shared_gemv;
@@ -270,15 +273,9 @@ void shared_gemv_stop(shared_gemv *pool) {
     free(pool->state), free(pool->x), free(pool->scratch), free(pool);
 }
 
-/* exact_gemv's product, with the pool's helpers taking what blocks they can (one caller at a time:
- * a second, concurrent one computes alone). */
-int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
-                    int64_t ldw) {
-    if (n > pool->max_n || k > pool->max_k || n < 2 * BLOCK_ROWS) return exact_gemv(w, x, out, n, k, ldw);
-    if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
-    if (atomic_exchange(&pool->busy, 1)) return exact_gemv(w, x, out, n, k, ldw);
-    const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    const uint64_t generation = atomic_load(&pool->generation) + 2;
+/* Publish a product to the helpers: its fields under the sequence lock, then a wake for sleepers. */
+static void publish(shared_gemv *pool, const float *w, const float *x, int64_t n, int64_t k, int64_t ldw,
+                    int64_t q, int64_t blocks, uint64_t generation) {
     atomic_store(&pool->generation, generation - 1); /* odd: the fields are being written */
     atomic_thread_fence(memory_order_release);       /* ...after the odd generation is seen */
     pool->w = w, pool->n = n, pool->k = k, pool->ldw = ldw, pool->q = q, pool->blocks = blocks;
@@ -287,13 +284,13 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
     atomic_store(&pool->generation, generation);
     atomic_store(&pool->wake, (uint32_t)generation);
     if (atomic_load(&pool->sleepers)) futex(&pool->wake, FUTEX_WAKE_PRIVATE, INT_MAX);
-    for (int part = 0; part <= pool->helpers; part++)
-        for (int64_t block; (block = claim(pool, blocks, part)) >= 0;) {
-            atomic_store(&pool->state[block], tag(generation, 0, CALLER));
-            int64_t first = block * BLOCK_ROWS;
-            rows_range(w, x, out, first, first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n, k, ldw, q);
-            pool->taken += part > 0;
-        }
+}
+
+/* After the counters ran out: copy each block a helper finished, compute each it did not (a claim
+ * it has not finished is taken from it). Returns how many blocks were copied. */
+static int64_t finish(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
+                      int64_t ldw, int64_t q, int64_t blocks, uint64_t generation) {
+    int64_t copied = 0;
     for (int64_t block = 0; block < blocks; block++) {
         int64_t first = block * BLOCK_ROWS, end = first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n;
         for (;;) {
@@ -303,6 +300,7 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
                 int helper = (int)(state >> 2 & 63);
                 memcpy(out + first, pool->scratch + helper * pool->max_n + first, (size_t)(end - first) * sizeof(float));
                 atomic_fetch_add_explicit(&pool->next[helper + 1].helped, 1, memory_order_relaxed);
+                copied++;
                 break;
             }
             if (atomic_compare_exchange_strong(&pool->state[block], &state, tag(generation, 0, CALLER))) {
@@ -312,15 +310,59 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
             }
         }
     }
+    return copied;
+}
+
+/* Whether the caller should compute alone for a while: over each WINDOW products, helpers that
+ * finished under an eighth of their parts' blocks (their cores busy: a prefill working there) cost
+ * wake-ups and blocks taken back for nothing, so the next REST products run alone (helpers sleep),
+ * then the next window probes again. */
+static int rests(shared_gemv *pool, int64_t parts_blocks, int64_t copied) {
+    if (pool->resting > 0) {
+        pool->resting--;
+        return 1;
+    }
+    pool->window_blocks += parts_blocks, pool->window_copied += copied;
+    if (++pool->window_products < WINDOW) return 0;
+    if (pool->window_copied * 8 < pool->window_blocks) pool->resting = REST, pool->rests++;
+    pool->window_products = pool->window_blocks = pool->window_copied = 0;
+    return 0;
+}
+
+/* exact_gemv's product, with the pool's helpers taking what blocks they can (one caller at a time:
+ * a second, concurrent one computes alone). */
+int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *out, int64_t n, int64_t k,
+                    int64_t ldw) {
+    if (n > pool->max_n || k > pool->max_k || n < 2 * BLOCK_ROWS) return exact_gemv(w, x, out, n, k, ldw);
+    if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
+    if (atomic_exchange(&pool->busy, 1)) return exact_gemv(w, x, out, n, k, ldw);
+    if (pool->resting > 0 && rests(pool, 0, 0)) {
+        atomic_store(&pool->busy, 0);
+        return exact_gemv(w, x, out, n, k, ldw);
+    }
+    const int64_t q = 4 - (int64_t)((uintptr_t)w % 16) / 4, blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    const uint64_t generation = atomic_load(&pool->generation) + 2;
+    publish(pool, w, x, n, k, ldw, q, blocks, generation);
+    for (int part = 0; part <= pool->helpers; part++)
+        for (int64_t block; (block = claim(pool, blocks, part)) >= 0;) {
+            atomic_store(&pool->state[block], tag(generation, 0, CALLER));
+            int64_t first = block * BLOCK_ROWS;
+            rows_range(w, x, out, first, first + BLOCK_ROWS < n ? first + BLOCK_ROWS : n, k, ldw, q);
+            pool->taken += part > 0;
+        }
+    int64_t copied = finish(pool, w, x, out, n, k, ldw, q, blocks, generation);
+    rests(pool, blocks - part_start(blocks, pool->helpers + 1, 1), copied);
     atomic_store(&pool->busy, 0);
     return 0;
 }
 
-/* Blocks of the helpers' parts so far: computed by a helper (and copied), and by the caller. */
-void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken) {
+/* Blocks of the helpers' parts so far: computed by a helper (and copied), and by the caller; and
+ * how many times the caller went on alone for a while (`rests`). */
+void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken, int64_t *rested) {
     *helped = 0;
     for (int part = 1; part <= pool->helpers; part++) *helped += atomic_load(&pool->next[part].helped);
     *taken = pool->taken;
+    *rested = pool->rests;
 }
 
 #else /* no helpers here: a pool never starts, so the others are never called */
@@ -339,8 +381,8 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
 
 void shared_gemv_stop(shared_gemv *pool) { (void)pool; }
 
-void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken) {
+void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken, int64_t *rested) {
     (void)pool;
-    *helped = *taken = 0;
+    *helped = *taken = *rested = 0;
 }
 #endif

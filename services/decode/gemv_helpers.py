@@ -94,11 +94,12 @@ class GemvHelpers:
         if self._run(self._pool, weight[0], x, out, *weight[1:]):
             raise InternalFailure("exact gemv kernel refused a weight it had been checked for")
 
-    def counts(self) -> tuple[int, int]:
-        """Blocks of the helpers' parts of products so far: (computed by a helper, by the caller)."""
-        helped, taken = ctypes.c_int64(), ctypes.c_int64()
-        self._counts(self._pool, ctypes.byref(helped), ctypes.byref(taken))
-        return helped.value, taken.value
+    def counts(self) -> tuple[int, int, int]:
+        """Blocks of the helpers' parts of products so far (computed by a helper, by the caller), and
+        how many times the caller computed alone for a while, the helpers having done too little."""
+        helped, taken, rests = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_int64()
+        self._counts(self._pool, ctypes.byref(helped), ctypes.byref(taken), ctypes.byref(rests))
+        return helped.value, taken.value, rests.value
 
     def stop(self) -> None:
         self._stop()
@@ -110,7 +111,7 @@ def _declare(library: ctypes.CDLL) -> None:
     library.shared_gemv_run.restype = ctypes.c_int
     library.shared_gemv_run.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
     library.shared_gemv_counts.restype = None
-    library.shared_gemv_counts.argtypes = [ctypes.c_void_p] * 3
+    library.shared_gemv_counts.argtypes = [ctypes.c_void_p] * 4
     library.shared_gemv_stop.restype = None
     library.shared_gemv_stop.argtypes = [ctypes.c_void_p]
 
