@@ -74,12 +74,12 @@ int exact_gemv(const float *w, const float *x, float *out, int64_t n, int64_t k,
  * One core cannot read memory as fast as two (13 against 23 GB/s on a 2-core Zen box), and a
  * stream decoding alone leaves the other cores of the machine idle. Helper threads, pinned to
  * those cores at SCHED_IDLE (they run only when nothing else wants the core: a prefill working
- * there takes it back at once), claim blocks of rows from a shared counter while the caller claims
- * the rest. Each row is summed by the same code whichever thread takes it, so the bits are the
- * single thread's.
+ * there takes it back at once), claim blocks of rows of their parts of a product while the caller
+ * computes its own part, then what is left of theirs. Each row is summed by the same code whichever
+ * thread takes it, so the bits are the single thread's.
  *
  * The caller never waits for a helper: a helper writes into its own scratch rows and marks the
- * block done; the caller, once the counter runs out, copies the done blocks and computes itself
+ * block done; the caller, once the counters run out, copies the done blocks and computes itself
  * every block a helper claimed but has not finished (a helper preempted mid-block loses the race
  * and its late result is dropped). Helpers never write the caller's output, read only the weights
  * (which outlive the pool) and the pool's own copies of the job, and tag every claim with the

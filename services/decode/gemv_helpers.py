@@ -10,20 +10,22 @@ front end.
 So the decode may run helper threads on cores it does not own: each pinned to one core at
 SCHED_IDLE, the kernel's lowest policy, which runs only when nothing else on that core wants it.
 A prefill working there takes its core back at once (the helper's claimed rows are then computed
-by the decode itself: the decode never waits for a helper), so the placement's promise holds:
-the decode's own threads never run on the prefill's cores. A helper spins for 2 ms after each
-product (a step's next one comes within microseconds) and then sleeps on a futex.
+by the decode itself: the decode never waits for a helper), so the placement's promise holds for
+CPU time: the decode's other threads stay on its own cores, and a helper only takes time the
+prefill's core would spend idle. A helper spins for 2 ms after each product (a step's next one
+comes within microseconds) and then sleeps on a futex. While its core stays busy, the decode
+computes alone for a while (exact_gemv.c's `rests`) instead of waking it for nothing.
 
 Every row is summed by the same code whichever thread takes it, so the products keep their bits
-(tests/test_gemv_helpers.py checks them against F.linear, with a helper idle, busy and starved).
-Helpers read the weights the pool was started for, which it keeps alive (their storages) until
-its threads are joined.
+(tests/test_gemv_helpers.py checks them against F.linear with a helper's core idle, busy, and
+shared so that helpers are preempted mid-block all the time). Helpers read only the weights the
+pool was started for (another is refused), which it keeps alive (their storages) until its
+threads are joined.
 """
 
 from __future__ import annotations
 
 import ctypes
-import logging
 import weakref
 from collections.abc import Sequence
 
@@ -31,8 +33,6 @@ import torch
 
 from services.common.errors import InternalFailure
 from services.common.placement import parse_cpu_list
-
-log = logging.getLogger(__name__)
 
 MAX_HELPERS = 8  # exact_gemv.c's
 AUTO_HELPERS = 3  # beyond a few cores a single stream's reads stop scaling, and each helper spins
