@@ -3,6 +3,8 @@ counted, and a mark for the tests that need this machine's BLAS to sum in the or
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -39,3 +41,6 @@ def blas_order_unknown() -> str:
 
 
 needs_the_blas_order = pytest.mark.skipif(bool(blas_order_unknown()), reason=blas_order_unknown() or "-")
+
+
+needs_a_second_core = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a gemv helper needs a second core")

@@ -29,13 +29,12 @@ from services.decode.paged_runner import PagedRunner, StepSlot
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.settings import DecodeSettings
 from tests.conftest import RunningStack, reference_model
-from tests.gemv_helpers import needs_the_blas_order
+from tests.gemv_helpers import needs_a_second_core, needs_the_blas_order
 
 
-ONE_CORE = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a helper needs a second core")
 # the kernel alone, the kernel helped by a thread on the last core (gemv_helpers.py), or F.linear
 PRODUCTS = [pytest.param("kernel", marks=needs_the_blas_order),
-            pytest.param("kernel helped", marks=[needs_the_blas_order, ONE_CORE]), "F.linear"]
+            pytest.param("kernel helped", marks=[needs_the_blas_order, needs_a_second_core]), "F.linear"]
 
 
 def _path(model: torch.nn.Module, products: str) -> OneStream:

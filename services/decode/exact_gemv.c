@@ -128,7 +128,7 @@ typedef struct shared_gemv {
     int64_t max_n, max_k;
     int helpers;
     int64_t taken;               /* blocks of the helpers' parts the caller computed itself */
-    int64_t window_products, window_blocks, window_copied, resting, rests; /* `rests`'s, the caller's */
+    int64_t window_products, window_blocks, window_copied, resting, rests; /* `judge`'s, the caller's */
     pthread_t threads[MAX_HELPERS];
     int cores[MAX_HELPERS];
 } shared_gemv;
@@ -317,16 +317,11 @@ static int64_t finish(shared_gemv *pool, const float *w, const float *x, float *
  * finished under an eighth of their parts' blocks (their cores busy: a prefill working there) cost
  * wake-ups and blocks taken back for nothing, so the next REST products run alone (helpers sleep),
  * then the next window probes again. */
-static int rests(shared_gemv *pool, int64_t parts_blocks, int64_t copied) {
-    if (pool->resting > 0) {
-        pool->resting--;
-        return 1;
-    }
+static void judge(shared_gemv *pool, int64_t parts_blocks, int64_t copied) {
     pool->window_blocks += parts_blocks, pool->window_copied += copied;
-    if (++pool->window_products < WINDOW) return 0;
+    if (++pool->window_products < WINDOW) return;
     if (pool->window_copied * 8 < pool->window_blocks) pool->resting = REST, pool->rests++;
     pool->window_products = pool->window_blocks = pool->window_copied = 0;
-    return 0;
 }
 
 /* exact_gemv's product, with the pool's helpers taking what blocks they can (one caller at a time:
@@ -336,7 +331,8 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
     if (n > pool->max_n || k > pool->max_k || n < 2 * BLOCK_ROWS) return exact_gemv(w, x, out, n, k, ldw);
     if (n < 0 || n % 4 || k < 8 || ldw < k || ldw % 4 || (uintptr_t)w % sizeof(float)) return -1;
     if (atomic_exchange(&pool->busy, 1)) return exact_gemv(w, x, out, n, k, ldw);
-    if (pool->resting > 0 && rests(pool, 0, 0)) {
+    if (pool->resting > 0) { /* `judge` found the helpers' cores busy */
+        pool->resting--;
         atomic_store(&pool->busy, 0);
         return exact_gemv(w, x, out, n, k, ldw);
     }
@@ -351,13 +347,13 @@ int shared_gemv_run(shared_gemv *pool, const float *w, const float *x, float *ou
             pool->taken += part > 0;
         }
     int64_t copied = finish(pool, w, x, out, n, k, ldw, q, blocks, generation);
-    rests(pool, blocks - part_start(blocks, pool->helpers + 1, 1), copied);
+    judge(pool, blocks - part_start(blocks, pool->helpers + 1, 1), copied);
     atomic_store(&pool->busy, 0);
     return 0;
 }
 
 /* Blocks of the helpers' parts so far: computed by a helper (and copied), and by the caller; and
- * how many times the caller went on alone for a while (`rests`). */
+ * how many times the caller went on alone for a while (`judge`). */
 void shared_gemv_counts(const shared_gemv *pool, int64_t *helped, int64_t *taken, int64_t *rested) {
     *helped = 0;
     for (int part = 1; part <= pool->helpers; part++) *helped += atomic_load(&pool->next[part].helped);

@@ -14,7 +14,7 @@ by the decode itself: the decode never waits for a helper), so the placement's p
 CPU time: the decode's other threads stay on its own cores, and a helper only takes time the
 prefill's core would spend idle. A helper spins for 2 ms after each product (a step's next one
 comes within microseconds) and then sleeps on a futex. While its core stays busy, the decode
-computes alone for a while (exact_gemv.c's `rests`) instead of waking it for nothing.
+computes alone for a while (exact_gemv.c's `judge`) instead of waking it for nothing.
 
 Every row is summed by the same code whichever thread takes it, so the products keep their bits
 (tests/test_gemv_helpers.py checks them against F.linear with a helper's core idle, busy, and
