@@ -28,13 +28,13 @@ from services.decode import exact_gemv
 from services.decode.exact_gemv import same_bits
 from services.decode.gemv_helpers import AUTO_HELPERS, GemvHelpers, check_setting, helper_cores
 from tests.conftest import RunningStack
-from tests.gemv_helpers import built_kernel, needs_the_blas_order
+from tests.gemv_helpers import built_kernel, needs_a_second_core, needs_the_blas_order
 
 # (rows, columns): the model's shapes (q/o, k/v, gate/up, down, a slice of the LM head), rows not a
 # multiple of a block (32), and too few rows to share (the caller alone)
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (4096, 576), (100, 576), (36, 64)]
 
-pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a helper needs a second core")
+pytestmark = needs_a_second_core
 
 
 @pytest.fixture
@@ -93,7 +93,11 @@ def test_products_keep_their_bits_while_the_helper_s_core_is_busy(cores: tuple[i
     busy = subprocess.Popen([sys.executable, "-c", _BUSY], preexec_fn=lambda: os.sched_setaffinity(0, {cores[1]}))
     try:
         time.sleep(0.3)
-        _helped_products_match(helpers, weights, 20)  # and they end: the caller waits for no helper
+        deadline = time.monotonic() + 30  # the scheduler may still hand the helper a slice now and then
+        while True:
+            _helped_products_match(helpers, weights, 20)  # and they end: the caller waits for no helper
+            if helpers.counts()[2] > 0 or time.monotonic() > deadline:
+                break
         assert helpers.counts()[2] > 0  # the helper did too little: the caller went on alone for a while
     finally:
         busy.kill()
