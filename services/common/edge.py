@@ -9,6 +9,13 @@
   that start new work once the drain has begun.
 
 A servicer using it has `telemetry: ServiceTelemetry` and `lifecycle: Lifecycle` attributes.
+
+A streamed call's span is the current one only while the handler runs, never across a yield:
+grpc.aio does not resume a handler whose call ended while a write waited (the client stopped
+reading, then cancelled), and the event loop closes it later from another task, where a context
+attached before the yield cannot be detached. A streaming handler keeps to the same rule: around
+its yields it opens spans with `start_span` and ends them, it does not make them current. Such an
+abandoned stream ends as CANCELLED.
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any, TypeVar
 
 import grpc
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from services.common.errors import FAULT_ROLE_KEY, UpstreamError, status_of
@@ -39,15 +47,22 @@ class _Call:
         self._telemetry = telemetry
         self._method = method
         self._started = time.perf_counter()
-        self._span_manager = telemetry.tracer.start_as_current_span(
+        self.span = telemetry.tracer.start_span(
             f"{telemetry.service}.{method}", context=incoming_context(context), kind=SpanKind.SERVER,
             record_exception=False, set_status_on_exception=False)
-        self.span = self._span_manager.__enter__()
         self.code = grpc.StatusCode.OK
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """The call's span as the current one, for a stretch of handler code without a yield."""
+        with trace.use_span(self.span, record_exception=False, set_status_on_exception=False):
+            yield
 
     def failed(self, error: BaseException) -> tuple[grpc.StatusCode, str]:
         if isinstance(error, asyncio.CancelledError):
             self.code, details = grpc.StatusCode.CANCELLED, "cancelled by the caller"
+        elif isinstance(error, GeneratorExit):
+            self.code, details = grpc.StatusCode.CANCELLED, "the call ended while a streamed message waited"
         else:
             self.code, details = status_of(error)
         if self.code == grpc.StatusCode.INTERNAL:
@@ -62,7 +77,7 @@ class _Call:
         telemetry = self._telemetry
         telemetry.requests.labels(telemetry.service, self._method, self.code.name).inc()
         telemetry.latency.labels(telemetry.service, self._method).observe(time.perf_counter() - self._started)
-        self._span_manager.__exit__(None, None, None)
+        self.span.end()
 
 
 def grpc_edge(*, new_work: bool) -> Callable[[F], F]:
@@ -77,28 +92,39 @@ def grpc_edge(*, new_work: bool) -> Callable[[F], F]:
         if inspect.isasyncgenfunction(handler):
             @functools.wraps(handler)
             async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                async with _edge(self, method, context, new_work):
-                    async for item in handler(self, request, context):
-                        yield item
+                async with _edge(self, method, context, new_work) as call:
+                    items = handler(self, request, context)
+                    try:
+                        while True:
+                            with call.current():
+                                try:
+                                    item = await anext(items)
+                                except StopAsyncIteration:
+                                    return
+                            yield item
+                    finally:
+                        with call.current():
+                            await items.aclose()
             return stream  # type: ignore[return-value]
 
         @functools.wraps(handler)
         async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with _edge(self, method, context, new_work):
-                return await handler(self, request, context)
+            async with _edge(self, method, context, new_work) as call:
+                with call.current():
+                    return await handler(self, request, context)
         return unary  # type: ignore[return-value]
 
     return wrap
 
 
 @asynccontextmanager
-async def _edge(servicer: Any, method: str, context: grpc.aio.ServicerContext, new_work: bool) -> AsyncIterator[None]:
+async def _edge(servicer: Any, method: str, context: grpc.aio.ServicerContext, new_work: bool) -> AsyncIterator[_Call]:
     """One call handled: traced, timed, counted in flight, its failure turned into a status."""
     call = _Call(servicer.telemetry, method, context)
     try:
         with servicer.lifecycle.work(new=new_work):
-            yield
-    except asyncio.CancelledError as error:
+            yield call
+    except (asyncio.CancelledError, GeneratorExit) as error:
         call.failed(error)
         raise
     except Exception as error:  # noqa: BLE001 - the edge reports every failure

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from services.common.edge import grpc_edge
 from services.common.errors import BackendUnavailable, InvalidRequest, KvCorrupted, KvProtocolError, RequestCancelled
@@ -81,8 +82,11 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
             engine.release(sequence)
 
     @staticmethod
-    async def _generation(engine: DecodeEngine, sequence: Sequence) -> AsyncIterator[decode_pb2.DecodeEvent]:
-        with tracer.start_as_current_span("decode.generation") as span:
+    async def _generation(engine: DecodeEngine, sequence: Sequence) -> AsyncGenerator[decode_pb2.DecodeEvent, None]:
+        # Started, not made current: a context attached across these yields could not be detached
+        # when the stream is abandoned at one and closed from another task (see `edge`).
+        span = tracer.start_span("decode.generation")
+        try:
             started, tokens = time.perf_counter(), 0
             async for event in engine.events(sequence):
                 if isinstance(event, Finished):
@@ -96,6 +100,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 else:
                     tokens += 1
                     yield decode_pb2.DecodeEvent(token=_token_pb(event))
+        except BaseException as error:  # as start_as_current_span would: the span says how it ended
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+            raise
+        finally:
+            span.end()
 
     @grpc_edge(new_work=False)  # part of an admitted request's work: accepted while draining
     async def TransferKv(self, request_iterator: TransferStream,
