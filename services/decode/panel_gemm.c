@@ -32,10 +32,12 @@ static inline vec load(const float *p) {
 
 static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
-/* rows x[0..rows) (row stride k) times one panel into out (row stride ldo), its first `columns` */
-static inline __attribute__((always_inline)) void rows_block(const float *x, const float *panel, const float *ahead,
-                                                             float *out, int64_t k, int64_t ldo, int rows,
-                                                             int columns) {
+/* rows x[0..rows) (row stride ldx) times k values of one panel into out (row stride ldo), its first
+ * `columns`: stored, or added to what out holds (`add`: the sums of a later block of k, as a BLAS
+ * that splits k adds them) */
+static inline __attribute__((always_inline)) void rows_block(const float *x, int64_t ldx, const float *panel,
+                                                             const float *ahead, float *out, int64_t k,
+                                                             int64_t ldo, int rows, int columns, int add) {
     vec sums[MR][2];
     for (int r = 0; r < MR; r++) sums[r][0] = sums[r][1] = (vec){0};
     for (int64_t i = 0; i < k; i++) {
@@ -46,30 +48,45 @@ static inline __attribute__((always_inline)) void rows_block(const float *x, con
         vec w0 = load(panel + i * NP), w1 = load(panel + i * NP + LANES);
         for (int r = 0; r < MR; r++)
             if (r < rows) {
-                const float xr = x[r * k + i]; /* broadcast by the vector-scalar product */
+                const float xr = x[r * ldx + i]; /* broadcast by the vector-scalar product */
                 sums[r][0] += w0 * xr;
                 sums[r][1] += w1 * xr;
             }
     }
     for (int r = 0; r < rows; r++) {
+        float *o = out + r * ldo;
         if (columns == NP) {
-            store(out + r * ldo, sums[r][0]);
-            store(out + r * ldo + LANES, sums[r][1]);
+            store(o, add ? load(o) + sums[r][0] : sums[r][0]);
+            store(o + LANES, add ? load(o + LANES) + sums[r][1] : sums[r][1]);
         } else {
             float full[NP];
             store(full, sums[r][0]);
             store(full + LANES, sums[r][1]);
-            memcpy(out + r * ldo, full, (size_t)columns * sizeof(float));
+            for (int c = 0; c < columns; c++) o[c] = add ? o[c] + full[c] : full[c];
         }
+    }
+}
+
+/* rows x[0..rows) times one panel, k split in blocks of kc */
+static inline __attribute__((always_inline)) void rows_blocks(const float *x, const float *panel, const float *ahead,
+                                                              float *out, int64_t k, int64_t kc, int64_t ldo,
+                                                              int rows, int columns) {
+    for (int64_t k0 = 0; k0 < k; k0 += kc) {
+        const int64_t length = k - k0 < kc ? k - k0 : kc;
+        rows_block(x + k0, k, panel + k0 * NP, ahead ? ahead + k0 * NP : 0, out, length, ldo, rows, columns,
+                   k0 > 0);
     }
 }
 
 int panel_width(void) { return NP; }
 
 /* out[m][n] (rows m, n contiguous) for x[m][k] and the panels of a weight with n rows and k
- * columns; -1 (computing nothing) for a negative size. */
-int panel_gemm(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k) {
-    if (m < 0 || n < 0 || k < 0) return -1;
+ * columns, each sum taken over k in blocks of kc (kc >= k: one sum in order, from the first k on;
+ * otherwise each block's sum in order, and the blocks' sums added in order); -1 (computing
+ * nothing) for a negative size or a kc below 1. */
+int panel_gemm_blocked(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k,
+                       int64_t kc) {
+    if (m < 0 || n < 0 || k < 0 || kc < 1) return -1;
     if (m == 0 || n == 0) return 0; /* nothing to write (and empty tensors may have no address) */
     if (k == 0) {
         memset(out, 0, (size_t)(m * n) * sizeof(float));
@@ -86,14 +103,19 @@ int panel_gemm(const float *x, const float *panels, float *out, int64_t m, int64
             float *o = out + row * n + p * NP;
             const float *xs = x + row * k;
             switch (rows) { /* a constant row count each: the compiler keeps the sums in registers */
-            case MR: rows_block(xs, panel, hint, o, k, n, MR, columns); break;
-            case 5: rows_block(xs, panel, hint, o, k, n, 5, columns); break;
-            case 4: rows_block(xs, panel, hint, o, k, n, 4, columns); break;
-            case 3: rows_block(xs, panel, hint, o, k, n, 3, columns); break;
-            case 2: rows_block(xs, panel, hint, o, k, n, 2, columns); break;
-            default: rows_block(xs, panel, hint, o, k, n, 1, columns); break;
+            case MR: rows_blocks(xs, panel, hint, o, k, kc, n, MR, columns); break;
+            case 5: rows_blocks(xs, panel, hint, o, k, kc, n, 5, columns); break;
+            case 4: rows_blocks(xs, panel, hint, o, k, kc, n, 4, columns); break;
+            case 3: rows_blocks(xs, panel, hint, o, k, kc, n, 3, columns); break;
+            case 2: rows_blocks(xs, panel, hint, o, k, kc, n, 2, columns); break;
+            default: rows_blocks(xs, panel, hint, o, k, kc, n, 1, columns); break;
             }
         }
     }
     return 0;
+}
+
+/* panel_gemm_blocked with one block: each sum in order over all of k */
+int panel_gemm(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k) {
+    return panel_gemm_blocked(x, panels, out, m, n, k, k > 0 ? k : 1);
 }

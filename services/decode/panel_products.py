@@ -50,9 +50,9 @@ class PanelKernel:
     def __init__(self, library: ctypes.CDLL) -> None:
         library.panel_width.restype = ctypes.c_int
         self.width = int(library.panel_width())  # output columns of a panel (16 with AVX2, 32 with AVX-512)
-        self._kernel = library.panel_gemm
+        self._kernel = library.panel_gemm_blocked
         self._kernel.restype = ctypes.c_int
-        self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+        self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
 
     @staticmethod
     def build(cache_dir: Path) -> PanelKernel | str:
@@ -70,16 +70,19 @@ class PanelKernel:
             panels[full, :, :left] = weight[full * self.width:].t()
         return panels
 
-    def product(self, rows: torch.Tensor, panels: torch.Tensor, out_features: int) -> torch.Tensor:
-        """`rows` [m, in] times the weight `pack` gave `panels` for: [m, out_features]."""
+    def product(self, rows: torch.Tensor, panels: torch.Tensor, out_features: int, block: int = 0) -> torch.Tensor:
+        """`rows` [m, in] times the weight `pack` gave `panels` for: [m, out_features]. Each output
+        sums its products in order, in blocks of `block` of them (0: one block) whose sums are
+        added in order (services/prefill/exact_products.py says why)."""
         if not (rows.dim() == 2 and rows.dtype == panels.dtype == torch.float32 and rows.is_contiguous()
                 and panels.is_contiguous() and rows.device.type == panels.device.type == "cpu"
                 and panels.dim() == 3 and panels.shape[1:] == (rows.shape[1], self.width)
                 and panels.shape[0] == math.ceil(out_features / self.width)):
             raise InternalFailure("panel kernel: its inputs are not laid out as it reads them")
         out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
+        in_features = rows.shape[1]
         if self._kernel(rows.data_ptr(), panels.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
-                        rows.shape[1]):
+                        in_features, block or max(in_features, 1)):
             raise InternalFailure("panel kernel refused its sizes")
         return out
 
