@@ -27,7 +27,7 @@ import torch
 from services.common import placement
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
-from services.prefill import exact_products
+from services.decode import prompt_products
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunk", type=int, default=512, help="forward chunk of the chunked row")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core this process may use)")
-    parser.add_argument("--products", choices=exact_products.MODES, default="auto",
+    parser.add_argument("--products", choices=prompt_products.MODES, default="auto",
                         help="the prefill's matrix products, as the worker's --prefill-products")
     parser.add_argument("--model", default="default")
     args = parser.parse_args(argv)
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     runtime.prefill([1, 2, 3, 4], lambda *_: None)  # warm-up
     references = {length: reference_rows(runtime, length, args.repeats) for length in args.lengths}
     logits = {length: runtime.prefill(prompt(length), lambda *_: None) for length in args.lengths}
-    replaced = exact_products.install(runtime.model, runtime.device, Path(default_cache_dir()), args.products)
+    replaced = prompt_products.install(runtime.model, runtime.device, Path(default_cache_dir()), args.products)
     print(f"prefill forward vs Hugging Face forward: model {args.model} (float32), "  # noqa: T201
           f"{torch.get_num_threads()} threads, best of {args.repeats}; --products {args.products}: the panel "
           f"kernel on {replaced} linear layers")

@@ -20,7 +20,7 @@ from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
 from services.decode.admission import AdmissionLimits
-from services.decode import exact_gemv, one_stream, panel_products
+from services.decode import exact_gemv, one_stream, panel_products, prompt_products
 from services.decode.gemv_helpers import helper_cores
 from services.decode.native_attention import NativeAttention
 from services.decode.paged_runner import check_layers
@@ -100,6 +100,9 @@ async def run(settings: DecodeSettings) -> None:
         # after packing, which reads the model's own nn.Linear modules
         helpers = helper_cores(settings.gemv_helpers, started_on - allowed_cpus())
         await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv, helpers)
+        # after the gemv kernel's install: its modules take the products of many rows as a hook
+        await thread.run(prompt_products.install, runtime.model, runtime.device, Path(settings.model_cache_dir),
+                         settings.prefill_products, packed)
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)

@@ -73,7 +73,7 @@ class PanelKernel:
     def product(self, rows: torch.Tensor, panels: torch.Tensor, out_features: int, block: int = 0) -> torch.Tensor:
         """`rows` [m, in] times the weight `pack` gave `panels` for: [m, out_features]. Each output
         sums its products in order, in blocks of `block` of them (0: one block) whose sums are
-        added in order (services/prefill/exact_products.py says why)."""
+        added in order (services/decode/prompt_products.py says why)."""
         if not (rows.dim() == 2 and rows.dtype == panels.dtype == torch.float32 and rows.is_contiguous()
                 and panels.is_contiguous() and rows.device.type == panels.device.type == "cpu"
                 and panels.dim() == 3 and panels.shape[1:] == (rows.shape[1], self.width)

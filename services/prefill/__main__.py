@@ -18,7 +18,7 @@ from services.common.shm_reaper import ShmReaper
 from services.common.telemetry import service_telemetry
 from services.common.tls_settings import tls_services
 from services.common.worker import load_runtime
-from services.prefill import exact_products
+from services.decode import prompt_products
 from services.prefill.batcher import PrefillBatcher
 from services.prefill.prefix_cache import PrefixCache, PrefixCacheMetrics
 from services.prefill.prefix_reuse import PrefixReuse
@@ -48,7 +48,7 @@ async def run(settings: PrefillSettings) -> None:
     async def warmup() -> None:
         nonlocal store, batcher, engine
         runtime = await thread.run(load_runtime, settings, settings.packed_weights == "all")
-        await thread.run(exact_products.install, runtime.model, runtime.device, Path(settings.model_cache_dir),
+        await thread.run(prompt_products.install, runtime.model, runtime.device, Path(settings.model_cache_dir),
                          settings.prefill_products)
         if settings.kvstore_address:
             store = KvStoreClient(settings.kvstore_address, runtime.geometry.fingerprint,

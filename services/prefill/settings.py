@@ -9,7 +9,6 @@ from services.common.kv_codec import ENCODINGS
 from services.common.kv_shm import SHM_CHUNK_TOKENS, TRANSPORTS
 from services.common.shm import check_prefix
 from services.common.worker import WorkerSettings
-from services.prefill.exact_products import MODES as PRODUCT_MODES
 
 
 @dataclass(slots=True)
@@ -34,11 +33,6 @@ class PrefillSettings(WorkerSettings):
     prefill_batch_tokens: int = setting(0, "batch queued prompts into one forward pass up to this many tokens "
                                         "(0: off; batched results may differ in the last bits)",
                                         "PREFILL_BATCH_TOKENS")
-    prefill_products: str = setting("auto", "the forward pass's matrix products: native (a C panel kernel, "
-                                    "bit-identical to torch's: the order of torch's sums is read off at start, "
-                                    "layer shapes it cannot match keep torch's; ~2.4x faster on AMD Zen 5; keeps "
-                                    "a second copy of the decoder's linear weights), torch, or auto (native where "
-                                    "it is faster on a prompt-sized product, timed at start)", "PREFILL_PRODUCTS")
     prefill_batch_wait_ms: float = setting(5.0, "longest a prompt waits for others to batch with",
                                            "PREFILL_BATCH_WAIT_MS")
     transfer_timeout_seconds: float = setting(120.0, "deadline of one KV transfer to a decode worker",
@@ -81,8 +75,6 @@ class PrefillSettings(WorkerSettings):
         check_positive("transfer_timeout_seconds", self.transfer_timeout_seconds)
         if self.prefill_batch_tokens < 0 or self.prefill_batch_wait_ms < 0:
             raise ValueError("prefill_batch_tokens and prefill_batch_wait_ms must be >= 0")
-        if self.prefill_products not in PRODUCT_MODES:
-            raise ValueError(f"prefill_products must be one of {list(PRODUCT_MODES)}, got {self.prefill_products!r}")
         if self.kv_transport not in TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {list(TRANSPORTS)}, got {self.kv_transport!r}")
         check_prefix(self.shm_prefix)

@@ -1,8 +1,9 @@
-"""--prefill-products (services/prefill/exact_products.py): the prefill's matrix products by the
+"""--prefill-products (services/prefill/prompt_products.py): the prefill's matrix products by the
 panel kernel with k summed in blocks, bit-identical to torch's. The order is read off at start; the
 kernel then equals F.linear bit for bit at every row count (fewer rows than the order holds for go
 through F.linear), a real prompt's KV and logits are torch's to the bit, and bad settings get a
-clear error. The services' exactness tests (tests/test_exactness.py) run with the default, auto."""
+clear error. A decode lends the panels of its batched steps to its modules, whose prefills keep
+the bits. The services' exactness tests (tests/test_exactness.py) run with the default, auto."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import torch.nn.functional as F
 from services.common.errors import InternalFailure
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
-from services.decode.exact_gemv import same_bits
+from services.common.packed_weights import PackedWeights
+from services.decode import exact_gemv
+from services.decode.exact_gemv import ExactGemvLinear, same_bits
 from services.decode.panel_products import PanelKernel
-from services.prefill import exact_products
-from services.prefill.exact_products import ExactLinear, SumOrder, read_order
+from services.decode import prompt_products
+from services.decode.prompt_products import ExactLinear, RowsProduct, SumOrder, read_order
+from services.decode.settings import DecodeSettings
 from services.prefill.settings import PrefillSettings
 from tests.conftest import reference_model
 
@@ -46,7 +50,8 @@ def test_the_order_is_read_off_and_the_kernel_then_equals_f_linear_bit_for_bit(
             if MKL:
                 pytest.fail("MKL's summation order was not read off (a BLAS build that sums otherwise?)")
             pytest.skip("torch's BLAS here sums in an order the kernel does not know")
-        exact = ExactLinear(linear, kernel, order)
+        exact = ExactLinear(linear, RowsProduct(kernel, kernel.pack(linear.weight), (out_features, in_features),
+                                                order))
         for rows in (1, 2, 3, *range(order.min_rows, order.min_rows + 8), 33, 100, 300):
             x = torch.randn(2, rows, in_features, generator=generator)[1]  # a batch dimension, as HF's
             assert same_bits(exact(x[None]), F.linear(x[None], linear.weight)), f"{rows} rows"
@@ -67,7 +72,7 @@ def test_a_prompt_prefilled_on_the_kernel_has_torchs_kv_and_logits_bit_for_bit()
         return logits, kv
 
     torch_logits, torch_kv = prefilled()
-    replaced = exact_products.install(runtime.model, runtime.device, default_cache_dir(), "native")
+    replaced = prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "native")
     if replaced == 0 and not MKL:
         pytest.skip("no weight shape's order matched torch's BLAS here")
     assert replaced == 7 * runtime.geometry.num_layers  # q, k, v, o, gate, up, down of every layer
@@ -78,10 +83,10 @@ def test_a_prompt_prefilled_on_the_kernel_has_torchs_kv_and_logits_bit_for_bit()
 
 def test_auto_times_both_and_says_which_it_keeps_and_torch_replaces_nothing(
         tiny: ModelRuntime, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="services.prefill.exact_products")
+    caplog.set_level(logging.INFO, logger="services.decode.prompt_products")
     runtime = reference_model("tiny")
-    assert exact_products.install(runtime.model, runtime.device, default_cache_dir(), "torch") == 0
-    exact_products.install(runtime.model, runtime.device, default_cache_dir(), "auto")
+    assert prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "torch") == 0
+    prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "auto")
     assert "panel kernel" in caplog.text and "torch" in caplog.text and " ms" in caplog.text
 
 
@@ -93,17 +98,51 @@ def test_the_kernel_refuses_a_block_size_below_one(kernel: PanelKernel) -> None:
 
 
 def test_bad_prefill_products_settings_are_refused(tiny: ModelRuntime) -> None:
-    with pytest.raises(ValueError, match="prefill_products must be one of \\['auto', 'native', 'torch'\\], got 'fast'"):
-        PrefillSettings(prefill_products="fast")
+    for settings in (PrefillSettings, DecodeSettings):
+        with pytest.raises(ValueError, match="prefill_products must be one of auto, native, torch, got 'fast'"):
+            settings(prefill_products="fast")
     with pytest.raises(ValueError, match="prefill_products must be one of auto, native, torch, got 'on'"):
-        exact_products.install(tiny.model, tiny.device, default_cache_dir(), "on")
+        prompt_products.install(tiny.model, tiny.device, default_cache_dir(), "on")
 
 
 def test_fewer_rows_than_the_order_holds_for_go_through_f_linear(kernel: PanelKernel) -> None:
     linear = torch.nn.Linear(64, 40, bias=False)
-    exact = ExactLinear(linear, kernel, SumOrder(block=1, min_rows=10))  # a block size no BLAS uses
+    order = SumOrder(block=1, min_rows=10)  # a block size no BLAS uses
+    exact = ExactLinear(linear, RowsProduct(kernel, kernel.pack(linear.weight.detach()), (40, 64), order))
     x = torch.randn(9, 64)
     with torch.inference_mode():
         assert same_bits(exact(x), F.linear(x, linear.weight))
         many = torch.randn(10, 64)
         assert same_bits(exact(many), kernel.product(many, kernel.pack(linear.weight.detach()), 40, block=1))
+
+
+def test_a_decode_lends_its_batched_steps_panels_to_its_gemv_modules_and_keeps_the_bits(
+        kernel: PanelKernel) -> None:
+    runtime = reference_model("default")
+    prompt = [(11 * i) % 40_000 + 100 for i in range(40)]
+    packed = PackedWeights.build(runtime.model, runtime.device, "batched", kernel)
+    if packed is None:
+        pytest.skip("no weight packing here")
+    installed = exact_gemv.install(runtime.model, default_cache_dir(), "native")
+    torch_logits = runtime.prefill(prompt, lambda *_: None)
+    replaced = prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "native", packed)
+    if replaced == 0 and not MKL:
+        pytest.skip("no weight shape's order matched torch's BLAS here")
+    assert replaced == 7 * runtime.geometry.num_layers and installed == replaced + 1  # the LM head: one row
+    first = runtime.model.model.layers[0]
+    assert isinstance(first.self_attn.v_proj, ExactGemvLinear) and first.self_attn.v_proj.rows is not None
+    qkv = packed.layers[0].qkv.weight  # fused q, k, v panels: v's are the last of them, not a copy
+    v_panels = first.self_attn.v_proj.rows._panels
+    assert v_panels.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+    assert v_panels.data_ptr() == qkv[-(192 // kernel.width):].data_ptr()
+    lent = first.self_attn.v_proj.rows
+    taken: list[int] = []
+
+    def recorded(x: torch.Tensor) -> torch.Tensor | None:
+        out = lent(x)
+        taken.append(0 if out is None else x.numel() // x.shape[-1])
+        return out
+
+    first.self_attn.v_proj.rows = recorded
+    assert same_bits(runtime.prefill(prompt, lambda *_: None), torch_logits)
+    assert taken == [len(prompt)]  # the prompt's rows went through the kernel

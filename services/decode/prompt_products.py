@@ -1,5 +1,6 @@
 """A prompt's matrix products at the core's arithmetic speed, bit-identical to `F.linear`
-(the panel kernel of services/decode/panel_gemm.c, with k summed in blocks).
+(the panel kernel of services/decode/panel_gemm.c, with k summed in blocks): on the prefill worker
+(`--prefill-products`) and on a decode worker for the prompts it prefills itself.
 
 A prefill is matrix products of the prompt's rows by every weight of the model. torch's CPU wheel
 computes them with MKL, which on AMD CPUs does not take its AVX-512 code: on a Zen 5 EPYC one core
@@ -15,10 +16,12 @@ same way (candidates tried on the layer's own weight and seeded rows), then the 
 which it holds (PROBE_ROWS, under this process's torch threads: with 2 threads MKL sums some row
 counts under 12 otherwise). A shape without a match keeps `F.linear`; so do products of fewer rows.
 `auto` also times both on a prompt-sized product and keeps the faster (logged); `native` takes the
-kernel wherever the order matches. The kernel reads its own copy of the weights, laid out in
-panels, and the originals stay for the smaller products: the decoder's linear weights once more in
-memory (425 MB for SmolLM2-135M). The LM head, tied to the embeddings and computed on one row,
-is left alone.
+kernel wherever the order matches. The kernel reads the weights laid out in panels, and the
+originals stay for the smaller products. A decode worker whose batched steps run on the panel
+kernel already holds those panels (`PackedWeights`) and lends them; elsewhere the decoder's linear
+weights are held once more in memory (425 MB for SmolLM2-135M). The LM head, tied to the
+embeddings and computed on one row, is left alone. A decode's modules that take one row through
+the exact gemv kernel (`ExactGemvLinear`) get the products of many rows as their `rows` hook.
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.decode.exact_gemv import same_bits
+from services.common.packed_weights import PackedWeights
+from services.common.worker import PROMPT_PRODUCTS_MODES
+from services.decode.exact_gemv import ExactGemvLinear, same_bits
 from services.decode.panel_products import PanelKernel
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "native", "torch")
+MODES = PROMPT_PRODUCTS_MODES
 BLOCKS = (192, 128, 256, 384, 512, 96, 64, 32)  # block sizes tried first; k itself (one sum) last
 PROBE_ROWS = (*range(4, 17), 24, 32, 64, 128, 256, 1024)
 ORDER_ROWS = 64  # the row count a block size is first tried at
@@ -53,49 +58,83 @@ class SumOrder:
     min_rows: int
 
 
-class ExactLinear(torch.nn.Module):
-    """A drop-in for a bias-free float32 `nn.Linear` (inference only): products of `order.min_rows`
-    rows or more by the panel kernel, in the BLAS's order; fewer through `F.linear`."""
+class RowsProduct:
+    """Products of `order.min_rows` rows or more by one weight's panels, in the BLAS's order."""
 
-    def __init__(self, linear: torch.nn.Linear, kernel: PanelKernel, order: SumOrder) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight
-        self.panels = kernel.pack(linear.weight.detach())
-        self._kernel, self._order = kernel, order
+    def __init__(self, kernel: PanelKernel, panels: torch.Tensor, shape: tuple[int, int], order: SumOrder) -> None:
+        self._kernel, self._panels, self._order = kernel, panels, order
+        self.out_features, self.in_features = shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., in] times the weight, or None where the kernel does not take it (too few rows,
+        not float32, another width, or autograd recording)."""
+        if x.dtype != torch.float32 or x.shape[-1] != self.in_features or not x.is_cpu or \
+                (torch.is_grad_enabled() and x.requires_grad):
+            return None
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] < self._order.min_rows or x.dtype != torch.float32:
-            return F.linear(x, self.weight)
-        out = self._kernel.product(rows.contiguous(), self.panels, self.out_features, self._order.block)
+        if rows.shape[0] < self._order.min_rows:
+            return None
+        out = self._kernel.product(rows.contiguous(), self._panels, self.out_features, self._order.block)
         return out.view(*x.shape[:-1], self.out_features)
 
 
-def install(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: str) -> int:
-    """Put `ExactLinear` in place of the model's linear layers where `mode` and this machine want
-    it (see the module docstring); returns how many were replaced."""
+class ExactLinear(torch.nn.Module):
+    """A drop-in for a bias-free float32 `nn.Linear` (inference only): what `rows` takes by the
+    panel kernel, the rest through `F.linear`."""
+
+    def __init__(self, linear: torch.nn.Linear, rows: RowsProduct) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rows(x)
+        return F.linear(x, self.weight) if out is None else out
+
+
+Layer = torch.nn.Linear | ExactGemvLinear  # what the kernel can take: a decode's modules are the latter
+Target = tuple[torch.nn.Module, str, Layer]
+
+
+def install(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: str,
+            packed: PackedWeights | None = None) -> int:
+    """Give the model's linear layers the kernel's products of many rows where `mode` and this
+    machine want it (see the module docstring), on the panels of `packed` where it holds them;
+    returns how many layers."""
     if mode not in MODES:
         raise ValueError(f"prefill_products must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "torch":
         return 0
     targets = _targets(model, device)
-    built = PanelKernel.build(cache_dir) if targets else "no bias-free float32 linear layer on the CPU"
+    lent = packed.products if packed is not None and isinstance(packed.products, PanelKernel) else None
+    built = lent or (PanelKernel.build(cache_dir) if targets else "no bias-free float32 linear layer on the CPU")
     if isinstance(built, str):
         if mode == "native":
             raise ValueError(f"--prefill-products native cannot be used here: {built}")
-        log.info("prefill products: torch's (the panel kernel cannot be used: %s)", built)
+        log.info("prompt products: torch's (the panel kernel cannot be used: %s)", built)
         return 0
     with torch.inference_mode():
-        orders = {shape: read_order(built, linear.weight.detach()) for shape, linear in _by_shape(targets).items()}
-        if mode == "auto" and not _kernel_faster(built, _by_shape(targets), orders):
+        first = _by_shape(targets)
+        orders = {shape: read_order(built, layer.weight.detach()) for shape, layer in first.items()}
+        if mode == "auto" and not _kernel_faster(built, first, orders):
             return 0
-        kept = [(parent, name, child, orders[_shape(child)]) for parent, name, child in targets]
-        for parent, name, child, order in kept:
-            if order is not None:
-                setattr(parent, name, ExactLinear(child, built, order))
-    replaced = sum(order is not None for *_, order in kept)
-    log.info("prefill products: the panel kernel on %d of %d linear layers (%s)", replaced, len(targets),
+        panels = _lent_panels(model, packed) if lent is not None else {}
+        replaced = 0
+        for parent, name, layer in targets:
+            order = orders[_shape(layer)]
+            if order is None:
+                continue
+            layer_panels = panels.get(id(layer))
+            rows = RowsProduct(built, built.pack(layer.weight.detach()) if layer_panels is None else layer_panels,
+                               _shape(layer), order)
+            if isinstance(layer, ExactGemvLinear):
+                layer.rows = rows
+            else:
+                setattr(parent, name, ExactLinear(layer, rows))
+            replaced += 1
+    log.info("prompt products: the panel kernel on %d of %d linear layers%s (%s)", replaced, len(targets),
+             ", on the batched steps' panels" if panels else "",
              "; ".join(f"{n}x{k}: " + (f"k in blocks of {o.block} from {o.min_rows} rows" if o else "torch's, no order "
                                        "matched") for (n, k), o in orders.items()))
     return replaced
@@ -124,41 +163,62 @@ def read_order(kernel: PanelKernel, weight: torch.Tensor) -> SumOrder | None:
     return SumOrder(block, PROBE_ROWS[first]) if first <= PROBE_ROWS.index(ORDER_ROWS) else None
 
 
-def _targets(model: torch.nn.Module, device: torch.device) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+def _targets(model: torch.nn.Module, device: torch.device) -> list[Target]:
     """(parent, attribute, layer) of each linear layer the kernel can take: the LM head is not one."""
     if device.type != "cpu":
         return []
     output_embeddings = getattr(model, "get_output_embeddings", None)
     head = output_embeddings() if callable(output_embeddings) else None
-    found: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
+    found: list[Target] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, torch.nn.Linear) and child is not head and child.bias is None \
+            if isinstance(child, Layer) and child is not head and child.bias is None \
                     and child.weight.dtype == torch.float32:
                 found.append((parent, name, child))
     return found
 
 
-def _shape(linear: torch.nn.Linear) -> tuple[int, int]:
+def _lent_panels(model: torch.nn.Module, packed: PackedWeights | None) -> dict[int, torch.Tensor]:
+    """Each layer's panels within the fused panels of `packed` (by the layer's id), where its
+    columns start on a panel and only its last panel is partial."""
+    if packed is None or not isinstance(packed.products, PanelKernel):
+        return {}
+    width = packed.products.width
+    views: dict[int, torch.Tensor] = {}
+    body = getattr(model, "model", None)
+    for layer, fused in zip(getattr(body, "layers", []), packed.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        for parts, linear in (((attention.q_proj, attention.k_proj, attention.v_proj), fused.qkv),
+                              ((attention.o_proj,), fused.o), ((mlp.gate_proj, mlp.up_proj), fused.gate_up),
+                              ((mlp.down_proj,), fused.down)):
+            start = 0
+            for index, (part, columns) in enumerate(zip(parts, linear.widths)):
+                if start % width == 0 and (columns % width == 0 or index == len(parts) - 1):
+                    views[id(part)] = linear.weight[start // width : start // width + math.ceil(columns / width)]
+                start += columns
+    return views
+
+
+def _shape(linear: Layer) -> tuple[int, int]:
     return linear.out_features, linear.in_features
 
 
-def _by_shape(targets: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> dict[tuple[int, int], torch.nn.Linear]:
+def _by_shape(targets: list[Target]) -> dict[tuple[int, int], Layer]:
     """The first layer of each weight shape, in the model's order."""
-    first: dict[tuple[int, int], torch.nn.Linear] = {}
+    first: dict[tuple[int, int], Layer] = {}
     for _, _, linear in targets:
         first.setdefault(_shape(linear), linear)
     return first
 
 
-def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], torch.nn.Linear],
+def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], Layer],
                    orders: dict[tuple[int, int], SumOrder | None]) -> bool:
     """Whether the kernel computes one layer of each matching shape on TIMING_ROWS rows faster
     than `F.linear` (the two timed in turn, best of three)."""
     matched = [(layers[shape], kernel.pack(layers[shape].weight.detach()), order)
                for shape, order in orders.items() if order is not None]
     if not matched:
-        log.info("prefill products: torch's (the kernel's sums match no weight shape's here)")
+        log.info("prompt products: torch's (the kernel's sums match no weight shape's here)")
         return False
     generator = torch.Generator().manual_seed(SEED)
     inputs = {linear.in_features: torch.randn(TIMING_ROWS, linear.in_features, generator=generator)
@@ -174,6 +234,6 @@ def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], torch.nn.L
             F.linear(inputs[linear.in_features], linear.weight)
         seconds["torch"] = min(seconds["torch"], time.perf_counter() - started)
     faster = seconds["kernel"] < seconds["torch"]
-    log.info("prefill products: %s (%d rows through one layer of each shape: the panel kernel %.1f ms, torch %.1f ms)",
+    log.info("prompt products: %s (%d rows through one layer of each shape: the panel kernel %.1f ms, torch %.1f ms)",
              "the panel kernel" if faster else "torch's", TIMING_ROWS, seconds["kernel"] * 1e3, seconds["torch"] * 1e3)
     return faster
