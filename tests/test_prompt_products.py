@@ -1,9 +1,10 @@
-"""--prefill-products (services/prefill/prompt_products.py): the prefill's matrix products by the
+"""--prefill-products (services/decode/prompt_products.py): the prefill's matrix products by the
 panel kernel with k summed in blocks, bit-identical to torch's. The order is read off at start; the
 kernel then equals F.linear bit for bit at every row count (fewer rows than the order holds for go
-through F.linear), a real prompt's KV and logits are torch's to the bit, and bad settings get a
-clear error. A decode lends the panels of its batched steps to its modules, whose prefills keep
-the bits. The services' exactness tests (tests/test_exactness.py) run with the default, auto."""
+through F.linear), a real prompt's KV, logits and scores (every row through the LM head) are
+torch's to the bit, and bad settings get a clear error. A decode lends the panels of its batched
+steps to its modules, whose prefills keep the bits. The services' exactness tests
+(tests/test_exactness.py) run with the default, auto."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.errors import InternalFailure
+from services.common.logprobs import TokenLogprob
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedWeights
@@ -71,14 +73,18 @@ def test_a_prompt_prefilled_on_the_kernel_has_torchs_kv_and_logits_bit_for_bit()
                                      cache)
         return logits, kv
 
-    torch_logits, torch_kv = prefilled()
+    def scored() -> list[TokenLogprob]:
+        return runtime.prefill_scored(prompt, lambda *_: None, prompt[1:], 2)[1]
+
+    torch_logits, torch_kv, torch_scores = *prefilled(), scored()
     replaced = prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "native")
     if replaced == 0 and not MKL:
         pytest.skip("no weight shape's order matched torch's BLAS here")
-    assert replaced == 7 * runtime.geometry.num_layers  # q, k, v, o, gate, up, down of every layer
+    assert replaced == 7 * runtime.geometry.num_layers + 1  # q, k, v, o, gate, up, down of every layer; the head
     logits, kv = prefilled()
     assert same_bits(logits, torch_logits)
     assert len(kv) == len(torch_kv) and all(same_bits(a, b) for a, b in zip(kv, torch_kv))
+    assert scored() == torch_scores
 
 
 def test_auto_times_both_and_says_which_it_keeps_and_torch_replaces_nothing(
@@ -128,13 +134,14 @@ def test_a_decode_lends_its_batched_steps_panels_to_its_gemv_modules_and_keeps_t
     replaced = prompt_products.install(runtime.model, runtime.device, default_cache_dir(), "native", packed)
     if replaced == 0 and not MKL:
         pytest.skip("no weight shape's order matched torch's BLAS here")
-    assert replaced == 7 * runtime.geometry.num_layers and installed == replaced + 1  # the LM head: one row
+    assert replaced == installed == 7 * runtime.geometry.num_layers + 1
     first = runtime.model.model.layers[0]
     assert isinstance(first.self_attn.v_proj, ExactGemvLinear) and first.self_attn.v_proj.rows is not None
     qkv = packed.layers[0].qkv.weight  # fused q, k, v panels: v's are the last of them, not a copy
     v_panels = first.self_attn.v_proj.rows._panels
     assert v_panels.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
     assert v_panels.data_ptr() == qkv[-(192 // kernel.width):].data_ptr()
+    assert runtime.model.lm_head.rows._panels.data_ptr() == packed.lm_head.weight.data_ptr()
     lent = first.self_attn.v_proj.rows
     taken: list[int] = []
 

@@ -15,7 +15,7 @@ from services.bench.advisor import Profile, Workload, advise
 from services.common.model_files import default_cache_dir
 from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedWeights
-from services.decode import exact_gemv, one_stream as one_stream_path, panel_products
+from services.decode import exact_gemv, one_stream as one_stream_path, panel_products, prompt_products
 from services.decode.blocks import BlockManager
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.native_attention import MODES, NativeAttention
@@ -26,8 +26,13 @@ TRANSFER_BYTES_PER_S = 0.5e9  # measured by `make bench-transfer` on this machin
 
 def measure(model: str, prompt_lengths: list[int], batches: list[int], context: int,
             paged_attention: str = "auto", gemv: str = "auto", *, one_stream: bool = True,
-            batched_products: str = "auto") -> Profile:
+            batched_products: str = "auto", prefill_products: str = "auto") -> Profile:
     runtime = ModelRuntime(model, "float32", "auto", default_cache_dir())
+    products = panel_products.choose(runtime.model, runtime.device, default_cache_dir(), batched_products)
+    packed = PackedWeights.build(runtime.model, runtime.device, "batched", products)
+    exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
+    # then the prompts' products, as the decode worker does: the prefill worker's are the same kernel
+    prompt_products.install(runtime.model, runtime.device, default_cache_dir(), prefill_products, packed)
     prefill: dict[int, float] = {}
     for length in prompt_lengths:
         ids = torch.randint(10, 1000, (length,)).tolist()
@@ -37,9 +42,6 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
         prefill[length] = length / (time.perf_counter() - started)
     config = PoolConfig(max(batches) * (context // 16 + 2), 16)
     pool, blocks = BlockPool(config, runtime.geometry, runtime.device), BlockManager(config)
-    products = panel_products.choose(runtime.model, runtime.device, default_cache_dir(), batched_products)
-    packed = PackedWeights.build(runtime.model, runtime.device, "batched", products)
-    exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
     runner = PagedRunner(runtime, pool, packed=packed,
                          attention=NativeAttention.build(runtime, default_cache_dir(), paged_attention),
                          one_stream=one_stream_path.for_model(runtime.model, "" if one_stream else "--no-one-stream"))
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a batch of one's products, as the decode worker's setting of that name")
     parser.add_argument("--batched-products", choices=panel_products.MODES, default="auto",
                         help="a batched step's products, as the decode worker's setting of that name")
+    parser.add_argument("--prefill-products", choices=prompt_products.MODES, default="auto",
+                        help="a prompt's products, as the workers' setting of that name")
     parser.add_argument("--one-stream", action=argparse.BooleanOptionalAction, default=True,
                         help="a batch of one on the one-stream path, as the decode worker's setting of that name")
     parser.add_argument("--rate", type=float, default=1.0, help="workload: requests/s")
@@ -81,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     profile = measure(args.model, args.prompt_lengths, args.batches, args.context, args.paged_attention,
-                      args.gemv, one_stream=args.one_stream, batched_products=args.batched_products)
+                      args.gemv, one_stream=args.one_stream, batched_products=args.batched_products,
+                      prefill_products=args.prefill_products)
     advice = advise(profile, Workload(args.rate, args.prompt_tokens, args.output_tokens, args.slo_ttft_ms / 1000,
                                       args.slo_tpot_ms / 1000))
     if args.json:

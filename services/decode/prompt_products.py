@@ -19,9 +19,11 @@ counts under 12 otherwise). A shape without a match keeps `F.linear`; so do prod
 kernel wherever the order matches. The kernel reads the weights laid out in panels, and the
 originals stay for the smaller products. A decode worker whose batched steps run on the panel
 kernel already holds those panels (`PackedWeights`) and lends them; elsewhere the decoder's linear
-weights are held once more in memory (425 MB for SmolLM2-135M). The LM head, tied to the
-embeddings and computed on one row, is left alone. A decode's modules that take one row through
-the exact gemv kernel (`ExactGemvLinear`) get the products of many rows as their `rows` hook.
+weights are held once more in memory (538 MB for SmolLM2-135M, its LM head's 113 included: it
+computes one row for a prompt's first token, through `F.linear`, and every row for a prompt's
+log-probabilities; its order is probed up to ORDER_ROWS rows only). A decode's modules that take
+one row through the exact gemv kernel (`ExactGemvLinear`) get the products of many rows as their
+`rows` hook.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ MODES = PROMPT_PRODUCTS_MODES
 BLOCKS = (192, 128, 256, 384, 512, 96, 64, 32)  # block sizes tried first; k itself (one sum) last
 PROBE_ROWS = (*range(4, 17), 24, 32, 64, 128, 256, 1024)
 ORDER_ROWS = 64  # the row count a block size is first tried at
+PROBE_PRODUCTS = 1024 * 1536 * 576  # multiply-adds a probe beyond ORDER_ROWS may take
 TIMING_ROWS = 256
 SEED = 20261201
 
@@ -155,25 +158,24 @@ def read_order(kernel: PanelKernel, weight: torch.Tensor) -> SumOrder | None:
     block = next((candidate for candidate in candidates if same(ORDER_ROWS, candidate)), None)
     if block is None:
         return None
-    holds = [same(rows, block) for rows in PROBE_ROWS]
+    # the larger probes only within a budget of products (an LM head's would take seconds)
+    probes = [rows for rows in PROBE_ROWS if rows <= ORDER_ROWS or rows * weight.numel() <= PROBE_PRODUCTS]
+    holds = [same(rows, block) for rows in probes]
     first = len(holds)
     while first > 0 and holds[first - 1]:
         first -= 1
     # the order must hold from ORDER_ROWS rows up to the most probed
-    return SumOrder(block, PROBE_ROWS[first]) if first <= PROBE_ROWS.index(ORDER_ROWS) else None
+    return SumOrder(block, probes[first]) if first <= probes.index(ORDER_ROWS) else None
 
 
 def _targets(model: torch.nn.Module, device: torch.device) -> list[Target]:
-    """(parent, attribute, layer) of each linear layer the kernel can take: the LM head is not one."""
+    """(parent, attribute, layer) of each linear layer the kernel can take."""
     if device.type != "cpu":
         return []
-    output_embeddings = getattr(model, "get_output_embeddings", None)
-    head = output_embeddings() if callable(output_embeddings) else None
     found: list[Target] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, Layer) and child is not head and child.bias is None \
-                    and child.weight.dtype == torch.float32:
+            if isinstance(child, Layer) and child.bias is None and child.weight.dtype == torch.float32:
                 found.append((parent, name, child))
     return found
 
@@ -196,6 +198,9 @@ def _lent_panels(model: torch.nn.Module, packed: PackedWeights | None) -> dict[i
                 if start % width == 0 and (columns % width == 0 or index == len(parts) - 1):
                     views[id(part)] = linear.weight[start // width : start // width + math.ceil(columns / width)]
                 start += columns
+    head = getattr(model, "lm_head", None)
+    if head is not None and len(packed.lm_head.widths) == 1:
+        views[id(head)] = packed.lm_head.weight
     return views
 
 
