@@ -45,8 +45,8 @@ class WorkerSettings(TlsSettings):
                                     "torch's: the order of torch's sums is read off at start, weight shapes it "
                                     "cannot match keep torch's; ~2x faster on AMD Zen 5; the weights in its "
                                     "layout once more in memory, except on a decode whose batched steps hold them "
-                                    "already; prompt log-probabilities too), torch, or auto (native where faster on a prompt-sized product, "
-                                    "timed at start)", "PREFILL_PRODUCTS")
+                                    "already; prompt log-probabilities too), torch, or auto (native where faster "
+                                    "on a prompt-sized product, timed at start)", "PREFILL_PRODUCTS")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 
