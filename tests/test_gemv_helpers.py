@@ -170,7 +170,7 @@ def test_the_setting_is_validated_and_names_cores() -> None:
     for good in ("auto", "off", "1", "0-3,6"):
         check_setting(good)
     for bad in ("on", "3-1", "0-8", ""):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="gemv_helpers must be auto, off or a cpu list"):
             check_setting(bad)
     spare = frozenset({9, 1, 5, 7, 3})
     assert helper_cores("auto", spare) == [1, 3, 5][:AUTO_HELPERS]

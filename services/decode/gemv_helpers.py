@@ -43,9 +43,13 @@ SETTINGS_HELP = ("auto (one helper on each core this worker's placement leaves t
 def check_setting(value: str) -> None:
     """Validate a `gemv_helpers` setting: auto, off or a cpu list. Raises ValueError."""
     if value not in ("auto", "off"):
-        cores = parse_cpu_list(value)
+        try:
+            cores = parse_cpu_list(value)
+        except ValueError as error:
+            raise ValueError(f"gemv_helpers must be auto, off or a cpu list: {error}") from None
         if len(cores) > MAX_HELPERS:
-            raise ValueError(f"gemv_helpers: at most {MAX_HELPERS} cores, got {len(cores)}")
+            raise ValueError(f"gemv_helpers must be auto, off or a cpu list of at most {MAX_HELPERS} cores, "
+                             f"got {len(cores)}")
 
 
 def helper_cores(setting: str, spare: frozenset[int]) -> list[int]:
