@@ -11,7 +11,8 @@ OpenTelemetry SDK:
   as OK.
 
 The decode's Generate handler had the first defect of its own: its generation span was current
-across its yields.
+across its yields. Once spans stopped being current across yields, the edge's failure log line lost its trace
+id: it is written under the call's span again.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ async def _until_the_writes_block(streamer: _Streamer) -> None:
         await asyncio.sleep(0.3)
 
 
+async def _until_closed(streamer: _Streamer) -> None:
+    """Until the handler's finally ran: the event loop closes it once nothing holds it (collected
+    here too, should a reference cycle hold it)."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not streamer.closed.is_set():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the abandoned handler was never closed")
+        gc.collect()
+        await asyncio.sleep(0.05)
+
+
 @dataclass(slots=True)
 class _Abandoned:
     """What one abandoned call left: the detach errors logged, the spans, the servicer."""
@@ -89,6 +101,20 @@ class _Abandoned:
     detach_errors: list[logging.LogRecord]
     spans: list[ReadableSpan]
     streamer: _Streamer
+    failure_traces: list[int]  # the current trace id when the edge logged the call's failure
+
+
+class _FailureTraces(logging.Handler):
+    """The current span's trace id at each of the edge's "... failed" lines (what the services'
+    log filter writes)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.traces: list[int] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if " failed: " in record.getMessage():
+            self.traces.append(trace.get_current_span().get_span_context().trace_id)
 
 
 @pytest.fixture
@@ -104,18 +130,22 @@ async def abandoned(caplog: pytest.LogCaptureFixture) -> _Abandoned:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     caplog.set_level(logging.ERROR, logger="opentelemetry.context")
+    failures, edge_log = _FailureTraces(), logging.getLogger("services.common.edge")
+    edge_log.addHandler(failures)
+    level, edge_log.level = edge_log.level, logging.INFO
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = channel.unary_stream("/edgetest.Edge/Stream")(b"")
             assert await call.read() == CHUNK
             await _until_the_writes_block(streamer)
             call.cancel()
-            await asyncio.wait_for(streamer.closed.wait(), DEADLINE_S)
-        gc.collect()
+            await _until_closed(streamer)
         await asyncio.sleep(0.1)  # let a finalizer's log line land
     finally:
         await server.stop(None)
-    return _Abandoned(_detach_errors(caplog), list(exporter.get_finished_spans()), streamer)
+        edge_log.removeHandler(failures)
+        edge_log.setLevel(level)
+    return _Abandoned(_detach_errors(caplog), list(exporter.get_finished_spans()), streamer, failures.traces)
 
 
 def _detach_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
@@ -127,6 +157,11 @@ async def test_an_abandoned_stream_detaches_its_span_without_an_error(abandoned:
     assert [span.name for span in abandoned.spans] == ["edgetest.Stream"]
     assert set(abandoned.streamer.spans_seen) == {"edgetest.Stream"}  # the handler ran under the call's span
     assert abandoned.streamer.lifecycle.in_flight == 0
+
+
+async def test_an_abandoned_streams_failure_is_logged_under_its_trace(abandoned: _Abandoned) -> None:
+    [span] = abandoned.spans
+    assert abandoned.failure_traces == [span.context.trace_id]  # the trace id its log line carries
 
 
 async def test_an_abandoned_stream_is_counted_and_traced_as_cancelled(abandoned: _Abandoned) -> None:

@@ -32,7 +32,8 @@ def measure(model: str, prompt_lengths: list[int], batches: list[int], context: 
     packed = PackedWeights.build(runtime.model, runtime.device, "batched", products)
     exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
     # then the prompts' products, as the decode worker does: the prefill worker's are the same kernel
-    prompt_products.install(runtime.model, runtime.device, default_cache_dir(), prefill_products, packed)
+    prompt_products.install(runtime.model, runtime.device, default_cache_dir(), prefill_products, packed,
+                            on_decode=True)
     prefill: dict[int, float] = {}
     for length in prompt_lengths:
         ids = torch.randint(10, 1000, (length,)).tolist()

@@ -125,10 +125,12 @@ async def _edge(servicer: Any, method: str, context: grpc.aio.ServicerContext, n
         with servicer.lifecycle.work(new=new_work):
             yield call
     except (asyncio.CancelledError, GeneratorExit) as error:
-        call.failed(error)
+        with call.current():  # logged under the call's trace
+            call.failed(error)
         raise
     except Exception as error:  # noqa: BLE001 - the edge reports every failure
-        await _abort(context, call, error)
+        with call.current():
+            await _abort(context, call, error)
     finally:
         call.close()
 

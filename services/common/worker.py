@@ -41,12 +41,13 @@ class WorkerSettings(TlsSettings):
                                   "Face), all (the decode's batch of one and the prefill worker's forward passes "
                                   "too: faster, not bit-identical), off", "PACKED_WEIGHTS")
     prefill_products: str = setting("auto", "the matrix products of a prompt's forward pass (the prefill worker's, "
-                                    "and the decode's own prefills): native (a C panel kernel, bit-identical to "
-                                    "torch's: the order of torch's sums is read off at start, weight shapes it "
-                                    "cannot match keep torch's; ~2x faster on AMD Zen 5; the weights in its "
-                                    "layout once more in memory, except on a decode whose batched steps hold them "
-                                    "already; prompt log-probabilities too), torch, or auto (native where faster "
-                                    "on a prompt-sized product, timed at start)", "PREFILL_PRODUCTS")
+                                    "and the decode's own prefills and prompt log-probabilities): native (a C "
+                                    "panel kernel, bit-identical to torch's: torch's order of sums is read off at "
+                                    "start, shapes it cannot match keep torch's; ~2x faster on one AMD Zen 5 core; "
+                                    "the prefill holds the weights once more in its layout, a decode lends those "
+                                    "of its batched steps), torch, or auto (native where faster on a prompt-sized "
+                                    "product, timed at start; on a decode only where its batched steps lend the "
+                                    "weights)", "PREFILL_PRODUCTS")
     log_level: str = setting("INFO", "log level", "LOG_LEVEL")
     grace_seconds: float = setting(30.0, "how long in-flight requests may finish after SIGTERM", "GRACE_SECONDS")
 

@@ -102,7 +102,7 @@ async def run(settings: DecodeSettings) -> None:
         await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv, helpers)
         # after the gemv kernel's install: its modules take the products of many rows as a hook
         await thread.run(prompt_products.install, runtime.model, runtime.device, Path(settings.model_cache_dir),
-                         settings.prefill_products, packed)
+                         settings.prefill_products, packed, on_decode=True)
         attention = await thread.run(NativeAttention.build, runtime, Path(settings.model_cache_dir),
                                      attention_mode(settings))
         ingest = await thread.run(NativeIngest.build, Path(settings.model_cache_dir), settings.kv_ingest)

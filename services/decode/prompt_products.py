@@ -5,25 +5,28 @@
 A prefill is matrix products of the prompt's rows by every weight of the model. torch's CPU wheel
 computes them with MKL, which on AMD CPUs does not take its AVX-512 code: on a Zen 5 EPYC one core
 computed 450 x 576 x 1536 at ~95 GFLOP/s, where the panel kernel computes ~230 (`make
-bench-prefill-products`). Its sums must be MKL's bit for bit, or a prompt's KV and first token would
-differ in the last bits from Hugging Face's. MKL's order, read off there by trying candidates bit
-for bit: from 4 rows on, each output sums k in blocks of 192 (each block's products added in order
-onto zero with fused multiply-adds) and adds the blocks' sums in order; fewer rows take another
-path. The kernel sums that way for a given block size.
+bench-prefill`). Its sums must be MKL's bit for bit, or a prompt's KV and first token would differ
+in the last bits from Hugging Face's. MKL's order, read off there by trying candidates bit for bit:
+from 4 rows on, each output sums k in blocks of 192 (each block's products added in order onto zero
+with fused multiply-adds) and adds the blocks' sums in order; fewer rows take another path. The
+kernel sums that way for a given block size.
 
 Nothing is assumed: at start, for each weight shape of the model, the block size is read off the
-same way (candidates tried on the layer's own weight and seeded rows), then the row counts from
-which it holds (PROBE_ROWS, under this process's torch threads: with 2 threads MKL sums some row
-counts under 12 otherwise). A shape without a match keeps `F.linear`; so do products of fewer rows.
-`auto` also times both on a prompt-sized product and keeps the faster (logged); `native` takes the
-kernel wherever the order matches. The kernel reads the weights laid out in panels, and the
-originals stay for the smaller products. A decode worker whose batched steps run on the panel
-kernel already holds those panels (`PackedWeights`) and lends them; elsewhere the decoder's linear
-weights are held once more in memory (538 MB for SmolLM2-135M, its LM head's 113 included: it
-computes one row for a prompt's first token, through `F.linear`, and every row for a prompt's
-log-probabilities; its order is probed up to ORDER_ROWS rows only). A decode's modules that take
-one row through the exact gemv kernel (`ExactGemvLinear`) get the products of many rows as their
-`rows` hook.
+same way (candidates tried on a layer's own weight and seeded rows), then the row counts it holds
+for (PROBE_ROWS, under this process's torch threads: with 2 threads MKL sums some counts under 12
+otherwise), and every layer is checked once more on its own weight. Products of rows outside the
+probed range, and of a shape or layer without a match, keep `F.linear`. `auto` also times both on a
+prompt-sized product and keeps the faster (logged); `native` takes the kernel wherever the order
+matches.
+
+The kernel reads the weights laid out in panels; the originals stay for the other products. The
+prefill worker holds its own panels: the model's linear weights once more (538 MB for
+SmolLM2-135M, its LM head's 113 included, which computes every row of a prompt's log-probabilities;
+the head's probes stop at 256 rows, the most it is given at once). On a decode (`on_decode`) only
+the modules the exact gemv kernel took (`ExactGemvLinear`) are given the kernel, as their `rows`
+hook, so the module objects other paths read stay what they were; the panels are those its batched
+steps hold (`PackedWeights` on the panel kernel), lent, and where there are none only `native`
+makes a copy.
 """
 
 from __future__ import annotations
@@ -46,49 +49,53 @@ log = logging.getLogger(__name__)
 
 MODES = PROMPT_PRODUCTS_MODES
 BLOCKS = (192, 128, 256, 384, 512, 96, 64, 32)  # block sizes tried first; k itself (one sum) last
-PROBE_ROWS = (*range(4, 17), 24, 32, 64, 128, 256, 1024)
+PROBE_ROWS = (*range(4, 17), 24, 31, 33, 64, 100, 128, 256, 512, 1000, 2048)  # 2048: a prefill chunk
 ORDER_ROWS = 64  # the row count a block size is first tried at
-PROBE_PRODUCTS = 1024 * 1536 * 576  # multiply-adds a probe beyond ORDER_ROWS may take
-TIMING_ROWS = 256
+PROBE_PRODUCTS = 8 * 10**9  # multiply-adds a probe beyond ORDER_ROWS may take (an LM head's: up to 256 rows)
+LAYER_ROWS = 16  # the rows each layer is checked on
+TIMING_ROWS = 128
 SEED = 20261201
 
 
 @dataclass(frozen=True, slots=True)
 class SumOrder:
-    """How the BLAS sums one weight shape's products: k in blocks of `block`, from `min_rows` rows on."""
+    """How the BLAS sums one weight shape's products: k in blocks of `block`, for `min_rows` to
+    `max_rows` rows."""
 
     block: int
     min_rows: int
+    max_rows: int
 
 
 class RowsProduct:
-    """Products of `order.min_rows` rows or more by one weight's panels, in the BLAS's order."""
+    """Products of `order.min_rows` to `order.max_rows` rows by one weight's panels, in the BLAS's order."""
 
-    def __init__(self, kernel: PanelKernel, panels: torch.Tensor, shape: tuple[int, int], order: SumOrder) -> None:
-        self._kernel, self._panels, self._order = kernel, panels, order
-        self.out_features, self.in_features = shape
+    def __init__(self, kernel: PanelKernel, panels: torch.Tensor, weight: torch.Tensor, order: SumOrder) -> None:
+        self._kernel, self._panels, self._weight, self._order = kernel, panels, weight, order
+        self.out_features, self.in_features = weight.shape
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [..., in] times the weight, or None where the kernel does not take it (too few rows,
-        not float32, another width, or autograd recording)."""
+        """x [..., in] times the weight, or None where the kernel does not take it (a row count
+        outside the order's, not float32 on the CPU, another width, or autograd recording)."""
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features or not x.is_cpu or \
-                (torch.is_grad_enabled() and x.requires_grad):
+                (torch.is_grad_enabled() and (x.requires_grad or self._weight.requires_grad)):
             return None
         rows = x.reshape(-1, self.in_features)
-        if rows.shape[0] < self._order.min_rows:
+        if not self._order.min_rows <= rows.shape[0] <= self._order.max_rows:
             return None
         out = self._kernel.product(rows.contiguous(), self._panels, self.out_features, self._order.block)
         return out.view(*x.shape[:-1], self.out_features)
 
 
 class ExactLinear(torch.nn.Module):
-    """A drop-in for a bias-free float32 `nn.Linear` (inference only): what `rows` takes by the
-    panel kernel, the rest through `F.linear`."""
+    """A drop-in for a bias-free float32 `nn.Linear` (its `weight`, and `bias` None): what `rows`
+    takes by the panel kernel, the rest through `F.linear`."""
 
     def __init__(self, linear: torch.nn.Linear, rows: RowsProduct) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
+        self.register_parameter("bias", None)  # read by code that takes any linear layer's weight and bias
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,58 +103,68 @@ class ExactLinear(torch.nn.Module):
         return F.linear(x, self.weight) if out is None else out
 
 
-Layer = torch.nn.Linear | ExactGemvLinear  # what the kernel can take: a decode's modules are the latter
+Layer = torch.nn.Linear | ExactGemvLinear
 Target = tuple[torch.nn.Module, str, Layer]
 
 
 def install(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode: str,
-            packed: PackedWeights | None = None) -> int:
+            packed: PackedWeights | None = None, *, on_decode: bool = False) -> int:
     """Give the model's linear layers the kernel's products of many rows where `mode` and this
-    machine want it (see the module docstring), on the panels of `packed` where it holds them;
-    returns how many layers."""
+    machine want it (see the module docstring); returns how many layers."""
     if mode not in MODES:
         raise ValueError(f"prefill_products must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "torch":
         return 0
-    targets = _targets(model, device)
+    targets = _targets(model, device, on_decode)
     lent = packed.products if packed is not None and isinstance(packed.products, PanelKernel) else None
-    built = lent or (PanelKernel.build(cache_dir) if targets else "no bias-free float32 linear layer on the CPU")
-    if isinstance(built, str):
+    kernel = lent or _unlent(targets, mode, on_decode) or PanelKernel.build(cache_dir)
+    if isinstance(kernel, str):
         if mode == "native":
-            raise ValueError(f"--prefill-products native cannot be used here: {built}")
-        log.info("prompt products: torch's (the panel kernel cannot be used: %s)", built)
+            raise ValueError(f"--prefill-products native cannot be used here: {kernel}")
+        log.info("prompt products: torch's (the panel kernel is not used: %s)", kernel)
         return 0
     with torch.inference_mode():
-        first = _by_shape(targets)
-        orders = {shape: read_order(built, layer.weight.detach()) for shape, layer in first.items()}
-        if mode == "auto" and not _kernel_faster(built, first, orders):
-            return 0
         panels = _lent_panels(model, packed) if lent is not None else {}
-        replaced = 0
+        for _, _, layer in targets:
+            if id(layer) not in panels:
+                panels[id(layer)] = kernel.pack(layer.weight.detach())
+        first = _by_shape(targets)
+        orders = {shape: read_order(kernel, layer.weight.detach(), panels[id(layer)]) for shape, layer in first.items()}
+        if mode == "auto" and not _kernel_faster(kernel, first, orders, panels):
+            return 0
+        given = 0
         for parent, name, layer in targets:
             order = orders[_shape(layer)]
-            if order is None:
+            if order is None or not _agrees(kernel, layer.weight.detach(), panels[id(layer)], order):
                 continue
-            layer_panels = panels.get(id(layer))
-            rows = RowsProduct(built, built.pack(layer.weight.detach()) if layer_panels is None else layer_panels,
-                               _shape(layer), order)
+            rows = RowsProduct(kernel, panels[id(layer)], layer.weight, order)
             if isinstance(layer, ExactGemvLinear):
                 layer.rows = rows
             else:
                 setattr(parent, name, ExactLinear(layer, rows))
-            replaced += 1
-    log.info("prompt products: the panel kernel on %d of %d linear layers%s (%s)", replaced, len(targets),
-             ", on the batched steps' panels" if panels else "",
-             "; ".join(f"{n}x{k}: " + (f"k in blocks of {o.block} from {o.min_rows} rows" if o else "torch's, no order "
-                                       "matched") for (n, k), o in orders.items()))
-    return replaced
+            given += 1
+    log.info("prompt products: the panel kernel on %d of %d linear layers%s (%s)", given, len(targets),
+             ", on the batched steps' panels" if lent is not None else "",
+             "; ".join(f"{n}x{k}: " + (f"k in blocks of {o.block}, {o.min_rows} to {o.max_rows} rows" if o
+                                       else "torch's, no order matched") for (n, k), o in orders.items()))
+    return given
 
 
-def read_order(kernel: PanelKernel, weight: torch.Tensor) -> SumOrder | None:
-    """The block size and row counts at which the kernel's products by `weight` are `F.linear`'s,
-    bit for bit, on seeded rows; None where no candidate matches at ORDER_ROWS and beyond."""
+def _unlent(targets: list[Target], mode: str, on_decode: bool) -> str:
+    """Why the kernel is not used where no panels are lent ('' where it may be built)."""
+    if not targets:
+        return ("no linear layer it can take (" + ("on a decode, those the exact gemv kernel took: none, see --gemv"
+                if on_decode else "bias-free float32 nn.Linear on the CPU; --packed-weights all replaces them") + ")")
+    if on_decode and mode == "auto":
+        return "the batched steps hold no panels to lend; native makes a copy of the weights"
+    return ""
+
+
+def read_order(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor) -> SumOrder | None:
+    """The block size and row counts at which the kernel's products by `weight` (laid out as
+    `panels`) are `F.linear`'s, bit for bit, on seeded rows; None where no candidate matches at
+    ORDER_ROWS and beyond."""
     out_features, in_features = weight.shape
-    panels = kernel.pack(weight)
     generator = torch.Generator().manual_seed(SEED)
 
     def same(rows: int, block: int) -> bool:
@@ -158,31 +175,37 @@ def read_order(kernel: PanelKernel, weight: torch.Tensor) -> SumOrder | None:
     block = next((candidate for candidate in candidates if same(ORDER_ROWS, candidate)), None)
     if block is None:
         return None
-    # the larger probes only within a budget of products (an LM head's would take seconds)
     probes = [rows for rows in PROBE_ROWS if rows <= ORDER_ROWS or rows * weight.numel() <= PROBE_PRODUCTS]
     holds = [same(rows, block) for rows in probes]
     first = len(holds)
     while first > 0 and holds[first - 1]:
         first -= 1
-    # the order must hold from ORDER_ROWS rows up to the most probed
-    return SumOrder(block, probes[first]) if first <= probes.index(ORDER_ROWS) else None
+    # the order must hold from ORDER_ROWS rows up to the most probed, and is used only up to there
+    return SumOrder(block, probes[first], probes[-1]) if first <= probes.index(ORDER_ROWS) else None
 
 
-def _targets(model: torch.nn.Module, device: torch.device) -> list[Target]:
+def _agrees(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor, order: SumOrder) -> bool:
+    """Whether one layer's products are `F.linear`'s, bit for bit, on LAYER_ROWS seeded rows."""
+    x = torch.randn(max(LAYER_ROWS, order.min_rows), weight.shape[1], generator=torch.Generator().manual_seed(SEED))
+    return same_bits(kernel.product(x, panels, weight.shape[0], order.block), F.linear(x, weight))
+
+
+def _targets(model: torch.nn.Module, device: torch.device, on_decode: bool) -> list[Target]:
     """(parent, attribute, layer) of each linear layer the kernel can take."""
     if device.type != "cpu":
         return []
+    kinds = (ExactGemvLinear,) if on_decode else (torch.nn.Linear, ExactGemvLinear)
     found: list[Target] = []
     for parent in model.modules():
         for name, child in parent.named_children():
-            if isinstance(child, Layer) and child.bias is None and child.weight.dtype == torch.float32:
+            if isinstance(child, kinds) and child.bias is None and child.weight.dtype == torch.float32:
                 found.append((parent, name, child))
     return found
 
 
 def _lent_panels(model: torch.nn.Module, packed: PackedWeights | None) -> dict[int, torch.Tensor]:
     """Each layer's panels within the fused panels of `packed` (by the layer's id), where its
-    columns start on a panel and only its last panel is partial."""
+    columns start on a panel (the kernel writes only a layer's own columns of its last panel)."""
     if packed is None or not isinstance(packed.products, PanelKernel):
         return {}
     width = packed.products.width
@@ -194,8 +217,8 @@ def _lent_panels(model: torch.nn.Module, packed: PackedWeights | None) -> dict[i
                               ((attention.o_proj,), fused.o), ((mlp.gate_proj, mlp.up_proj), fused.gate_up),
                               ((mlp.down_proj,), fused.down)):
             start = 0
-            for index, (part, columns) in enumerate(zip(parts, linear.widths)):
-                if start % width == 0 and (columns % width == 0 or index == len(parts) - 1):
+            for part, columns in zip(parts, linear.widths):
+                if start % width == 0:
                     views[id(part)] = linear.weight[start // width : start // width + math.ceil(columns / width)]
                 start += columns
     head = getattr(model, "lm_head", None)
@@ -217,11 +240,11 @@ def _by_shape(targets: list[Target]) -> dict[tuple[int, int], Layer]:
 
 
 def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], Layer],
-                   orders: dict[tuple[int, int], SumOrder | None]) -> bool:
+                   orders: dict[tuple[int, int], SumOrder | None], panels: dict[int, torch.Tensor]) -> bool:
     """Whether the kernel computes one layer of each matching shape on TIMING_ROWS rows faster
     than `F.linear` (the two timed in turn, best of three)."""
-    matched = [(layers[shape], kernel.pack(layers[shape].weight.detach()), order)
-               for shape, order in orders.items() if order is not None]
+    matched = [(layers[shape], panels[id(layers[shape])], order) for shape, order in orders.items()
+               if order is not None]
     if not matched:
         log.info("prompt products: torch's (the kernel's sums match no weight shape's here)")
         return False
@@ -231,8 +254,8 @@ def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], Layer],
     seconds = {"kernel": math.inf, "torch": math.inf}
     for _ in range(3):
         started = time.perf_counter()
-        for linear, panels, order in matched:
-            kernel.product(inputs[linear.in_features], panels, linear.out_features, order.block)
+        for linear, layer_panels, order in matched:
+            kernel.product(inputs[linear.in_features], layer_panels, linear.out_features, order.block)
         seconds["kernel"] = min(seconds["kernel"], time.perf_counter() - started)
         started = time.perf_counter()
         for linear, _, _ in matched:

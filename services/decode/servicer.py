@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from contextlib import aclosing
 from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
@@ -76,8 +77,10 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                                                                       cached_tokens=sequence.cached_tokens))
             if request.kv_source == decode_pb2.KV_SOURCE_LOCAL:
                 engine.prefill_locally(sequence)
-            async for event in self._generation(engine, sequence):
-                yield event
+            # closed here if this stream is closed, before the release below
+            async with aclosing(self._generation(engine, sequence)) as events:
+                async for event in events:
+                    yield event
         finally:
             engine.release(sequence)
 
@@ -100,7 +103,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServiceServicer):
                 else:
                     tokens += 1
                     yield decode_pb2.DecodeEvent(token=_token_pb(event))
-        except BaseException as error:  # as start_as_current_span would: the span says how it ended
+        except Exception as error:  # as start_as_current_span would (not for a cancel or a close)
             span.record_exception(error)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
             raise
