@@ -14,8 +14,10 @@ kernel sums that way for a given block size.
 Nothing is assumed: at start, for each weight shape of the model, the block size is read off the
 same way (candidates tried on a layer's own weight and seeded rows), then the row counts it holds
 for (PROBE_ROWS, under this process's torch threads: with 2 threads MKL sums some counts under 12
-otherwise), and every layer is checked once more on its own weight. Products of rows outside the
-probed range, and of a shape or layer without a match, keep `F.linear`. `auto` also times both on a
+otherwise; each probe within PROBE_PRODUCTS multiply-adds, so a larger model's layers, and
+SmolLM2's LM head, are probed to fewer rows: logged), and every layer is checked once more on its
+own weight. Products of rows outside the probed range, and of a shape or layer without a match,
+keep `F.linear`, as do those of a weight changed since its panels were made. `auto` also times both on a
 prompt-sized product and keeps the faster (logged); `native` takes the kernel wherever the order
 matches.
 
@@ -49,7 +51,7 @@ log = logging.getLogger(__name__)
 
 MODES = PROMPT_PRODUCTS_MODES
 BLOCKS = (192, 128, 256, 384, 512, 96, 64, 32)  # block sizes tried first; k itself (one sum) last
-PROBE_ROWS = (*range(4, 17), 24, 31, 33, 64, 100, 128, 256, 512, 1000, 2048)  # 2048: a prefill chunk
+PROBE_ROWS = (*range(4, 17), 24, 31, 33, 63, 64, 100, 128, 256, 512, 1000, 1500, 2048)  # 2048: a prefill chunk
 ORDER_ROWS = 64  # the row count a block size is first tried at
 PROBE_PRODUCTS = 8 * 10**9  # multiply-adds a probe beyond ORDER_ROWS may take (an LM head's: up to 256 rows)
 LAYER_ROWS = 16  # the rows each layer is checked on
@@ -73,18 +75,31 @@ class RowsProduct:
     def __init__(self, kernel: PanelKernel, panels: torch.Tensor, weight: torch.Tensor, order: SumOrder) -> None:
         self._kernel, self._panels, self._weight, self._order = kernel, panels, weight, order
         self.out_features, self.in_features = weight.shape
+        self._packed_from = _state(weight)  # the panels are a copy of these values
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., in] times the weight, or None where the kernel does not take it (a row count
-        outside the order's, not float32 on the CPU, another width, or autograd recording)."""
+        outside the order's, not float32 on the CPU, another width, autograd recording, or a
+        weight changed since its panels were made)."""
+        weight = self._weight
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features or not x.is_cpu or \
-                (torch.is_grad_enabled() and (x.requires_grad or self._weight.requires_grad)):
+                (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
+                _state(weight) != self._packed_from:
             return None
         rows = x.reshape(-1, self.in_features)
         if not self._order.min_rows <= rows.shape[0] <= self._order.max_rows:
             return None
         out = self._kernel.product(rows.contiguous(), self._panels, self.out_features, self._order.block)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+def _state(weight: torch.Tensor) -> tuple[int, int]:
+    """Where a weight's values lie and its version (bumped by each in-place change; an inference
+    tensor has none, and cannot be changed in place outside inference mode)."""
+    try:
+        return weight.data_ptr(), weight._version
+    except RuntimeError:
+        return weight.data_ptr(), -1
 
 
 class ExactLinear(torch.nn.Module):
@@ -117,45 +132,56 @@ def install(model: torch.nn.Module, device: torch.device, cache_dir: Path, mode:
         return 0
     targets = _targets(model, device, on_decode)
     lent = packed.products if packed is not None and isinstance(packed.products, PanelKernel) else None
-    kernel = lent or _unlent(targets, mode, on_decode) or PanelKernel.build(cache_dir)
+    kernel = _unlent(targets, mode, on_decode, lent is not None) or lent or PanelKernel.build(cache_dir)
     if isinstance(kernel, str):
         if mode == "native":
             raise ValueError(f"--prefill-products native cannot be used here: {kernel}")
         log.info("prompt products: torch's (the panel kernel is not used: %s)", kernel)
         return 0
     with torch.inference_mode():
-        panels = _lent_panels(model, packed) if lent is not None else {}
-        for _, _, layer in targets:
-            if id(layer) not in panels:
-                panels[id(layer)] = kernel.pack(layer.weight.detach())
+        views = _lent_panels(model, packed) if lent is not None else {}
+        panels = _Panels(kernel, views)
         first = _by_shape(targets)
-        orders = {shape: read_order(kernel, layer.weight.detach(), panels[id(layer)]) for shape, layer in first.items()}
+        orders = {shape: read_order(kernel, layer.weight.detach(), panels.of(layer)) for shape, layer in first.items()}
         if mode == "auto" and not _kernel_faster(kernel, first, orders, panels):
             return 0
-        given = 0
+        given = on_lent = 0
         for parent, name, layer in targets:
             order = orders[_shape(layer)]
-            if order is None or not _agrees(kernel, layer.weight.detach(), panels[id(layer)], order):
+            if order is None or not _agrees(kernel, layer.weight.detach(), panels.of(layer), order):
                 continue
-            rows = RowsProduct(kernel, panels[id(layer)], layer.weight, order)
+            rows = RowsProduct(kernel, panels.of(layer), layer.weight, order)
             if isinstance(layer, ExactGemvLinear):
                 layer.rows = rows
             else:
                 setattr(parent, name, ExactLinear(layer, rows))
-            given += 1
-    log.info("prompt products: the panel kernel on %d of %d linear layers%s (%s)", given, len(targets),
-             ", on the batched steps' panels" if lent is not None else "",
+            given, on_lent = given + 1, on_lent + (id(layer) in views)
+    log.info("prompt products: the panel kernel on %d of %d linear layers, %d of them on the batched steps' panels "
+             "(%s)", given, len(targets), on_lent,
              "; ".join(f"{n}x{k}: " + (f"k in blocks of {o.block}, {o.min_rows} to {o.max_rows} rows" if o
                                        else "torch's, no order matched") for (n, k), o in orders.items()))
     return given
 
 
-def _unlent(targets: list[Target], mode: str, on_decode: bool) -> str:
-    """Why the kernel is not used where no panels are lent ('' where it may be built)."""
+class _Panels:
+    """Each layer's panels: lent where `lent` holds them (by the layer's id), else packed once, when
+    first asked for (only the layers the kernel takes are packed)."""
+
+    def __init__(self, kernel: PanelKernel, lent: dict[int, torch.Tensor]) -> None:
+        self._kernel, self._held = kernel, dict(lent)
+
+    def of(self, layer: Layer) -> torch.Tensor:
+        if id(layer) not in self._held:
+            self._held[id(layer)] = self._kernel.pack(layer.weight.detach())
+        return self._held[id(layer)]
+
+
+def _unlent(targets: list[Target], mode: str, on_decode: bool, lent: bool) -> str:
+    """Why the kernel is not used ('' where it may be)."""
     if not targets:
         return ("no linear layer it can take (" + ("on a decode, those the exact gemv kernel took: none, see --gemv"
                 if on_decode else "bias-free float32 nn.Linear on the CPU; --packed-weights all replaces them") + ")")
-    if on_decode and mode == "auto":
+    if on_decode and mode == "auto" and not lent:
         return "the batched steps hold no panels to lend; native makes a copy of the weights"
     return ""
 
@@ -240,10 +266,10 @@ def _by_shape(targets: list[Target]) -> dict[tuple[int, int], Layer]:
 
 
 def _kernel_faster(kernel: PanelKernel, layers: dict[tuple[int, int], Layer],
-                   orders: dict[tuple[int, int], SumOrder | None], panels: dict[int, torch.Tensor]) -> bool:
+                   orders: dict[tuple[int, int], SumOrder | None], panels: _Panels) -> bool:
     """Whether the kernel computes one layer of each matching shape on TIMING_ROWS rows faster
     than `F.linear` (the two timed in turn, best of three)."""
-    matched = [(layers[shape], panels[id(layers[shape])], order) for shape, order in orders.items()
+    matched = [(layers[shape], panels.of(layers[shape]), order) for shape, order in orders.items()
                if order is not None]
     if not matched:
         log.info("prompt products: torch's (the kernel's sums match no weight shape's here)")
