@@ -12,6 +12,7 @@ import pytest
 from services.common.model_files import default_cache_dir, resolve_model_dir
 from services.common.runtime import ModelRuntime
 from services.common.tls import TlsFiles
+from services.decode.panel_products import PanelKernel
 from services.gateway.text import PromptEncoder
 from tests.engine_harness import Harness, started
 from tests.otlp_receiver import SpanSink, start_receiver
@@ -164,6 +165,15 @@ async def harness(tiny: ModelRuntime) -> AsyncIterator[Harness]:
     """A decode engine in-process on `tiny`, its loop running (tests/engine_harness.py)."""
     async with started(tiny) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def kernel() -> PanelKernel:
+    """The panel kernel of batched steps and prompt products, built for this machine."""
+    built = PanelKernel.build(default_cache_dir())
+    if isinstance(built, str):
+        pytest.skip(f"the panel kernel cannot be built here: {built}")
+    return built
 
 
 @pytest.fixture(scope="session")

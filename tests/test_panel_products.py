@@ -27,14 +27,6 @@ pytestmark = pytest.mark.skipif(packing_unsupported(torch.device("cpu"), torch.f
                                 reason="no oneDNN weight packing in this torch build")
 
 
-@pytest.fixture(scope="module")
-def kernel() -> PanelKernel:
-    built = PanelKernel.build(default_cache_dir())
-    if isinstance(built, str):
-        pytest.skip(f"the panel kernel cannot be built here: {built}")
-    return built
-
-
 @pytest.mark.parametrize("rows", [0, 1, 2, 5, 6, 7, 13, 32, 33])
 @pytest.mark.parametrize(("out_features", "in_features"), [(1, 1), (17, 3), (40, 64), (96, 200), (5, 0)])
 def test_products_agree_with_f_linear_for_every_shape(kernel: PanelKernel, rows: int, out_features: int,

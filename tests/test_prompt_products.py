@@ -45,14 +45,6 @@ def needs_the_order(found: object) -> None:
         pytest.skip("torch's BLAS here sums in an order the kernel does not know")
 
 
-@pytest.fixture(scope="module")
-def kernel() -> PanelKernel:
-    built = PanelKernel.build(default_cache_dir())
-    if isinstance(built, str):
-        pytest.skip(f"the panel kernel cannot be built here: {built}")
-    return built
-
-
 @pytest.mark.parametrize(("out_features", "in_features"), SMOLLM2_SHAPES)
 def test_the_order_is_read_off_and_the_kernel_then_equals_f_linear_bit_for_bit(
         kernel: PanelKernel, out_features: int, in_features: int) -> None:
