@@ -60,7 +60,7 @@ def test_the_order_is_read_off_and_the_kernel_then_equals_f_linear_bit_for_bit(
         for rows in (1, 2, 3, *range(order.min_rows, order.min_rows + 8), 33, 100, 300, 2048, 2049):
             x = torch.randn(2, rows, in_features, generator=generator)[1]  # a batch dimension, as HF's
             assert same_bits(exact(x[None]), F.linear(x[None], linear.weight)), f"{rows} rows"
-            taken = exact.rows(x[None]) is not None
+            taken = exact.rows(x[None], linear.weight) is not None
             assert taken == (order.min_rows <= rows <= order.max_rows), f"{rows} rows"
 
 
@@ -108,8 +108,8 @@ def test_a_prompt_prefilled_on_the_kernel_has_torchs_kv_and_logits_bit_for_bit()
     assert isinstance(down, ExactLinear)
     kernel_rows, taken = down.rows, []
 
-    def recorded(x: torch.Tensor) -> torch.Tensor | None:
-        out = kernel_rows(x)
+    def recorded(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        out = kernel_rows(x, weight)
         taken.append(0 if out is None else x.numel() // x.shape[-1])
         return out
 
@@ -204,8 +204,8 @@ def test_a_decode_lends_its_batched_steps_panels_to_its_gemv_modules_and_keeps_t
     lent = first.self_attn.v_proj.rows
     taken: list[int] = []
 
-    def recorded(x: torch.Tensor) -> torch.Tensor | None:
-        out = lent(x)
+    def recorded(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        out = lent(x, weight)
         taken.append(0 if out is None else x.numel() // x.shape[-1])
         return out
 
@@ -239,8 +239,8 @@ def test_a_weight_changed_after_its_panels_were_made_goes_through_f_linear(kerne
                                             SumOrder(64, 4, 2048)))
     x = torch.randn(8, 64)
     with torch.inference_mode():
-        assert exact.rows(x) is not None
+        assert exact.rows(x, linear.weight) is not None
     with torch.no_grad():
         linear.weight.mul_(2)  # in place: the panels hold the old values
     with torch.inference_mode():
-        assert exact.rows(x) is None and same_bits(exact(x), F.linear(x, linear.weight))
+        assert exact.rows(x, linear.weight) is None and same_bits(exact(x), F.linear(x, linear.weight))

@@ -151,9 +151,9 @@ class ExactGemvLinear(torch.nn.Module):
 
     weight: torch.Tensor  # registered parameters (annotations for the type checker only)
     bias: torch.Tensor | None
-    # products of many rows (a prompt the decode prefills itself), set by prompt_products: None
-    # where it does not take them
-    rows: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    # products of many rows by the module's weight now (a prompt the decode prefills itself), set
+    # by prompt_products: None where it does not take them
+    rows: Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None = None
 
     def __init__(self, linear: torch.nn.Linear, kernel: ExactGemv, helpers: GemvHelpers | None = None) -> None:
         super().__init__()
@@ -169,7 +169,7 @@ class ExactGemvLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._takes(x):
-            many = self.rows(x) if self.rows is not None and self._parameters["weight"] is self._checked[0] else None
+            many = None if self.rows is None else self.rows(x, self.weight)
             return F.linear(x, self.weight, self.bias) if many is None else many
         out = torch.empty(self.out_features, dtype=torch.float32)
         self._write(x, out)

@@ -114,8 +114,3 @@ int panel_gemm_blocked(const float *x, const float *panels, float *out, int64_t 
     }
     return 0;
 }
-
-/* panel_gemm_blocked with one block: each sum in order over all of k */
-int panel_gemm(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k) {
-    return panel_gemm_blocked(x, panels, out, m, n, k, k > 0 ? k : 1);
-}

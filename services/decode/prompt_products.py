@@ -77,14 +77,13 @@ class RowsProduct:
         self.out_features, self.in_features = weight.shape
         self._packed_from = _state(weight)  # the panels are a copy of these values
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x [..., in] times the weight, or None where the kernel does not take it (a row count
-        outside the order's, not float32 on the CPU, another width, autograd recording, or a
-        weight changed since its panels were made)."""
-        weight = self._weight
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
+        """x [..., in] times `weight`, the module's weight now, or None where the kernel does not
+        take it (a row count outside the order's, not float32 on the CPU, another width, autograd
+        recording, or a weight other than the panels', or changed since they were made)."""
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features or not x.is_cpu or \
                 (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or \
-                _state(weight) != self._packed_from:
+                weight is not self._weight or _state(weight) != self._packed_from:
             return None
         rows = x.reshape(-1, self.in_features)
         if not self._order.min_rows <= rows.shape[0] <= self._order.max_rows:
@@ -114,7 +113,7 @@ class ExactLinear(torch.nn.Module):
         self.rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.rows(x)
+        out = self.rows(x, self.weight)
         return F.linear(x, self.weight) if out is None else out
 
 
@@ -190,12 +189,11 @@ def read_order(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor) 
     """The block size and row counts at which the kernel's products by `weight` (laid out as
     `panels`) are `F.linear`'s, bit for bit, on seeded rows; None where no candidate matches at
     ORDER_ROWS and beyond."""
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     generator = torch.Generator().manual_seed(SEED)
 
     def same(rows: int, block: int) -> bool:
-        x = torch.randn(rows, in_features, generator=generator)
-        return same_bits(kernel.product(x, panels, out_features, block), F.linear(x, weight))
+        return _matches(kernel, weight, panels, rows, block, generator)
 
     candidates = [block for block in BLOCKS if block < in_features] + [in_features]
     block = next((candidate for candidate in candidates if same(ORDER_ROWS, candidate)), None)
@@ -212,8 +210,15 @@ def read_order(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor) 
 
 def _agrees(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor, order: SumOrder) -> bool:
     """Whether one layer's products are `F.linear`'s, bit for bit, on LAYER_ROWS seeded rows."""
-    x = torch.randn(max(LAYER_ROWS, order.min_rows), weight.shape[1], generator=torch.Generator().manual_seed(SEED))
-    return same_bits(kernel.product(x, panels, weight.shape[0], order.block), F.linear(x, weight))
+    return _matches(kernel, weight, panels, max(LAYER_ROWS, order.min_rows), order.block,
+                    torch.Generator().manual_seed(SEED))
+
+
+def _matches(kernel: PanelKernel, weight: torch.Tensor, panels: torch.Tensor, rows: int, block: int,
+             generator: torch.Generator) -> bool:
+    """Whether the kernel's products of `rows` rows drawn from `generator` are `F.linear`'s, bit for bit."""
+    x = torch.randn(rows, weight.shape[1], generator=generator)
+    return same_bits(kernel.product(x, panels, weight.shape[0], block), F.linear(x, weight))
 
 
 def _targets(model: torch.nn.Module, device: torch.device, on_decode: bool) -> list[Target]:
