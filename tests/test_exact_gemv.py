@@ -82,7 +82,7 @@ def _greedy_logits(model: torch.nn.Module, prompt: list[int], steps: int) -> tor
 @needs_the_blas_order
 def test_a_stream_alone_through_the_kernel_is_bit_identical_to_hugging_face(runtime: ModelRuntime) -> None:
     fast = reference_model("default").model  # its own copy: the session's reference stays untouched
-    assert exact_gemv.install(fast, default_cache_dir(), "native") == 211  # 30 layers x 7, and the LM head
+    assert exact_gemv.install(fast, default_cache_dir(), "native").layers == 211  # 30 layers x 7, and the LM head
     assert isinstance(fast.lm_head, ExactGemvLinear)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight  # tied weights stay tied, not copied
     calls = counted(fast.lm_head._kernel)
@@ -116,13 +116,13 @@ def test_layers_the_kernel_cannot_reproduce_keep_f_linear(tmp_path: Path, monkey
     model = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False), torch.nn.Linear(16, 16),
                                 torch.nn.Linear(16, 4, bias=False).to(torch.float64), torch.nn.Linear(4, 8, bias=False),
                                 torch.nn.Linear(8, 6, bias=False))
-    assert exact_gemv.install(model, default_cache_dir(), "auto") == 2
+    assert exact_gemv.install(model, default_cache_dir(), "auto").layers == 2
     assert isinstance(model[0], ExactGemvLinear) and isinstance(model[1], ExactGemvLinear)  # a bias is fine
     # float64, 4 columns, 6 rows (MKL sums a matrix's last n mod 4 rows another way)
     assert [type(layer) for layer in model[2:]] == [torch.nn.Linear] * 3
     with pytest.raises(ValueError, match="--gemv native cannot be used here: 3 of 4 linear layers"):
         exact_gemv.install(torch.nn.Sequential(*model[2:], torch.nn.Linear(64, 8, bias=False)), tmp_path, "native")
-    assert exact_gemv.install(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), tmp_path, "torch") == 0
+    assert exact_gemv.install(torch.nn.Sequential(torch.nn.Linear(64, 8, bias=False)), tmp_path, "torch").layers == 0
 
 
 @needs_the_blas_order
@@ -217,7 +217,7 @@ def test_with_several_threads_auto_keeps_f_linear_where_that_is_faster(monkeypat
     monkeypatch.setattr(ExactGemv, "faster", lambda self, weight: False)
     layers = torch.nn.Sequential(torch.nn.Linear(64, 16, bias=False))
     with caplog.at_level("INFO", logger="services.decode.exact_gemv"):
-        assert exact_gemv.install(layers, default_cache_dir(), "auto") == 0
+        assert exact_gemv.install(layers, default_cache_dir(), "auto").layers == 0
     assert "F.linear on 4 threads is faster here" in caplog.text
-    assert exact_gemv.install(layers, default_cache_dir(), "native") == 1  # asked for: no timing
+    assert exact_gemv.install(layers, default_cache_dir(), "native").layers == 1  # asked for: no timing
 

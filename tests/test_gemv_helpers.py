@@ -4,15 +4,17 @@ computes part of them, busy with another process, so that the caller computes th
 shared with helpers that preempt one another and the caller mid-block; a second caller at the same
 time computes alone; the pool refuses cores it cannot pin to and weights it was not started for,
 and its threads end when it stops; the setting is validated and resolved to cores; the running
-decode of the exactness tests' stack runs with a helper."""
+decode of the exactness tests' stack runs with a helper and counts its work in its metrics."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -183,4 +185,9 @@ def test_the_running_decode_computes_a_stream_alone_with_a_helper(memory_stack: 
     """The stack the greedy exactness tests run against (tests/test_exactness.py) has one."""
     assert memory_stack.stack.log_dir is not None
     log = (Path(memory_stack.stack.log_dir) / "decode.log").read_text()
-    assert "a batch of one's products are helped by threads on cores" in log
+    assert "the decode's products (a batch of one's and batched steps') are helped by threads on cores" in log
+    port = memory_stack.metrics_ports["decode"]  # and shows their work
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for series in ('disagg_decode_helper_blocks_total{by="helper"}', 'disagg_decode_helper_blocks_total{by="decode"}',
+                   "disagg_decode_helper_rests_total"):
+        assert re.search(rf"^{re.escape(series)} \d", text, re.MULTILINE), series

@@ -179,7 +179,7 @@ def test_a_decode_lends_its_batched_steps_panels_to_its_gemv_modules_and_keeps_t
     if packed is None:
         pytest.skip("no weight packing here")
     try:
-        installed = exact_gemv.install(runtime.model, default_cache_dir(), "native")
+        installed = exact_gemv.install(runtime.model, default_cache_dir(), "native").layers
     except ValueError as error:
         pytest.skip(f"a decode's modules stay nn.Linear here: {error}")
     torch_logits = runtime.prefill(prompt, lambda *_: None)

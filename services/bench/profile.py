@@ -17,6 +17,7 @@ from services.common.runtime import ModelRuntime
 from services.common.packed_weights import PackedWeights
 from services.decode import exact_gemv, one_stream as one_stream_path, panel_products, prompt_products
 from services.decode.blocks import BlockManager
+from services.decode.gemv_helpers import SETTINGS_HELP, check_setting, helper_cores
 from services.decode.pool import BlockPool, PoolConfig
 from services.decode.native_attention import MODES, NativeAttention
 from services.decode.paged_runner import PagedRunner, StepSlot
@@ -26,11 +27,12 @@ TRANSFER_BYTES_PER_S = 0.5e9  # measured by `make bench-transfer` on this machin
 
 def measure(model: str, prompt_lengths: list[int], batches: list[int], context: int,
             paged_attention: str = "auto", gemv: str = "auto", *, one_stream: bool = True,
-            batched_products: str = "auto", prefill_products: str = "auto") -> Profile:
+            batched_products: str = "auto", prefill_products: str = "auto", gemv_helpers: str = "off") -> Profile:
     runtime = ModelRuntime(model, "float32", "auto", default_cache_dir())
     products = panel_products.choose(runtime.model, runtime.device, default_cache_dir(), batched_products)
     packed = PackedWeights.build(runtime.model, runtime.device, "batched", products)
-    exact_gemv.install(runtime.model, default_cache_dir(), gemv)  # after packing, as the decode worker does
+    # after packing, as the decode worker does (the process is not placed: "auto" takes no core)
+    exact_gemv.install(runtime.model, default_cache_dir(), gemv, helper_cores(gemv_helpers, frozenset()), packed)
     # then the prompts' products, as the decode worker does: the prefill worker's are the same kernel
     prompt_products.install(runtime.model, runtime.device, default_cache_dir(), prefill_products, packed,
                             on_decode=True)
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a prompt's products, as the workers' setting of that name")
     parser.add_argument("--one-stream", action=argparse.BooleanOptionalAction, default=True,
                         help="a batch of one on the one-stream path, as the decode worker's setting of that name")
+    parser.add_argument("--gemv-helpers", default="off", help=f"as the decode worker's setting of that name: "
+                        f"{SETTINGS_HELP}; auto takes none here (this process has no placement)")
     parser.add_argument("--rate", type=float, default=1.0, help="workload: requests/s")
     parser.add_argument("--prompt-tokens", type=float, default=1024)
     parser.add_argument("--output-tokens", type=float, default=128)
@@ -85,9 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slo-tpot-ms", type=float, default=200)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    try:
+        check_setting(args.gemv_helpers)
+    except ValueError as error:
+        parser.error(str(error))
     profile = measure(args.model, args.prompt_lengths, args.batches, args.context, args.paged_attention,
                       args.gemv, one_stream=args.one_stream, batched_products=args.batched_products,
-                      prefill_products=args.prefill_products)
+                      prefill_products=args.prefill_products, gemv_helpers=args.gemv_helpers)
     advice = advise(profile, Workload(args.rate, args.prompt_tokens, args.output_tokens, args.slo_ttft_ms / 1000,
                                       args.slo_tpot_ms / 1000))
     if args.json:

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from services.common.model_thread import ModelThread
@@ -84,6 +84,25 @@ class DecodeMetrics:
                     "first)", registry=registry),
             Counter("disagg_kv_transfer_saved_bytes", "KV bytes (at the pool's dtype) a transfer did not carry "
                     "because this worker held them", registry=registry))
+
+
+class HelperCollector(Collector):
+    """The decode's helper threads' work at scrape time (services/decode/gemv_helpers.py): `counts`
+    returns the blocks of their parts a helper computed, those the decode computed itself, and how
+    many times the decode went on alone for a while, their cores being busy."""
+
+    def __init__(self, counts: Callable[[], tuple[int, int, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        helped, taken, rests = self._counts()
+        blocks = CounterMetricFamily("disagg_decode_helper_blocks", "blocks of the helper threads' parts of the "
+                                     "decode's products, by who computed them", labels=["by"])
+        blocks.add_metric(["helper"], helped)
+        blocks.add_metric(["decode"], taken)
+        yield blocks
+        yield CounterMetricFamily("disagg_decode_helper_rests", "times the decode computed its next 512 products "
+                                  "alone, the helpers having done under an eighth of their parts", value=rests)
 
 
 def decode_load_gauges(registry: CollectorRegistry, load: Callable[[], DecodeLoad]) -> None:

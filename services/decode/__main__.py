@@ -9,7 +9,7 @@ import grpc
 from services.common.kv_assembly import AssemblyLimits
 from services.common.kv_ingest import NativeIngest
 from services.common.kvstore_client import KvStoreClient
-from services.common.metrics import DecodeMetrics, decode_load_gauges
+from services.common.metrics import DecodeMetrics, HelperCollector, decode_load_gauges
 from services.common.model_thread import ModelThread
 from services.common.placement import allowed_cpus
 from services.common.packed_weights import PackedWeights
@@ -99,7 +99,10 @@ async def run(settings: DecodeSettings) -> None:
                                   products)
         # after packing, which reads the model's own nn.Linear modules
         helpers = helper_cores(settings.gemv_helpers, started_on - allowed_cpus())
-        await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir), settings.gemv, helpers)
+        installed = await thread.run(exact_gemv.install, runtime.model, Path(settings.model_cache_dir),
+                                     settings.gemv, helpers, packed)
+        if installed.helpers is not None:
+            telemetry.registry.register(HelperCollector(installed.helpers.counts))
         # after the gemv kernel's install: its modules take the products of many rows as a hook
         await thread.run(prompt_products.install, runtime.model, runtime.device, Path(settings.model_cache_dir),
                          settings.prefill_products, packed, on_decode=True)

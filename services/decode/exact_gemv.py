@@ -29,6 +29,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -37,7 +38,9 @@ import torch.nn.functional as F
 
 from services.common.errors import InternalFailure
 from services.common.native_build import compiled
+from services.common.packed_weights import PackedWeights
 from services.decode.gemv_helpers import GemvHelpers
+from services.decode.panel_products import PanelKernel
 
 log = logging.getLogger(__name__)
 
@@ -215,15 +218,27 @@ def _layout(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[object, ..
             None if bias is None else (bias.data_ptr(), bias.shape, bias.dtype))
 
 
-def install(model: torch.nn.Module, cache_dir: Path, mode: str, helper_cores: Sequence[int] = ()) -> int:
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """What `install` did: how many layers it replaced, and the helpers it started (or None)."""
+
+    layers: int
+    helpers: GemvHelpers | None
+
+
+def install(model: torch.nn.Module, cache_dir: Path, mode: str, helper_cores: Sequence[int] = (),
+            packed: PackedWeights | None = None) -> Installed:
     """Replace each float32 `nn.Linear` of `model` whose products the kernel reproduces
-    by an `ExactGemvLinear`; returns how many (`mode` auto: those that agree, unless torch's
-    threads make `F.linear` the faster, logged; native: raise ValueError unless all agree; torch:
-    none). With `helper_cores`, threads there help with their products (gemv_helpers.py)."""
+    by an `ExactGemvLinear`: `mode` auto takes those that agree, unless torch's threads make
+    `F.linear` the faster (logged); native raises ValueError unless all agree; torch takes none.
+    With `helper_cores`, threads there help with their products, and with the batched steps'
+    where `packed` is laid out for the panel kernel (gemv_helpers.py)."""
     if mode not in MODES:
         raise ValueError(f"gemv must be one of {', '.join(MODES)}, got {mode!r}")
+    panels = _panel_layout(packed)
     if mode == "torch":
-        return 0
+        helped = panels is not None and bool(helper_cores)
+        return Installed(0, _helpers(ExactGemv.build(cache_dir), helper_cores, [], panels) if helped else None)
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
                if isinstance(child, torch.nn.Linear)]
     weights = [child.weight.detach() for _, _, child in targets if ExactGemv.supports(child.weight)]
@@ -231,8 +246,8 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str, helper_cores: Se
     replacements, reason = ([], kernel) if isinstance(kernel, str) else _replacements(kernel, targets, mode)
     if reason and mode == "native":
         raise ValueError(f"--gemv native cannot be used here: {reason}")
+    helpers = _helpers(kernel, helper_cores, [child for _, _, child in replacements], panels)
     if replacements and isinstance(kernel, ExactGemv):  # a kernel wherever there are replacements
-        helpers = _helpers(kernel, helper_cores, [child for _, _, child in replacements])
         for parent, name, child in replacements:
             setattr(parent, name, ExactGemvLinear(child, kernel, helpers))
     if replacements:
@@ -240,7 +255,7 @@ def install(model: torch.nn.Module, cache_dir: Path, mode: str, helper_cores: Se
                  len(targets), f" (not the rest: {reason})" if reason else "")
     else:
         log.info("a batch of one computes its products with F.linear (the exact gemv kernel: %s)", reason)
-    return len(replacements)
+    return Installed(len(replacements), helpers)
 
 
 Target = tuple[torch.nn.Module, str, torch.nn.Linear]
@@ -269,13 +284,29 @@ def _agrees(kernel: ExactGemv, linear: torch.nn.Linear) -> bool:
         return kernel.agrees(linear.weight.detach(), None if bias is None else bias.detach())
 
 
-def _helpers(kernel: ExactGemv, cores: Sequence[int], linears: list[torch.nn.Linear]) -> GemvHelpers | None:
-    """Helpers on `cores` for these layers' products, or None (none asked for, or they cannot start: logged)."""
-    if not cores:
+def _panel_layout(packed: PackedWeights | None) -> tuple[PanelKernel, list[torch.Tensor]] | None:
+    """The panel kernel batched steps compute on and its panels, where `packed` is laid out for it."""
+    if packed is None or not isinstance(packed.products, PanelKernel):
         return None
-    helpers = GemvHelpers.start(kernel.library, cores, [linear.weight.detach() for linear in linears])
+    linears = [linear for layer in packed.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    return packed.products, [linear.weight for linear in (*linears, packed.lm_head)]
+
+
+def _helpers(kernel: ExactGemv | str, cores: Sequence[int], linears: list[torch.nn.Linear],
+             panels: tuple[PanelKernel, list[torch.Tensor]] | None) -> GemvHelpers | None:
+    """Helpers on `cores` for these layers' products and the batched steps' `panels` (the panel
+    kernel is then helped by them), or None (none asked for or nothing to help with, or they cannot
+    start: logged)."""
+    if not cores or not (linears or panels) or isinstance(kernel, str):
+        return None
+    helpers = GemvHelpers.start(kernel.library, cores, [linear.weight.detach() for linear in linears],
+                                panels[1] if panels else ())
     if isinstance(helpers, str):
-        log.warning("a batch of one computes its products on one core: %s", helpers)
+        log.warning("the decode computes its products on one core: %s", helpers)
         return None
-    log.info("a batch of one's products are helped by threads on cores %s, at SCHED_IDLE", list(helpers.cores))
+    if panels:
+        panels[0].helped_by(helpers)
+    log.info("the decode's products (%s) are helped by threads on cores %s, at SCHED_IDLE",
+             " and ".join(["a batch of one's"] * bool(linears) + ["batched steps'"] * bool(panels)),
+             list(helpers.cores))
     return helpers

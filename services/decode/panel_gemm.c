@@ -80,21 +80,26 @@ static inline __attribute__((always_inline)) void rows_blocks(const float *x, co
 
 int panel_width(void) { return NP; }
 
-/* out[m][n] (rows m, n contiguous) for x[m][k] and the panels of a weight with n rows and k
- * columns, each sum taken over k in blocks of kc (kc >= k: one sum in order, from the first k on;
- * otherwise each block's sum in order, and the blocks' sums added in order); -1 (computing
- * nothing) for a negative size or a kc below 1. */
-int panel_gemm_blocked(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k,
-                       int64_t kc) {
-    if (m < 0 || n < 0 || k < 0 || kc < 1) return -1;
-    if (m == 0 || n == 0) return 0; /* nothing to write (and empty tensors may have no address) */
+/* Columns [first, end) of out[m][n] (rows m, n contiguous) for x[m][k] and the panels of a weight
+ * with n rows and k columns, each sum taken over k in blocks of kc (kc >= k: one sum in order,
+ * from the first k on; otherwise each block's sum in order, and the blocks' sums added in order);
+ * -1 (computing nothing) for a negative size, a kc below 1, or a range that does not start and
+ * end on a panel's edge (or n) or lies outside [0, n). Each output is summed the same whatever range it is computed in:
+ * the decode's helper threads (exact_gemv.c) take ranges of a product's panels. */
+int panel_gemm_columns(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k,
+                       int64_t kc, int64_t first, int64_t end) {
+    if (m < 0 || n < 0 || k < 0 || kc < 1 || first < 0 || first % NP || end < first || end > n ||
+        (end % NP && end != n))
+        return -1;
+    if (m == 0 || first == end) return 0; /* nothing to write (and empty tensors may have no address) */
     if (k == 0) {
-        memset(out, 0, (size_t)(m * n) * sizeof(float));
+        for (int64_t row = 0; row < m; row++) memset(out + row * n + first, 0, (size_t)(end - first) * sizeof(float));
         return 0;
     }
-    const int64_t count = (n + NP - 1) / NP;
-    for (int64_t p = 0; p < count; p++) {
+    const int64_t last = (end + NP - 1) / NP, count = (n + NP - 1) / NP;
+    for (int64_t p = first / NP; p < last; p++) {
         const float *panel = panels + p * k * NP;
+        /* past the range too: a thread's ranges follow one another (exact_gemv.c's parts) */
         const float *ahead = p + PREFETCH_PANELS < count ? panel + PREFETCH_PANELS * k * NP : 0;
         const int columns = n - p * NP < NP ? (int)(n - p * NP) : NP;
         for (int64_t row = 0; row < m; row += MR) {
@@ -113,4 +118,10 @@ int panel_gemm_blocked(const float *x, const float *panels, float *out, int64_t 
         }
     }
     return 0;
+}
+
+/* All of out[m][n]: panel_gemm_columns over [0, n). */
+int panel_gemm_blocked(const float *x, const float *panels, float *out, int64_t m, int64_t n, int64_t k,
+                       int64_t kc) {
+    return n < 0 ? -1 : panel_gemm_columns(x, panels, out, m, n, k, kc, 0, n);
 }

@@ -27,6 +27,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from services.common.errors import InternalFailure
 from services.common.native_build import compiled
 from services.common.packed_weights import PackedLinear, packing_unsupported
+from services.decode.gemv_helpers import HELPED_ROWS, GemvHelpers
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class PanelKernel:
         self._kernel = library.panel_gemm_blocked
         self._kernel.restype = ctypes.c_int
         self._kernel.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+        # what helper threads call (exact_gemv.c's shared_panels_run), by address
+        self._columns = cast(int, ctypes.cast(library.panel_gemm_columns, ctypes.c_void_p).value)
+        self._helpers: GemvHelpers | None = None
 
     @staticmethod
     def build(cache_dir: Path) -> PanelKernel | str:
@@ -70,6 +75,11 @@ class PanelKernel:
             panels[full, :, :left] = weight[full * self.width:].t()
         return panels
 
+    def helped_by(self, helpers: GemvHelpers) -> None:
+        """Products of up to HELPED_ROWS rows by panels `helpers` were started for (or views of
+        them) are shared with them from now on (gemv_helpers.py); others are computed alone."""
+        self._helpers = helpers
+
     def product(self, rows: torch.Tensor, panels: torch.Tensor, out_features: int, block: int = 0) -> torch.Tensor:
         """`rows` [m, in] times the weight `pack` gave `panels` for: [m, out_features]. Each output
         sums its products in order, in blocks of `block` of them (0: one block) whose sums are
@@ -80,9 +90,12 @@ class PanelKernel:
                 and panels.shape[0] == math.ceil(out_features / self.width)):
             raise InternalFailure("panel kernel: its inputs are not laid out as it reads them")
         out = torch.empty(rows.shape[0], out_features, dtype=torch.float32)
-        in_features = rows.shape[1]
-        if self._kernel(rows.data_ptr(), panels.data_ptr(), out.data_ptr(), rows.shape[0], out_features,
-                        in_features, block or max(in_features, 1)):
+        in_features, helpers = rows.shape[1], self._helpers
+        # helped where the helpers may read these panels (others, e.g. a layer a decode packed itself: alone)
+        helped = helpers is not None and 0 < rows.shape[0] <= HELPED_ROWS and in_features > 0 and \
+            helpers.panels_run(self._columns, self.width, rows, panels, out, block or in_features)
+        if not helped and self._kernel(rows.data_ptr(), panels.data_ptr(), out.data_ptr(), rows.shape[0],
+                                       out_features, in_features, block or max(in_features, 1)):
             raise InternalFailure("panel kernel refused its sizes")
         return out
 

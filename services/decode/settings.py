@@ -61,9 +61,10 @@ class DecodeSettings(WorkerSettings):
                         "thread; each layer checked against F.linear at start; compiled at start; CPU, float32), "
                         "torch (F.linear), or auto (native for the layers whose check passes, unless torch's threads "
                         "make F.linear faster)", "GEMV")
-    gemv_helpers: str = setting("auto", "threads on other cores that help a batch of one's products with the exact "
-                                "gemv kernel (same bits), pinned one per core at SCHED_IDLE so that they run only "
-                                "while that core has nothing else to do: " + HELPERS_HELP, "GEMV_HELPERS")
+    gemv_helpers: str = setting("auto", "threads on other cores that help with a batch of one's products (the exact "
+                                "gemv kernel) and a batched step's (the panel kernel), with the same bits, pinned one "
+                                "per core at SCHED_IDLE so that they run only while that core has nothing else to "
+                                "do: " + HELPERS_HELP, "GEMV_HELPERS")
     batched_products: str = setting("auto", "how a batched step computes its products on the packed weights: "
                                     "native (a C kernel that streams each weight once in panels, compiled at "
                                     "start; CPU, float32), onednn (oneDNN's packed products), or auto (whichever "
